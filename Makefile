@@ -1,11 +1,12 @@
 # make setup: idempotent; creates .venv/ at the repo root and installs vit_jax with its test extras.
 # make test:  lint + format check + the test suite.
+# make quickstart: setup, then train + evaluate the quickstart recipe into workdirs/quickstart.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test lint format clean
+.PHONY: setup test lint format clean quickstart
 
 setup: $(STAMP)
 
@@ -25,6 +26,10 @@ format: setup
 
 test: setup lint
 	$(PY) -m pytest -q -n 2 --dist loadfile tests
+
+# Trains the quickstart recipe (small ViT, offline digits) on this machine, then evaluates it.
+quickstart: setup
+	$(PY) -m vit_jax.main --config configs/quickstart.py --workdir workdirs/quickstart
 
 clean:
 	rm -rf $(VENV) build *.egg-info

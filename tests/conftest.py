@@ -16,5 +16,7 @@ GOLDEN = REPO.parent / 'shared' / 'golden'
 @pytest.fixture(scope='session')
 def golden_dir() -> pathlib.Path:
   if not GOLDEN.is_dir():
-    pytest.fail(f'golden reference data missing at {GOLDEN} (expected ../shared/golden from the repo root)')
+    pytest.fail(
+      f'golden reference data missing at {GOLDEN} (expected ../shared/golden from the repo root)'
+    )
   return GOLDEN

@@ -66,7 +66,7 @@ def load_flat(path: str) -> dict[str, np.ndarray]:
       'written by np.savez, such as the released ViT-B_16.npz'
     ) from e
   if flat and all(k.startswith(_LEGACY_PREFIX) for k in flat):
-    flat = {k[len(_LEGACY_PREFIX):]: v for k, v in flat.items()}
+    flat = {k[len(_LEGACY_PREFIX) :]: v for k, v in flat.items()}
   return flat
 
 
@@ -120,9 +120,11 @@ def save_npz(params: Mapping, path: str) -> None:
   if _is_remote(path):
     import tensorflow as tf
 
+    buffer = io.BytesIO()  # zipfile needs tell()/seek(), which object stores do not offer.
+    np.savez(buffer, **flat)
     tmp = f'{path}.tmp-{os.getpid()}'
     with tf.io.gfile.GFile(tmp, 'wb') as f:
-      np.savez(f, **flat)
+      f.write(buffer.getvalue())
     tf.io.gfile.rename(tmp, path, overwrite=True)
     return
   directory = os.path.dirname(os.path.abspath(path))
@@ -142,16 +144,19 @@ def save_npz(params: Mapping, path: str) -> None:
 
 
 def scan_params(params: Mapping) -> Params:
-  """Stacks `Transformer/encoderblock_{i}` into one `Transformer/encoderblock` (leading layer axis)."""
+  """Stacks `Transformer/encoderblock_{i}` into `Transformer/encoderblock` (leading layer axis)."""
   params = dict(params)
   encoder = dict(params.get('Transformer', {}))
   blocks = sorted(
-    (k for k in encoder if re.fullmatch(r'encoderblock_\d+', k)), key=lambda k: int(k.split('_')[1])
+    (k for k in encoder if re.fullmatch(r'encoderblock_\d+', k)),
+    key=lambda k: int(k.split('_')[1]),
   )
   if not blocks:
     return params
   stacked = [encoder.pop(k) for k in blocks]
-  encoder['encoderblock'] = jax.tree.map(lambda *xs: np.stack([np.asarray(x) for x in xs]), *stacked)
+  encoder['encoderblock'] = jax.tree.map(
+    lambda *xs: np.stack([np.asarray(x) for x in xs]), *stacked
+  )
   params['Transformer'] = encoder
   return params
 
@@ -179,7 +184,9 @@ def check_tree(params: Mapping, expected: Mapping, *, path: str, model_name: str
   got = {'/'.join(k): np.shape(v) for k, v in flax.traverse_util.flatten_dict(params).items()}
   want = {'/'.join(k): np.shape(v) for k, v in flax.traverse_util.flatten_dict(expected).items()}
   problems = [f'  missing in checkpoint: {k} {want[k]}' for k in sorted(want.keys() - got.keys())]
-  problems += [f'  unexpected in checkpoint: {k} {got[k]}' for k in sorted(got.keys() - want.keys())]
+  problems += [
+    f'  unexpected in checkpoint: {k} {got[k]}' for k in sorted(got.keys() - want.keys())
+  ]
   problems += [
     f'  shape mismatch: {k}: checkpoint {got[k]} vs model {want[k]}'
     for k in sorted(got.keys() & want.keys())
@@ -194,8 +201,9 @@ def check_tree(params: Mapping, expected: Mapping, *, path: str, model_name: str
     )
 
 
-def resize_posemb(posemb: np.ndarray, target_shape: tuple[int, ...], *,
-                  grid_size: tuple[int, int] | None = None) -> np.ndarray:
+def resize_posemb(
+  posemb: np.ndarray, target_shape: tuple[int, ...], *, grid_size: tuple[int, int] | None = None
+) -> np.ndarray:
   """Resizes position embeddings (1, [1 +] g*g, d) to `target_shape`, as the published fine-tunes.
 
   A leading class-token embedding is kept as is; the grid is resized with corner-aligned bilinear
@@ -247,8 +255,13 @@ def resize_patch_embedding(kernel: np.ndarray, new_size: tuple[int, int]) -> np.
   return (resize_inv @ flat).reshape(*new_size, c, d).astype(kernel.dtype)
 
 
-def load_pretrained(*, pretrained_path: str, init_params: Mapping, model_config=None,
-                    grid_size: tuple[int, int] | None = None) -> Params:
+def load_pretrained(
+  *,
+  pretrained_path: str,
+  init_params: Mapping,
+  model_config=None,
+  grid_size: tuple[int, int] | None = None,
+) -> Params:
   """Fine-tuning init: the body from a checkpoint, the head from `init_params`.
 
   Args:
@@ -287,13 +300,17 @@ def load_pretrained(*, pretrained_path: str, init_params: Mapping, model_config=
   if 'posembed_input' in encoder:
     posemb = encoder['posembed_input']['pos_embedding']
     target = init_params['Transformer']['posembed_input']['pos_embedding'].shape
-    if posemb.shape != target:
-      encoder['posembed_input']['pos_embedding'] = resize_posemb(posemb, target, grid_size=grid_size)
+    if posemb.shape != target and posemb.shape[-1] == target[-1]:  # Else check_tree reports it.
+      encoder['posembed_input']['pos_embedding'] = resize_posemb(
+        posemb, target, grid_size=grid_size
+      )
   stem = 'embedding' if 'embedding' in restored else 'stem'
   if stem in restored and stem in init_params:
     kernel, target = restored[stem]['kernel'], init_params[stem]['kernel'].shape
     if kernel.shape[:2] != target[:2] and kernel.shape[2:] == target[2:]:
-      logging.info('load_pretrained: resizing patch embedding %s -> %s', kernel.shape[:2], target[:2])
+      logging.info(
+        'load_pretrained: resizing patch embedding %s -> %s', kernel.shape[:2], target[:2]
+      )
       restored[stem]['kernel'] = resize_patch_embedding(kernel, target[:2])
 
   check_tree(restored, init_params, path=pretrained_path, model_name=model_name)

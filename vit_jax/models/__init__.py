@@ -29,14 +29,20 @@ __all__ = [
 _VIT_KEYS = {f.name for f in dataclasses.fields(VisionTransformer)} - {'parent', 'name'}
 _MIXER_KEYS = {f.name for f in dataclasses.fields(MlpMixer)} - {'parent', 'name'}
 _ENCODER_KEYS = {f.name for f in dataclasses.fields(Encoder)} - {
-  'parent', 'name', 'dtype', 'param_dtype'}
+  'parent',
+  'name',
+  'dtype',
+  'param_dtype',
+}
 _DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
 
 
 def get_model_config(name: str) -> ml_collections.ConfigDict:
   """Returns a copy of a registered model config (original project schema)."""
   if name not in MODEL_CONFIGS:
-    raise ValueError(f'unknown model {name!r}; registered models: {", ".join(sorted(MODEL_CONFIGS))}')
+    raise ValueError(
+      f'unknown model {name!r}; registered models: {", ".join(sorted(MODEL_CONFIGS))}'
+    )
   return ml_collections.ConfigDict(MODEL_CONFIGS[name].to_dict())
 
 
@@ -52,8 +58,9 @@ def _dtype(value):
   return _DTYPES[value] if isinstance(value, str) and value in _DTYPES else value
 
 
-def get_model(name_or_config: str | Mapping | ml_collections.ConfigDict, *, num_classes: int,
-              **overrides) -> nn.Module:
+def get_model(
+  name_or_config: str | Mapping | ml_collections.ConfigDict, *, num_classes: int, **overrides
+) -> nn.Module:
   """Builds a model from a registered name or an original-project model config.
 
   Args:
@@ -81,7 +88,9 @@ def get_model(name_or_config: str | Mapping | ml_collections.ConfigDict, *, num_
   if not isinstance(patches, Mapping) or 'size' not in patches:
     raise ValueError(f'model config {name!r} needs patches.size (got patches={patches!r})')
   if set(patches) - {'size'}:
-    raise ValueError(f'model config {name!r}: only patches.size is supported, got {sorted(patches)}')
+    raise ValueError(
+      f'model config {name!r}: only patches.size is supported, got {sorted(patches)}'
+    )
   config['patches'] = tuple(patches['size'])
 
   if family == 'MlpMixer':
@@ -103,21 +112,28 @@ def get_model(name_or_config: str | Mapping | ml_collections.ConfigDict, *, num_
       config['transformer'][key] = value
     else:
       extra = sorted(_ENCODER_KEYS) if cls is VisionTransformer else []
-      raise ValueError(f'unknown override {key!r} for {family} {name!r}; valid: '
-                       f'{sorted(valid - {"num_classes", "model_name"}) + extra}')
+      raise ValueError(
+        f'unknown override {key!r} for {family} {name!r}; valid: '
+        f'{sorted(valid - {"num_classes", "model_name"}) + extra}'
+      )
+  if isinstance(config['patches'], Mapping):  # An override in the original {'size': ...} form.
+    config['patches'] = tuple(config['patches']['size'])
   unknown = set(config) - valid
   if cls is VisionTransformer:
     unknown |= {f'transformer.{k}' for k in set(config['transformer']) - _ENCODER_KEYS}
   if unknown:
-    raise ValueError(f'model config {name!r} has unknown keys {sorted(unknown)}; valid: {sorted(valid)}')
+    raise ValueError(
+      f'model config {name!r} has unknown keys {sorted(unknown)}; valid: {sorted(valid)}'
+    )
   for key in ('dtype', 'param_dtype'):
     if key in config:
       config[key] = _dtype(config[key])
   return cls(num_classes=num_classes, model_name=name, **config)
 
 
-def init_params(model: nn.Module, rng: jax.Array, image_size: int = 224, *,
-                batch_size: int = 1) -> dict:
+def init_params(
+  model: nn.Module, rng: jax.Array, image_size: int = 224, *, batch_size: int = 1
+) -> dict:
   """Initializes and unboxes parameters for `image_size` x `image_size` RGB inputs."""
   images = jnp.zeros((batch_size, image_size, image_size, 3), jnp.float32)
   variables = jax.jit(lambda r: model.init(r, images, train=False))(rng)

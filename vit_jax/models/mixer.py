@@ -56,8 +56,9 @@ class MixerBlock(nn.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     y = _layer_norm('LayerNorm_0', self.dtype, self.param_dtype)(x)
     y = jnp.swapaxes(y, 1, 2)
-    y = MlpBlock(self.tokens_mlp_dim, self.dtype, self.param_dtype, (None, 'mlp'),
-                 name='token_mixing')(y)
+    y = MlpBlock(
+      self.tokens_mlp_dim, self.dtype, self.param_dtype, (None, 'mlp'), name='token_mixing'
+    )(y)
     x = x + jnp.swapaxes(y, 1, 2)
     y = _layer_norm('LayerNorm_1', self.dtype, self.param_dtype)(x)
     y = MlpBlock(self.channels_mlp_dim, self.dtype, self.param_dtype, name='channel_mixing')(y)
@@ -84,7 +85,9 @@ class MlpMixer(nn.Module):
       raise ValueError(f'expected NHWC RGB images [batch, height, width, 3], got {inputs.shape}')
     ph, pw = self.patches
     if inputs.shape[1] % ph or inputs.shape[2] % pw:
-      raise ValueError(f'image size {inputs.shape[1:3]} is not divisible by the patch size {(ph, pw)}')
+      raise ValueError(
+        f'image size {inputs.shape[1:3]} is not divisible by the patch size {(ph, pw)}'
+      )
     x = nn.Conv(
       self.hidden_dim,
       (ph, pw),
@@ -92,16 +95,22 @@ class MlpMixer(nn.Module):
       padding='VALID',
       dtype=self.dtype,
       param_dtype=self.param_dtype,
-      kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(),
-                                               (None, None, None, 'embed')),
+      kernel_init=nn.with_logical_partitioning(
+        nn.initializers.lecun_normal(), (None, None, None, 'embed')
+      ),
       bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ('embed',)),
       name='stem',
     )(inputs.astype(self.dtype))
     n, h, w, c = x.shape
     x = jnp.reshape(x, (n, h * w, c))
     for i in range(self.num_blocks):
-      x = MixerBlock(self.tokens_mlp_dim, self.channels_mlp_dim, self.dtype, self.param_dtype,
-                     name=f'MixerBlock_{i}')(x)
+      x = MixerBlock(
+        self.tokens_mlp_dim,
+        self.channels_mlp_dim,
+        self.dtype,
+        self.param_dtype,
+        name=f'MixerBlock_{i}',
+      )(x)
     x = _layer_norm('pre_head_layer_norm', self.dtype, self.param_dtype)(x)
     x = jnp.mean(x, axis=1)
     if not self.num_classes:

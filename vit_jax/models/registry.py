@@ -22,8 +22,19 @@ VIT_SIZES = {
   'g': (1408, 6144, 16, 40),
   'G': (1664, 8192, 16, 48),
 }
-VIT_VARIANTS = ['Ti/16', 'S/16', 'S/32', 'B/8', 'B/16', 'B/32', 'L/16', 'L/32', 'H/14', 'g/14',
-                'G/14']
+VIT_VARIANTS = [
+  'Ti/16',
+  'S/16',
+  'S/32',
+  'B/8',
+  'B/16',
+  'B/32',
+  'L/16',
+  'L/32',
+  'H/14',
+  'g/14',
+  'G/14',
+]
 GAP_NOREP_VARIANTS = ['S/16', 'S/32', 'B/16', 'B/32']
 # Hybrid name -> (ViT size, patch size on the ResNet feature map, ResNet stage depths).
 HYBRIDS = {
@@ -42,24 +53,32 @@ MIXERS = {
 }
 
 
-def vit_config(size: str, patch: int, *, name: str, classifier: str = 'token',
-               representation_size: int | None = None) -> ml_collections.ConfigDict:
+def vit_config(
+  size: str,
+  patch: int,
+  *,
+  name: str,
+  classifier: str = 'token',
+  representation_size: int | None = None,
+) -> ml_collections.ConfigDict:
   hidden, mlp, heads, layers = VIT_SIZES[size]
-  return ml_collections.ConfigDict({
-    'model_name': 'VisionTransformer',
-    'name': name,
-    'patches': {'size': (patch, patch)},
-    'hidden_size': hidden,
-    'transformer': {
-      'mlp_dim': mlp,
-      'num_heads': heads,
-      'num_layers': layers,
-      'attention_dropout_rate': 0.0,
-      'dropout_rate': 0.0,
-    },
-    'classifier': classifier,
-    'representation_size': representation_size,
-  })
+  return ml_collections.ConfigDict(
+    {
+      'model_name': 'VisionTransformer',
+      'name': name,
+      'patches': {'size': (patch, patch)},
+      'hidden_size': hidden,
+      'transformer': {
+        'mlp_dim': mlp,
+        'num_heads': heads,
+        'num_layers': layers,
+        'attention_dropout_rate': 0.0,
+        'dropout_rate': 0.0,
+      },
+      'classifier': classifier,
+      'representation_size': representation_size,
+    }
+  )
 
 
 def _build_registry() -> dict[str, ml_collections.ConfigDict]:
@@ -77,15 +96,17 @@ def _build_registry() -> dict[str, ml_collections.ConfigDict]:
     config.resnet = ml_collections.ConfigDict({'num_layers': stages, 'width_factor': 1})
     configs[name] = config
   for name, (hidden, blocks, tokens_mlp, channels_mlp, patch) in MIXERS.items():
-    configs[name] = ml_collections.ConfigDict({
-      'model_name': 'MlpMixer',
-      'name': name,
-      'patches': {'size': (patch, patch)},
-      'hidden_dim': hidden,
-      'num_blocks': blocks,
-      'tokens_mlp_dim': tokens_mlp,
-      'channels_mlp_dim': channels_mlp,
-    })
+    configs[name] = ml_collections.ConfigDict(
+      {
+        'model_name': 'MlpMixer',
+        'name': name,
+        'patches': {'size': (patch, patch)},
+        'hidden_dim': hidden,
+        'num_blocks': blocks,
+        'tokens_mlp_dim': tokens_mlp,
+        'channels_mlp_dim': channels_mlp,
+      }
+    )
   testing = vit_config('Ti', 16, name='testing')
   testing.hidden_size = 10
   testing.transformer.update(mlp_dim=10, num_heads=2, num_layers=1)

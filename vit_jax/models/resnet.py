@@ -45,8 +45,14 @@ def _conv(features, kernel, strides, name, dtype, param_dtype):
 
 
 def _gn(name, dtype, param_dtype, scale_init=nn.initializers.ones):
-  return nn.GroupNorm(num_groups=32, epsilon=1e-6, dtype=dtype, param_dtype=param_dtype,
-                      scale_init=scale_init, name=name)
+  return nn.GroupNorm(
+    num_groups=32,
+    epsilon=1e-6,
+    dtype=dtype,
+    param_dtype=param_dtype,
+    scale_init=scale_init,
+    name=name,
+  )
 
 
 class ResidualUnit(nn.Module):
@@ -89,8 +95,9 @@ class ResNetStage(nn.Module):
     return x
 
 
-def resnet_stem(x: jax.Array, num_layers: Sequence[int], width_factor: float, dtype: Dtype,
-                param_dtype: Dtype) -> jax.Array:
+def resnet_stem(
+  x: jax.Array, num_layers: Sequence[int], width_factor: float, dtype: Dtype, param_dtype: Dtype
+) -> jax.Array:
   """Root conv (7x7/2) + GroupNorm + max-pool (3x3/2), then one stage per `num_layers` entry.
 
   Call it inside a compact method: its submodules attach to the calling module, so the parameters
@@ -103,7 +110,11 @@ def resnet_stem(x: jax.Array, num_layers: Sequence[int], width_factor: float, dt
   x = nn.max_pool(x, window_shape=(3, 3), strides=(2, 2), padding='SAME')
   for i, block_size in enumerate(num_layers):
     x = ResNetStage(
-      block_size, width * 2**i, (1, 1) if i == 0 else (2, 2), dtype, param_dtype,
+      block_size,
+      width * 2**i,
+      (1, 1) if i == 0 else (2, 2),
+      dtype,
+      param_dtype,
       name=f'block{i + 1}',
     )(x)
   return x

@@ -43,7 +43,10 @@ class AddPositionEmbs(nn.Module):
     assert inputs.ndim == 3, f'expected [batch, seq, embed], got {inputs.shape}'
     shape = (1, inputs.shape[1], inputs.shape[2])
     posemb = self.param(
-      'pos_embedding', _logical(self.posemb_init, (None, 'seq', 'embed')), shape, self.param_dtype
+      'pos_embedding',
+      _logical(self.posemb_init, (None, 'seq', 'embed')),
+      shape,
+      self.param_dtype,
     )
     return inputs + posemb.astype(inputs.dtype)
 
@@ -205,10 +208,11 @@ class _ScanBlock(Encoder1DBlock):
 class Encoder(nn.Module):
   """Position embeddings, `num_layers` blocks and the final LayerNorm.
 
-  With `scan_layers` the blocks are one `nn.scan` over stacked parameters (`encoderblock/...` with a
-  leading layer axis): much faster compilation for deep models. `vit_jax.checkpoint` converts between
-  the scanned and the released (unscanned) layouts. `remat_policy` ('none', 'full', or the name of a
-  `jax.checkpoint_policies` entry, e.g. 'dots_with_no_batch_dims_saveable') trades compute for memory.
+  With `scan_layers` the blocks are one `nn.scan` over stacked parameters (`encoderblock/...`
+  with a leading layer axis): much faster compilation for deep models. `vit_jax.checkpoint`
+  converts between the scanned and the released (unscanned) layouts. `remat_policy` ('none',
+  'full', or a `jax.checkpoint_policies` name such as 'dots_with_no_batch_dims_saveable') trades
+  compute for memory.
   """
 
   num_layers: int
@@ -242,8 +246,8 @@ class Encoder(nn.Module):
     )
     block_cls = _ScanBlock if self.scan_layers else Encoder1DBlock
     if self.remat_policy != 'none':
-      policy = None if self.remat_policy == 'full' else getattr(
-        jax.checkpoint_policies, self.remat_policy
+      policy = (
+        None if self.remat_policy == 'full' else getattr(jax.checkpoint_policies, self.remat_policy)
       )
       block_cls = nn.remat(block_cls, policy=policy, prevent_cse=not self.scan_layers)
     if self.scan_layers:
@@ -275,12 +279,16 @@ class MAPHead(nn.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     n, _, d = x.shape
     probe = self.param(
-      'probe', _logical(nn.initializers.xavier_uniform(), (None, None, 'embed')), (1, 1, d),
+      'probe',
+      _logical(nn.initializers.xavier_uniform(), (None, None, 'embed')),
+      (1, 1, d),
       self.param_dtype,
     )
     probe = jnp.tile(probe.astype(x.dtype), [n, 1, 1])
     x = MultiHeadDotProductAttention(
-      num_heads=self.num_heads, dtype=self.dtype, param_dtype=self.param_dtype,
+      num_heads=self.num_heads,
+      dtype=self.dtype,
+      param_dtype=self.param_dtype,
       name='MultiHeadDotProductAttention_0',
     )(probe, x, deterministic=True)
     y = _layer_norm('LayerNorm_0', self.dtype, self.param_dtype)(x)
@@ -349,7 +357,10 @@ class VisionTransformer(nn.Module):
 
     if self.classifier in ('token', 'token_unpooled'):
       cls = self.param(
-        'cls', _logical(nn.initializers.zeros, (None, None, 'embed')), (1, 1, c), self.param_dtype
+        'cls',
+        _logical(nn.initializers.zeros, (None, None, 'embed')),
+        (1, 1, c),
+        self.param_dtype,
       )
       x = jnp.concatenate([jnp.tile(cls.astype(x.dtype), [n, 1, 1]), x], axis=1)
 

@@ -1,0 +1,259 @@
+"""Model zoo: published parameter counts, config compatibility, layouts and numerics."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from vit_jax import checkpoint, models
+
+# Published counts (1000 classes, 224x224), from the original project's model tables.
+# ViT-g/14 and ViT-G/14 (Zhai et al. 2021) are computed here, see docs/models.md: the paper's 1011M
+# and 1843M round the same architecture (token classifier, no representation layer).
+PINNED_COUNTS = {
+  'ViT-Ti_16': 5_717_416,
+  'ViT-S_16': 22_050_664,
+  'ViT-S_32': 22_878_952,
+  'ViT-B_16': 86_567_656,
+  'ViT-B_32': 88_224_232,
+  'ViT-B_8': 86_576_872,
+  'ViT-L_16': 304_326_632,
+  'ViT-L_32': 306_535_400,
+  'ViT-H_14': 632_045_800,
+  'ViT-g_14': 1_012_611_432,
+  'ViT-G_14': 1_844_440_680,
+  'ViT-S_16-gap-norep': 22_049_896,
+  'ViT-S_32-gap-norep': 22_878_184,
+  'ViT-B_16-gap-norep': 86_566_120,
+  'ViT-B_32-gap-norep': 88_222_696,
+  'R+ViT-Ti_16': 6_337_704,
+  'R26+ViT-S_32': 36_431_912,
+  'R26+ViT-B_32': 101_383_976,
+  'R50+ViT-B_16': 98_659_112,
+  'R50+ViT-L_32': 328_994_856,
+  'Mixer-B_16': 59_880_472,
+  'Mixer-B_32': 60_293_428,
+  'Mixer-L_16': 208_196_168,
+  'testing': 21_390,
+  'testing-unpooled': 21_370,
+}
+
+
+def test_every_registered_model_has_a_pinned_count():
+  assert set(models.MODEL_CONFIGS) == set(PINNED_COUNTS), (
+    'pin the parameter count of every registered model in PINNED_COUNTS'
+  )
+
+
+@pytest.mark.parametrize('name', sorted(PINNED_COUNTS))
+def test_published_parameter_count(name):
+  model = models.get_model(name, num_classes=1000)
+  assert models.count_params(model, 224) == PINNED_COUNTS[name]
+
+
+def test_scaling_paper_counts_round_to_published_millions():
+  # "Scaling Vision Transformers", Table 2: ViT-g/14 1011M, ViT-G/14 1843M (head excluded there:
+  # our counts include a 1000-class head, 1.4M/1.7M parameters).
+  for name, millions in (('ViT-g_14', 1011), ('ViT-G_14', 1843)):
+    body = models.count_params(models.get_model(name, num_classes=0), 224)
+    assert round(body / 1e6) == millions
+
+
+def _original_schema_b16():
+  # A config exactly as the original project writes it (configs/models.py there).
+  config = ml_collections.ConfigDict()
+  config.model_name = 'VisionTransformer'
+  config.name = 'ViT-B_16'
+  config.patches = ml_collections.ConfigDict({'size': (16, 16)})
+  config.hidden_size = 768
+  config.transformer = ml_collections.ConfigDict()
+  config.transformer.mlp_dim = 3072
+  config.transformer.num_heads = 12
+  config.transformer.num_layers = 12
+  config.transformer.attention_dropout_rate = 0.0
+  config.transformer.dropout_rate = 0.0
+  config.classifier = 'token'
+  config.representation_size = None
+  return config
+
+
+def test_original_schema_config_builds_same_model():
+  from_config = models.get_model(_original_schema_b16(), num_classes=1000)
+  assert models.count_params(from_config) == PINNED_COUNTS['ViT-B_16']
+  as_dict = models.get_model(_original_schema_b16().to_dict(), num_classes=1000)
+  assert as_dict == from_config
+  assert models.get_model_config('ViT-B_16').to_dict() == _original_schema_b16().to_dict()
+
+
+def test_bad_names_and_keys_raise_clear_errors():
+  with pytest.raises(ValueError, match="unknown model 'ViT-X_16'.*ViT-B_16"):
+    models.get_model('ViT-X_16', num_classes=10)
+  config = _original_schema_b16()
+  config.transformer.mlp_dimm = 5
+  with pytest.raises(ValueError, match=r'transformer\.mlp_dimm'):
+    models.get_model(config, num_classes=10)
+  with pytest.raises(ValueError, match="unknown override 'dropout'"):
+    models.get_model('testing', num_classes=10, dropout=0.1)
+  with pytest.raises(ValueError, match='unknown classifier'):
+    model = models.get_model('testing', num_classes=10, classifier='cls')
+    model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False)
+  with pytest.raises(ValueError, match='not divisible by the patch size'):
+    model = models.get_model('testing', num_classes=10)
+    model.init(jax.random.key(0), jnp.zeros((1, 30, 32, 3)), train=False)
+
+
+@pytest.mark.parametrize(
+  'classifier,shape',
+  [
+    ('token', (2, 7)),
+    ('gap', (2, 7)),
+    ('map', (2, 7)),
+    ('unpooled', (2, 4, 7)),
+    ('token_unpooled', (2, 5, 7)),
+  ],
+)
+def test_classifiers(classifier, shape):
+  model = models.get_model('testing', num_classes=7, classifier=classifier, head_zero_init=False)
+  x = jax.random.uniform(jax.random.key(1), (2, 32, 32, 3), minval=-1, maxval=1)
+  params = models.init_params(model, jax.random.key(0), 32)
+  logits = model.apply({'params': params}, x, train=False)
+  assert logits.shape == shape and logits.dtype == jnp.float32
+  assert np.all(np.isfinite(logits)) and np.std(logits) > 0
+
+
+def test_every_family_runs_and_names_parameters_like_the_release():
+  x = jnp.zeros((1, 64, 64, 3))
+  hybrid = models.get_model(
+    'R26+ViT-S_32',
+    num_classes=3,
+    hidden_size=32,
+    transformer=dict(mlp_dim=32, num_heads=2, num_layers=1),
+  )
+  params = models.init_params(hybrid, jax.random.key(0), 64)
+  keys = set(checkpoint.to_released_layout(params))
+  # Names of the released R26+ViT/R50+ViT files (original project's models_resnet.py).
+  for key in (
+    'conv_root/kernel',
+    'gn_root/scale',
+    'gn_root/bias',
+    'block1/unit1/conv_proj/kernel',
+    'block1/unit1/gn_proj/scale',
+    'block1/unit2/conv3/kernel',
+    'block4/unit2/gn3/bias',
+    'embedding/kernel',
+    'cls',
+    'Transformer/posembed_input/pos_embedding',
+    'head/kernel',
+  ):
+    assert key in keys, key
+  assert jax.jit(hybrid.apply, static_argnames='train')(
+    {'params': params}, x, train=False
+  ).shape == (1, 3)
+  mixer = models.get_model(
+    'Mixer-B_32',
+    num_classes=3,
+    hidden_dim=16,
+    num_blocks=2,
+    tokens_mlp_dim=8,
+    channels_mlp_dim=8,
+  )
+  params = models.init_params(mixer, jax.random.key(0), 64)
+  assert {'stem', 'MixerBlock_0', 'MixerBlock_1', 'pre_head_layer_norm', 'head'} == set(params)
+  assert set(params['MixerBlock_0']) == {
+    'LayerNorm_0',
+    'token_mixing',
+    'LayerNorm_1',
+    'channel_mixing',
+  }
+  assert mixer.apply({'params': params}, x, train=False).shape == (1, 3)
+
+
+def _small(**overrides):
+  return models.get_model(
+    'testing',
+    num_classes=5,
+    hidden_size=16,
+    head_zero_init=False,
+    transformer=dict(mlp_dim=24, num_heads=2, num_layers=3),
+    **overrides,
+  )
+
+
+def test_scan_and_remat_match_the_unrolled_model():
+  x = jax.random.uniform(jax.random.key(1), (2, 32, 32, 3), minval=-1, maxval=1)
+  base = _small()
+  params = models.init_params(base, jax.random.key(0), 32)
+  ref = base.apply({'params': params}, x, train=False)
+  for overrides in (
+    {'scan_layers': True},
+    {'remat_policy': 'full'},
+    {'scan_layers': True, 'remat_policy': 'dots_with_no_batch_dims_saveable'},
+  ):
+    model = _small(**overrides)
+    p = checkpoint.scan_params(params) if overrides.get('scan_layers') else params
+    jax.tree.map(
+      lambda a, b: np.testing.assert_equal(a.shape, b.shape),
+      p,
+      models.init_params(model, jax.random.key(0), 32),
+    )
+    np.testing.assert_allclose(
+      jax.jit(model.apply, static_argnames='train')({'params': p}, x, train=False),
+      ref,
+      atol=1e-6,
+    )
+    grads = jax.jit(jax.grad(lambda p, m=model: m.apply({'params': p}, x, train=False).sum()))(p)
+    assert all(np.all(np.isfinite(g)) for g in jax.tree.leaves(grads))
+  assert checkpoint.unscan_params(checkpoint.scan_params(params)).keys() == params.keys()
+
+
+def test_dropout_and_stochastic_depth_only_in_training():
+  model = _small(dropout_rate=0.1, attention_dropout_rate=0.1, droppath_rate=0.2)
+  x = jax.random.uniform(jax.random.key(1), (4, 32, 32, 3), minval=-1, maxval=1)
+  params = models.init_params(model, jax.random.key(0), 32)
+  apply = jax.jit(
+    lambda train, seed: model.apply(
+      {'params': params}, x, train=train, rngs={'dropout': jax.random.key(seed)}
+    ),
+    static_argnums=0,
+  )
+  run = lambda train, seed: np.asarray(apply(train, seed))
+  np.testing.assert_array_equal(run(False, 0), run(False, 1))
+  np.testing.assert_array_equal(run(True, 0), run(True, 0))
+  assert not np.allclose(run(True, 0), run(True, 1))
+  assert not np.allclose(run(True, 0), run(False, 0))
+
+
+def test_bfloat16_compute_keeps_float32_params_and_logits():
+  model = _small(dtype='bfloat16')
+  params = models.init_params(model, jax.random.key(0), 32)
+  assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(params))
+  x = jax.random.uniform(jax.random.key(1), (2, 32, 32, 3), minval=-1, maxval=1)
+  low = model.apply({'params': params}, x, train=False)
+  high = _small().apply({'params': params}, x, train=False)
+  assert low.dtype == jnp.float32
+  np.testing.assert_allclose(low, high, atol=0.05, rtol=0.05)
+
+
+def test_parameters_and_activations_carry_logical_axis_names():
+  model = _small()
+  shapes = jax.eval_shape(
+    lambda: model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False)
+  )
+  specs = nn.get_partition_spec(shapes)['params']
+  block = specs['Transformer']['encoderblock_0']
+  assert tuple(block['MultiHeadDotProductAttention_1']['query']['kernel']) == (
+    'embed',
+    'heads',
+    'kv',
+  )
+  assert tuple(block['MultiHeadDotProductAttention_1']['out']['kernel']) == (
+    'heads',
+    'kv',
+    'embed',
+  )
+  assert tuple(block['MlpBlock_3']['Dense_0']['kernel']) == ('embed', 'mlp')
+  assert tuple(specs['head']['kernel']) == ('embed', 'classes')
+  boxed = jax.tree.leaves(shapes['params'], is_leaf=lambda x: isinstance(x, nn.Partitioned))
+  assert all(isinstance(b, nn.Partitioned) for b in boxed)

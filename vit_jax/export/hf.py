@@ -1,0 +1,145 @@
+"""Export ViT params to Hugging Face transformers (PyTorch) `ViTForImageClassification`.
+
+The mapping is written against the meaning of each tensor, and accepts both the transformers 4.x
+names (`encoder.layer.N.attention.attention.query`) and the 5.x names (`layers.N.attention.q_proj`),
+so `save_hf` writes whatever layout the installed transformers version reads back.
+Our GELU is the tanh approximation, so the exported config uses `gelu_pytorch_tanh`.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+
+import flax
+import numpy as np
+
+from vit_jax import checkpoint
+
+_BLOCK = re.compile(r'^(?:vit\.)?(?:encoder\.layer|layers)\.(\d+)\.(.+)$')
+# (hf suffixes) -> our path inside Transformer/encoderblock_{i}, and the tensor kind.
+_BLOCK_TABLE = [
+  (
+    ('attention.attention.query', 'attention.q_proj'),
+    'MultiHeadDotProductAttention_1/query',
+    'qkv',
+  ),
+  (('attention.attention.key', 'attention.k_proj'), 'MultiHeadDotProductAttention_1/key', 'qkv'),
+  (
+    ('attention.attention.value', 'attention.v_proj'),
+    'MultiHeadDotProductAttention_1/value',
+    'qkv',
+  ),
+  (('attention.output.dense', 'attention.o_proj'), 'MultiHeadDotProductAttention_1/out', 'out'),
+  (('layernorm_before',), 'LayerNorm_0', 'norm'),
+  (('layernorm_after',), 'LayerNorm_2', 'norm'),
+  (('intermediate.dense', 'mlp.fc1'), 'MlpBlock_3/Dense_0', 'dense'),
+  (('output.dense', 'mlp.fc2'), 'MlpBlock_3/Dense_1', 'dense'),
+]
+_TOP_TABLE = {
+  'embeddings.cls_token': 'cls',
+  'embeddings.position_embeddings': 'Transformer/posembed_input/pos_embedding',
+  'embeddings.patch_embeddings.projection.weight': 'embedding/kernel',
+  'embeddings.patch_embeddings.projection.bias': 'embedding/bias',
+  'layernorm.weight': 'Transformer/encoder_norm/scale',
+  'layernorm.bias': 'Transformer/encoder_norm/bias',
+  'pooler.dense.weight': 'pre_logits/kernel',
+  'pooler.dense.bias': 'pre_logits/bias',
+  'classifier.weight': 'head/kernel',
+  'classifier.bias': 'head/bias',
+}
+
+
+def hf_config(model_config: Mapping, *, num_classes: int, image_size: int):
+  """The `transformers.ViTConfig` of a plain ViT model config (original schema)."""
+  from transformers import ViTConfig
+
+  if model_config.get('resnet') is not None or 'hidden_dim' in model_config:
+    raise ValueError('Hugging Face export supports plain ViT models only (not hybrids or Mixer)')
+  if model_config.get('classifier', 'token') != 'token':
+    raise ValueError(
+      f'HF ViT reads the class token; classifier {model_config["classifier"]!r} '
+      'has no HF equivalent'
+    )
+  ph, pw = model_config['patches']['size']
+  if ph != pw:
+    raise ValueError(f'HF ViT needs square patches, got {(ph, pw)}')
+  t = model_config['transformer']
+  return ViTConfig(
+    hidden_size=model_config['hidden_size'],
+    num_hidden_layers=t['num_layers'],
+    num_attention_heads=t['num_heads'],
+    intermediate_size=t['mlp_dim'],
+    hidden_act='gelu_pytorch_tanh',
+    layer_norm_eps=1e-6,
+    image_size=image_size,
+    patch_size=ph,
+    num_channels=3,
+    qkv_bias=True,
+    num_labels=num_classes,
+    hidden_dropout_prob=0.0,
+    attention_probs_dropout_prob=0.0,
+  )
+
+
+def _convert(kind: str, suffix: str, value: np.ndarray) -> np.ndarray:
+  if suffix.endswith('bias') or kind == 'norm':
+    return value.reshape(-1)
+  if kind == 'qkv':  # (embed, heads, head_dim) -> torch Linear (out, in).
+    return value.reshape(value.shape[0], -1).T
+  if kind == 'out':  # (heads, head_dim, embed) -> (out, in).
+    return value.reshape(-1, value.shape[-1]).T
+  if kind == 'conv':  # (ph, pw, c, d) -> (d, c, ph, pw).
+    return value.transpose(3, 2, 0, 1)
+  if kind == 'dense':
+    return value.T
+  return value
+
+
+def _lookup(hf_key: str, flat: Mapping[str, np.ndarray]) -> np.ndarray:
+  match = _BLOCK.match(hf_key)
+  if match:
+    index, rest = match.groups()
+    for suffixes, ours, kind in _BLOCK_TABLE:
+      for suffix in suffixes:
+        if rest.startswith(suffix + '.'):
+          leaf = rest[len(suffix) + 1 :]
+          leaf = {'weight': 'kernel' if kind != 'norm' else 'scale', 'bias': 'bias'}[leaf]
+          return _convert(kind, leaf, flat[f'Transformer/encoderblock_{index}/{ours}/{leaf}'])
+    raise KeyError(f'no vit_jax parameter for Hugging Face key {hf_key!r}')
+  key = hf_key.removeprefix('vit.')
+  if key not in _TOP_TABLE:
+    raise KeyError(f'no vit_jax parameter for Hugging Face key {hf_key!r}')
+  ours = _TOP_TABLE[key]
+  kind = 'conv' if ours.startswith('embedding/') else ('norm' if 'norm' in ours else 'dense')
+  if ours in ('cls', 'Transformer/posembed_input/pos_embedding'):
+    kind = 'raw'
+  return _convert(kind, ours, flat[ours])
+
+
+def to_hf_model(params: Mapping, model_config: Mapping, *, image_size: int):
+  """Builds a PyTorch HF model holding `params`: `ViTForImageClassification`, or, when the params
+  have a representation layer (`pre_logits`, which the HF classifier lacks), a `ViTModel` whose
+  pooler (dense + tanh on the class token) is that layer; logits are then `pooler @ head`."""
+  import torch
+  from transformers import ViTForImageClassification, ViTModel
+
+  flat = checkpoint.to_released_layout(flax.core.unfreeze(params))
+  num_classes = flat['head/bias'].shape[0] if 'head/bias' in flat else 0
+  config = hf_config(model_config, num_classes=num_classes, image_size=image_size)
+  if 'pre_logits/kernel' in flat:
+    config.pooler_output_size = flat['pre_logits/kernel'].shape[1]
+    model = ViTModel(config, add_pooling_layer=True)
+  else:
+    model = ViTForImageClassification(config)
+  state = {
+    k: torch.from_numpy(np.ascontiguousarray(_lookup(k, flat), dtype=np.float32))
+    for k in model.state_dict()
+  }
+  model.load_state_dict(state, strict=True)
+  return model.eval()
+
+
+def save_hf(params: Mapping, model_config: Mapping, directory: str, *, image_size: int) -> None:
+  """Writes a Hugging Face model folder (config.json + safetensors) for `from_pretrained`."""
+  to_hf_model(params, model_config, image_size=image_size).save_pretrained(directory)

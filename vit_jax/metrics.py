@@ -1,0 +1,210 @@
+"""Metrics: JSON lines + TensorBoard, console progress with ETA, throughput and MFU.
+
+Only process 0 writes. Model FLOPs come from XLA's cost analysis of the compiled train step; MFU
+divides them by the devices' peak (bf16 dense) from `PEAK_FLOPS`, or on CPU by a matmul ceiling
+measured in the same process (`measure_matmul_flops`), since CPUs have no meaningful table entry.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# Peak dense bf16 FLOP/s per device (a TPU chip or a GPU), from the vendors' spec sheets.
+PEAK_FLOPS = {
+  'tpu v4': 275e12,
+  'tpu v5 lite': 197e12,  # v5e reports itself as 'TPU v5 lite'.
+  'tpu v5e': 197e12,
+  'tpu v5p': 459e12,
+  'tpu v5': 459e12,
+  'tpu v6 lite': 918e12,  # v6e (Trillium).
+  'tpu v6e': 918e12,
+  'a100': 312e12,
+  'h100': 989e12,  # SXM; PCIe parts are slower, and the table errs on the strict side.
+  'h200': 989e12,
+}
+
+
+def device_peak_flops(device: jax.Device | None = None) -> float | None:
+  """Peak bf16 FLOP/s of one accelerator from `PEAK_FLOPS`, or None (CPU, unknown kinds)."""
+  device = device or jax.devices()[0]
+  kind = device.device_kind.lower()
+  for key in sorted(PEAK_FLOPS, key=len, reverse=True):  # Most specific name first.
+    if key in kind:
+      return PEAK_FLOPS[key]
+  return None
+
+
+def measure_matmul_flops(n: int = 1024, repeats: int = 5) -> float:
+  """FLOP/s of a jitted float32 n x n matmul on the default device: the CPU ceiling for MFU."""
+  x = jnp.ones((n, n), jnp.float32)
+  f = jax.jit(lambda a: a @ a)
+  f(x).block_until_ready()
+  best = float('inf')
+  for _ in range(repeats):
+    t = time.perf_counter()
+    f(x).block_until_ready()
+    best = min(best, time.perf_counter() - t)
+  return 2 * n**3 / best
+
+
+def peak_flops_total(num_devices: int) -> tuple[float, str]:
+  """(peak FLOP/s of the whole job's devices, how it was obtained)."""
+  per_device = device_peak_flops()
+  if per_device is not None:
+    return per_device * num_devices, f'{jax.devices()[0].device_kind} table x {num_devices}'
+  # CPU: simulated devices share the host's cores, so the host's ceiling is the whole job's
+  # (times the processes, each measuring its own host).
+  flops = measure_matmul_flops() * jax.process_count()
+  return flops, f'measured matmul ceiling {flops / 1e9:.1f} GFLOP/s'
+
+
+def compiled_flops(compiled: Any, num_devices: int) -> float | None:
+  """FLOPs of one call of a compiled SPMD program over all devices, from XLA's cost analysis.
+
+  XLA reports the cost of the per-device program, so it is multiplied by the device count.
+  """
+  try:
+    cost = compiled.cost_analysis()
+  except Exception as e:  # Some backends do not implement it.
+    logging.warning('cost analysis unavailable: %s', e)
+    return None
+  if isinstance(cost, (list, tuple)):
+    cost = cost[0] if cost else None
+  if not cost or 'flops' not in cost:
+    return None
+  return float(cost['flops']) * num_devices
+
+
+def _scalar(x: Any) -> Any:
+  if isinstance(x, (np.ndarray, np.generic, jax.Array)):
+    x = np.asarray(x)
+    return x.item() if x.size == 1 else x.tolist()
+  return x
+
+
+def _scalar_metadata():
+  from tensorflow.core.framework import summary_pb2
+
+  metadata = summary_pb2.SummaryMetadata()
+  metadata.plugin_data.plugin_name = 'scalars'
+  return metadata.SerializeToString()
+
+
+class MetricWriter:
+  """Writes scalars to `workdir/metrics.jsonl` and TensorBoard event files (process 0 only)."""
+
+  def __init__(self, workdir: str, *, enabled: bool | None = None, tensorboard: bool = True):
+    self.enabled = jax.process_index() == 0 if enabled is None else enabled
+    self.path = os.path.join(workdir, 'metrics.jsonl')
+    self._file = None
+    self._tb = None
+    if not self.enabled:
+      return
+    os.makedirs(workdir, exist_ok=True)
+    self._file = open(self.path, 'a')  # noqa: SIM115 -- closed in close().
+    if tensorboard:
+      import tensorflow as tf
+
+      self._tb = tf.summary.create_file_writer(os.path.join(workdir, 'tensorboard'))
+
+  def write(self, step: int, scalars: Mapping[str, Any]) -> None:
+    if not self.enabled:
+      return
+    record = {'step': int(step), **{k: _scalar(v) for k, v in scalars.items()}}
+    self._file.write(json.dumps(record) + '\n')
+    self._file.flush()
+    if self._tb is not None:
+      import tensorflow as tf
+
+      with self._tb.as_default(step=int(step)):
+        for key, value in record.items():
+          if key != 'step' and isinstance(value, (int, float)):
+            # tf.summary.write with the scalars plugin tag: what tf.summary.scalar writes, without
+            # needing the tensorboard package installed.
+            tf.summary.write(key, tf.constant(float(value), tf.float32), metadata=_scalar_metadata())
+      self._tb.flush()
+
+  def close(self) -> None:
+    if self._file is not None:
+      self._file.close()
+      self._file = None
+    if self._tb is not None:
+      self._tb.close()
+      self._tb = None
+
+
+def read_jsonl(path: str) -> list[dict]:
+  """All records of a metrics.jsonl file."""
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+class Throughput:
+  """Images/s, step time, share of time spent waiting for data, MFU and ETA between log points."""
+
+  def __init__(self, *, global_batch_size: int, num_devices: int, total_steps: int,
+               flops_per_step: float | None = None, peak_flops: float | None = None):
+    self.global_batch_size = global_batch_size
+    self.num_devices = num_devices
+    self.total_steps = total_steps
+    self.flops_per_step = flops_per_step
+    self.peak_flops = peak_flops
+    self.reset(None)
+
+  def reset(self, step: int | None) -> None:
+    self._t0 = time.perf_counter()
+    self._step0 = step
+    self._data_wait = 0.0
+
+  def add_data_wait(self, seconds: float) -> None:
+    self._data_wait += seconds
+
+  def summary(self, step: int) -> dict[str, float]:
+    """Throughput since the last call (or `reset`), ending at `step`; resets the window."""
+    elapsed = time.perf_counter() - self._t0
+    steps = step - (self._step0 if self._step0 is not None else step)
+    out = {}
+    if steps > 0 and elapsed > 0:
+      step_time = elapsed / steps
+      ips = self.global_batch_size / step_time
+      out = {
+        'perf/step_time': step_time,
+        'perf/images_per_sec': ips,
+        'perf/images_per_sec_per_device': ips / self.num_devices,
+        'perf/data_wait_frac': min(self._data_wait / elapsed, 1.0),
+        'perf/eta_seconds': step_time * max(self.total_steps - step, 0),
+      }
+      if self.flops_per_step and self.peak_flops:
+        out['perf/mfu'] = self.flops_per_step / step_time / self.peak_flops
+    self.reset(step)
+    return out
+
+
+def format_progress(step: int, total_steps: int, scalars: Mapping[str, Any]) -> str:
+  """One console line: step, loss, lr, img/s(/device), data wait, MFU, ETA."""
+  parts = [f'step {step}/{total_steps}']
+  fmt = {
+    'train/loss': 'loss {:.4f}', 'train/lr': 'lr {:.3g}', 'train/grad_norm': '|g| {:.3g}',
+    'perf/images_per_sec': '{:.1f} img/s', 'perf/images_per_sec_per_device': '({:.1f}/dev)',
+    'perf/step_time': 'step {:.3f}s', 'perf/data_wait_frac': 'data wait {:.0%}',
+    'perf/mfu': 'MFU {:.1%}',
+  }
+  for key, pattern in fmt.items():
+    if key in scalars:
+      parts.append(pattern.format(scalars[key]))
+  for key, value in scalars.items():
+    if key.startswith('eval/'):
+      parts.append(f'{key} {value:.4f}')
+  if 'perf/eta_seconds' in scalars:
+    eta = int(scalars['perf/eta_seconds'])
+    parts.append(f'ETA {eta // 3600}:{eta % 3600 // 60:02d}:{eta % 60:02d}')
+  return ' | '.join(parts)

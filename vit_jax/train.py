@@ -1,0 +1,426 @@
+"""The training loop: `train_and_evaluate(config, workdir)`; nothing here is model-specific.
+
+One jitted step `(state, batch, rng) -> (state, metrics)` with explicit shardings over the mesh of
+`config.mesh`, donated state, the rng folded with the step, and gradient accumulation over
+`accum_steps` micro-batches inside the step. Resume is the default: a workdir with a checkpoint
+continues from it (params, optimizer state, step, rng, data position), bit-identically on CPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import time
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from vit_jax import checkpoint as npz_checkpoint
+from vit_jax import metrics as metrics_lib
+from vit_jax import models, optim, sharding, train_checkpoint
+
+LOSSES = ('softmax_xent', 'sigmoid_xent')
+
+
+class TrainingDivergedError(FloatingPointError):
+  """The loss or gradient norm became NaN/Inf; carries the step."""
+
+  def __init__(self, step: int, message: str):
+    super().__init__(message)
+    self.step = step
+
+
+def due(step: int, every: int, total_steps: int) -> bool:
+  """Whether periodic work (log/eval/checkpoint) runs after `step`: every `every`, and at the end."""
+  return step == total_steps or (every > 0 and step % every == 0)
+
+
+# --- losses and steps ---------------------------------------------------------------------------
+
+
+def _targets(batch: Mapping[str, jax.Array], num_classes: int, smoothing: float) -> jax.Array:
+  if 'labels' in batch:
+    return batch['labels'].astype(jnp.float32)
+  onehot = jax.nn.one_hot(batch['label'], num_classes, dtype=jnp.float32)
+  return onehot * (1.0 - smoothing) + smoothing / num_classes
+
+
+def per_example_loss(logits: jax.Array, targets: jax.Array, kind: str) -> jax.Array:
+  """Softmax or sigmoid cross-entropy per example (summed over classes for sigmoid)."""
+  if kind == 'softmax_xent':
+    return optax.softmax_cross_entropy(logits, targets)
+  if kind == 'sigmoid_xent':
+    return optax.sigmoid_binary_cross_entropy(logits, targets).sum(-1)
+  raise ValueError(f'unknown loss {kind!r}; expected one of {LOSSES}')
+
+
+def make_train_step(model: nn.Module, tx: optax.GradientTransformation, schedule, *,
+                    config: Mapping, num_classes: int, param_shardings: Any = None):
+  """Returns the pure step `(state, batch, rng) -> (state, metrics)`.
+
+  `batch` arrays are [accum_steps, micro_batch, ...]; the gradient is the mean of the micro-batch
+  gradients, which equals the gradient of the whole batch (each micro-batch loss is a mean over the
+  same number of examples). Dropout keys are `fold_in(fold_in(rng, step), micro_batch_index)`.
+  """
+  loss_kind, smoothing = config['loss'], float(config['label_smoothing'])
+  if loss_kind not in LOSSES:
+    raise ValueError(f'unknown loss {loss_kind!r}; expected one of {LOSSES}')
+
+  def loss_fn(params, micro, rng):
+    logits = model.apply({'params': params}, micro['image'], train=True, rngs={'dropout': rng})
+    losses = per_example_loss(logits, _targets(micro, num_classes, smoothing), loss_kind)
+    return jnp.mean(losses)
+
+  grad_fn = jax.value_and_grad(loss_fn)
+
+  def train_step(state, batch, rng):
+    step = state['step']
+    rng = jax.random.fold_in(rng, step)
+    params = state['params']
+    accum = jax.tree.leaves(batch)[0].shape[0]
+
+    def micro_step(carry, xs):
+      i, micro = xs
+      loss, grads = grad_fn(params, micro, jax.random.fold_in(rng, i))
+      if param_shardings is not None:
+        grads = jax.lax.with_sharding_constraint(grads, param_shardings)
+      return jax.tree.map(jnp.add, carry, (loss, grads)), None
+
+    if accum == 1:
+      loss, grads = grad_fn(params, jax.tree.map(lambda x: x[0], batch), jax.random.fold_in(rng, 0))
+    else:
+      zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, params))
+      (loss, grads), _ = jax.lax.scan(micro_step, zeros, (jnp.arange(accum), batch))
+      loss, grads = jax.tree.map(lambda x: x / accum, (loss, grads))
+    grad_norm = optax.global_norm(grads)
+    updates, opt_state = tx.update(grads, state['opt_state'], params)
+    new_state = {
+      'step': step + 1,
+      'params': optax.apply_updates(params, updates),
+      'opt_state': opt_state,
+    }
+    metrics = {'train/loss': loss, 'train/grad_norm': grad_norm, 'train/lr': schedule(step)}
+    return new_state, metrics
+
+  return train_step
+
+
+def make_eval_step(model: nn.Module, *, config: Mapping, num_classes: int):
+  """Returns `(params, batch) -> {'correct', 'loss', 'count'}` sums over unmasked examples."""
+
+  def eval_step(params, batch):
+    logits = model.apply({'params': params}, batch['image'], train=False)
+    mask = batch['mask'].astype(jnp.float32)
+    correct = (jnp.argmax(logits, -1) == batch['label']).astype(jnp.float32)
+    losses = per_example_loss(logits, _targets(batch, num_classes, 0.0), config['loss'])
+    return {'correct': (correct * mask).sum(), 'loss': (losses * mask).sum(), 'count': mask.sum()}
+
+  return eval_step
+
+
+# --- state --------------------------------------------------------------------------------------
+
+
+class Trainer:
+  """Model, optimizer, mesh and the jitted functions of one run; usable from tests and notebooks."""
+
+  def __init__(self, config: Mapping, *, num_classes: int, devices=None):
+    self.config = config
+    self.num_classes = num_classes
+    self.mesh = sharding.make_mesh(config['mesh'], devices)
+    self.rules = sharding.logical_rules(config)
+    self.model = models.get_model(config['model_name'], num_classes=num_classes,
+                                  **dict(config['model']))
+    self.tx, self.schedule = optim.make_optimizer(config)
+    self.accum_steps = int(config['accum_steps'])
+    self.micro_batch = int(config['batch_size']) // self.accum_steps
+    shards = sharding.num_batch_shards(self.mesh, self.rules)
+    for name, size in (('batch_size / accum_steps', self.micro_batch),
+                       ('eval_batch_size', int(config['eval_batch_size']))):
+      if size % shards or size % jax.process_count():
+        raise ValueError(
+          f'{name}={size} must be divisible by the {shards} batch shards of mesh '
+          f'{sharding.describe(self.mesh)} and by the {jax.process_count()} processes'
+        )
+    size = int(config['image_size'])
+    self._image = jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)
+
+    def init(rng):  # Boxed: leaves carry logical axis names, for the shardings.
+      params = self.model.init(rng, jnp.zeros(self._image.shape), train=False)['params']
+      return {'step': jnp.zeros((), jnp.int32), 'params': params, 'opt_state': self.tx.init(params)}
+
+    # No mesh in context for init: flax's DenseGeneral reshapes boxed kernels there, which a sharding
+    # constraint would reject; out_shardings place the result anyway.
+    boxed = jax.eval_shape(init, jax.random.key(0))
+    self.state_shardings = sharding.logical_shardings(boxed, self.mesh, self.rules)
+    self.abstract_state = jax.tree.map(
+      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), nn.unbox(boxed),
+      self.state_shardings)
+    self._init = jax.jit(lambda rng: nn.unbox(init(rng)), out_shardings=self.state_shardings)
+    self.replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
+    train_step = make_train_step(
+      self.model, self.tx, self.schedule, config=config, num_classes=num_classes,
+      param_shardings=self.state_shardings['params'])
+    self._train_step = jax.jit(
+      train_step,
+      in_shardings=(self.state_shardings, sharding.batch_sharding(self.mesh, self.rules, 1),
+                    self.replicated),
+      out_shardings=(self.state_shardings, self.replicated),
+      donate_argnums=(0,),
+    )
+    self._eval_step = jax.jit(
+      make_eval_step(self.model, config=config, num_classes=num_classes),
+      in_shardings=(self.state_shardings['params'], sharding.batch_sharding(self.mesh, self.rules)),
+      out_shardings=self.replicated,
+    )
+    self.compiled_train_step = None
+
+  def _context(self):
+    return _context(self.mesh, self.rules)
+
+  def init_state(self, seed: int) -> dict:
+    """Fresh state, created directly in its shardings (no host holds a full copy)."""
+    return self._init(jax.random.key(seed))
+
+  def with_params(self, state: dict, params: Any) -> dict:
+    """Replaces params by host arrays (e.g. a pretrained checkpoint) and re-inits the optimizer."""
+    params = sharding.to_global(params, self.state_shardings['params'])
+    opt_init = jax.jit(self.tx.init, out_shardings=self.state_shardings['opt_state'])
+    return {'step': state['step'], 'params': params, 'opt_state': opt_init(params)}
+
+  def host_params(self, state: dict) -> Any:
+    """Params as numpy on every process (gathers across processes when needed)."""
+    return jax.tree.map(npz_checkpoint._to_numpy, state['params'])  # noqa: SLF001
+
+  def compile(self, state: dict, batch: dict, rng: jax.Array):
+    """AOT-compiles the train step for these shapes; returns (compiled, FLOPs per step or None)."""
+    with self._context():
+      compiled = self._train_step.lower(state, batch, rng).compile()
+    self.compiled_train_step = compiled
+    return compiled, metrics_lib.compiled_flops(compiled, self.mesh.size)
+
+  def train_step(self, state: dict, batch: dict, rng: jax.Array):
+    if self.compiled_train_step is not None:
+      return self.compiled_train_step(state, batch, rng)
+    with self._context():
+      return self._train_step(state, batch, rng)
+
+  def global_batch(self, local_batch: Mapping[str, np.ndarray], *, stacked: bool):
+    return sharding.global_batch(local_batch, self.mesh, self.rules, ndim_prefix=int(stacked))
+
+  def evaluate(self, params: Any, dataset) -> dict[str, float]:
+    """Exact top-1 accuracy and mean loss over one pass of `dataset` (padding masked out)."""
+    totals = None
+    with self._context():
+      for local in dataset:
+        local = {k: v for k, v in local.items() if k in ('image', 'label', 'labels', 'mask')}
+        out = self._eval_step(params, self.global_batch(local, stacked=False))
+        totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
+    totals = jax.device_get(totals)
+    count = max(float(totals['count']), 1.0)
+    return {'accuracy': float(totals['correct']) / count, 'loss': float(totals['loss']) / count,
+            'count': int(totals['count'])}
+
+
+@contextlib.contextmanager
+def _context(mesh, rules):
+  """Logical rules active while tracing.
+
+  The mesh is deliberately not set as the context mesh: flax's DenseGeneral (attention q/k/v/out)
+  traces its kernel initializer on a flattened kernel, to which the 3-D logical constraint cannot
+  apply, even in `apply`. Without a context mesh the models' activation constraints are no-ops and
+  XLA propagates shardings from the params and the batch (both given explicitly to `jit`).
+  """
+  del mesh
+  with nn.logical_axis_rules(rules):
+    yield
+
+
+# --- the loop -----------------------------------------------------------------------------------
+
+
+def _datasets(config: Mapping, *, start_batch: int, micro_batch: int):
+  from vit_jax import data  # Imported late: TensorFlow is heavy and hides accelerators on import.
+
+  data_dir = config['data_dir'] or None
+  mixup = dict(config['mixup'])
+  train_ds = data.get_dataset(
+    config['dataset'], config['train_split'], preprocess=config['pp_train'], train=True,
+    global_batch_size=micro_batch, data_dir=data_dir, seed=int(config['data_seed']),
+    start_batch=start_batch, shuffle_buffer=int(config['shuffle_buffer']),
+    mixup=mixup if mixup.get('p') or mixup.get('cutmix_p') else None)
+  evals = {}
+  for split in filter(None, (s.strip() for s in config['eval_splits'].split(','))):
+    evals[split] = data.get_dataset(
+      config['dataset'], split, preprocess=config['pp_eval'], train=False,
+      global_batch_size=int(config['eval_batch_size']), data_dir=data_dir)
+  return train_ds, evals
+
+
+def _batches(dataset, accum_steps: int) -> Iterator[dict[str, np.ndarray]]:
+  """Stacks `accum_steps` consecutive micro-batches into [accum_steps, micro_batch, ...]."""
+  iterator = iter(dataset)
+  while True:
+    micro = [next(iterator) for _ in range(accum_steps)]
+    yield {k: np.stack([m[k] for m in micro]) for k in micro[0] if k != 'mask'}
+
+
+def _num_classes(config: Mapping) -> int:
+  if int(config['num_classes']) > 0:
+    return int(config['num_classes'])
+  from vit_jax import data
+
+  return data.get_dataset_info(config['dataset'], config['data_dir'] or None)[0]
+
+
+def write_config(config: Mapping, workdir: str) -> None:
+  if jax.process_index() != 0:
+    return
+  os.makedirs(workdir, exist_ok=True)
+  as_dict = config.to_dict() if isinstance(config, ml_collections.ConfigDict) else dict(config)
+  with open(os.path.join(workdir, 'config.json'), 'w') as f:
+    json.dump(as_dict, f, indent=2, sort_keys=True, default=str)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
+                       devices=None) -> dict[str, Any]:
+  """Trains (resuming from `workdir` if it holds a checkpoint), evaluates, checkpoints.
+
+  Args:
+    config: a recipe config (see configs/common.py for the fields).
+    workdir: where checkpoints/, metrics.jsonl, tensorboard/ and config.json go.
+    devices: devices for the mesh (default: all).
+
+  Returns:
+    {'step', 'checkpoint_dir', 'preempted', 'eval/<split>/accuracy', ...} of the last step.
+
+  Raises:
+    TrainingDivergedError: a NaN/Inf loss or gradient; the last good checkpoint is left as it was.
+  """
+  write_config(config, workdir)
+  total_steps = int(config['total_steps'])
+  trainer = Trainer(config, num_classes=_num_classes(config), devices=devices)
+  logging.info('mesh %s over %d devices, %d processes; model %s with %d params',
+               sharding.describe(trainer.mesh), trainer.mesh.size, jax.process_count(),
+               config['model_name'], models.count_params(trainer.model, int(config['image_size'])))
+  ckpt_dir = os.path.join(workdir, 'checkpoints')
+  ckpt = train_checkpoint.Checkpointer(ckpt_dir, max_to_keep=int(config['keep_checkpoints']) or None,
+                                       async_save=bool(config['async_checkpoints']))
+  rng = jax.device_put(jax.random.key_data(jax.random.key(int(config['seed']))),
+                       trainer.replicated)
+  if ckpt.latest_step() is not None:
+    abstract = dict(trainer.abstract_state, rng=jax.ShapeDtypeStruct(
+      rng.shape, rng.dtype, sharding=trainer.replicated))
+    state, meta = ckpt.restore(abstract)
+    rng = state.pop('rng')
+    if meta.get('micro_batch', trainer.micro_batch) != trainer.micro_batch:
+      raise ValueError(f'checkpoint in {ckpt_dir} was trained with micro-batches of '
+                       f'{meta["micro_batch"]}, config gives {trainer.micro_batch}; use a new workdir')
+    logging.info('resuming from step %d', int(state['step']))
+  else:
+    state = trainer.init_state(int(config['seed']))
+    if config['pretrained_path']:
+      init = trainer.host_params(state)
+      params = npz_checkpoint.load_pretrained(
+        pretrained_path=config['pretrained_path'], init_params=init,
+        model_config=models.get_model_config(config['model_name']))
+      state = trainer.with_params(state, params)
+  step = int(jax.device_get(state['step']))
+  train_ds, eval_ds = _datasets(config, start_batch=step * trainer.accum_steps,
+                                micro_batch=trainer.micro_batch)
+  batches = _batches(train_ds, trainer.accum_steps)
+  writer = metrics_lib.MetricWriter(workdir)
+  watcher = train_checkpoint.PreemptionWatcher()
+  meter = metrics_lib.Throughput(global_batch_size=int(config['batch_size']),
+                                 num_devices=trainer.mesh.size, total_steps=total_steps)
+  pending: list[tuple[int, dict]] = []
+  last_saved = ckpt.latest_step()
+  result: dict[str, Any] = {'preempted': False}
+  first = True
+
+  def flush() -> dict[str, float]:
+    """Fetches pending step metrics; raises on the first non-finite one."""
+    fetched = jax.device_get([m for _, m in pending])
+    steps = [s for s, _ in pending]
+    pending.clear()
+    for s, m in zip(steps, fetched):
+      if not (np.isfinite(m['train/loss']) and np.isfinite(m['train/grad_norm'])):
+        ckpt.wait()
+        raise TrainingDivergedError(
+          s, f'non-finite training loss {m["train/loss"]} / grad norm {m["train/grad_norm"]} at step '
+          f'{s}; last good checkpoint: step {last_saved} in {ckpt_dir}. Lower lr, raise warmup, or '
+          'check the data.')
+    if not fetched:
+      return {}
+    out = {k: float(np.mean([m[k] for m in fetched])) for k in ('train/loss', 'train/grad_norm')}
+    out['train/lr'] = float(fetched[-1]['train/lr'])
+    return out
+
+  def save(at: int) -> None:
+    nonlocal last_saved
+    flush()  # Never checkpoint a state that followed a non-finite step.
+    meta = {'data_batches': at * trainer.accum_steps, 'micro_batch': trainer.micro_batch,
+            'config': json.loads(config.to_json_best_effort())}
+    if ckpt.save(at, dict(state, rng=rng), meta):
+      last_saved = at
+
+  try:
+    while step < total_steps:
+      t = time.perf_counter()
+      batch = trainer.global_batch(next(batches), stacked=True)
+      meter.add_data_wait(time.perf_counter() - t)
+      if trainer.compiled_train_step is None:
+        t = time.perf_counter()
+        _, flops = trainer.compile(state, batch, rng)
+        peak, how = metrics_lib.peak_flops_total(trainer.mesh.size)
+        meter.flops_per_step, meter.peak_flops = flops, peak
+        logging.info('compiled train step in %.1fs; %.3g FLOPs/step; peak %s',
+                     time.perf_counter() - t, flops or float('nan'), how)
+      state, step_metrics = trainer.train_step(state, batch, rng)
+      step += 1
+      pending.append((step, step_metrics))
+      if first:  # The throughput window starts after compilation and the first step.
+        jax.block_until_ready(state['step'])
+        meter.reset(step)
+        first = False
+      scalars = {}
+      if due(step, int(config['log_every']), total_steps):
+        scalars.update(flush())
+        scalars.update(meter.summary(step))
+      if eval_ds and due(step, int(config['eval_every']), total_steps):
+        for split, ds in eval_ds.items():
+          for key, value in trainer.evaluate(state['params'], ds).items():
+            if key != 'count':
+              scalars[f'eval/{split}/{key}'] = value
+        meter.reset(step)
+      if scalars:
+        writer.write(step, scalars)
+        if jax.process_index() == 0:
+          logging.info('%s', metrics_lib.format_progress(step, total_steps, scalars))
+        result.update(scalars)
+      if due(step, int(config['checkpoint_every']), total_steps):
+        save(step)
+      if step < total_steps and watcher.should_stop(step):
+        logging.warning('preempted: checkpointing step %d and exiting', step)
+        save(step)
+        result['preempted'] = True
+        break
+    flush()
+    if last_saved != step:
+      save(step)
+    ckpt.wait()
+  finally:
+    watcher.restore()
+    writer.close()
+    ckpt.close()
+  result.update(step=step, checkpoint_dir=os.path.join(ckpt_dir, str(step)),
+                workdir=workdir)
+  return result
