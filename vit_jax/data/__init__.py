@@ -12,40 +12,40 @@ import tensorflow as _tf
 
 # TensorFlow only feeds the host: it must never take GPU/TPU memory from JAX.
 for _kind in ('GPU', 'TPU'):
-    try:
-        _tf.config.set_visible_devices([], _kind)
-    except (RuntimeError, ValueError):  # Already initialised, or no such device type.
-        pass
+  try:
+    _tf.config.set_visible_devices([], _kind)
+  except (RuntimeError, ValueError):  # Already initialised, or no such device type.
+    pass
 # Optional caps on TensorFlow's own op thread pools (tf.data's pool: see get_dataset(num_threads)).
 for _env, _setter in (
-    ('VIT_JAX_TF_INTRA_OP_THREADS', _tf.config.threading.set_intra_op_parallelism_threads),
-    ('VIT_JAX_TF_INTER_OP_THREADS', _tf.config.threading.set_inter_op_parallelism_threads),
+  ('VIT_JAX_TF_INTRA_OP_THREADS', _tf.config.threading.set_intra_op_parallelism_threads),
+  ('VIT_JAX_TF_INTER_OP_THREADS', _tf.config.threading.set_inter_op_parallelism_threads),
 ):
-    if _os.environ.get(_env):
-        try:
-            _setter(int(_os.environ[_env]))
-        except RuntimeError:
-            pass
+  if _os.environ.get(_env):
+    try:
+      _setter(int(_os.environ[_env]))
+    except RuntimeError:
+      pass
 
 from vit_jax.data.builders import Digits, ImageFolder, prepare_digits, prepare_folder  # noqa: E402
 from vit_jax.data.pipeline import (  # noqa: E402
-    DEFAULT_SPLITS,
-    Dataset,
-    get_dataset,
-    get_dataset_info,
+  DEFAULT_SPLITS,
+  Dataset,
+  get_dataset,
+  get_dataset_info,
 )
 from vit_jax.data.preprocess import get_preprocess_fn, mixup, preset  # noqa: E402
 
 __all__ = [
-    'DEFAULT_SPLITS',
-    'Dataset',
-    'Digits',
-    'ImageFolder',
-    'get_dataset',
-    'get_dataset_info',
-    'get_preprocess_fn',
-    'mixup',
-    'prepare_digits',
-    'prepare_folder',
-    'preset',
+  'DEFAULT_SPLITS',
+  'Dataset',
+  'Digits',
+  'ImageFolder',
+  'get_dataset',
+  'get_dataset_info',
+  'get_preprocess_fn',
+  'mixup',
+  'prepare_digits',
+  'prepare_folder',
+  'preset',
 ]

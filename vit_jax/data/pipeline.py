@@ -25,16 +25,16 @@ from vit_jax.data import preprocess as preprocess_lib
 AUTOTUNE = tf.data.AUTOTUNE
 # Splits used by the presets for training and for the published evaluation numbers.
 DEFAULT_SPLITS = {
-    'cifar10': ('train', 'test'),
-    'cifar100': ('train', 'test'),
-    'oxford_iiit_pet': ('train', 'test'),
-    'oxford_flowers102': ('train+validation', 'test'),
-    'imagenet2012': ('train', 'validation'),
-    'imagenet_v2': (None, 'test'),
-    'imagenet2012_real': (None, 'validation'),
-    'digits': ('train', 'test'),
-    'folder': ('train', 'validation'),
-    'synthetic': ('train', 'test'),
+  'cifar10': ('train', 'test'),
+  'cifar100': ('train', 'test'),
+  'oxford_iiit_pet': ('train', 'test'),
+  'oxford_flowers102': ('train+validation', 'test'),
+  'imagenet2012': ('train', 'validation'),
+  'imagenet_v2': (None, 'test'),
+  'imagenet2012_real': (None, 'validation'),
+  'digits': ('train', 'test'),
+  'folder': ('train', 'validation'),
+  'synthetic': ('train', 'test'),
 }
 _LABEL_KEYS = {'imagenet2012_real': 'original_label'}
 _MIXUP_SALT = -1  # Keeps mixup seeds apart from per-example seeds (process_index >= 0).
@@ -43,346 +43,352 @@ _SYNTHETIC_DEFAULTS = {'image_size': 224, 'num_classes': 1000, 'num_examples': 1
 
 @dataclasses.dataclass
 class Dataset:
-    """Iterable of per-process numpy batches; `iter()` starts a fresh, identical iterator.
+  """Iterable of per-process numpy batches; `iter()` starts a fresh, identical iterator.
 
-    Attributes:
-      num_classes, label_names: of the dataset.
-      num_examples: of the whole split, all processes together.
-      local_batch_size: examples per batch on this process (global_batch_size // process_count).
-      num_batches: eval only: batches per pass, the same on every process (None for train).
-      steps_per_epoch: train only: global batches per pass over the split (informational).
-    """
+  Attributes:
+    num_classes, label_names: of the dataset.
+    num_examples: of the whole split, all processes together.
+    local_batch_size: examples per batch on this process (global_batch_size // process_count).
+    num_batches: eval only: batches per pass, the same on every process (None for train).
+    steps_per_epoch: train only: global batches per pass over the split (informational).
+  """
 
-    num_classes: int
-    label_names: list[str]
-    num_examples: int
-    local_batch_size: int
-    num_batches: int | None
-    steps_per_epoch: float | None
-    make_tf_dataset: Callable[[], tf.data.Dataset] = dataclasses.field(repr=False)
+  num_classes: int
+  label_names: list[str]
+  num_examples: int
+  local_batch_size: int
+  num_batches: int | None
+  steps_per_epoch: float | None
+  make_tf_dataset: Callable[[], tf.data.Dataset] = dataclasses.field(repr=False)
 
-    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
-        return iter(self.make_tf_dataset().as_numpy_iterator())
+  def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
+    return iter(self.make_tf_dataset().as_numpy_iterator())
 
 
 def _parse_synthetic(dataset: str) -> dict:
-    kwargs = dict(_SYNTHETIC_DEFAULTS)
-    for item in filter(None, dataset.partition(':')[2].split(',')):
-        key, _, value = item.partition('=')
-        if key not in kwargs and key != 'num_test':
-            raise ValueError(
-                f'Unknown synthetic option {key!r} in {dataset!r}; known: {list(kwargs)}'
-            )
-        kwargs[key.strip()] = int(value)
-    kwargs.setdefault('num_test', max(kwargs['num_examples'] // 10, 1))
-    return kwargs
+  kwargs = dict(_SYNTHETIC_DEFAULTS)
+  for item in filter(None, dataset.partition(':')[2].split(',')):
+    key, _, value = item.partition('=')
+    if key not in kwargs and key != 'num_test':
+      raise ValueError(f'Unknown synthetic option {key!r} in {dataset!r}; known: {list(kwargs)}')
+    kwargs[key.strip()] = int(value)
+  kwargs.setdefault('num_test', max(kwargs['num_examples'] // 10, 1))
+  return kwargs
 
 
 def _tfds_builder(dataset: str, data_dir: str | None):
-    """Returns a prepared TFDS builder or raises an error saying how to prepare it."""
-    if dataset == 'digits':
-        return builders.prepare_digits(data_dir)
-    if dataset.startswith('folder:'):
-        return builders.prepare_folder(dataset[len('folder:') :], data_dir)
-    name = dataset.split(':')[0].split('/')[0]
-    if name not in tfds.list_builders(with_community_datasets=False):
-        raise ValueError(
-            f'Unknown dataset {dataset!r}: use "digits", "synthetic[:image_size=..,num_classes=..,'
-            'num_examples=..]", "folder:/path/to/images" or a TFDS name (tfds.list_builders()).'
-        )
-    if data_dir and '://' not in data_dir and not os.path.isdir(os.path.expanduser(data_dir)):
-        raise FileNotFoundError(f'data_dir {data_dir!r} for dataset {dataset!r} does not exist.')
-    builder = tfds.builder(dataset, data_dir=data_dir and os.path.expanduser(data_dir))
-    if not builder.is_prepared():
-        where = builder._data_dir_root  # noqa: SLF001 (the root the user passed or the default)
-        if builder.MANUAL_DOWNLOAD_INSTRUCTIONS:
-            manual = os.path.join(where, 'downloads', 'manual')
-            raise FileNotFoundError(
-                f'Dataset {dataset!r} is not prepared in {where!r} and needs a manual download. '
-                f'Put the files in {manual}/ '
-                f'({builder.MANUAL_DOWNLOAD_INSTRUCTIONS.strip()}), then run once: '
-                f'tfds build {name} --data_dir={where} --manual_dir={manual}'
-            )
-        raise FileNotFoundError(
-            f'Dataset {dataset!r} is not prepared in {where!r}. Prepare it once (needs network): '
-            f'tfds build {name} --data_dir={where}'
-        )
-    return builder
+  """Returns a prepared TFDS builder or raises an error saying how to prepare it."""
+  if dataset == 'digits':
+    return builders.prepare_digits(data_dir)
+  if dataset.startswith('folder:'):
+    return builders.prepare_folder(dataset[len('folder:') :], data_dir)
+  name = dataset.split(':')[0].split('/')[0]
+  if name not in tfds.list_builders(with_community_datasets=False):
+    raise ValueError(
+      f'Unknown dataset {dataset!r}: use "digits", "synthetic[:image_size=..,num_classes=..,'
+      'num_examples=..]", "folder:/path/to/images" or a TFDS name (tfds.list_builders()).'
+    )
+  if data_dir and '://' not in data_dir and not os.path.isdir(os.path.expanduser(data_dir)):
+    raise FileNotFoundError(f'data_dir {data_dir!r} for dataset {dataset!r} does not exist.')
+  builder = tfds.builder(dataset, data_dir=data_dir and os.path.expanduser(data_dir))
+  if not builder.is_prepared():
+    where = builder._data_dir_root  # noqa: SLF001 (the root the user passed or the default)
+    if builder.MANUAL_DOWNLOAD_INSTRUCTIONS:
+      manual = os.path.join(where, 'downloads', 'manual')
+      raise FileNotFoundError(
+        f'Dataset {dataset!r} is not prepared in {where!r} and needs a manual download. '
+        f'Put the files in {manual}/ '
+        f'({builder.MANUAL_DOWNLOAD_INSTRUCTIONS.strip()}), then run once: '
+        f'tfds build {name} --data_dir={where} --manual_dir={manual}'
+      )
+    raise FileNotFoundError(
+      f'Dataset {dataset!r} is not prepared in {where!r}. Prepare it once (needs network): '
+      f'tfds build {name} --data_dir={where}'
+    )
+  return builder
 
 
 def get_dataset_info(dataset: str, data_dir: str | None = None):
-    """Returns (num_classes, label_names, {split: num_examples}) of a dataset (may prepare it)."""
-    if dataset.split(':')[0] == 'synthetic':
-        kw = _parse_synthetic(dataset)
-        names = [str(i) for i in range(kw['num_classes'])]
-        sizes = {'train': kw['num_examples'], 'test': kw['num_test'], 'validation': kw['num_test']}
-        return kw['num_classes'], names, sizes
-    builder = _tfds_builder(dataset, data_dir)
-    label = builder.info.features[_LABEL_KEYS.get(builder.name, 'label')]
-    sizes = {name: split.num_examples for name, split in builder.info.splits.items()}
-    return label.num_classes, list(label.names), sizes
+  """Returns (num_classes, label_names, {split: num_examples}) of a dataset (may prepare it)."""
+  if dataset.split(':')[0] == 'synthetic':
+    kw = _parse_synthetic(dataset)
+    names = [str(i) for i in range(kw['num_classes'])]
+    sizes = {'train': kw['num_examples'], 'test': kw['num_test'], 'validation': kw['num_test']}
+    return kw['num_classes'], names, sizes
+  builder = _tfds_builder(dataset, data_dir)
+  label = builder.info.features[_LABEL_KEYS.get(builder.name, 'label')]
+  sizes = {name: split.num_examples for name, split in builder.info.splits.items()}
+  return label.num_classes, list(label.names), sizes
 
 
 def _seed(*parts) -> tf.Tensor:
-    """An int64 [2] stateless seed from integers/scalar tensors."""
-    out = tf.constant([0x5EED, 0], tf.int64)
-    for part in parts:
-        out = tf.random.experimental.stateless_fold_in(out, tf.cast(part, tf.int64))
-    return out
+  """An int64 [2] stateless seed from integers/scalar tensors."""
+  out = tf.constant([0x5EED, 0], tf.int64)
+  for part in parts:
+    out = tf.random.experimental.stateless_fold_in(out, tf.cast(part, tf.int64))
+  return out
 
 
 class _Source:
-    """Records of one process's part of a split: sizes, per-epoch record streams, parsing."""
+  """Records of one process's part of a split: sizes, per-epoch record streams, parsing."""
 
-    def __init__(self, dataset, split, data_dir, process_index, process_count):
-        self.dataset, self.split = dataset, split
-        self.process_index, self.process_count = process_index, process_count
-        if dataset.split(':')[0] == 'synthetic':
-            self._synthetic = _parse_synthetic(dataset)
-            self.num_classes = self._synthetic['num_classes']
-            self.label_names = [str(i) for i in range(self.num_classes)]
-            sizes = {'train': self._synthetic['num_examples'], 'test': self._synthetic['num_test']}
-            sizes['validation'] = sizes['test']
-            if split not in sizes:
-                raise ValueError(f'Synthetic data has splits {list(sizes)}, not {split!r}.')
-            self.num_examples = sizes[split]
-            self.local_sizes = [len(range(p, self.num_examples, process_count))
-                          for p in range(process_count)]  # fmt: skip
-            return
-        self._synthetic = None
-        self.builder = _tfds_builder(dataset, data_dir)
-        label_key = _LABEL_KEYS.get(self.builder.name, 'label')
-        self.num_classes = self.builder.info.features[label_key].num_classes
-        self.label_names = list(self.builder.info.features[label_key].names)
-        try:
-            self.num_examples = self.builder.info.splits[split].num_examples
-            self.subsplits = tfds.even_splits(split, n=process_count)
-            self.local_sizes = [self.builder.info.splits[s].num_examples for s in self.subsplits]
-        except (KeyError, ValueError) as e:
-            raise ValueError(
-                f'Bad split {split!r} for dataset {dataset!r} '
-                f'(splits: {list(self.builder.info.splits)}): {e}'
-            ) from e
-        keys = {'image': True, label_key: True}
-        if self.builder.name == 'imagenet2012_real':
-            keys['real_label'] = True
-        self._decoders = tfds.decode.PartialDecoding(
-            keys, decoders={'image': tfds.decode.SkipDecoding()}
+  def __init__(self, dataset, split, data_dir, process_index, process_count):
+    self.dataset, self.split = dataset, split
+    self.process_index, self.process_count = process_index, process_count
+    if dataset.split(':')[0] == 'synthetic':
+      self._synthetic = _parse_synthetic(dataset)
+      self.num_classes = self._synthetic['num_classes']
+      self.label_names = [str(i) for i in range(self.num_classes)]
+      sizes = {'train': self._synthetic['num_examples'], 'test': self._synthetic['num_test']}
+      sizes['validation'] = sizes['test']
+      if split not in sizes:
+        raise ValueError(f'Synthetic data has splits {list(sizes)}, not {split!r}.')
+      self.num_examples = sizes[split]
+      self.local_sizes = [
+        len(range(p, self.num_examples, process_count)) for p in range(process_count)
+      ]
+      return
+    self._synthetic = None
+    self.builder = _tfds_builder(dataset, data_dir)
+    label_key = _LABEL_KEYS.get(self.builder.name, 'label')
+    self.num_classes = self.builder.info.features[label_key].num_classes
+    self.label_names = list(self.builder.info.features[label_key].names)
+    try:
+      self.num_examples = self.builder.info.splits[split].num_examples
+      self.subsplits = tfds.even_splits(split, n=process_count)
+      self.local_sizes = [self._num_examples(s) for s in self.subsplits]
+    except (KeyError, ValueError) as e:
+      raise ValueError(
+        f'Bad split {split!r} for dataset {dataset!r} '
+        f'(splits: {list(self.builder.info.splits)}): {e}'
+      ) from e
+    keys = {'image': True, label_key: True}
+    if self.builder.name == 'imagenet2012_real':
+      keys['real_label'] = True
+    self._decoders = tfds.decode.PartialDecoding(
+      keys, decoders={'image': tfds.decode.SkipDecoding()}
+    )
+    self._label_key = label_key
+
+  def _num_examples(self, subsplit) -> int:
+    try:
+      return self.builder.info.splits[subsplit].num_examples
+    except ValueError:  # TFDS: 'Instruction [] corresponds to no data!'
+      return 0
+
+  @property
+  def local_size(self) -> int:
+    return self.local_sizes[self.process_index]
+
+  def _files(self):
+    """(filenames, skips, takes) of this process's TFRecord shards, or None if unavailable."""
+    sub = self.subsplits[self.process_index]
+    if self.builder.info.file_format != tfds.core.FileFormat.TFRECORD:
+      return None
+    instructions = self.builder.info.splits[sub].file_instructions
+    if not instructions or not tf.io.gfile.exists(instructions[0].filename):
+      return None  # E.g. under tfds.testing.mock_data: read through builder.as_dataset.
+    names = tf.constant([f.filename for f in instructions])
+    skips = tf.constant([f.skip for f in instructions], tf.int64)
+    return names, skips, tf.constant([f.take for f in instructions], tf.int64)
+
+  def epoch_fn(self, *, shuffle: bool, seed: int, shuffle_buffer: int, num_threads: int):
+    """Returns `fn(epoch) -> Dataset of records` in a fixed (shuffled per epoch) order."""
+    if self._synthetic:
+      return lambda epoch: tf.data.Dataset.range(self.local_size)
+    files = self._files()
+    if files is None:
+      base = self.builder.as_dataset(
+        split=self.subsplits[self.process_index],
+        shuffle_files=False,
+        decoders=self._decoders,
+      )
+    p = self.process_index
+
+    def fn(epoch):
+      rng = _seed(seed, p, epoch)
+      if files is None:
+        records = base
+      else:
+        names, skips, takes = files
+        order = tf.range(tf.size(names))
+        if shuffle:
+          order = tf.random.experimental.stateless_shuffle(order, rng)
+        shards = tf.data.Dataset.from_tensor_slices(
+          (tf.gather(names, order), tf.gather(skips, order), tf.gather(takes, order))
         )
-        self._label_key = label_key
+        records = shards.interleave(
+          lambda f, s, t: tf.data.TFRecordDataset(f, buffer_size=1 << 20).skip(s).take(t),
+          cycle_length=min(16, int(names.shape[0])),
+          num_parallel_calls=min(16, int(names.shape[0]), num_threads or 16),
+          deterministic=True,
+        )
+      if shuffle:
+        shuffle_seed = tf.random.stateless_uniform([], rng, 0, 2**62, tf.int64)
+        records = records.shuffle(shuffle_buffer, seed=shuffle_seed)
+      return records
 
-    @property
-    def local_size(self) -> int:
-        return self.local_sizes[self.process_index]
+    return fn
 
-    def _files(self):
-        """(filenames, skips, takes) of this process's TFRecord shards, or None if unavailable."""
-        sub = self.subsplits[self.process_index]
-        if self.builder.info.file_format != tfds.core.FileFormat.TFRECORD:
-            return None
-        instructions = self.builder.info.splits[sub].file_instructions
-        if not instructions or not tf.io.gfile.exists(instructions[0].filename):
-            return None  # E.g. under tfds.testing.mock_data: read through builder.as_dataset.
-        names = tf.constant([f.filename for f in instructions])
-        skips = tf.constant([f.skip for f in instructions], tf.int64)
-        return names, skips, tf.constant([f.take for f in instructions], tf.int64)
-
-    def epoch_fn(self, *, shuffle: bool, seed: int, shuffle_buffer: int, num_threads: int):
-        """Returns `fn(epoch) -> Dataset of records` in a fixed (shuffled per epoch) order."""
-        if self._synthetic:
-            return lambda epoch: tf.data.Dataset.range(self.local_size)
-        files = self._files()
-        if files is None:
-            base = self.builder.as_dataset(
-                split=self.subsplits[self.process_index],
-                shuffle_files=False,
-                decoders=self._decoders,
-            )
-        p = self.process_index
-
-        def fn(epoch):
-            rng = _seed(seed, p, epoch)
-            if files is None:
-                records = base
-            else:
-                names, skips, takes = files
-                order = tf.range(tf.size(names))
-                if shuffle:
-                    order = tf.random.experimental.stateless_shuffle(order, rng)
-                shards = tf.data.Dataset.from_tensor_slices(
-                    (tf.gather(names, order), tf.gather(skips, order), tf.gather(takes, order))
-                )
-                records = shards.interleave(
-                    lambda f, s, t: tf.data.TFRecordDataset(f, buffer_size=1 << 20).skip(s).take(t),
-                    cycle_length=min(16, int(names.shape[0])),
-                    num_parallel_calls=min(16, int(names.shape[0]), num_threads or 16),
-                    deterministic=True,
-                )
-            if shuffle:
-                shuffle_seed = tf.random.stateless_uniform([], rng, 0, 2**62, tf.int64)
-                records = records.shuffle(shuffle_buffer, seed=shuffle_seed)
-            return records
-
-        return fn
-
-    def parse(self, record) -> dict:
-        """Record -> {'image': encoded bytes or uint8, 'label': int32, ...}; cheap, no decoding."""
-        if self._synthetic:
-            # Global example index k -> deterministic image and label, whatever the process count.
-            k = self.process_index + self.process_count * record
-            rng = _seed(hash(self.split) % 2**31, k)
-            size = self._synthetic['image_size']
-            image = tf.random.stateless_uniform([size, size, 3], rng, 0, 256, tf.int32)
-            label_rng = tf.random.experimental.stateless_fold_in(rng, 1)
-            label = tf.random.stateless_uniform([], label_rng, 0, self.num_classes, tf.int32)
-            return {'image': tf.cast(image, tf.uint8), 'label': label}
-        if record.dtype == tf.string:
-            features = self._decoders.extract_features(self.builder.info.features)
-            record = features.deserialize_example(record, decoders=self._decoders.decoders)
-        out = {'image': record['image'], 'label': tf.cast(record[self._label_key], tf.int32)}
-        if 'real_label' in record:  # ImageNet ReaL: multi-hot; all-zero rows are excluded by ReaL.
-            real = tf.one_hot(record['real_label'], self.num_classes, dtype=tf.float32)
-            out['real_labels'] = tf.ensure_shape(tf.reduce_max(real, axis=0), [self.num_classes])
-        return out
+  def parse(self, record) -> dict:
+    """Record -> {'image': encoded bytes or uint8, 'label': int32, ...}; cheap, no decoding."""
+    if self._synthetic:
+      # Global example index k -> deterministic image and label, whatever the process count.
+      k = self.process_index + self.process_count * record
+      rng = _seed(0 if self.split == 'train' else 1, k)  # test == validation
+      size = self._synthetic['image_size']
+      image = tf.random.stateless_uniform([size, size, 3], rng, 0, 256, tf.int32)
+      label_rng = tf.random.experimental.stateless_fold_in(rng, 1)
+      label = tf.random.stateless_uniform([], label_rng, 0, self.num_classes, tf.int32)
+      return {'image': tf.cast(image, tf.uint8), 'label': label}
+    if not isinstance(record, dict):  # Serialized; as_dataset (fallback) gives dicts.
+      features = self._decoders.extract_features(self.builder.info.features)
+      record = features.deserialize_example(record, decoders=self._decoders.decoders)
+    out = {'image': record['image'], 'label': tf.cast(record[self._label_key], tf.int32)}
+    if 'real_label' in record:  # ImageNet ReaL: multi-hot; all-zero rows are excluded by ReaL.
+      real = tf.one_hot(record['real_label'], self.num_classes, dtype=tf.float32)
+      out['real_labels'] = tf.ensure_shape(
+        tf.minimum(tf.reduce_sum(real, 0), 1.0), [self.num_classes]
+      )
+    return out
 
 
 def get_dataset(
-    dataset: str,
-    split: str,
-    *,
-    preprocess: str,
-    train: bool,
-    global_batch_size: int,
-    data_dir: str | None = None,
-    seed: int = 0,
-    start_batch: int = 0,
-    shuffle_buffer: int = 10_000,
-    mixup: dict | None = None,
-    process_index: int | None = None,
-    process_count: int | None = None,
-    num_threads: int | None = None,
-    prefetch: int = 2,
+  dataset: str,
+  split: str,
+  *,
+  preprocess: str,
+  train: bool,
+  global_batch_size: int,
+  data_dir: str | None = None,
+  seed: int = 0,
+  start_batch: int = 0,
+  shuffle_buffer: int = 10_000,
+  mixup: dict | None = None,
+  process_index: int | None = None,
+  process_count: int | None = None,
+  num_threads: int | None = None,
+  prefetch: int = 2,
 ) -> Dataset:
-    """Returns this process's batches of `split` of `dataset`, preprocessed by `preprocess`.
+  """Returns this process's batches of `split` of `dataset`, preprocessed by `preprocess`.
 
-    Args:
-      dataset: 'digits', 'folder:/path/to/images', a TFDS name ('cifar10', 'imagenet2012', ...) or
-        'synthetic[:image_size=224,num_classes=1000,num_examples=10000,num_test=1000]'.
-      split: a TFDS split string ('train', 'test', 'train[:90%]').
-      preprocess: ops separated by '|' (preprocess.py), e.g. 'decode|resize(32)|value_range(-1,1)'.
-      train: True: shuffle and repeat forever, full batches only. False: one pass, the last batch
-        padded with mask=False, `num_batches` equal on all processes.
-      global_batch_size: examples per step over all processes.
-      data_dir: TFDS data directory (default: TFDS's, ~/tensorflow_datasets).
-      seed: the data seed (shuffling, augmentation, mixup).
-      start_batch: train only: start at this batch of the uninterrupted stream (resume).
-      shuffle_buffer: example shuffle buffer size.
-      mixup: train only: {'p': Beta(p, p) concentration, 'cutmix_p': CutMix probability per batch}.
-      process_index, process_count: default jax.process_index() / jax.process_count().
-      num_threads: tf.data private thread pool size (default: env VIT_JAX_DATA_THREADS, else TF's).
-      prefetch: batches prefetched on the host.
+  Args:
+    dataset: 'digits', 'folder:/path/to/images', a TFDS name ('cifar10', 'imagenet2012', ...) or
+      'synthetic[:image_size=224,num_classes=1000,num_examples=10000,num_test=1000]'.
+    split: a TFDS split string ('train', 'test', 'train[:90%]').
+    preprocess: ops separated by '|' (preprocess.py), e.g. 'decode|resize(32)|value_range(-1,1)'.
+    train: True: shuffle and repeat forever, full batches only. False: one pass, the last batch
+      padded with mask=False, `num_batches` equal on all processes.
+    global_batch_size: examples per step over all processes.
+    data_dir: TFDS data directory (default: TFDS's, ~/tensorflow_datasets).
+    seed: the data seed (shuffling, augmentation, mixup).
+    start_batch: train only: start at this batch of the uninterrupted stream (resume).
+    shuffle_buffer: example shuffle buffer size.
+    mixup: train only: {'p': Beta(p, p) concentration, 'cutmix_p': CutMix probability per batch}.
+    process_index, process_count: default jax.process_index() / jax.process_count().
+    num_threads: tf.data private thread pool size (default: env VIT_JAX_DATA_THREADS, else TF's).
+    prefetch: batches prefetched on the host.
 
-    Returns:
-      A `Dataset`; its batches hold 'image', 'label' (int32), 'mask' (bool) and, when the string has
-      `onehot(...)` or mixup is on, 'labels' (float32 [b, num_classes]).
+  Returns:
+    A `Dataset`; its batches hold 'image', 'label' (int32), 'mask' (bool) and, when the string has
+    `onehot(...)` or mixup is on, 'labels' (float32 [b, num_classes]).
 
-    Raises:
-      ValueError: bad batch size, split or preprocessing string; a train split under one batch.
-      FileNotFoundError: missing data_dir or unprepared dataset (says how to prepare it).
-    """
-    if process_index is None or process_count is None:
-        import jax
+  Raises:
+    ValueError: bad batch size, split or preprocessing string; a train split under one batch.
+    FileNotFoundError: missing data_dir or unprepared dataset (says how to prepare it).
+  """
+  if process_index is None or process_count is None:
+    import jax
 
-        process_index = jax.process_index() if process_index is None else process_index
-        process_count = jax.process_count() if process_count is None else process_count
-    if global_batch_size <= 0 or global_batch_size % process_count:
-        raise ValueError(
-            f'global_batch_size={global_batch_size} must be a positive multiple of the process '
-            f'count ({process_count}).'
-        )
-    if not 0 <= process_index < process_count:
-        raise ValueError(f'process_index={process_index} not in [0, {process_count}).')
-    if start_batch and not train:
-        raise ValueError('start_batch is for training streams; evaluation always starts at 0.')
-    b = global_batch_size // process_count
-    num_threads = num_threads or int(os.environ.get('VIT_JAX_DATA_THREADS', 0)) or None
-    source = _Source(dataset, split, data_dir, process_index, process_count)
-    pp_fn = preprocess_lib.get_preprocess_fn(preprocess)
-    if mixup and not train:
-        mixup = None
-    if train and min(source.local_sizes) < b:
-        raise ValueError(
-            f'Split {split!r} of dataset {dataset!r} has {source.num_examples} examples '
-            f'({min(source.local_sizes)} on the smallest of {process_count} processes), fewer than '
-            f'one batch of {global_batch_size}; use a smaller global_batch_size or a larger split.'
-        )
-
-    example_seed = _seed(seed, process_index)  # Eager: a constant in the graph.
-
-    def prepare(pos, record, mask=True):
-        data = source.parse(record)
-        data['_rng'] = tf.random.experimental.stateless_fold_in(example_seed, pos)
-        data = pp_fn(data)
-        out = {'image': data['image'], 'label': data['label']}
-        out.update({k: data[k] for k in ('labels', 'real_labels') if k in data})
-        if mask is not True:  # Eval padding: a real example's shapes, zeros, mask=False.
-            out = {
-                k: tf.cond(mask, lambda v=v: v, lambda v=v: tf.zeros_like(v))
-                for k, v in out.items()
-            }
-        out['mask'] = tf.constant(True) if mask is True else mask
-        return out
-
-    def make() -> tf.data.Dataset:
-        epoch_fn = source.epoch_fn(
-            shuffle=train, seed=seed, shuffle_buffer=shuffle_buffer, num_threads=num_threads
-        )
-        n = source.local_size
-        if train:
-            first_epoch, skip = divmod(start_batch * b, n)
-
-            def epoch(e):
-                records = epoch_fn(e).enumerate().map(lambda i, r: (e * n + i, r))
-                return records.skip(tf.where(e == first_epoch, tf.constant(skip, tf.int64), 0))
-
-            ds = tf.data.Dataset.range(first_epoch, 2**62).flat_map(epoch)
-        else:
-            # Pad with copies of this process's first example (mask=False), so that padding has
-            # the shapes the preprocessing gives, static or not.
-            if n == 0:
-                raise ValueError(
-                    f'Process {process_index} of {process_count} has no examples of split '
-                    f'{split!r} ({source.num_examples} in all); use fewer processes for eval.'
-                )
-            records = epoch_fn(0)
-            pad = records.take(1).repeat().map(lambda r: (tf.constant(0, tf.int64), r, False))
-            ds = records.enumerate().map(lambda i, r: (i, r, True)).concatenate(pad)
-            ds = ds.take(num_batches * b)
-        ds = ds.map(prepare, num_parallel_calls=AUTOTUNE, deterministic=True)
-        if train:
-            ds = ds.batch(b, drop_remainder=True)
-            if mixup:
-                mix = dict(mixup)
-                fn = lambda i, batch: preprocess_lib.mixup(
-                    batch, _seed(seed, _MIXUP_SALT, i), num_classes=source.num_classes, **mix
-                )
-                ds = ds.enumerate(start=start_batch).map(fn, num_parallel_calls=AUTOTUNE)
-        else:
-            ds = ds.batch(b)
-        options = tf.data.Options()
-        options.deterministic = True
-        options.threading.max_intra_op_parallelism = 1
-        if num_threads:
-            options.threading.private_threadpool_size = num_threads
-        return ds.prefetch(prefetch).with_options(options)
-
-    num_batches = None if train else max(math.ceil(max(source.local_sizes) / b), 1)
-    return Dataset(
-        num_classes=source.num_classes,
-        label_names=source.label_names,
-        num_examples=source.num_examples,
-        local_batch_size=b,
-        num_batches=num_batches,
-        steps_per_epoch=source.num_examples / global_batch_size if train else None,
-        make_tf_dataset=make,
+    process_index = jax.process_index() if process_index is None else process_index
+    process_count = jax.process_count() if process_count is None else process_count
+  if global_batch_size <= 0 or global_batch_size % process_count:
+    raise ValueError(
+      f'global_batch_size={global_batch_size} must be a positive multiple of the process '
+      f'count ({process_count}).'
     )
+  if not 0 <= process_index < process_count:
+    raise ValueError(f'process_index={process_index} not in [0, {process_count}).')
+  if start_batch and not train:
+    raise ValueError('start_batch is for training streams; evaluation always starts at 0.')
+  b = global_batch_size // process_count
+  num_threads = num_threads or int(os.environ.get('VIT_JAX_DATA_THREADS', 0)) or None
+  source = _Source(dataset, split, data_dir, process_index, process_count)
+  pp_fn = preprocess_lib.get_preprocess_fn(preprocess)
+  if mixup and not train:
+    mixup = None
+  if train and min(source.local_sizes) < b:
+    raise ValueError(
+      f'Split {split!r} of dataset {dataset!r} has {source.num_examples} examples '
+      f'({min(source.local_sizes)} on the smallest of {process_count} processes), fewer than '
+      f'one batch of {global_batch_size}; use a smaller global_batch_size or a larger split.'
+    )
+  if source.local_size == 0:
+    raise ValueError(
+      f'Process {process_index} of {process_count} has no examples of split {split!r} of '
+      f'{dataset!r} ({source.num_examples} in all); evaluate it with fewer processes.'
+    )
+  example_seed = _seed(seed, process_index)  # Eager: a constant in the graph.
+  n = source.local_size
+
+  def prepare(pos, record):
+    data = source.parse(record)
+    data['_rng'] = tf.random.experimental.stateless_fold_in(example_seed, pos)
+    data = pp_fn(data)
+    out = {'image': data['image'], 'label': data['label']}
+    out.update({k: data[k] for k in ('labels', 'real_labels') if k in data})
+    if train:
+      out['mask'] = tf.constant(True)
+    else:  # Positions from n on are padding: a real example's shapes, zeros, mask=False.
+      out['mask'] = pos < n
+      zero = lambda v: tf.cond(pos < n, lambda: v, lambda: tf.zeros_like(v))
+      out = {k: v if k == 'mask' else zero(v) for k, v in out.items()}
+    return out
+
+  def make() -> tf.data.Dataset:
+    epoch_fn = source.epoch_fn(
+      shuffle=train, seed=seed, shuffle_buffer=shuffle_buffer, num_threads=num_threads
+    )
+    # (Small sequential maps cost more per element than reading a record, so positions come
+    # from `enumerate` alone and everything else happens in the parallel `prepare`.)
+    if train:
+      first_epoch, skip = divmod(start_batch * b, n)
+
+      def epoch(e):
+        records = epoch_fn(e).enumerate(start=e * n)
+        return records.skip(tf.where(e == first_epoch, tf.constant(skip, tf.int64), 0))
+
+      ds = tf.data.Dataset.range(first_epoch, 2**62).flat_map(epoch)
+    else:
+      # Padding repeats this process's first record, so that it has the shapes the
+      # preprocessing gives, static or not.
+      records = epoch_fn(0)
+      ds = records.concatenate(records.take(1).repeat()).take(num_batches * b).enumerate()
+    ds = ds.map(prepare, num_parallel_calls=AUTOTUNE, deterministic=True)
+    if train:
+      ds = ds.batch(b, drop_remainder=True)
+      if mixup:
+        mix = dict(mixup)
+        fn = lambda i, batch: preprocess_lib.mixup(
+          batch, _seed(seed, _MIXUP_SALT, i), num_classes=source.num_classes, **mix
+        )
+        ds = ds.enumerate(start=start_batch).map(fn, num_parallel_calls=AUTOTUNE)
+    else:
+      ds = ds.batch(b)
+    options = tf.data.Options()
+    options.deterministic = True
+    options.threading.max_intra_op_parallelism = 1
+    if num_threads:
+      options.threading.private_threadpool_size = num_threads
+    return ds.prefetch(prefetch).with_options(options)
+
+  num_batches = None if train else max(math.ceil(max(source.local_sizes) / b), 1)
+  return Dataset(
+    num_classes=source.num_classes,
+    label_names=source.label_names,
+    num_examples=source.num_examples,
+    local_batch_size=b,
+    num_batches=num_batches,
+    steps_per_epoch=source.num_examples / global_batch_size if train else None,
+    make_tf_dataset=make,
+  )

@@ -15,159 +15,174 @@ _FILL = 128
 
 
 def _blend(image1, image2, factor):
-    """image1 + factor * (image2 - image1), clipped to uint8 (extrapolates for factor > 1)."""
-    a, b = tf.cast(image1, tf.float32), tf.cast(image2, tf.float32)
-    return tf.saturate_cast(tf.round(a + factor * (b - a)), tf.uint8)
+  """image1 + factor * (image2 - image1), clipped to uint8 (extrapolates for factor > 1)."""
+  a, b = tf.cast(image1, tf.float32), tf.cast(image2, tf.float32)
+  return tf.saturate_cast(tf.round(a + factor * (b - a)), tf.uint8)
 
 
 def _transform(image, transform):
-    """Projective transform (output pixel -> input pixel), nearest, grey fill outside."""
-    out = tf.raw_ops.ImageProjectiveTransformV3(
-        images=image[None],
-        transforms=tf.cast(tf.reshape(transform, [1, 8]), tf.float32),
-        output_shape=tf.shape(image)[:2],
-        fill_value=tf.constant(_FILL, tf.float32),
-        interpolation='NEAREST',
-        fill_mode='CONSTANT',
-    )
-    return out[0]
+  """Projective transform (output pixel -> input pixel), nearest, grey fill outside."""
+  out = tf.raw_ops.ImageProjectiveTransformV3(
+    images=image[None],
+    transforms=tf.cast(tf.reshape(transform, [1, 8]), tf.float32),
+    output_shape=tf.shape(image)[:2],
+    fill_value=tf.constant(_FILL, tf.float32),
+    interpolation='NEAREST',
+    fill_mode='CONSTANT',
+  )
+  return out[0]
 
 
 def _signed(value, seed):
-    sign = tf.where(tf.random.stateless_uniform([], seed) < 0.5, -1.0, 1.0)
-    return sign * value
+  sign = tf.where(tf.random.stateless_uniform([], seed) < 0.5, -1.0, 1.0)
+  return sign * value
 
 
 def identity(image, level, seed):
-    return image
+  return image
 
 
 def auto_contrast(image, level, seed):
-    def channel(c):
-        c = tf.cast(c, tf.float32)
-        lo, hi = tf.reduce_min(c), tf.reduce_max(c)
-        scaled = (c - lo) * 255.0 / tf.maximum(hi - lo, 1.0)
-        return tf.where(hi > lo, scaled, c)
+  def channel(c):
+    c = tf.cast(c, tf.float32)
+    lo, hi = tf.reduce_min(c), tf.reduce_max(c)
+    scaled = (c - lo) * 255.0 / tf.maximum(hi - lo, 1.0)
+    return tf.where(hi > lo, scaled, c)
 
-    out = tf.stack([channel(image[..., i]) for i in range(3)], -1)
-    return tf.saturate_cast(tf.round(out), tf.uint8)
+  out = tf.stack([channel(image[..., i]) for i in range(3)], -1)
+  return tf.saturate_cast(tf.round(out), tf.uint8)
 
 
 def equalize(image, level, seed):
-    def channel(c):
-        c = tf.cast(c, tf.int32)
-        hist = tf.histogram_fixed_width(c, [0, 255], nbins=256)
-        nonzero = tf.boolean_mask(hist, hist != 0)
-        step = (tf.reduce_sum(nonzero) - nonzero[-1]) // 255
-        lut = (tf.cumsum(hist) + step // 2) // tf.maximum(step, 1)
-        lut = tf.clip_by_value(tf.concat([[0], lut[:-1]], 0), 0, 255)
-        return tf.where(step == 0, c, tf.gather(lut, c))
+  def channel(c):
+    c = tf.cast(c, tf.int32)
+    hist = tf.histogram_fixed_width(c, [0, 255], nbins=256)
+    nonzero = tf.boolean_mask(hist, hist != 0)
+    step = (tf.reduce_sum(nonzero) - nonzero[-1]) // 255
+    lut = (tf.cumsum(hist) + step // 2) // tf.maximum(step, 1)
+    lut = tf.clip_by_value(tf.concat([[0], lut[:-1]], 0), 0, 255)
+    return tf.where(step == 0, c, tf.gather(lut, c))
 
-    return tf.cast(tf.stack([channel(image[..., i]) for i in range(3)], -1), tf.uint8)
+  return tf.cast(tf.stack([channel(image[..., i]) for i in range(3)], -1), tf.uint8)
 
 
 def invert(image, level, seed):
-    return 255 - image
+  return 255 - image
 
 
 def rotate(image, level, seed):
-    angle = _signed(level / _MAX_LEVEL * 30.0, seed) * math.pi / 180.0
-    h = tf.cast(tf.shape(image)[0], tf.float32) - 1
-    w = tf.cast(tf.shape(image)[1], tf.float32) - 1
-    cos, sin = tf.cos(angle), tf.sin(angle)
-    x_off = (w - (cos * w - sin * h)) / 2.0
-    y_off = (h - (sin * w + cos * h)) / 2.0
-    return _transform(image, tf.stack([cos, -sin, x_off, sin, cos, y_off, 0.0, 0.0]))
+  angle = _signed(level / _MAX_LEVEL * 30.0, seed) * math.pi / 180.0
+  h = tf.cast(tf.shape(image)[0], tf.float32) - 1
+  w = tf.cast(tf.shape(image)[1], tf.float32) - 1
+  cos, sin = tf.cos(angle), tf.sin(angle)
+  x_off = (w - (cos * w - sin * h)) / 2.0
+  y_off = (h - (sin * w + cos * h)) / 2.0
+  return _transform(image, tf.stack([cos, -sin, x_off, sin, cos, y_off, 0.0, 0.0]))
 
 
 def posterize(image, level, seed):
-    shift = 8 - tf.maximum(tf.cast(level / _MAX_LEVEL * 4, tf.int32), 1)
-    shift = tf.cast(tf.maximum(shift, 0), tf.uint8)
-    return tf.bitwise.left_shift(tf.bitwise.right_shift(image, shift), shift)
+  shift = 8 - tf.maximum(tf.cast(level / _MAX_LEVEL * 4, tf.int32), 1)
+  shift = tf.cast(tf.maximum(shift, 0), tf.uint8)
+  return tf.bitwise.left_shift(tf.bitwise.right_shift(image, shift), shift)
 
 
 def solarize(image, level, seed):
-    threshold = tf.cast(tf.minimum(level / _MAX_LEVEL * 256, 256), tf.int32)
-    return tf.where(tf.cast(image, tf.int32) < threshold, image, 255 - image)
+  threshold = tf.cast(tf.minimum(level / _MAX_LEVEL * 256, 256), tf.int32)
+  return tf.where(tf.cast(image, tf.int32) < threshold, image, 255 - image)
 
 
 def solarize_add(image, level, seed):
-    added = tf.saturate_cast(tf.cast(image, tf.int32) + int(level / _MAX_LEVEL * 110), tf.uint8)
-    return tf.where(image < 128, added, image)
+  added = tf.saturate_cast(tf.cast(image, tf.int32) + int(level / _MAX_LEVEL * 110), tf.uint8)
+  return tf.where(image < 128, added, image)
 
 
 def _enhance_factor(level):
-    return level / _MAX_LEVEL * 1.8 + 0.1
+  return level / _MAX_LEVEL * 1.8 + 0.1
 
 
 def color(image, level, seed):
-    gray = tf.image.grayscale_to_rgb(tf.image.rgb_to_grayscale(image))
-    return _blend(gray, image, _enhance_factor(level))
+  gray = tf.image.grayscale_to_rgb(tf.image.rgb_to_grayscale(image))
+  return _blend(gray, image, _enhance_factor(level))
 
 
 def contrast(image, level, seed):
-    gray = tf.cast(tf.image.rgb_to_grayscale(image), tf.float32)
-    mean = tf.fill(tf.shape(image), tf.reduce_mean(gray))
-    return _blend(mean, image, _enhance_factor(level))
+  gray = tf.cast(tf.image.rgb_to_grayscale(image), tf.float32)
+  mean = tf.fill(tf.shape(image), tf.reduce_mean(gray))
+  return _blend(mean, image, _enhance_factor(level))
 
 
 def brightness(image, level, seed):
-    return _blend(tf.zeros_like(image), image, _enhance_factor(level))
+  return _blend(tf.zeros_like(image), image, _enhance_factor(level))
 
 
 def sharpness(image, level, seed):
-    kernel = tf.constant([[1, 1, 1], [1, 5, 1], [1, 1, 1]], tf.float32) / 13.0
-    kernel = tf.tile(kernel[:, :, None, None], [1, 1, 3, 1])
-    smooth = tf.nn.depthwise_conv2d(tf.cast(image, tf.float32)[None], kernel, [1] * 4, 'VALID')[0]
-    smooth = tf.pad(tf.saturate_cast(tf.round(smooth), tf.uint8), [[1, 1], [1, 1], [0, 0]])
-    h, w = tf.shape(image)[0], tf.shape(image)[1]
-    interior = tf.pad(tf.ones([h - 2, w - 2, 3], tf.bool), [[1, 1], [1, 1], [0, 0]])
-    return _blend(tf.where(interior, smooth, image), image, _enhance_factor(level))
+  kernel = tf.constant([[1, 1, 1], [1, 5, 1], [1, 1, 1]], tf.float32) / 13.0
+  kernel = tf.tile(kernel[:, :, None, None], [1, 1, 3, 1])
+  smooth = tf.nn.depthwise_conv2d(tf.cast(image, tf.float32)[None], kernel, [1] * 4, 'VALID')[0]
+  smooth = tf.pad(tf.saturate_cast(tf.round(smooth), tf.uint8), [[1, 1], [1, 1], [0, 0]])
+  h, w = tf.shape(image)[0], tf.shape(image)[1]
+  interior = tf.pad(tf.ones([h - 2, w - 2, 3], tf.bool), [[1, 1], [1, 1], [0, 0]])
+  return _blend(tf.where(interior, smooth, image), image, _enhance_factor(level))
 
 
 def shear_x(image, level, seed):
-    s = _signed(level / _MAX_LEVEL * 0.3, seed)
-    return _transform(image, tf.stack([1.0, s, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0]))
+  s = _signed(level / _MAX_LEVEL * 0.3, seed)
+  return _transform(image, tf.stack([1.0, s, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0]))
 
 
 def shear_y(image, level, seed):
-    s = _signed(level / _MAX_LEVEL * 0.3, seed)
-    return _transform(image, tf.stack([1.0, 0.0, 0.0, s, 1.0, 0.0, 0.0, 0.0]))
+  s = _signed(level / _MAX_LEVEL * 0.3, seed)
+  return _transform(image, tf.stack([1.0, 0.0, 0.0, s, 1.0, 0.0, 0.0, 0.0]))
 
 
 def translate_x(image, level, seed):
-    # The reference translates by up to 100 px at 224 px; here the same fraction of the width.
-    dx = _signed(level / _MAX_LEVEL * 0.45, seed) * tf.cast(tf.shape(image)[1], tf.float32)
-    return _transform(image, tf.stack([1.0, 0.0, -dx, 0.0, 1.0, 0.0, 0.0, 0.0]))
+  # The reference translates by up to 100 px at 224 px; here the same fraction of the width.
+  dx = _signed(level / _MAX_LEVEL * 0.45, seed) * tf.cast(tf.shape(image)[1], tf.float32)
+  return _transform(image, tf.stack([1.0, 0.0, -dx, 0.0, 1.0, 0.0, 0.0, 0.0]))
 
 
 def translate_y(image, level, seed):
-    dy = _signed(level / _MAX_LEVEL * 0.45, seed) * tf.cast(tf.shape(image)[0], tf.float32)
-    return _transform(image, tf.stack([1.0, 0.0, 0.0, 0.0, 1.0, -dy, 0.0, 0.0]))
+  dy = _signed(level / _MAX_LEVEL * 0.45, seed) * tf.cast(tf.shape(image)[0], tf.float32)
+  return _transform(image, tf.stack([1.0, 0.0, 0.0, 0.0, 1.0, -dy, 0.0, 0.0]))
 
 
 OPS = (
-  identity, auto_contrast, equalize, invert, rotate, posterize, solarize, color, contrast,
-  brightness, sharpness, shear_x, shear_y, translate_x, translate_y, solarize_add,
-)  # fmt: skip
+  identity,
+  auto_contrast,
+  equalize,
+  invert,
+  rotate,
+  posterize,
+  solarize,
+  color,
+  contrast,
+  brightness,
+  sharpness,
+  shear_x,
+  shear_y,
+  translate_x,
+  translate_y,
+  solarize_add,
+)
 
 
 def _branches(image, level, seed):
-    return [lambda op=op: op(image, level, seed) for op in OPS]
+  return [lambda op=op: op(image, level, seed) for op in OPS]
 
 
 def randaugment(image, num_layers: int, magnitude: float, seed):
-    """Applies `num_layers` ops drawn uniformly from OPS at `magnitude`; seed: int [2] tensor."""
-    if image.dtype.is_floating:  # After a resize: values are 0..255 floats.
-        image = tf.saturate_cast(tf.round(image), tf.uint8)
-    elif image.dtype != tf.uint8:
-        raise ValueError(f'randaug expects images with values 0..255, got {image.dtype}')
-    shape = image.shape
-    level = float(magnitude)
-    for i in range(num_layers):
-        op_seed, arg_seed = tf.unstack(tf.random.experimental.stateless_split(
-      tf.random.experimental.stateless_fold_in(seed, i), 2))  # fmt: skip
-        index = tf.random.stateless_uniform([], op_seed, 0, len(OPS), tf.int32)
-        image = tf.switch_case(index, _branches(image, level, arg_seed))
-        image.set_shape(shape)
-    return image
+  """Applies `num_layers` ops drawn uniformly from OPS at `magnitude`; seed: int [2] tensor."""
+  if image.dtype.is_floating:  # After a resize: values are 0..255 floats.
+    image = tf.saturate_cast(tf.round(image), tf.uint8)
+  elif image.dtype != tf.uint8:
+    raise ValueError(f'randaug expects images with values 0..255, got {image.dtype}')
+  shape = image.shape
+  level = float(magnitude)
+  for i in range(num_layers):
+    op_seed, arg_seed = tf.unstack(
+      tf.random.experimental.stateless_split(tf.random.experimental.stateless_fold_in(seed, i), 2)
+    )
+    index = tf.random.stateless_uniform([], op_seed, 0, len(OPS), tf.int32)
+    image = tf.switch_case(index, _branches(image, level, arg_seed))
+    image.set_shape(shape)
+  return image
