@@ -100,8 +100,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.loss = 'softmax_xent'  # Or 'sigmoid_xent'.
   c.label_smoothing = 0.0
   # Parallelism (vit_jax.sharding): sizes of the mesh axes; -1 takes the remaining devices.
-  c.mesh = ml_collections.ConfigDict({'data': -1, 'fsdp': 1, 'tensor': 1, 'dcn_data': 1,
-                                      'dcn_fsdp': 1})
+  c.mesh = ml_collections.ConfigDict(
+    {'data': -1, 'fsdp': 1, 'tensor': 1, 'dcn_data': 1, 'dcn_fsdp': 1}
+  )
   c.logical_rules = ()  # Empty: sharding.DEFAULT_RULES.
   # Periodic work (0: never, except at the end).
   c.log_every = 50

@@ -1,4 +1,4 @@
-r"""Fine-tuning a published checkpoint: the recipe of the ViT paper (Dosovitskiy et al., 2021, App. B.1.1).
+r"""Fine-tuning a published checkpoint: the ViT paper's recipe (Dosovitskiy et al., 2021, B.1.1).
 
     python -m vit_jax.main --config configs/finetune.py:model=ViT-B_16,dataset=cifar10 \
         --workdir workdirs/vit_b16_cifar10 \
@@ -34,20 +34,28 @@ TRAIN_SPLITS = {'oxford_flowers102': 'train+validation', 'imagenet2012': 'train[
 
 
 def get_config(arg: str | None = None):
-  args = common.parse_arg(arg, model='ViT-B_16', dataset='cifar10', steps=-1, lr=-1.0, res=384,
-                          batch=512, runlocal=False)
+  args = common.parse_arg(
+    arg, model='ViT-B_16', dataset='cifar10', steps=-1, lr=-1.0, res=384, batch=512, runlocal=False
+  )
   steps, lr = DATASET_PRESETS.get(args.dataset, (10_000, 0.01))
   c = common.base_config()
   c.model_name = args.model
-  c.model = common.model_overrides(args.model, dtype='float32', param_dtype='float32',
-                                   dropout_rate=0.0, attention_dropout_rate=0.0,
-                                   droppath_rate=0.0, scan_layers=False, remat_policy='none')
+  c.model = common.model_overrides(
+    args.model,
+    dtype='float32',
+    param_dtype='float32',
+    dropout_rate=0.0,
+    attention_dropout_rate=0.0,
+    droppath_rate=0.0,
+    scan_layers=False,
+    remat_policy='none',
+  )
   c.pretrained_path = ''  # Set with --config.pretrained_path=.../ViT-B_16.npz
   c.dataset = args.dataset
   c.train_split = TRAIN_SPLITS.get(args.dataset, 'train')
   c.eval_splits = EVAL_SPLITS.get(args.dataset, 'test')
   c.image_size = args.res
-  c.pp_train = (f'decode_jpeg_and_inception_crop({args.res})|flip_lr|value_range(-1,1)')
+  c.pp_train = f'decode_jpeg_and_inception_crop({args.res})|flip_lr|value_range(-1,1)'
   c.pp_eval = f'decode|resize({args.res})|value_range(-1,1)'
   c.batch_size = args.batch
   c.eval_batch_size = args.batch

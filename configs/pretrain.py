@@ -2,7 +2,8 @@ r"""Pretraining from scratch: ViT paper (upstream) and AugReg (Steiner et al., 2
 
     python -m vit_jax.main --config configs/pretrain.py:model=ViT-B_16,dataset=imagenet2012 \
         --workdir gs://bucket/vit_b16_i1k
-    python -m vit_jax.main --config configs/pretrain.py:model=ViT-B_16,dataset=imagenet21k,augreg=light1
+    python -m vit_jax.main \
+        --config configs/pretrain.py:model=ViT-B_16,dataset=imagenet21k,augreg=light1
 
 AdamW (b1 0.9, b2 0.999), decoupled weight decay on kernels only (`wd_mask='kernels'`), global-norm
 clipping at 1.0, batch 4096, linear warmup (10k steps) then cosine (ImageNet-1k) or linear
@@ -31,27 +32,64 @@ AUGREG = {
 }
 # dataset -> (train examples, train split, eval splits, lr, weight decay, decay type, loss).
 DATASETS = {
-  'imagenet2012': (1_281_167, 'train[:99%]', 'train[99%:],validation', 1e-3, 0.1, 'cosine',
-                   'softmax_xent'),
-  'imagenet21k': (13_000_000, 'full[102400:]', 'full[:102400]', 1e-3, 0.03, 'linear',
-                  'sigmoid_xent'),
+  'imagenet2012': (
+    1_281_167,
+    'train[:99%]',
+    'train[99%:],validation',
+    1e-3,
+    0.1,
+    'cosine',
+    'softmax_xent',
+  ),
+  'imagenet21k': (
+    13_000_000,
+    'full[102400:]',
+    'full[:102400]',
+    1e-3,
+    0.03,
+    'linear',
+    'sigmoid_xent',
+  ),
 }
 
 
+def _width(model: str) -> int | None:
+  from vit_jax import models  # Lazy: configs stay importable without JAX for parsing.
+
+  return models.get_model_config(model).get('hidden_size')
+
+
 def get_config(arg: str | None = None):
-  args = common.parse_arg(arg, model='ViT-B_16', dataset='imagenet2012', augreg='none',
-                          epochs=300, batch=4096, runlocal=False)
+  args = common.parse_arg(
+    arg,
+    model='ViT-B_16',
+    dataset='imagenet2012',
+    augreg='none',
+    epochs=300,
+    batch=4096,
+    runlocal=False,
+  )
   if args.augreg not in AUGREG:
     raise ValueError(f'unknown augreg={args.augreg!r}; expected one of {sorted(AUGREG)}')
   randaug, mix, dropout, droppath = AUGREG[args.augreg]
   n, train_split, eval_splits, lr, wd, decay, loss = DATASETS.get(
-    args.dataset, (1_281_167, 'train', 'validation', 1e-3, 0.1, 'cosine', 'softmax_xent'))
+    args.dataset, (1_281_167, 'train', 'validation', 1e-3, 0.1, 'cosine', 'softmax_xent')
+  )
   c = common.base_config()
   c.model_name = args.model
   c.model = common.model_overrides(
-    args.model, dtype='bfloat16', param_dtype='float32', dropout_rate=dropout,
-    attention_dropout_rate=0.0, droppath_rate=droppath, scan_layers=False, remat_policy='none',
-    classifier='token', representation_size=None if args.augreg != 'none' else 768)
+    args.model,
+    dtype='bfloat16',
+    param_dtype='float32',
+    dropout_rate=dropout,
+    attention_dropout_rate=0.0,
+    droppath_rate=droppath,
+    scan_layers=False,
+    remat_policy='none',
+    classifier='token',
+    # The original upstream models have a pre-logits layer as wide as the model; AugReg drops it.
+    representation_size=None if args.augreg != 'none' else _width(args.model),
+  )
   c.dataset = args.dataset
   c.train_split = train_split
   c.eval_splits = eval_splits
@@ -66,7 +104,7 @@ def get_config(arg: str | None = None):
   c.optimizer = 'adamw'
   c.b1, c.b2 = 0.9, 0.999
   c.lr = lr
-  c.warmup_steps = min(10_000, c.total_steps // 10)
+  c.warmup_steps = min(10_000, c.total_steps // 5)
   c.decay_type = decay
   c.end_lr_factor = 0.01 if decay == 'linear' else 0.0
   c.weight_decay = wd
@@ -83,9 +121,15 @@ def get_config(arg: str | None = None):
 
   if args.runlocal:
     c.model_name = 'testing'
-    c.model = common.model_overrides('testing', dtype='float32', param_dtype='float32',
-                                     dropout_rate=dropout, droppath_rate=droppath,
-                                     scan_layers=True, remat_policy='full')
+    c.model = common.model_overrides(
+      'testing',
+      dtype='float32',
+      param_dtype='float32',
+      dropout_rate=dropout,
+      droppath_rate=droppath,
+      scan_layers=True,
+      remat_policy='full',
+    )
     c.dataset = 'synthetic:image_size=32,num_classes=10,num_examples=256'
     c.train_split, c.eval_splits = 'train', 'test'
     c.pp_train = f'decode{aug}|value_range(-1,1)'

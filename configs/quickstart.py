@@ -23,8 +23,17 @@ def get_config(arg: str | None = None):
   c = common.base_config()
   c.model_name = 'ViT-Ti_16'
   c.model = common.model_overrides(
-    c.model_name, hidden_size=64, patches=(4, 4), mlp_dim=128, num_heads=4, num_layers=4,
-    dtype='float32', param_dtype='float32', dropout_rate=0.0, droppath_rate=0.0)
+    c.model_name,
+    hidden_size=64,
+    patches=(4, 4),
+    mlp_dim=128,
+    num_heads=4,
+    num_layers=4,
+    dtype='float32',
+    param_dtype='float32',
+    dropout_rate=0.0,
+    droppath_rate=0.0,
+  )
   c.dataset = 'digits'
   c.data_dir = args.data_dir
   c.train_split = 'train'
@@ -50,8 +59,9 @@ def get_config(arg: str | None = None):
 
   if args.runlocal:
     c.model_name = 'testing'
-    c.model = common.model_overrides(c.model_name, patches=(4, 4), dtype='float32',
-                                     param_dtype='float32')
+    c.model = common.model_overrides(
+      c.model_name, patches=(4, 4), dtype='float32', param_dtype='float32'
+    )
     c.dataset = 'synthetic:image_size=16,num_classes=10,num_examples=512'
     c.pp_train = c.pp_eval = 'value_range(-1,1)'
     c.image_size = 16

@@ -58,7 +58,8 @@ def test_logical_shardings_replicate_indivisible_dims():
 
   model = models.get_model('testing', num_classes=10)  # hidden 10: not divisible by fsdp=4.
   abstract = jax.eval_shape(
-    lambda r: model.init(r, np.zeros((1, 32, 32, 3), np.float32), train=False), jax.random.key(0))
+    lambda r: model.init(r, np.zeros((1, 32, 32, 3), np.float32), train=False), jax.random.key(0)
+  )
   mesh = sharding.make_mesh({'data': 1, 'fsdp': 4, 'tensor': 2})
   shardings = sharding.logical_shardings(abstract['params'], mesh, sharding.DEFAULT_RULES)
   mlp = shardings['Transformer']['encoderblock_0']['MlpBlock_3']['Dense_0']['kernel']
@@ -69,8 +70,10 @@ def test_logical_shardings_replicate_indivisible_dims():
 
 def test_global_batch_from_process_local_data():
   mesh = sharding.make_mesh({'data': 2, 'fsdp': 4})
-  local = {'image': np.arange(16 * 3, dtype=np.float32).reshape(16, 3),
-           'label': np.arange(16, dtype=np.int32)}
+  local = {
+    'image': np.arange(16 * 3, dtype=np.float32).reshape(16, 3),
+    'label': np.arange(16, dtype=np.int32),
+  }
   batch = sharding.global_batch(local, mesh, sharding.DEFAULT_RULES)
   assert batch['image'].shape == (16, 3)
   assert batch['image'].sharding.spec == P(('data', 'fsdp'))
@@ -82,7 +85,8 @@ def _tiny_config(**mesh):
   c = common.base_config()
   c.model_name = 'testing'
   c.model = ml_collections.ConfigDict(
-    {'hidden_size': 16, 'mlp_dim': 32, 'num_heads': 4, 'num_layers': 2, 'patches': (4, 4)})
+    {'hidden_size': 16, 'mlp_dim': 32, 'num_heads': 4, 'num_layers': 2, 'patches': (4, 4)}
+  )
   c.image_size = 16
   c.batch_size = 16
   c.eval_batch_size = 16
@@ -110,8 +114,10 @@ def _run_steps(config, devices, batches):
 def test_dp_fsdp_tensor_parallel_are_equivalent():
   """One device vs 8-way DP vs 8-way FSDP vs FSDP 2 x tensor 4: same losses and params."""
   rng = np.random.default_rng(0)
-  batch = {'image': rng.uniform(-1, 1, (1, 16, 16, 16, 3)).astype(np.float32),
-           'label': rng.integers(0, 10, (1, 16)).astype(np.int32)}
+  batch = {
+    'image': rng.uniform(-1, 1, (1, 16, 16, 16, 3)).astype(np.float32),
+    'label': rng.integers(0, 10, (1, 16)).astype(np.int32),
+  }
   batches = [batch] * 5  # The same batch: the loss must fall as it is memorized.
   runs = {
     'single': ({'data': 1}, jax.devices()[:1]),
@@ -124,7 +130,8 @@ def test_dp_fsdp_tensor_parallel_are_equivalent():
     results[name] = _run_steps(_tiny_config(**mesh), devices, batches)
   # The parallel layouts really are different: FSDP shards kernels over fsdp, TP over tensor.
   kernel = lambda t: t.state_shardings['params']['Transformer']['encoderblock_0']['MlpBlock_3'][
-    'Dense_0']['kernel'].shard_shape((16, 32))
+    'Dense_0'
+  ]['kernel'].shard_shape((16, 32))
   assert kernel(results['dp8'][0]) == (16, 32)
   assert kernel(results['fsdp8'][0]) == (2, 32)
   assert kernel(results['fsdp2_tp4'][0]) == (8, 8)
@@ -133,5 +140,8 @@ def test_dp_fsdp_tensor_parallel_are_equivalent():
   for name in ('dp8', 'fsdp8', 'fsdp2_tp4'):
     _, losses, params = results[name]
     np.testing.assert_allclose(losses, ref_losses, rtol=1e-5, err_msg=name)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6,
-                                                         err_msg=name), params, ref_params)
+    jax.tree.map(
+      lambda a, b, name=name: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6, err_msg=name),
+      params,
+      ref_params,
+    )

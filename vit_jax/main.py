@@ -25,13 +25,18 @@ from ml_collections import config_flags
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', None, 'Recipe file[:args].', lock_config=True)
 flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics and config.json.')
-flags.DEFINE_enum('distributed', 'auto', ['auto', 'on', 'off'],
-                  'jax.distributed: auto = when flags or a TPU pod / SLURM job step say so.')
+flags.DEFINE_enum(
+  'distributed',
+  'auto',
+  ['auto', 'on', 'off'],
+  'jax.distributed: auto = when flags or a TPU pod / SLURM job step say so.',
+)
 flags.DEFINE_string('coordinator_address', None, 'host:port of process 0 (multi-process runs).')
 flags.DEFINE_integer('num_processes', None, 'Number of processes (multi-process runs).')
 flags.DEFINE_integer('process_id', None, 'This process index (multi-process runs).')
-flags.DEFINE_integer('local_device_count', None,
-                     'CPU only: number of simulated devices in this process (for testing).')
+flags.DEFINE_integer(
+  'local_device_count', None, 'CPU only: number of simulated devices in this process (for testing).'
+)
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
@@ -50,8 +55,9 @@ def initialize_distributed() -> None:
   import jax
 
   explicit = FLAGS.coordinator_address or FLAGS.num_processes or FLAGS.process_id is not None
-  if FLAGS.distributed == 'off' or (FLAGS.distributed == 'auto' and not explicit
-                                    and not _cluster_detected()):
+  if FLAGS.distributed == 'off' or (
+    FLAGS.distributed == 'auto' and not explicit and not _cluster_detected()
+  ):
     return
   kwargs = {}
   if FLAGS.coordinator_address:
@@ -69,15 +75,19 @@ def initialize_distributed() -> None:
 def _summary(result: dict, workdir: str) -> str:
   lines = ['', '=' * 72]
   if result.get('preempted'):
-    lines.append(f'Preempted: checkpointed step {result["step"]}; rerun the same command to resume.')
+    lines.append(
+      f'Preempted: checkpointed step {result["step"]}; rerun the same command to resume.'
+    )
   else:
     lines.append(f'Training finished at step {result["step"]}.')
   for key in sorted(result):
     if key.startswith('eval/') and key.endswith('/accuracy'):
       lines.append(f'  {key.split("/")[1]} accuracy: {result[key]:.2%}')
   lines.append(f'  checkpoint: {result["checkpoint_dir"]}')
-  lines.append(f'  metrics:    {os.path.join(workdir, "metrics.jsonl")} (TensorBoard: '
-               f'tensorboard --logdir {os.path.join(workdir, "tensorboard")})')
+  lines.append(
+    f'  metrics:    {os.path.join(workdir, "metrics.jsonl")} (TensorBoard: '
+    f'tensorboard --logdir {os.path.join(workdir, "tensorboard")})'
+  )
   lines += [
     'Next:',
     f'  continue training:  python -m vit_jax.main --config {FLAGS["config"].config_filename}'
@@ -103,8 +113,9 @@ def main(argv):
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   logging.get_absl_handler().python_handler.addFilter(_QuietLibraries())
   if FLAGS.local_device_count:
-    os.environ['XLA_FLAGS'] = (os.environ.get('XLA_FLAGS', '') +
-                               f' --xla_force_host_platform_device_count={FLAGS.local_device_count}')
+    import jax
+
+    jax.config.update('jax_num_cpu_devices', FLAGS.local_device_count)
   initialize_distributed()
   import jax
 
@@ -112,9 +123,15 @@ def main(argv):
 
   config = FLAGS.config
   workdir = FLAGS.workdir
-  logging.info('JAX %s, process %d/%d, %d local / %d global devices (%s)', jax.__version__,
-               jax.process_index(), jax.process_count(), jax.local_device_count(),
-               jax.device_count(), jax.devices()[0].device_kind)
+  logging.info(
+    'JAX %s, process %d/%d, %d local / %d global devices (%s)',
+    jax.__version__,
+    jax.process_index(),
+    jax.process_count(),
+    jax.local_device_count(),
+    jax.device_count(),
+    jax.devices()[0].device_kind,
+  )
   try:
     result = train.train_and_evaluate(config, workdir)
   except train.TrainingDivergedError as e:

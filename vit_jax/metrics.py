@@ -1,8 +1,9 @@
 """Metrics: JSON lines + TensorBoard, console progress with ETA, throughput and MFU.
 
-Only process 0 writes. Model FLOPs come from XLA's cost analysis of the compiled train step; MFU
-divides them by the devices' peak (bf16 dense) from `PEAK_FLOPS`, or on CPU by a matmul ceiling
-measured in the same process (`measure_matmul_flops`), since CPUs have no meaningful table entry.
+Only process 0 writes. Model FLOPs come from XLA's cost analysis of the train step (see
+`train.Trainer.model_flops`); MFU divides them by the devices' peak (bf16 dense) from `PEAK_FLOPS`,
+or on CPU by a matmul ceiling measured in the same process (`measure_matmul_flops`), since CPUs
+have no meaningful table entry.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ def device_peak_flops(device: jax.Device | None = None) -> float | None:
   return None
 
 
-def measure_matmul_flops(n: int = 1024, repeats: int = 5) -> float:
+def measure_matmul_flops(n: int = 2048, repeats: int = 5) -> float:
   """FLOP/s of a jitted float32 n x n matmul on the default device: the CPU ceiling for MFU."""
   x = jnp.ones((n, n), jnp.float32)
   f = jax.jit(lambda a: a @ a)
@@ -130,7 +131,9 @@ class MetricWriter:
           if key != 'step' and isinstance(value, (int, float)):
             # tf.summary.write with the scalars plugin tag: what tf.summary.scalar writes, without
             # needing the tensorboard package installed.
-            tf.summary.write(key, tf.constant(float(value), tf.float32), metadata=_scalar_metadata())
+            tf.summary.write(
+              key, tf.constant(float(value), tf.float32), metadata=_scalar_metadata()
+            )
       self._tb.flush()
 
   def close(self) -> None:
@@ -151,8 +154,15 @@ def read_jsonl(path: str) -> list[dict]:
 class Throughput:
   """Images/s, step time, share of time spent waiting for data, MFU and ETA between log points."""
 
-  def __init__(self, *, global_batch_size: int, num_devices: int, total_steps: int,
-               flops_per_step: float | None = None, peak_flops: float | None = None):
+  def __init__(
+    self,
+    *,
+    global_batch_size: int,
+    num_devices: int,
+    total_steps: int,
+    flops_per_step: float | None = None,
+    peak_flops: float | None = None,
+  ):
     self.global_batch_size = global_batch_size
     self.num_devices = num_devices
     self.total_steps = total_steps
@@ -193,9 +203,13 @@ def format_progress(step: int, total_steps: int, scalars: Mapping[str, Any]) -> 
   """One console line: step, loss, lr, img/s(/device), data wait, MFU, ETA."""
   parts = [f'step {step}/{total_steps}']
   fmt = {
-    'train/loss': 'loss {:.4f}', 'train/lr': 'lr {:.3g}', 'train/grad_norm': '|g| {:.3g}',
-    'perf/images_per_sec': '{:.1f} img/s', 'perf/images_per_sec_per_device': '({:.1f}/dev)',
-    'perf/step_time': 'step {:.3f}s', 'perf/data_wait_frac': 'data wait {:.0%}',
+    'train/loss': 'loss {:.4f}',
+    'train/lr': 'lr {:.3g}',
+    'train/grad_norm': '|g| {:.3g}',
+    'perf/images_per_sec': '{:.1f} img/s',
+    'perf/images_per_sec_per_device': '({:.1f}/dev)',
+    'perf/step_time': 'step {:.3f}s',
+    'perf/data_wait_frac': 'data wait {:.0%}',
     'perf/mfu': 'MFU {:.1%}',
   }
   for key, pattern in fmt.items():

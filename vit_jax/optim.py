@@ -73,8 +73,8 @@ def make_optimizer(config: Mapping) -> tuple[optax.GradientTransformation, optax
   Args:
     config: the run config; reads `optimizer` ('sgd' | 'adamw' | 'adam'), `lr`, `warmup_steps`,
       `total_steps`, `decay_type`, `end_lr_factor`, `grad_clip_norm` (0/None: off),
-      `weight_decay`, `wd_mask`, `momentum`, `b1`, `b2`, `eps`, `mu_dtype` (optimizer-state dtype for
-      momentum/first moment, e.g. 'bfloat16' to halve its memory).
+      `weight_decay`, `wd_mask`, `momentum`, `b1`, `b2`, `eps`, `mu_dtype` (optimizer-state
+      dtype for momentum/first moment, e.g. 'bfloat16' to halve its memory).
 
   Returns:
     (tx, schedule).
@@ -100,10 +100,14 @@ def make_optimizer(config: Mapping) -> tuple[optax.GradientTransformation, optax
     parts.append(optax.trace(decay=float(config.get('momentum', 0.9)), accumulator_dtype=mu_dtype))
     parts.append(optax.scale_by_learning_rate(schedule))
   else:
-    parts.append(optax.scale_by_adam(
-      b1=float(config.get('b1', 0.9)), b2=float(config.get('b2', 0.999)),
-      eps=float(config.get('eps', 1e-8)), mu_dtype=mu_dtype,
-    ))
+    parts.append(
+      optax.scale_by_adam(
+        b1=float(config.get('b1', 0.9)),
+        b2=float(config.get('b2', 0.999)),
+        eps=float(config.get('eps', 1e-8)),
+        mu_dtype=mu_dtype,
+      )
+    )
     if name == 'adamw' and wd:  # Decoupled: decay scaled by the learning rate, not by Adam.
       parts.append(optax.add_decayed_weights(wd, mask))
     elif name == 'adam' and wd:

@@ -26,9 +26,10 @@ from jax.sharding import PartitionSpec as P
 
 MESH_AXES = ('data', 'fsdp', 'tensor')
 
-# Logical axis name -> mesh axes. Activations and parameters share names; flax assigns each mesh axis
-# at most once per array, so an activation ('batch', 'seq', 'embed') gets batch over (data, fsdp) and
-# an unsharded embed, while a parameter ('embed', 'mlp') gets embed over fsdp and mlp over tensor.
+# Logical axis name -> mesh axes. Activations and parameters share names; flax assigns each mesh
+# axis at most once per array, so an activation ('batch', 'seq', 'embed') gets batch over
+# (data, fsdp) and an unsharded embed, while a parameter ('embed', 'mlp') gets embed over fsdp and
+# mlp over tensor.
 DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
   ('batch', ('data', 'fsdp')),
   ('embed', 'fsdp'),
@@ -54,7 +55,9 @@ def logical_rules(config=None) -> tuple[tuple[str, Any], ...]:
     flat = (axes,) if isinstance(axes, str) or axes is None else tuple(axes)
     bad = [a for a in flat if a is not None and a not in MESH_AXES]
     if bad:
-      raise ValueError(f'logical rule {name!r} names unknown mesh axes {bad}; mesh axes: {MESH_AXES}')
+      raise ValueError(
+        f'logical rule {name!r} names unknown mesh axes {bad}; mesh axes: {MESH_AXES}'
+      )
     out.append((name, tuple(axes) if isinstance(axes, list) else axes))
   return tuple(out)
 
@@ -63,7 +66,9 @@ def _axis_sizes(mesh_config: Mapping, num_devices: int) -> tuple[int, int, int]:
   sizes = [int(mesh_config.get(name, 1)) for name in MESH_AXES]
   fill = [i for i, s in enumerate(sizes) if s == -1]
   if len(fill) > 1 or any(s == 0 or s < -1 for s in sizes):
-    raise ValueError(f'mesh axis sizes must be positive with at most one -1, got {dict(zip(MESH_AXES, sizes))}')
+    raise ValueError(
+      f'mesh axis sizes must be positive with at most one -1, got {dict(zip(MESH_AXES, sizes))}'
+    )
   known = math.prod(s for s in sizes if s != -1)
   if fill:
     if num_devices % known:
@@ -109,7 +114,8 @@ def make_mesh(mesh_config: Mapping, devices: Sequence[jax.Device] | None = None)
     else:
       # TPU: slices are real (`slice_index`); GPU clusters: each process (host) is a granule.
       array = mesh_utils.create_hybrid_device_mesh(
-        ici, dcn, devices=devices, process_is_granule=not hasattr(devices[0], 'slice_index'))
+        ici, dcn, devices=devices, process_is_granule=not hasattr(devices[0], 'slice_index')
+      )
   elif len(devices) == len(jax.devices()) and jax.devices()[0].platform in ('tpu', 'gpu'):
     array = mesh_utils.create_device_mesh(sizes, devices=devices)
   else:
@@ -125,8 +131,9 @@ def _fit(spec: P, shape: tuple[int, ...], mesh: Mesh, name: str = '') -> P:
     flat = (axes,) if isinstance(axes, str) else tuple(axes or ())
     size = math.prod(mesh.shape[a] for a in flat)
     if flat and dim % size:
-      logging.info('sharding: %s dim %d not divisible by %s=%d; replicating it', name, dim, flat,
-                   size)
+      logging.info(
+        'sharding: %s dim %d not divisible by %s=%d; replicating it', name, dim, flat, size
+      )
       out.append(None)
     else:
       out.append(axes)
@@ -146,9 +153,7 @@ def logical_shardings(abstract_tree: Any, mesh: Mesh, rules) -> Any:
     mesh_spec = nn.logical_to_mesh_axes(spec, rules) if spec else P()
     return NamedSharding(mesh, _fit(mesh_spec, leaf.shape, mesh, jax.tree_util.keystr(path)))
 
-  return jax.tree_util.tree_map_with_path(
-    one, specs, shapes, is_leaf=lambda x: isinstance(x, P)
-  )
+  return jax.tree_util.tree_map_with_path(one, specs, shapes, is_leaf=lambda x: isinstance(x, P))
 
 
 def batch_sharding(mesh: Mesh, rules, ndim_prefix: int = 0) -> NamedSharding:
@@ -163,8 +168,9 @@ def num_batch_shards(mesh: Mesh, rules) -> int:
   return math.prod(mesh.shape[a] for a in flat)
 
 
-def global_batch(local_batch: Mapping[str, np.ndarray], mesh: Mesh, rules, *,
-                 ndim_prefix: int = 0) -> dict[str, jax.Array]:
+def global_batch(
+  local_batch: Mapping[str, np.ndarray], mesh: Mesh, rules, *, ndim_prefix: int = 0
+) -> dict[str, jax.Array]:
   """Turns this process's share of a batch into global `jax.Array`s sharded over 'batch'.
 
   Args:

@@ -39,7 +39,10 @@ class TrainingDivergedError(FloatingPointError):
 
 
 def due(step: int, every: int, total_steps: int) -> bool:
-  """Whether periodic work (log/eval/checkpoint) runs after `step`: every `every`, and at the end."""
+  """Whether periodic work (log/eval/checkpoint) runs after `step`: every `every`, and at the end.
+
+  The one place that decides it, so logging, evaluation and checkpoints cannot drift apart.
+  """
   return step == total_steps or (every > 0 and step % every == 0)
 
 
@@ -62,8 +65,15 @@ def per_example_loss(logits: jax.Array, targets: jax.Array, kind: str) -> jax.Ar
   raise ValueError(f'unknown loss {kind!r}; expected one of {LOSSES}')
 
 
-def make_train_step(model: nn.Module, tx: optax.GradientTransformation, schedule, *,
-                    config: Mapping, num_classes: int, param_shardings: Any = None):
+def make_train_step(
+  model: nn.Module,
+  tx: optax.GradientTransformation,
+  schedule,
+  *,
+  config: Mapping,
+  num_classes: int,
+  param_shardings: Any = None,
+):
   """Returns the pure step `(state, batch, rng) -> (state, metrics)`.
 
   `batch` arrays are [accum_steps, micro_batch, ...]; the gradient is the mean of the micro-batch
@@ -102,12 +112,15 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, schedule
       loss, grads = jax.tree.map(lambda x: x / accum, (loss, grads))
     grad_norm = optax.global_norm(grads)
     updates, opt_state = tx.update(grads, state['opt_state'], params)
-    new_state = {
-      'step': step + 1,
-      'params': optax.apply_updates(params, updates),
-      'opt_state': opt_state,
+    new_params = optax.apply_updates(params, updates)
+    new_state = {'step': step + 1, 'params': new_params, 'opt_state': opt_state}
+    metrics = {
+      'train/loss': loss,
+      'train/grad_norm': grad_norm,
+      'train/lr': schedule(step),
+      # The updated params' norm: an overflow in the update is caught before it is checkpointed.
+      'train/param_norm': optax.global_norm(new_params),
     }
-    metrics = {'train/loss': loss, 'train/grad_norm': grad_norm, 'train/lr': schedule(step)}
     return new_state, metrics
 
   return train_step
@@ -137,14 +150,17 @@ class Trainer:
     self.num_classes = num_classes
     self.mesh = sharding.make_mesh(config['mesh'], devices)
     self.rules = sharding.logical_rules(config)
-    self.model = models.get_model(config['model_name'], num_classes=num_classes,
-                                  **dict(config['model']))
+    self.model = models.get_model(
+      config['model_name'], num_classes=num_classes, **dict(config['model'])
+    )
     self.tx, self.schedule = optim.make_optimizer(config)
     self.accum_steps = int(config['accum_steps'])
     self.micro_batch = int(config['batch_size']) // self.accum_steps
     shards = sharding.num_batch_shards(self.mesh, self.rules)
-    for name, size in (('batch_size / accum_steps', self.micro_batch),
-                       ('eval_batch_size', int(config['eval_batch_size']))):
+    for name, size in (
+      ('batch_size / accum_steps', self.micro_batch),
+      ('eval_batch_size', int(config['eval_batch_size'])),
+    ):
       if size % shards or size % jax.process_count():
         raise ValueError(
           f'{name}={size} must be divisible by the {shards} batch shards of mesh '
@@ -157,22 +173,30 @@ class Trainer:
       params = self.model.init(rng, jnp.zeros(self._image.shape), train=False)['params']
       return {'step': jnp.zeros((), jnp.int32), 'params': params, 'opt_state': self.tx.init(params)}
 
-    # No mesh in context for init: flax's DenseGeneral reshapes boxed kernels there, which a sharding
-    # constraint would reject; out_shardings place the result anyway.
     boxed = jax.eval_shape(init, jax.random.key(0))
     self.state_shardings = sharding.logical_shardings(boxed, self.mesh, self.rules)
     self.abstract_state = jax.tree.map(
-      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), nn.unbox(boxed),
-      self.state_shardings)
+      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+      nn.unbox(boxed),
+      self.state_shardings,
+    )
     self._init = jax.jit(lambda rng: nn.unbox(init(rng)), out_shardings=self.state_shardings)
     self.replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
     train_step = make_train_step(
-      self.model, self.tx, self.schedule, config=config, num_classes=num_classes,
-      param_shardings=self.state_shardings['params'])
+      self.model,
+      self.tx,
+      self.schedule,
+      config=config,
+      num_classes=num_classes,
+      param_shardings=self.state_shardings['params'],
+    )
     self._train_step = jax.jit(
       train_step,
-      in_shardings=(self.state_shardings, sharding.batch_sharding(self.mesh, self.rules, 1),
-                    self.replicated),
+      in_shardings=(
+        self.state_shardings,
+        sharding.batch_sharding(self.mesh, self.rules, 1),
+        self.replicated,
+      ),
       out_shardings=(self.state_shardings, self.replicated),
       donate_argnums=(0,),
     )
@@ -188,7 +212,8 @@ class Trainer:
 
   def init_state(self, seed: int) -> dict:
     """Fresh state, created directly in its shardings (no host holds a full copy)."""
-    return self._init(jax.random.key(seed))
+    with self._context():
+      return self._init(jax.random.key(seed))
 
   def with_params(self, state: dict, params: Any) -> dict:
     """Replaces params by host arrays (e.g. a pretrained checkpoint) and re-inits the optimizer."""
@@ -201,11 +226,80 @@ class Trainer:
     return jax.tree.map(npz_checkpoint._to_numpy, state['params'])  # noqa: SLF001
 
   def compile(self, state: dict, batch: dict, rng: jax.Array):
-    """AOT-compiles the train step for these shapes; returns (compiled, FLOPs per step or None)."""
+    """AOT-compiles the train step for these shapes; returns (compiled, model FLOPs per step).
+
+    FLOPs are `model_flops`, or XLA's cost analysis of the compiled program where that fails.
+    """
     with self._context():
       compiled = self._train_step.lower(state, batch, rng).compile()
     self.compiled_train_step = compiled
-    return compiled, metrics_lib.compiled_flops(compiled, self.mesh.size)
+    flops = self.model_flops(batch) or metrics_lib.compiled_flops(compiled, self.mesh.size)
+    estimate = self.analytic_flops()
+    if estimate and (not flops or flops < 0.5 * estimate):
+      # On GPU XLA's cost analysis leaves most matmul FLOPs out (ViT-B/16 on an H200: 5%).
+      logging.warning(
+        'XLA cost analysis gives %.3g FLOPs/step, under half of 6 x params x tokens '
+        '= %.3g; using the latter for MFU',
+        flops or 0.0,
+        estimate,
+      )
+      flops = estimate
+    return compiled, flops
+
+  def analytic_flops(self) -> float | None:
+    """6 x params x tokens x batch (forward + backward of the dense layers), ViT models only."""
+    try:
+      patch = models.get_model_config(self.config['model_name']).patches.size
+    except (ValueError, AttributeError):
+      return None
+    if getattr(self.model, 'resnet', None) is not None:
+      return None  # Hybrids: the ResNet stem sets the token count and has FLOPs of its own.
+    patch = tuple(self.config['model'].get('patches', patch))
+    size = int(self.config['image_size'])
+    tokens = (size // patch[0]) * (size // patch[1]) + 1
+    n = models.count_params(self.model, size)
+    return 6.0 * n * tokens * int(self.config['batch_size'])
+
+  def model_flops(self, batch: dict) -> float | None:
+    """FLOPs of one train step of the model as written, over the global batch.
+
+    XLA's cost analysis of the *lowered* (not yet optimized) step of the same model without
+    `scan_layers` and remat, on one device: the compiled program's own analysis counts a scanned
+    loop body once, counts rematerialized work (MFU excludes it), and on GPU misses the matmuls that
+    become library calls. Lowering only traces; nothing is compiled or allocated.
+    """
+    overrides = dict(self.config['model'])
+    try:
+      model = models.get_model(
+        self.config['model_name'],
+        num_classes=self.num_classes,
+        **dict(overrides, scan_layers=False, remat_policy='none'),
+      )
+    except ValueError:  # Models without those fields (Mixer) are plain already.
+      model = self.model
+    step = make_train_step(
+      model, self.tx, self.schedule, config=self.config, num_classes=self.num_classes
+    )
+    image = jnp.zeros(self._image.shape)
+    params = jax.eval_shape(
+      lambda r: nn.unbox(model.init(r, image, train=False)['params']), jax.random.key(0)
+    )
+    state = {
+      'step': jax.ShapeDtypeStruct((), jnp.int32),
+      'params': params,
+      'opt_state': jax.eval_shape(self.tx.init, params),
+    }
+    shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), batch)
+    try:
+      with self._context():
+        cost = jax.jit(step).lower(state, shapes, jax.ShapeDtypeStruct((2,), jnp.uint32))
+        cost = cost.cost_analysis()
+    except Exception as e:  # Cost analysis is best effort: MFU is then left out.
+      logging.warning('model FLOPs unavailable: %s', e)
+      return None
+    if isinstance(cost, (list, tuple)):
+      cost = cost[0] if cost else None
+    return float(cost['flops']) if cost and cost.get('flops') else None
 
   def train_step(self, state: dict, batch: dict, rng: jax.Array):
     if self.compiled_train_step is not None:
@@ -226,21 +320,17 @@ class Trainer:
         totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
     totals = jax.device_get(totals)
     count = max(float(totals['count']), 1.0)
-    return {'accuracy': float(totals['correct']) / count, 'loss': float(totals['loss']) / count,
-            'count': int(totals['count'])}
+    return {
+      'accuracy': float(totals['correct']) / count,
+      'loss': float(totals['loss']) / count,
+      'count': int(totals['count']),
+    }
 
 
 @contextlib.contextmanager
 def _context(mesh, rules):
-  """Logical rules active while tracing.
-
-  The mesh is deliberately not set as the context mesh: flax's DenseGeneral (attention q/k/v/out)
-  traces its kernel initializer on a flattened kernel, to which the 3-D logical constraint cannot
-  apply, even in `apply`. Without a context mesh the models' activation constraints are no-ops and
-  XLA propagates shardings from the params and the batch (both given explicitly to `jit`).
-  """
-  del mesh
-  with nn.logical_axis_rules(rules):
+  """Mesh and logical rules active while tracing, so the models' activation constraints apply."""
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
     yield
 
 
@@ -253,15 +343,27 @@ def _datasets(config: Mapping, *, start_batch: int, micro_batch: int):
   data_dir = config['data_dir'] or None
   mixup = dict(config['mixup'])
   train_ds = data.get_dataset(
-    config['dataset'], config['train_split'], preprocess=config['pp_train'], train=True,
-    global_batch_size=micro_batch, data_dir=data_dir, seed=int(config['data_seed']),
-    start_batch=start_batch, shuffle_buffer=int(config['shuffle_buffer']),
-    mixup=mixup if mixup.get('p') or mixup.get('cutmix_p') else None)
+    config['dataset'],
+    config['train_split'],
+    preprocess=config['pp_train'],
+    train=True,
+    global_batch_size=micro_batch,
+    data_dir=data_dir,
+    seed=int(config['data_seed']),
+    start_batch=start_batch,
+    shuffle_buffer=int(config['shuffle_buffer']),
+    mixup=mixup if mixup.get('p') or mixup.get('cutmix_p') else None,
+  )
   evals = {}
   for split in filter(None, (s.strip() for s in config['eval_splits'].split(','))):
     evals[split] = data.get_dataset(
-      config['dataset'], split, preprocess=config['pp_eval'], train=False,
-      global_batch_size=int(config['eval_batch_size']), data_dir=data_dir)
+      config['dataset'],
+      split,
+      preprocess=config['pp_eval'],
+      train=False,
+      global_batch_size=int(config['eval_batch_size']),
+      data_dir=data_dir,
+    )
   return train_ds, evals
 
 
@@ -290,8 +392,9 @@ def write_config(config: Mapping, workdir: str) -> None:
     json.dump(as_dict, f, indent=2, sort_keys=True, default=str)
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
-                       devices=None) -> dict[str, Any]:
+def train_and_evaluate(
+  config: ml_collections.ConfigDict, workdir: str, *, devices=None
+) -> dict[str, Any]:
   """Trains (resuming from `workdir` if it holds a checkpoint), evaluates, checkpoints.
 
   Args:
@@ -308,39 +411,56 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   write_config(config, workdir)
   total_steps = int(config['total_steps'])
   trainer = Trainer(config, num_classes=_num_classes(config), devices=devices)
-  logging.info('mesh %s over %d devices, %d processes; model %s with %d params',
-               sharding.describe(trainer.mesh), trainer.mesh.size, jax.process_count(),
-               config['model_name'], models.count_params(trainer.model, int(config['image_size'])))
+  logging.info(
+    'mesh %s over %d devices, %d processes; model %s with %d params',
+    sharding.describe(trainer.mesh),
+    trainer.mesh.size,
+    jax.process_count(),
+    config['model_name'],
+    models.count_params(trainer.model, int(config['image_size'])),
+  )
   ckpt_dir = os.path.join(workdir, 'checkpoints')
-  ckpt = train_checkpoint.Checkpointer(ckpt_dir, max_to_keep=int(config['keep_checkpoints']) or None,
-                                       async_save=bool(config['async_checkpoints']))
-  rng = jax.device_put(jax.random.key_data(jax.random.key(int(config['seed']))),
-                       trainer.replicated)
+  ckpt = train_checkpoint.Checkpointer(
+    ckpt_dir,
+    max_to_keep=int(config['keep_checkpoints']) or None,
+    async_save=bool(config['async_checkpoints']),
+  )
+  rng = jax.device_put(jax.random.key_data(jax.random.key(int(config['seed']))), trainer.replicated)
   if ckpt.latest_step() is not None:
-    abstract = dict(trainer.abstract_state, rng=jax.ShapeDtypeStruct(
-      rng.shape, rng.dtype, sharding=trainer.replicated))
+    abstract = dict(
+      trainer.abstract_state,
+      rng=jax.ShapeDtypeStruct(rng.shape, rng.dtype, sharding=trainer.replicated),
+    )
     state, meta = ckpt.restore(abstract)
     rng = state.pop('rng')
     if meta.get('micro_batch', trainer.micro_batch) != trainer.micro_batch:
-      raise ValueError(f'checkpoint in {ckpt_dir} was trained with micro-batches of '
-                       f'{meta["micro_batch"]}, config gives {trainer.micro_batch}; use a new workdir')
+      raise ValueError(
+        f'checkpoint in {ckpt_dir} was trained with micro-batches of '
+        f'{meta["micro_batch"]}, config gives {trainer.micro_batch}; use a new workdir'
+      )
     logging.info('resuming from step %d', int(state['step']))
   else:
     state = trainer.init_state(int(config['seed']))
     if config['pretrained_path']:
       init = trainer.host_params(state)
       params = npz_checkpoint.load_pretrained(
-        pretrained_path=config['pretrained_path'], init_params=init,
-        model_config=models.get_model_config(config['model_name']))
+        pretrained_path=config['pretrained_path'],
+        init_params=init,
+        model_config=models.get_model_config(config['model_name']),
+      )
       state = trainer.with_params(state, params)
   step = int(jax.device_get(state['step']))
-  train_ds, eval_ds = _datasets(config, start_batch=step * trainer.accum_steps,
-                                micro_batch=trainer.micro_batch)
+  train_ds, eval_ds = _datasets(
+    config, start_batch=step * trainer.accum_steps, micro_batch=trainer.micro_batch
+  )
   batches = _batches(train_ds, trainer.accum_steps)
   writer = metrics_lib.MetricWriter(workdir)
   watcher = train_checkpoint.PreemptionWatcher()
-  meter = metrics_lib.Throughput(global_batch_size=int(config['batch_size']),
-                                 num_devices=trainer.mesh.size, total_steps=total_steps)
+  meter = metrics_lib.Throughput(
+    global_batch_size=int(config['batch_size']),
+    num_devices=trainer.mesh.size,
+    total_steps=total_steps,
+  )
   pending: list[tuple[int, dict]] = []
   last_saved = ckpt.latest_step()
   result: dict[str, Any] = {'preempted': False}
@@ -352,23 +472,31 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     steps = [s for s, _ in pending]
     pending.clear()
     for s, m in zip(steps, fetched):
-      if not (np.isfinite(m['train/loss']) and np.isfinite(m['train/grad_norm'])):
+      bad = [k for k in ('train/loss', 'train/grad_norm', 'train/param_norm')
+             if not np.isfinite(m[k])]  # fmt: skip
+      if bad:
         ckpt.wait()
+        good = f'step {last_saved} in {ckpt_dir}' if last_saved is not None else 'none yet'
         raise TrainingDivergedError(
-          s, f'non-finite training loss {m["train/loss"]} / grad norm {m["train/grad_norm"]} at step '
-          f'{s}; last good checkpoint: step {last_saved} in {ckpt_dir}. Lower lr, raise warmup, or '
-          'check the data.')
+          s,
+          f'non-finite {", ".join(f"{k}={m[k]}" for k in bad)} at step {s}; last good '
+          f'checkpoint: {good}. Lower lr, raise warmup, or check the data.',
+        )
     if not fetched:
       return {}
     out = {k: float(np.mean([m[k] for m in fetched])) for k in ('train/loss', 'train/grad_norm')}
     out['train/lr'] = float(fetched[-1]['train/lr'])
+    out['train/param_norm'] = float(fetched[-1]['train/param_norm'])
     return out
 
   def save(at: int) -> None:
     nonlocal last_saved
     flush()  # Never checkpoint a state that followed a non-finite step.
-    meta = {'data_batches': at * trainer.accum_steps, 'micro_batch': trainer.micro_batch,
-            'config': json.loads(config.to_json_best_effort())}
+    meta = {
+      'data_batches': at * trainer.accum_steps,
+      'micro_batch': trainer.micro_batch,
+      'config': json.loads(config.to_json_best_effort()),
+    }
     if ckpt.save(at, dict(state, rng=rng), meta):
       last_saved = at
 
@@ -382,8 +510,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         _, flops = trainer.compile(state, batch, rng)
         peak, how = metrics_lib.peak_flops_total(trainer.mesh.size)
         meter.flops_per_step, meter.peak_flops = flops, peak
-        logging.info('compiled train step in %.1fs; %.3g FLOPs/step; peak %s',
-                     time.perf_counter() - t, flops or float('nan'), how)
+        logging.info(
+          'compiled train step in %.1fs; %.3g FLOPs/step; peak %s',
+          time.perf_counter() - t,
+          flops or float('nan'),
+          how,
+        )
       state, step_metrics = trainer.train_step(state, batch, rng)
       step += 1
       pending.append((step, step_metrics))
@@ -421,6 +553,5 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     watcher.restore()
     writer.close()
     ckpt.close()
-  result.update(step=step, checkpoint_dir=os.path.join(ckpt_dir, str(step)),
-                workdir=workdir)
+  result.update(step=step, checkpoint_dir=os.path.join(ckpt_dir, str(step)), workdir=workdir)
   return result

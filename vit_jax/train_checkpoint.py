@@ -6,8 +6,8 @@ position `data_batches = step * accum_steps`, the config). Orbax writes each ste
 directory and renames it when complete, so a run killed at any moment leaves only whole checkpoints.
 All processes must call `save`/`restore`; orbax coordinates them.
 
-`PreemptionWatcher` turns SIGTERM (how TPU VMs and most schedulers preempt) into a flag that the loop
-polls; every process agrees on the step at which to stop, which is checkpointed before exiting.
+`PreemptionWatcher` turns SIGTERM (how TPU VMs and most schedulers preempt) into a flag that the
+loop polls; every process agrees on the step at which to stop, which is checkpointed before exiting.
 The original npz format (`vit_jax.checkpoint`) is for interop, not for resuming.
 """
 
@@ -39,6 +39,7 @@ class Checkpointer:
       max_to_keep=max_to_keep,
       create=True,
       enable_async_checkpointing=async_save,
+      cleanup_tmp_directories=True,  # Leftovers of a save interrupted by SIGKILL.
     )
     self._manager = ocp.CheckpointManager(self.directory, options=options)
 
@@ -93,26 +94,35 @@ class Checkpointer:
 
 
 def restore_params(directory: str, step: int | None = None) -> dict:
-  """Reads a train checkpoint's params as host numpy arrays (for predict/export/inspection)."""
-  manager = ocp.CheckpointManager(os.path.abspath(directory))
-  step = manager.latest_step() if step is None else step
+  """Reads a train checkpoint's params as host numpy arrays (for predict/export/inspection).
+
+  Works whatever mesh or process count wrote it: arrays are read whole, not into shardings.
+  """
+  directory = os.path.abspath(directory) if '://' not in directory else directory
+  if step is None:
+    manager = ocp.CheckpointManager(directory)
+    step = manager.latest_step()
+    manager.close()
   if step is None:
     raise FileNotFoundError(f'no checkpoint in {directory}')
-  restored = manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
-  manager.close()
-  return jax.tree.map(np.asarray, restored['state']['params'])
+  path = os.path.join(directory, str(step), 'state')
+  checkpointer = ocp.PyTreeCheckpointer()
+  tree = checkpointer.metadata(path).item_metadata.tree
+  args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+  return checkpointer.restore(path, restore_args=args)['params']
 
 
 class PreemptionWatcher:
   """SIGTERM -> stop at an agreed step, checkpoint, exit 0.
 
-  `should_stop()` is cheap on one process; with several processes it all-gathers the flag so they
-  all stop at the same step (a collective save needs every process), and also honours JAX's own
-  preemption notice where the runtime provides one (Cloud TPU).
+  `should_stop()` is cheap on one process; with several processes it all-gathers the flag every
+  `sync_every` steps so they all stop at the same step (a collective save needs every process),
+  and also honours JAX's own preemption notice where the runtime provides one (Cloud TPU).
   """
 
-  def __init__(self, signals=(signal.SIGTERM,)):
+  def __init__(self, signals=(signal.SIGTERM,), *, sync_every: int = 10):
     self.requested = False
+    self.sync_every = sync_every
     self._previous = {}
     for sig in signals:
       try:
@@ -128,6 +138,8 @@ class PreemptionWatcher:
   def should_stop(self, step: int) -> bool:
     flag = self.requested
     if jax.process_count() > 1:
+      if step % self.sync_every:  # Agreeing costs a host sync: only every `sync_every` steps.
+        return False
       from jax.experimental import multihost_utils
 
       flag = bool(np.any(multihost_utils.process_allgather(np.asarray(flag))))

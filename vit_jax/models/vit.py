@@ -21,6 +21,7 @@ from vit_jax.models import resnet
 Dtype = Any
 Initializer = Callable[..., jax.Array]
 
+_XAVIER = nn.initializers.xavier_uniform()
 CLASSIFIERS = ('token', 'gap', 'map', 'unpooled', 'token_unpooled')
 
 
@@ -81,6 +82,45 @@ class MlpBlock(nn.Module):
     return nn.Dropout(rate=self.dropout_rate)(x, deterministic=deterministic)
 
 
+class _HeadsDense(nn.Module):
+  """Projection into ('in': embed -> heads x head_dim) or out of ('out') attention heads.
+
+  Kernels are created in their 3-D checkpoint shape, (embed, heads, head_dim) or
+  (heads, head_dim, embed), so their logical names hold under a mesh (flax's DenseGeneral
+  initializes a flattened 2-D kernel). Xavier fans are those of the flattened matrix, as
+  DenseGeneral computes them, so initialization is unchanged.
+  """
+
+  features: tuple[int, ...]
+  direction: str
+  kernel_init: Initializer
+  dtype: Dtype
+  param_dtype: Dtype
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    if self.direction == 'in':
+      shape, names = (x.shape[-1], *self.features), ('embed', 'heads', 'kv')
+      fans = dict(in_axis=0, out_axis=(1, 2))
+      bias_names, equation = ('heads', 'kv'), '...d,dhk->...hk'
+    else:
+      shape, names = (*x.shape[-2:], *self.features), ('heads', 'kv', 'embed')
+      fans = dict(in_axis=(0, 1), out_axis=2)
+      bias_names, equation = ('embed',), '...hk,hkd->...d'
+    init = self.kernel_init
+    if init is _XAVIER:
+      init = nn.initializers.xavier_uniform(**fans)
+    kernel = self.param('kernel', _logical(init, names), shape, self.param_dtype)
+    bias = self.param(
+      'bias',
+      _logical(nn.initializers.zeros, bias_names),
+      shape[-len(bias_names) :],
+      self.param_dtype,
+    )
+    x, kernel, bias = x.astype(self.dtype), kernel.astype(self.dtype), bias.astype(self.dtype)
+    return jnp.einsum(equation, x, kernel) + bias
+
+
 class MultiHeadDotProductAttention(nn.Module):
   """Multi-head attention with the released parameter layout.
 
@@ -93,7 +133,7 @@ class MultiHeadDotProductAttention(nn.Module):
   dropout_rate: float = 0.0
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
-  kernel_init: Initializer = nn.initializers.xavier_uniform()
+  kernel_init: Initializer = _XAVIER
   attention_impl: str | None = None  # None: XLA picks; 'cudnn' forces flash attention on GPU.
 
   @nn.compact
@@ -102,15 +142,13 @@ class MultiHeadDotProductAttention(nn.Module):
     if features % self.num_heads:
       raise ValueError(f'hidden size {features} is not divisible by num_heads {self.num_heads}')
     head_dim = features // self.num_heads
-    proj = lambda name: nn.DenseGeneral(
-      (self.num_heads, head_dim),
-      dtype=self.dtype,
-      param_dtype=self.param_dtype,
-      kernel_init=_logical(self.kernel_init, ('embed', 'heads', 'kv')),
-      bias_init=_logical(nn.initializers.zeros, ('heads', 'kv')),
-      name=name,
-    )
-    q, k, v = proj('query')(inputs_q), proj('key')(inputs_kv), proj('value')(inputs_kv)
+
+    def proj(name, x):
+      return _HeadsDense(
+        (self.num_heads, head_dim), 'in', self.kernel_init, self.dtype, self.param_dtype, name=name
+      )(x)
+
+    q, k, v = proj('query', inputs_q), proj('key', inputs_kv), proj('value', inputs_kv)
     names = ('batch', 'seq', 'heads', 'kv')
     q, k, v = (_constrain(t, names) for t in (q, k, v))
     if deterministic or self.dropout_rate == 0.0:
@@ -123,14 +161,8 @@ class MultiHeadDotProductAttention(nn.Module):
       weights = jnp.where(keep, weights / (1.0 - self.dropout_rate), 0).astype(self.dtype)
       x = jnp.einsum('bhqk,bkhd->bqhd', weights, v)
     x = _constrain(x, names)
-    return nn.DenseGeneral(
-      features,
-      axis=(-2, -1),
-      dtype=self.dtype,
-      param_dtype=self.param_dtype,
-      kernel_init=_logical(self.kernel_init, ('heads', 'kv', 'embed')),
-      bias_init=_logical(nn.initializers.zeros, ('embed',)),
-      name='out',
+    return _HeadsDense(
+      (features,), 'out', self.kernel_init, self.dtype, self.param_dtype, name='out'
     )(x)
 
 
