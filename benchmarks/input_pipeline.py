@@ -4,13 +4,15 @@ Makes ~500x375 quality-90 JPEGs from the sample photos scikit-image ships (rando
 resized, some portrait, some flipped), prepares them as a `folder:` dataset, then measures in one
 run, with the same tf.data thread pool:
   1. ceiling: `tf.io.decode_jpeg` alone over the same files (bytes already in memory);
-  2. train:   decode_jpeg_and_inception_crop(224)|flip_lr|value_range(-1,1), batched, to numpy;
-  3. eval:    decode|resize_small(256)|central_crop(224)|value_range(-1,1), and the fused
-     decode_jpeg_and_central_crop(224)|value_range(-1,1), padded batches, to numpy;
+  2. train:   decode_jpeg_and_inception_crop(224)|flip_lr|value_range(-1,1) (preset vit_finetune
+     at 224), batched, to numpy float32;
+  3. eval:    decode|resize_small(256)|central_crop(224)|value_range(-1,1) (preset imagenet_eval)
+     and decode_jpeg_and_central_crop(224)|value_range(-1,1) (preset imagenet_eval_fused),
+     padded batches, to numpy;
   4. resume:  time to the first batch at start_batch=0 and at the last batch of the first epoch
      (the shuffled records before it are skipped without decoding).
 
-  python benchmarks/input_pipeline.py --threads=2 --num_images=2048
+  python benchmarks/input_pipeline.py --num_images=2048 --seconds=8 --rounds=5
 """
 
 import argparse
@@ -130,17 +132,22 @@ def main():
   def passes(ds):  # Eval passes back to back, without rebuilding the pipeline each time.
     return ds.make_tf_dataset().repeat().as_numpy_iterator()
 
-  train_pp = 'decode_jpeg_and_inception_crop(224)|flip_lr|value_range(-1,1)'
-  eval_pp = 'decode|resize_small(256)|central_crop(224)|value_range(-1,1)'
-  fused_eval_pp = 'decode_jpeg_and_central_crop(224)|value_range(-1,1)'
+  # The presets' strings at 224: ViT fine-tuning's train pipeline, the ImageNet eval (exact
+  # published ops) and its fused variant.
+  train_pp = data.preset('vit_finetune', 224)['train_pp']
+  unfused_eval_pp = data.preset('imagenet_eval', 224)['eval_pp']
+  eval_pp = data.preset('imagenet_eval_fused', 224)['eval_pp']
+  assert train_pp == 'decode_jpeg_and_inception_crop(224)|flip_lr|value_range(-1,1)', train_pp
+  assert unfused_eval_pp == 'decode|resize_small(256)|central_crop(224)|value_range(-1,1)'
+  assert eval_pp == 'decode_jpeg_and_central_crop(224)|value_range(-1,1)', eval_pp
   train_ds = get(train_pp, True)
-  eval_ds, fused_eval_ds = get(eval_pp, False), get(fused_eval_pp, False)
+  eval_ds, unfused_eval_ds = get(eval_pp, False), get(unfused_eval_pp, False)
   real = lambda x: int(x['mask'].sum())
   pipelines = {
     'decode_jpeg alone': (ceiling, len),
     f'train  {train_pp}': (lambda: iter(train_ds), real),
     f'eval   {eval_pp}': (lambda: passes(eval_ds), real),
-    f'eval   {fused_eval_pp}': (lambda: passes(fused_eval_ds), real),
+    f'eval   {unfused_eval_pp} (preset imagenet_eval)': (lambda: passes(unfused_eval_ds), real),
   }
   steps = max(int(args.seconds * 300 * cores / b / args.rounds), 2)  # ~300 img/s/core expected
   rates = _measure(pipelines, args.rounds, steps)

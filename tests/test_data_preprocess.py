@@ -92,6 +92,24 @@ def test_fused_inception_crop_matches_decode_then_crop():
     assert diff.mean() < 1.0, diff.mean()
 
 
+@pytest.mark.parametrize('h,w,size', [(150, 200, 64), (375, 500, 224), (500, 375, 224)])
+def test_fused_central_crop_matches_resize_small_then_central_crop(h, w, size):
+  """The fused ImageNet eval op samples the same window as the unfused ops, to under a pixel."""
+  y, x = np.mgrid[:h, :w] / max(h, w)
+  smooth = np.stack(
+    [128 + 100 * np.sin(6 * x + 2 * y), 128 + 100 * np.cos(5 * y - 3 * x), 255 * x * y]
+  )
+  smooth = np.moveaxis(smooth, 0, -1).astype(np.uint8)
+  unfused = f'decode|resize_small({round(size * 256 / 224)})|central_crop({size})'
+  for image in (smooth, _encode(smooth, 'PNG'), _encode(smooth, quality=95)):
+    example = {'image': tf.constant(image)}
+    fused = _run(f'decode_jpeg_and_central_crop({size})', example)['image']
+    plain = _run(unfused, example)['image']
+    assert fused.shape == plain.shape == (size, size, 3)
+    diff = np.abs(fused - plain)
+    assert diff.mean() < 0.5 and diff.max() < 4, (diff.mean(), diff.max())
+
+
 def test_inception_crop_area_range_and_png_fallback():
   areas = []
   for seed in range(10):
@@ -210,11 +228,15 @@ def test_mixup_and_cutmix():
 def test_presets_and_errors():
   augreg = data.preset('augreg')
   assert 'randaug(2,15)' in augreg['train_pp'] and augreg['mixup']['p'] == 0.5
-  assert 'resize_small(256)|central_crop(224)' in augreg['eval_pp']
+  assert augreg['eval_pp'] == 'decode|resize_small(256)|central_crop(224)|value_range(-1,1)'
   assert 'resize_small(439)|central_crop(384)' in data.preset('imagenet_eval', 384)['eval_pp']
+  fused = data.preset('imagenet_eval_fused', 384)['eval_pp']
+  assert (
+    fused == 'decode_jpeg_and_central_crop(384)|value_range(-1,1)'
+  )  # See test_fused_central_...
   vit = data.preset('vit_finetune')
   assert 'inception_crop(384)' in vit['train_pp'] and 'resize(384)' in vit['eval_pp']
-  for name in ('augreg', 'vit_finetune', 'imagenet_eval', 'digits'):
+  for name in ('augreg', 'vit_finetune', 'imagenet_eval', 'imagenet_eval_fused', 'digits'):
     out = _run(data.preset(name, 32)['train_pp'], {'image': tf.constant(JPEG)})
     assert out['image'].shape == (32, 32, 3) and -1 <= out['image'].min() <= out['image'].max() <= 1
   with pytest.raises(ValueError, match='Unknown preprocessing op .*flip_ud'):

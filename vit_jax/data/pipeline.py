@@ -337,13 +337,21 @@ def get_dataset(
     data = pp_fn(data)
     out = {'image': data['image'], 'label': data['label']}
     out.update({k: data[k] for k in ('labels', 'real_labels') if k in data})
-    if train:
-      out['mask'] = tf.constant(True)
-    else:  # Positions from n on are padding: a real example's shapes, zeros, mask=False.
-      out['mask'] = pos < n
-      zero = lambda v: tf.cond(pos < n, lambda: v, lambda: tf.zeros_like(v))
-      out = {k: v if k == 'mask' else zero(v) for k, v in out.items()}
+    # Eval: positions from n on are padding (a real example's shapes, mask=False), zeroed per batch.
+    out['mask'] = tf.constant(True) if train else pos < n
     return out
+
+  def zero_padding(batch):
+    # One test per batch rather than a conditional per example: only the last batches pad.
+    mask = batch['mask']
+
+    def zeroed():
+      keep = lambda v: tf.reshape(mask, [-1] + [1] * (v.shape.rank - 1))
+      return {
+        k: v if k == 'mask' else tf.where(keep(v), v, tf.zeros_like(v)) for k, v in batch.items()
+      }
+
+    return tf.cond(tf.reduce_all(mask), lambda: dict(batch), zeroed)
 
   def make() -> tf.data.Dataset:
     epoch_fn = source.epoch_fn(
@@ -374,7 +382,7 @@ def get_dataset(
         )
         ds = ds.enumerate(start=start_batch).map(fn, num_parallel_calls=AUTOTUNE)
     else:
-      ds = ds.batch(b)
+      ds = ds.batch(b).map(zero_padding)
     options = tf.data.Options()
     options.deterministic = True
     options.threading.max_intra_op_parallelism = 1
