@@ -7,6 +7,7 @@ import sys
 
 import jax
 import numpy as np
+from subprocess_env import cpu_env
 
 from vit_jax import metrics, train_checkpoint
 
@@ -38,16 +39,6 @@ def _command(workdir, *extra):
   ]
 
 
-def _env(devices):
-  env = dict(os.environ)
-  env.update(
-    XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}',
-    JAX_PLATFORMS='cpu',
-    TF_CPP_MIN_LOG_LEVEL='2',
-  )
-  return env
-
-
 def test_two_processes_match_one_process_with_the_same_devices(tmp_path):
   single = str(tmp_path / 'single')
   multi = str(tmp_path / 'multi')
@@ -58,7 +49,7 @@ def test_two_processes_match_one_process_with_the_same_devices(tmp_path):
         multi, f'--coordinator_address=127.0.0.1:{port}', '--num_processes=2', f'--process_id={i}'
       ),
       cwd=REPO,
-      env=_env(2),
+      env=cpu_env(2),
       stdout=subprocess.PIPE,
       stderr=subprocess.STDOUT,
       text=True,
@@ -66,7 +57,7 @@ def test_two_processes_match_one_process_with_the_same_devices(tmp_path):
     for i in range(2)
   ]
   ref = subprocess.run(
-    _command(single), cwd=REPO, env=_env(4), capture_output=True, text=True, timeout=300
+    _command(single), cwd=REPO, env=cpu_env(4), capture_output=True, text=True, timeout=300
   )
   outs = [p.communicate(timeout=300)[0] for p in procs]
   assert ref.returncode == 0, ref.stdout + ref.stderr

@@ -8,20 +8,11 @@ import time
 
 import jax
 import numpy as np
+from subprocess_env import cpu_env
 
 from vit_jax import metrics, train_checkpoint
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _env(devices: int = 2) -> dict:
-  env = dict(os.environ)
-  env.update(
-    XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}',
-    JAX_PLATFORMS='cpu',
-    TF_CPP_MIN_LOG_LEVEL='2',
-  )
-  return env
 
 
 def _command(workdir: str, steps: int) -> list[str]:
@@ -39,7 +30,7 @@ def _start(workdir, steps):
   return subprocess.Popen(
     _command(workdir, steps),
     cwd=REPO,
-    env=_env(),
+    env=cpu_env(),
     stdout=subprocess.PIPE,
     stderr=subprocess.STDOUT,
     text=True,
@@ -48,7 +39,7 @@ def _start(workdir, steps):
 
 def _run(workdir, steps):
   proc = subprocess.run(
-    _command(workdir, steps), cwd=REPO, env=_env(), capture_output=True, text=True, timeout=300
+    _command(workdir, steps), cwd=REPO, env=cpu_env(), capture_output=True, text=True, timeout=300
   )
   assert proc.returncode == 0, proc.stdout + proc.stderr
   return proc.stdout

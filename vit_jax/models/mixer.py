@@ -9,6 +9,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from vit_jax.models.vit import _layer_norm
+
 Dtype = Any
 
 
@@ -31,17 +33,6 @@ class MlpBlock(nn.Module):
     y = dense(self.mlp_dim, self.names, 'Dense_0')(x)
     y = nn.gelu(y, approximate=True)
     return dense(x.shape[-1], self.names[::-1], 'Dense_1')(y)
-
-
-def _layer_norm(name, dtype, param_dtype):
-  return nn.LayerNorm(
-    epsilon=1e-6,
-    dtype=dtype,
-    param_dtype=param_dtype,
-    scale_init=nn.with_logical_partitioning(nn.initializers.ones, ('embed',)),
-    bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ('embed',)),
-    name=name,
-  )
 
 
 class MixerBlock(nn.Module):
