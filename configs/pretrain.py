@@ -8,8 +8,9 @@ r"""Pretraining from scratch: ViT paper (upstream) and AugReg (Steiner et al., 2
 AdamW (b1 0.9, b2 0.999), decoupled weight decay on kernels only (`wd_mask='kernels'`), global-norm
 clipping at 1.0, batch 4096, linear warmup (10k steps) then cosine (ImageNet-1k) or linear
 (ImageNet-21k) decay, resolution 224, sigmoid cross-entropy for the multi-label-ish 21k. Hardware:
-TPU v3/v4-256 or similar; ViT-B/16 on ImageNet-1k, 300 epochs with AugReg `medium2`, takes ~1 day on
-a v4-256 and reaches ~79% top-1 (AugReg paper, Table 8); ImageNet-21k 300 epochs, ~3 days.
+TPU v3/v4-256 or similar. Expected result: ViT-B/16 on ImageNet-1k for 300 epochs with AugReg
+`medium2` reaches about 79-80% top-1 per the AugReg paper; not re-measured with this code yet (no
+accelerator time for a full run so far).
 Large models: `--config.model.scan_layers=True --config.model.remat_policy=full` and an FSDP mesh
 (`--config.mesh.fsdp=-1 --config.mesh.data=1`) or FSDP x tensor (`--config.mesh.tensor=4`).
 
