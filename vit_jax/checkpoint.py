@@ -86,7 +86,8 @@ def load(path: str) -> Params:
   return flax.traverse_util.unflatten_dict(flat)
 
 
-def _to_numpy(x) -> np.ndarray:
+def to_numpy(x) -> np.ndarray:
+  """A (possibly sharded, multi-process) array as numpy on every process."""
   if isinstance(x, jax.Array) and not x.is_fully_addressable:
     from jax.experimental import multihost_utils
 
@@ -99,7 +100,7 @@ def to_released_layout(params: Mapping) -> dict[str, np.ndarray]:
   params = unscan_params(flax.core.unfreeze(flax.linen.unbox(params)))
   flat = {}
   for path, value in flax.traverse_util.flatten_dict(params).items():
-    value = _to_numpy(value)
+    value = to_numpy(value)
     if value.dtype.kind not in 'fiub':  # bfloat16 and friends: np.savez cannot hold them.
       value = value.astype(np.float32)
     if _is_groupnorm(path):

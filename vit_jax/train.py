@@ -223,7 +223,7 @@ class Trainer:
 
   def host_params(self, state: dict) -> Any:
     """Params as numpy on every process (gathers across processes when needed)."""
-    return jax.tree.map(npz_checkpoint._to_numpy, state['params'])  # noqa: SLF001
+    return jax.tree.map(npz_checkpoint.to_numpy, state['params'])
 
   def compile(self, state: dict, batch: dict, rng: jax.Array):
     """AOT-compiles the train step for these shapes; returns (compiled, model FLOPs per step).
