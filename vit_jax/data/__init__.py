@@ -27,7 +27,14 @@ for _env, _setter in (
     except RuntimeError:
       pass
 
-from vit_jax.data.builders import Digits, ImageFolder, prepare_digits, prepare_folder  # noqa: E402
+from vit_jax.data.builders import (  # noqa: E402
+  Digits,
+  ImageFolder,
+  Imagenet21k,
+  prepare_digits,
+  prepare_folder,
+  prepare_imagenet21k,
+)
 from vit_jax.data.pipeline import (  # noqa: E402
   DEFAULT_SPLITS,
   Dataset,
@@ -41,11 +48,13 @@ __all__ = [
   'Dataset',
   'Digits',
   'ImageFolder',
+  'Imagenet21k',
   'get_dataset',
   'get_dataset_info',
   'get_preprocess_fn',
   'mixup',
   'prepare_digits',
   'prepare_folder',
+  'prepare_imagenet21k',
   'preset',
 ]

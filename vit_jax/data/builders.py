@@ -1,12 +1,16 @@
-"""Offline TFDS builders: scikit-learn's 8x8 digits, and a folder of images (a subfolder per class).
+"""Offline TFDS builders: scikit-learn's 8x8 digits, a folder of images (a subfolder per class) and
+ImageNet-21k from its manual download (winter21_whole).
 
-Both are real `tfds.core.GeneratorBasedBuilder`s: prepared once into `data_dir` as TFRecord shards
+All are real `tfds.core.GeneratorBasedBuilder`s: prepared once into `data_dir` as TFRecord shards
 and then read by the same pipeline as any TFDS dataset (per-process shards, resumable shuffling).
 """
 
 import hashlib
 import io
+import logging
 import os
+import re
+import tarfile
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -107,23 +111,32 @@ def _list_folder(folder: str) -> dict[str, list[str]]:
   return files
 
 
-def _load_checked(path: str) -> bytes:
-  """Returns bytes TensorFlow can decode to RGB: JPEGs (RGB/grayscale) as-is, others as PNG.
+def _checked_bytes(raw: bytes, convert_to: str = 'PNG') -> bytes:
+  """Returns bytes TensorFlow can decode to RGB: JPEGs (RGB/grayscale) as-is, others converted.
+
+  Anything else (CMYK JPEGs, PNG/GIF/BMP, ...) is converted to RGB and saved as `convert_to`
+  ('PNG': lossless; 'JPEG': quality 100, as TFDS's imagenet2012 builder does for its odd files).
 
   Raises:
     OSError/ValueError (from PIL): a corrupt, truncated or unreadable file.
   """
   from PIL import Image
 
-  with open(path, 'rb') as f:
-    raw = f.read()
   with Image.open(io.BytesIO(raw)) as image:
     image.load()  # Full decode: catches truncated and corrupt files.
     if image.format == 'JPEG' and image.mode in ('RGB', 'L'):
       return raw
     out = io.BytesIO()
-    image.convert('RGB').save(out, format='PNG')  # GIF: first frame; RGBA: alpha dropped.
+    options = {'quality': 100} if convert_to == 'JPEG' else {}
+    # GIF: first frame; RGBA: alpha dropped; CMYK: PIL's conversion.
+    image.convert('RGB').save(out, format=convert_to, **options)
     return out.getvalue()
+
+
+def _load_checked(path: str) -> bytes:
+  """`_checked_bytes` of a file (others as PNG)."""
+  with open(path, 'rb') as f:
+    return _checked_bytes(f.read())
 
 
 class ImageFolder(_OfflineBuilder):
@@ -207,3 +220,201 @@ def prepare_folder(
   )
   builder.download_and_prepare()
   return builder
+
+
+IMAGENET21K_DIR = 'winter21_whole'  # Inside the manual dir.
+_SYNSET = re.compile(r'^n\d{8}$')
+IMAGENET21K_PREPARE = (
+  'python -c "from vit_jax import data; '
+  "data.prepare_imagenet21k('{data_dir}', manual_dir='{manual_dir}')\""
+)
+
+
+def _default_manual_dir(data_dir: str) -> str:
+  return os.path.join(data_dir, 'downloads', 'manual')
+
+
+def _list_synsets(root: str) -> dict[str, str]:
+  """Returns {synset id: its .tar file or folder} under `root`, sorted by synset id.
+
+  Raises:
+    FileNotFoundError: `root` is missing or holds no nXXXXXXXX.tar / nXXXXXXXX/ entries.
+    ValueError: a synset present both as a .tar and as a folder.
+  """
+  entries = sorted(os.listdir(root)) if os.path.isdir(root) else []
+  synsets = {}
+  for entry in entries:
+    path = os.path.join(root, entry)
+    synset = entry[: -len('.tar')] if entry.endswith('.tar') else entry
+    if not _SYNSET.match(synset) or not (os.path.isdir(path) or entry.endswith('.tar')):
+      continue
+    if synset in synsets:
+      raise ValueError(
+        f'Synset {synset} is in {root} both as {synset}.tar and as the folder {synset}/; '
+        'keep one of them.'
+      )
+    synsets[synset] = path
+  if not synsets:
+    raise FileNotFoundError(f'No nXXXXXXXX.tar files or nXXXXXXXX/ folders in {root!r}.')
+  return dict(sorted(synsets.items()))
+
+
+def _synset_images(synset: str, path: str):
+  """Yields (key, path for messages, bytes or exception) of one synset, streaming its .tar."""
+  if os.path.isdir(path):
+    for name in sorted(os.listdir(path)):
+      if name.lower().endswith(IMAGE_EXTENSIONS):
+        file_path = os.path.join(path, name)
+        try:
+          with open(file_path, 'rb') as f:
+            yield f'{synset}/{name}', file_path, f.read()
+        except OSError as e:
+          yield f'{synset}/{name}', file_path, e
+    return
+  try:
+    with tarfile.open(path, mode='r|*') as tar:  # Streaming: members in order, nothing on disk.
+      for member in tar:
+        if member.isfile() and member.name.lower().endswith(IMAGE_EXTENSIONS):
+          name = member.name[2:] if member.name.startswith('./') else member.name
+          yield f'{synset}/{name}', f'{path}/{name}', tar.extractfile(member).read()
+  except (tarfile.TarError, OSError, EOFError) as e:  # The .tar itself is damaged.
+    yield None, path, e
+
+
+class Imagenet21k(_OfflineBuilder):
+  """ImageNet-21k (winter21 release, ~13M images, ~19k synsets), from a manual download.
+
+  Labels are the sorted synset ids found in the manual folder. One split, `full`; the usual
+  evaluation split is its first 102,400 examples (`full[:102400]`, training `full[102400:]`),
+  which are a pseudo-random sample over all classes because TFDS orders examples by a hash of
+  their key (`<synset>/<file name>`). Original JPEG bytes are stored as is; the few CMYK,
+  PNG-in-.JPEG etc. files are converted to RGB JPEGs (quality 100). Every image is fully decoded at
+  preparation; corrupt ones stop it (listed by path) unless `skip_corrupt`.
+  """
+
+  name = 'imagenet21k'
+  VERSION = tfds.core.Version('1.0.0')
+  RELEASE_NOTES = {'1.0.0': 'Initial release: the winter21 release (winter21_whole.tar.gz).'}
+  MANUAL_DOWNLOAD_INSTRUCTIONS = f"""\
+Register at https://image-net.org and download the ImageNet-21k winter21 release,
+`winter21_whole.tar.gz` (Download > ImageNet21K, "Winter 2021 release", about 1.1 TB). Extract it
+in the manual folder, so that `<manual_dir>/{IMAGENET21K_DIR}/` holds one `nXXXXXXXX.tar` per
+synset (the per-synset tars need not be extracted); already extracted per-synset folders
+`<manual_dir>/{IMAGENET21K_DIR}/nXXXXXXXX/*.JPEG` work too. The manual folder defaults to
+`<data_dir>/downloads/manual`.
+"""
+
+  def __init__(self, *, skip_corrupt: bool = False, **kwargs):
+    self._skip_corrupt = skip_corrupt
+    self.corrupt_files: list[str] = []  # Set by preparation: what was skipped or failed.
+    super().__init__(**kwargs)
+
+  def _info(self):
+    return self.dataset_info_from_configs(
+      description=self.__doc__,
+      features=tfds.features.FeaturesDict(
+        {
+          'image': tfds.features.Image(shape=(None, None, 3), encoding_format='jpeg'),
+          # Names (the synset ids) are set at preparation and read back from the prepared data.
+          'label': tfds.features.ClassLabel(),
+          'file_name': tfds.features.Text(),  # <synset>/<file name in its .tar or folder>
+        }
+      ),
+      supervised_keys=('image', 'label'),
+      homepage='https://image-net.org/',
+    )
+
+  def _split_generators(self, dl_manager):
+    root = os.path.join(dl_manager.manual_dir, IMAGENET21K_DIR)
+    synsets = _list_synsets(root)
+    self.info.features['label'].names = list(synsets)
+    return {'full': self._generate_examples(root, synsets)}
+
+  def _generate_examples(self, root, synsets):
+    self.corrupt_files = []
+    for label, (synset, path) in enumerate(synsets.items()):
+      for key, where, raw in _synset_images(synset, path):
+        try:
+          if isinstance(raw, Exception):
+            raise raw
+          image = _checked_bytes(raw, convert_to='JPEG')
+        except Exception as e:  # PIL raises many types for bad files.
+          self.corrupt_files.append(f'{where} ({type(e).__name__}: {e})')
+          continue
+        yield key, {'image': image, 'label': label, 'file_name': key}
+    if self.corrupt_files and not self._skip_corrupt:
+      bad = self.corrupt_files
+      listing = '\n  '.join(bad[:50]) + ('\n  ...' if len(bad) > 50 else '')
+      raise ValueError(
+        f'{len(bad)} corrupt or unreadable image(s) in {root}; nothing was written. Replace '
+        f'or delete them, or prepare with skip_corrupt=True to leave them out:\n  {listing}'
+      )
+    if self.corrupt_files:
+      logging.warning(
+        'imagenet21k: left out %d corrupt image(s):\n  %s',
+        len(self.corrupt_files),
+        '\n  '.join(self.corrupt_files),
+      )
+
+
+def prepare_imagenet21k(
+  data_dir: str | None = None, manual_dir: str | None = None, skip_corrupt: bool = False
+) -> tfds.core.DatasetBuilder:
+  """Prepares `imagenet21k` into `data_dir` from `<manual_dir>/winter21_whole/`, if not done yet.
+
+  Single process (no Beam). `manual_dir` defaults to `<data_dir>/downloads/manual`.
+
+  Raises:
+    FileNotFoundError: no nXXXXXXXX.tar / nXXXXXXXX/ in `<manual_dir>/winter21_whole/`.
+    ValueError: corrupt images (all listed by path, `<synset>.tar/<member>` for tar members) when
+      not `skip_corrupt`; nothing is written then.
+  """
+  data_dir = os.path.expanduser(data_dir or DEFAULT_DATA_DIR)
+  manual_dir = os.path.expanduser(manual_dir or _default_manual_dir(data_dir))
+  builder = Imagenet21k(data_dir=data_dir, skip_corrupt=skip_corrupt)
+  if builder.is_prepared():
+    return builder
+  root = os.path.join(manual_dir, IMAGENET21K_DIR)
+  try:
+    _list_synsets(root)
+  except FileNotFoundError as e:
+    raise FileNotFoundError(_imagenet21k_missing(data_dir, manual_dir, str(e))) from None
+  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
+  return builder
+
+
+def _imagenet21k_missing(data_dir: str, manual_dir: str, why: str) -> str:
+  return (
+    f'Dataset imagenet21k is not prepared in {data_dir!r} and its manual download is missing: '
+    f'{why} Put the ImageNet-21k winter21 release there: download winter21_whole.tar.gz from '
+    f'https://image-net.org and extract it in {manual_dir}/ so that '
+    f'{os.path.join(manual_dir, IMAGENET21K_DIR)}/ holds nXXXXXXXX.tar (one per synset; or '
+    f'extracted nXXXXXXXX/*.JPEG folders). Then prepare it once (single process, many hours for '
+    f'the full 13M images; see docs/data.md): '
+    + IMAGENET21K_PREPARE.format(data_dir=data_dir, manual_dir=manual_dir)
+  )
+
+
+def load_imagenet21k(data_dir: str | None = None) -> tfds.core.DatasetBuilder:
+  """Returns the prepared `imagenet21k` builder; never prepares it (that takes many hours).
+
+  Raises:
+    FileNotFoundError: not prepared in `data_dir`; says where the manual files go (default
+      `<data_dir>/downloads/manual/winter21_whole/`) and how to prepare them.
+  """
+  data_dir = os.path.expanduser(data_dir or DEFAULT_DATA_DIR)
+  builder = Imagenet21k(data_dir=data_dir)
+  if builder.is_prepared():
+    return builder
+  manual_dir = _default_manual_dir(data_dir)
+  root = os.path.join(manual_dir, IMAGENET21K_DIR)
+  try:
+    n = len(_list_synsets(root))
+  except FileNotFoundError as e:
+    raise FileNotFoundError(_imagenet21k_missing(data_dir, manual_dir, str(e))) from None
+  raise FileNotFoundError(
+    f'Dataset imagenet21k is not prepared in {data_dir!r}. Its manual download is in {root}/ '
+    f'({n} synsets); preparing takes long (single process), so it is not done on first use. '
+    'Prepare it once, before training (not from every host): '
+    + IMAGENET21K_PREPARE.format(data_dir=data_dir, manual_dir=manual_dir)
+  )

@@ -32,6 +32,7 @@ DEFAULT_SPLITS = {
   'imagenet2012': ('train', 'validation'),
   'imagenet_v2': (None, 'test'),
   'imagenet2012_real': (None, 'validation'),
+  'imagenet21k': ('full[102400:]', 'full[:102400]'),
   'digits': ('train', 'test'),
   'folder': ('train', 'validation'),
   'synthetic': ('train', 'test'),
@@ -82,11 +83,14 @@ def _tfds_builder(dataset: str, data_dir: str | None):
     return builders.prepare_digits(data_dir)
   if dataset.startswith('folder:'):
     return builders.prepare_folder(dataset[len('folder:') :], data_dir)
+  if dataset == 'imagenet21k':  # Never prepared on first use: that takes many hours.
+    return builders.load_imagenet21k(data_dir)
   name = dataset.split(':')[0].split('/')[0]
   if name not in tfds.list_builders(with_community_datasets=False):
     raise ValueError(
-      f'Unknown dataset {dataset!r}: use "digits", "synthetic[:image_size=..,num_classes=..,'
-      'num_examples=..]", "folder:/path/to/images" or a TFDS name (tfds.list_builders()).'
+      f'Unknown dataset {dataset!r}: use "digits", "imagenet21k", '
+      '"synthetic[:image_size=..,num_classes=..,num_examples=..]", "folder:/path/to/images" '
+      'or a TFDS name (tfds.list_builders()).'
     )
   if data_dir and '://' not in data_dir and not os.path.isdir(os.path.expanduser(data_dir)):
     raise FileNotFoundError(f'data_dir {data_dir!r} for dataset {dataset!r} does not exist.')
@@ -273,7 +277,8 @@ def get_dataset(
   """Returns this process's batches of `split` of `dataset`, preprocessed by `preprocess`.
 
   Args:
-    dataset: 'digits', 'folder:/path/to/images', a TFDS name ('cifar10', 'imagenet2012', ...) or
+    dataset: 'digits', 'folder:/path/to/images', 'imagenet21k' (prepared beforehand with
+      `prepare_imagenet21k`), a TFDS name ('cifar10', 'imagenet2012', ...) or
       'synthetic[:image_size=224,num_classes=1000,num_examples=10000,num_test=1000]'.
     split: a TFDS split string ('train', 'test', 'train[:90%]').
     preprocess: ops separated by '|' (preprocess.py), e.g. 'decode|resize(32)|value_range(-1,1)'.
