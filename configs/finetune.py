@@ -75,7 +75,9 @@ def get_config(arg: str | None = None):
     c.pp_train = f'decode|resize({args.res})|value_range(-1,1)'
   if args.runlocal:
     c.model_name = 'testing'
-    c.model = common.model_overrides('testing', dtype='float32', param_dtype='float32')
+    c.model = common.model_overrides(
+      'testing', dtype='float32', param_dtype='float32', dropout_rate=0.0
+    )
     c.dataset = 'synthetic:image_size=32,num_classes=10,num_examples=256'
     c.train_split, c.eval_splits = 'train', 'test'
     c.pp_train = c.pp_eval = 'value_range(-1,1)'

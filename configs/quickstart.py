@@ -60,7 +60,7 @@ def get_config(arg: str | None = None):
   if args.runlocal:
     c.model_name = 'testing'
     c.model = common.model_overrides(
-      c.model_name, patches=(4, 4), dtype='float32', param_dtype='float32'
+      c.model_name, patches=(4, 4), dtype='float32', param_dtype='float32', dropout_rate=0.0
     )
     c.dataset = 'synthetic:image_size=16,num_classes=10,num_examples=512'
     c.pp_train = c.pp_eval = 'value_range(-1,1)'

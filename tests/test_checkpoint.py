@@ -133,7 +133,7 @@ def test_mismatch_error_lists_every_problem(golden_dir):
   init = models.init_params(model, jax.random.key(0), 224)
   with pytest.raises(checkpoint.CheckpointMismatchError) as info:
     checkpoint.load_pretrained(
-      pretrained_path=path, init_params=init, model_config={'name': 'my-model'}
+      pretrained_path=path, init_params=init, model_config={'model_name': 'my-model'}
     )
   message = str(info.value)
   assert path in message and "'my-model'" in message

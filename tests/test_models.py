@@ -64,8 +64,7 @@ def test_scaling_paper_counts_round_to_published_millions():
 def _original_schema_b16():
   # A config exactly as the original project writes it (configs/models.py there).
   config = ml_collections.ConfigDict()
-  config.model_name = 'VisionTransformer'
-  config.name = 'ViT-B_16'
+  config.model_name = 'ViT-B_16'
   config.patches = ml_collections.ConfigDict({'size': (16, 16)})
   config.hidden_size = 768
   config.transformer = ml_collections.ConfigDict()
@@ -85,6 +84,28 @@ def test_original_schema_config_builds_same_model():
   as_dict = models.get_model(_original_schema_b16().to_dict(), num_classes=1000)
   assert as_dict == from_config
   assert models.get_model_config('ViT-B_16').to_dict() == _original_schema_b16().to_dict()
+
+
+def test_registry_follows_the_original_schema():
+  for name, config in models.MODEL_CONFIGS.items():
+    assert config.model_name == name
+    assert 'name' not in config
+  # The original project's dropout defaults (training only).
+  assert models.get_model_config('ViT-L_16').transformer.dropout_rate == 0.1
+  assert models.get_model_config('ViT-L_32').transformer.dropout_rate == 0.0
+  assert models.get_model_config('testing').transformer.dropout_rate == 0.1
+  mixer = models.get_model_config('Mixer-B_16').to_dict()
+  assert mixer == {
+    'model_name': 'Mixer-B_16',
+    'patches': {'size': (16, 16)},
+    'hidden_dim': 768,
+    'num_blocks': 12,
+    'tokens_mlp_dim': 384,
+    'channels_mlp_dim': 3072,
+  }
+  assert isinstance(models.get_model(mixer, num_classes=10), models.MlpMixer)
+  hybrid = models.get_model(models.get_model_config('R50+ViT-B_16'), num_classes=10)
+  assert hybrid.model_name == 'R50+ViT-B_16' and hybrid.resnet['num_layers'] == (3, 4, 9)
 
 
 def test_bad_names_and_keys_raise_clear_errors():

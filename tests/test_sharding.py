@@ -85,7 +85,14 @@ def _tiny_config(**mesh):
   c = common.base_config()
   c.model_name = 'testing'
   c.model = ml_collections.ConfigDict(
-    {'hidden_size': 16, 'mlp_dim': 32, 'num_heads': 4, 'num_layers': 2, 'patches': (4, 4)}
+    {
+      'hidden_size': 16,
+      'mlp_dim': 32,
+      'num_heads': 4,
+      'num_layers': 2,
+      'patches': (4, 4),
+      'dropout_rate': 0.0,
+    }
   )
   c.image_size = 16
   c.batch_size = 16

@@ -74,7 +74,7 @@ def test_end_to_end_logs_checkpoints_resumes_and_evaluates(tmp_path):
 def _sgd_config(**fields):
   c = common.base_config()
   c.model_name = 'testing'
-  c.model = ml_collections.ConfigDict({'patches': (4, 4), **fields})
+  c.model = ml_collections.ConfigDict({'patches': (4, 4), 'dropout_rate': 0.0, **fields})
   c.image_size = 16
   c.optimizer = 'sgd'
   c.lr = 0.1
@@ -179,7 +179,7 @@ def test_finetune_from_golden_checkpoint_matches_direct_computation(tmp_path, go
   from configs import finetune
 
   config = finetune.get_config('runlocal')
-  config.model = common.model_overrides('testing', representation_size=16)
+  config.model = common.model_overrides('testing', representation_size=16, dropout_rate=0.0)
   config.pretrained_path = str(golden_dir / 'testing_rep16_ref.npz')
   config.dataset = 'synthetic:image_size=224,num_classes=10,num_examples=64'
   config.image_size = 224

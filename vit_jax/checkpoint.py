@@ -269,8 +269,8 @@ def load_pretrained(
     pretrained_path: original-format `.npz` (local or gs://).
     init_params: freshly initialized params of the target model (defines shapes, the new head, and
       whether the encoder is scanned).
-    model_config: the target model config (used for its `name` in errors). Whether `pre_logits` is
-      kept follows the target model: kept when it has a representation layer, dropped otherwise.
+    model_config: the target model config (its `model_name` appears in errors). Whether
+      `pre_logits` is kept follows the target model: kept when it has a representation layer.
     grid_size: target patch grid for non-square inputs (default: inferred as square).
 
   Returns:
@@ -282,7 +282,7 @@ def load_pretrained(
   """
   init_params = flax.core.unfreeze(flax.linen.unbox(init_params))
   restored = load(pretrained_path)
-  model_name = model_config.get('name') if model_config is not None else None
+  model_name = model_config.get('model_name') if model_config is not None else None
   if 'encoderblock' in init_params.get('Transformer', {}):
     restored = scan_params(restored)
 

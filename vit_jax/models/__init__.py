@@ -65,7 +65,8 @@ def get_model(
 
   Args:
     name_or_config: a registered name (`'ViT-B_16'`, `'R50+ViT-B_16'`, `'Mixer-B_16'`, ...) or a
-      config with the original project's fields.
+      config with the original project's fields (its `model_name` names the variant; names that
+      start with 'Mixer', or configs with `hidden_dim`, build an MlpMixer).
     num_classes: size of the classification head; 0 returns pre-logits features.
     **overrides: module fields (`dtype`, `param_dtype`, `classifier`, `representation_size`, ...)
       or encoder fields (`dropout_rate`, `droppath_rate`, `scan_layers`, `remat_policy`, ...).
@@ -80,10 +81,11 @@ def get_model(
     config = _as_dict(get_model_config(name_or_config))
   else:
     config = _as_dict(name_or_config)
-  name = config.pop('name', None)
-  family = config.pop('model_name', None)
-  if family is None:
-    family = 'MlpMixer' if 'hidden_dim' in config else 'VisionTransformer'
+  # As in the original project, `model_name` is the variant's name; the family follows from it
+  # (or from Mixer's fields when a config has no name).
+  name = config.pop('model_name', None)
+  is_mixer = 'hidden_dim' in config or str(name).startswith('Mixer')
+  family = 'MlpMixer' if is_mixer else 'VisionTransformer'
   patches = config.pop('patches', None)
   if not isinstance(patches, Mapping) or 'size' not in patches:
     raise ValueError(f'model config {name!r} needs patches.size (got patches={patches!r})')
@@ -93,17 +95,13 @@ def get_model(
     )
   config['patches'] = tuple(patches['size'])
 
-  if family == 'MlpMixer':
-    valid = _MIXER_KEYS
-    cls = MlpMixer
-  elif family == 'VisionTransformer':
-    valid = _VIT_KEYS
-    cls = VisionTransformer
+  if is_mixer:
+    valid, cls = _MIXER_KEYS, MlpMixer
+  else:
+    valid, cls = _VIT_KEYS, VisionTransformer
     config['transformer'] = dict(config.get('transformer') or {})
     if config.get('resnet') is not None:
       config['resnet'] = dict(config['resnet'])
-  else:
-    raise ValueError(f'unknown model_name {family!r}; expected VisionTransformer or MlpMixer')
 
   for key, value in overrides.items():
     if key in valid:
