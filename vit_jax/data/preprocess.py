@@ -7,11 +7,12 @@ same example at the same stream position always gets the same augmentation, eage
 """
 
 import ast
+import dataclasses
 from collections.abc import Callable
 
 import tensorflow as tf
 
-from vit_jax.data import randaug
+from vit_jax.data import fast_resize, randaug
 
 Op = Callable[[dict], dict]
 _OPS: dict[str, Callable[..., Op]] = {}
@@ -44,6 +45,12 @@ def parse_op(spec: str) -> tuple[str, tuple, dict]:
 def get_preprocess_fn(pp: str) -> Op:
   """Returns `fn(data) -> data` applying the ops of `pp` (separated by `|`) in order.
 
+  The geometric ops (decode, the crops, resizes, flip_lr, value_range) are lazy: they record what
+  to do and the image is computed once, when an op that needs pixels comes or at the end. So only
+  the JPEG rows a crop or resize reads are decoded, and a bilinear resize with its window, flip
+  and value_range is one pass of the C kernel in `fast_resize`. Results equal the ops applied one
+  by one with TensorFlow's kernels, to float32 rounding.
+
   Raises:
     ValueError: an unknown op name (the message lists the known ones) or bad arguments.
   """
@@ -62,10 +69,18 @@ def get_preprocess_fn(pp: str) -> Op:
     data.setdefault('_rng', tf.constant([0, 0], tf.int64))
     for i, op in enumerate(ops):
       data['_op_index'] = i  # A Python int: random ops fold it into their seed.
+      if not getattr(op, 'lazy', False):
+        _materialize(data)
       data = op(data)
     data.pop('_op_index', None)
+    _materialize(data)
     return data
 
+  return fn
+
+
+def _lazy(fn):
+  fn.lazy = True
   return fn
 
 
@@ -97,15 +112,181 @@ def _resize(image, size, method, antialias=False):
   return tf.image.resize(image, size, method=method, antialias=antialias)
 
 
+_JPEG_MARGIN = 2
+
+
+@dataclasses.dataclass
+class _Lazy:
+  """An image described, not computed: source, crop, resize, window of it, flip and affine.
+
+  The image it stands for is: decode `raw` (or take `image`), crop `crop` (y, x, h, w), resize
+  that to `size`, take `window` (y, x, h, w) of the result, mirror it if `flip`, then
+  value * affine[0] + affine[1]. Each step is optional; the order is fixed, and an op that does not
+  fit it computes the image first (`_materialize`).
+  """
+
+  raw: tf.Tensor | None  # Encoded bytes whose decoding is pending, or None.
+  is_jpeg: tf.Tensor | None  # With `raw`: JPEGs decode only the rows and columns needed.
+  image: tf.Tensor  # The decoded image (an empty placeholder while a JPEG's decoding is pending).
+  shape: tf.Tensor  # int32 [2]: the source's height and width.
+  crop: tf.Tensor  # int32 [4].
+  size: tuple | None = None
+  method: str = 'bilinear'
+  antialias: bool = False
+  window: tuple | None = None  # Ints or int32 scalars.
+  flip: tf.Tensor | None = None
+  affine: tuple[float, float] | None = None
+
+  @property
+  def plain(self) -> bool:
+    """Only a source crop so far: crops and resizes still compose."""
+    return self.size is None and self.flip is None and self.affine is None
+
+
+def _start(data) -> _Lazy:
+  """The lazy form of data['image'], started if needed (encoded bytes: decoding deferred)."""
+  image = data['image']
+  if isinstance(image, _Lazy):
+    return image
+  if image.dtype != tf.string:
+    shape = tf.shape(image)[:2]
+    return _Lazy(None, None, image, shape, tf.stack([0, 0, shape[0], shape[1]]))
+  is_jpeg = tf.io.is_jpeg(image)
+
+  def jpeg():  # Only the header is read here.
+    return tf.zeros([0, 0, 3], tf.uint8), tf.io.extract_jpeg_shape(image)[:2]
+
+  def other():  # PNG, GIF, BMP: decoded whole, once.
+    decoded = _to_rgb(tf.io.decode_image(image, channels=3, expand_animations=False))
+    return decoded, tf.shape(decoded)[:2]
+
+  decoded, shape = tf.cond(is_jpeg, jpeg, other)
+  decoded.set_shape([None, None, 3])
+  return _Lazy(image, is_jpeg, decoded, shape, tf.stack([0, 0, shape[0], shape[1]]))
+
+
+def _pixels(lazy: _Lazy, box) -> tuple[tf.Tensor, tuple]:
+  """Source pixels covering `box` (y, x, h, w) and their (y, x) in the source.
+
+  A JPEG decodes only the box plus a margin: libjpeg's cropped decode differs from a full decode
+  in the box's outermost pixels (chroma upsampling without the neighbours), by up to 20 levels;
+  one pixel of margin removes that (tests/test_data_preprocess.py), we keep _JPEG_MARGIN.
+  """
+  y, x, h, w = (tf.cast(v, tf.int32) for v in box)
+  cut = lambda: (tf.slice(lazy.image, [y, x, 0], [h, w, -1]), y, x)
+  if lazy.raw is None:
+    out, oy, ox = cut()
+  else:
+
+    def jpeg():
+      top, left = tf.maximum(y - _JPEG_MARGIN, 0), tf.maximum(x - _JPEG_MARGIN, 0)
+      bottom = tf.minimum(y + h + _JPEG_MARGIN, lazy.shape[0])
+      right = tf.minimum(x + w + _JPEG_MARGIN, lazy.shape[1])
+      window = tf.stack([top, left, bottom - top, right - left])
+      return tf.image.decode_and_crop_jpeg(lazy.raw, window, channels=3), top, left
+
+    out, oy, ox = tf.cond(lazy.is_jpeg, jpeg, cut)
+    out.set_shape([None, None, 3])
+  return out, (oy, ox)
+
+
+def _crop(lazy: _Lazy, box) -> tf.Tensor:
+  """Exactly the source pixels in `box` (y, x, h, w)."""
+  pixels, (oy, ox) = _pixels(lazy, box)
+  if lazy.raw is None:
+    return pixels
+  y, x, h, w = (tf.cast(v, tf.int32) for v in box)
+  return tf.slice(pixels, tf.stack([y - oy, x - ox, 0]), tf.stack([h, w, -1]))
+
+
+def _materialize(data) -> None:
+  """Computes data['image'] if it is lazy (in place)."""
+  lazy = data.get('image')
+  if isinstance(lazy, _Lazy):
+    data['image'] = _compute(lazy)
+
+
+def _compute(lazy: _Lazy) -> tf.Tensor:
+  cy, cx, ch, cw = tf.unstack(lazy.crop)
+  if lazy.size is None:
+    image = _crop(lazy, (cy, cx, ch, cw))
+  else:
+    oh, ow = lazy.size
+    window = lazy.window or (0, 0, oh, ow)
+    image = lazy.image
+    if (
+      lazy.method == 'bilinear'
+      and not lazy.antialias
+      and image.dtype == tf.uint8
+      and image.shape[-1] == 3
+      and fast_resize.available()
+    ):
+      # One pass over only the source pixels the window reads.
+      y0, y1 = fast_resize.source_range(ch, oh, window[0], window[2])
+      x0, x1 = fast_resize.source_range(cw, ow, window[1], window[3])
+      src, (sy, sx) = _pixels(lazy, (cy + y0, cx + x0, y1 - y0 + 1, x1 - x0 + 1))
+      flip = lazy.flip if lazy.flip is not None else tf.constant(False)
+      return fast_resize.resize_window(
+        src, (sy - cy, sx - cx), (ch, cw), (oh, ow), window, flip, lazy.affine or (1.0, 0.0)
+      )
+    image = _crop(lazy, (cy, cx, ch, cw))
+    image = _resize(image, tf.stack([oh, ow]), lazy.method, lazy.antialias)
+    if isinstance(oh, int) and isinstance(ow, int):
+      image.set_shape([oh, ow, None])
+    if lazy.window is not None:
+      wy, wx, wh, ww = window
+      image = tf.slice(image, tf.stack([wy, wx, 0]), tf.stack([wh, ww, -1]))
+      if isinstance(wh, int) and isinstance(ww, int):
+        image.set_shape([wh, ww, None])
+  if lazy.flip is not None:
+    flip, image_ = lazy.flip, image
+    image = tf.cond(flip, lambda: tf.reverse(image_, [1]), lambda: image_)
+    image.set_shape(image_.shape)
+  if lazy.affine is not None:
+    image = tf.cast(image, tf.float32) * lazy.affine[0] + lazy.affine[1]
+  return image
+
+
+def _crop_source(data, box_fn) -> _Lazy:
+  """Crops the (lazy) image's source by `box_fn(h, w) -> (y, x, h, w)` of the current crop."""
+  lazy = _start(data)
+  if not lazy.plain:
+    _materialize(data)
+    lazy = _start(data)
+  y, x, h, w = box_fn(lazy.crop[2], lazy.crop[3])
+  lazy.crop = tf.stack([lazy.crop[0] + y, lazy.crop[1] + x, h, w])
+  return lazy
+
+
+def _resize_lazy(data, size_fn, method, antialias) -> None:
+  """Makes data['image'] a lazy resize of its crop to `size_fn(h, w)`."""
+  lazy = _start(data)
+  if not lazy.plain:
+    _materialize(data)
+    lazy = _start(data)
+  lazy.size, lazy.method, lazy.antialias = size_fn(lazy.crop[2], lazy.crop[3]), method, antialias
+  data['image'] = lazy
+
+
 @register('decode')
 def decode(channels: int = 3) -> Op:
   """Decodes JPEG/PNG/BMP/GIF bytes into uint8 [h, w, 3]; already-decoded images pass through."""
 
+  @_lazy
   def fn(data):
     image = data['image']
-    if image.dtype == tf.string:
-      image = tf.io.decode_image(image, channels=channels, expand_animations=False)
-    data['image'] = _to_rgb(image)
+    if channels != 3:
+      if isinstance(image, _Lazy):
+        _materialize(data)
+        image = data['image']
+      if image.dtype == tf.string:
+        image = tf.io.decode_image(image, channels=channels, expand_animations=False)
+      data['image'] = image
+      return data
+    if not isinstance(image, _Lazy):
+      if image.dtype != tf.string:
+        data['image'] = _to_rgb(image)
+      data['image'] = _start(data)
     return data
 
   return fn
@@ -134,49 +315,24 @@ def decode_jpeg_and_inception_crop(
   `area_min`/`area_max` are percentages of the image area. Non-JPEG bytes (PNG, ...) are decoded
   fully, then cropped with the same window. `size=None` keeps the crop's own size.
   """
-
-  def fn(data):
-    raw = data['image']
-    if raw.dtype != tf.string:
-      return inception_crop(size, area_min, area_max, aspect, method)(data)
-
-    def jpeg():
-      shape = tf.io.extract_jpeg_shape(raw)
-      begin, crop = _inception_box(shape, _seed(data), area_min, area_max, aspect)
-      window = tf.stack([begin[0], begin[1], crop[0], crop[1]])
-      return tf.image.decode_and_crop_jpeg(raw, window, channels=3)
-
-    def other():
-      image = tf.io.decode_image(raw, channels=3, expand_animations=False)
-      begin, crop = _inception_box(tf.shape(image), _seed(data), area_min, area_max, aspect)
-      return tf.slice(image, begin, crop)
-
-    image = tf.cond(tf.io.is_jpeg(raw), jpeg, other)
-    image.set_shape([None, None, 3])
-    if size is not None:
-      image = _resize(image, _size(size), method)
-    data['image'] = image
-    return data
-
-  return fn
+  return inception_crop(size, area_min, area_max, aspect, method)
 
 
 @register('decode_jpeg_and_central_crop')
 def decode_jpeg_and_central_crop(size: int, crop_fraction: float = 224 / 256, method='bilinear'):
-  """`decode|resize_small(round(size / crop_fraction))|central_crop(size)`, fused.
+  """The window of `resize_small(round(size / crop_fraction))|central_crop(size)`, resized once.
 
-  Decodes only the source window that the unfused ops sample (rounded to whole pixels), then
-  resizes it to `size` once; the JPEG outside the window is not decoded. The sampling grid
-  differs from the unfused one by under a pixel, so pixels differ slightly (at edges most), as in
-  the TPU reference ResNet/EfficientNet input pipelines, which also crop the central 224/256 of
-  the shorter side and resize it once. Non-JPEG bytes (and decoded images) are cropped the same
-  way after a full decode.
+  Takes the source window that the unfused ops sample (rounded to whole pixels) and resizes it to
+  `size` once. The sampling grid differs from the unfused one by under a pixel, so pixels differ
+  slightly (at edges most), as in the TPU reference ResNet/EfficientNet input pipelines, which also
+  crop the central 224/256 of the shorter side and resize it once. Since the ops became lazy the
+  unfused string decodes only its window too and is as fast: prefer it (preset `imagenet_eval`).
   """
   small = round(size / crop_fraction)
 
-  def window(shape):
+  def window(h, w):
     # resize_small's output size and central_crop's offset, mapped back to source pixels.
-    h, w = tf.cast(shape[0], tf.float32), tf.cast(shape[1], tf.float32)
+    h, w = tf.cast(h, tf.float32), tf.cast(w, tf.float32)
     ratio = small / tf.minimum(h, w)
     new_h, new_w = tf.round(h * ratio), tf.round(w * ratio)
     scale_h, scale_w = h / new_h, w / new_w
@@ -185,27 +341,14 @@ def decode_jpeg_and_central_crop(size: int, crop_fraction: float = 224 / 256, me
     crop_w = tf.minimum(tf.maximum(tf.round(size * scale_w), 1), w)
     top = tf.clip_by_value(tf.round(top), 0, h - crop_h)
     left = tf.clip_by_value(tf.round(left), 0, w - crop_w)
-    return tf.cast(tf.stack([top, left, crop_h, crop_w]), tf.int32)
+    return tuple(tf.cast(v, tf.int32) for v in (top, left, crop_h, crop_w))
 
+  @_lazy
   def fn(data):
-    raw = data['image']
-
-    def jpeg():
-      return tf.image.decode_and_crop_jpeg(raw, window(tf.io.extract_jpeg_shape(raw)), 3)
-
-    def other():
-      image = tf.io.decode_image(raw, channels=3, expand_animations=False)
-      w = window(tf.shape(image))
-      return tf.slice(image, [w[0], w[1], 0], [w[2], w[3], 3])
-
-    if raw.dtype != tf.string:  # Already decoded.
-      image = _to_rgb(raw)
-      w = window(tf.shape(image))
-      image = tf.slice(image, [w[0], w[1], 0], [w[2], w[3], 3])
-    else:
-      image = tf.cond(tf.io.is_jpeg(raw), jpeg, other)
-    image.set_shape([None, None, 3])
-    data['image'] = _resize(image, (size, size), method)
+    if not isinstance(data['image'], _Lazy) and data['image'].dtype != tf.string:
+      data['image'] = _to_rgb(data['image'])
+    data['image'] = _crop_source(data, window)
+    _resize_lazy(data, lambda h, w: (size, size), method, False)
     return data
 
   return fn
@@ -213,15 +356,22 @@ def decode_jpeg_and_central_crop(size: int, crop_fraction: float = 224 / 256, me
 
 @register('inception_crop')
 def inception_crop(size=None, area_min=5, area_max=100, aspect=(3 / 4, 4 / 3), method='bilinear'):
-  """Inception crop of an already decoded image, then resize to `size` (if given)."""
+  """Inception crop (random area and aspect), then resize to `size` (if given).
 
+  On encoded JPEG bytes only the window is decoded (as `decode_jpeg_and_inception_crop`).
+  """
+
+  @_lazy
   def fn(data):
-    image = data['image']
-    begin, crop = _inception_box(tf.shape(image), _seed(data), area_min, area_max, aspect)
-    image = tf.slice(image, begin, crop)
+    seed = _seed(data)
+
+    def box(h, w):
+      begin, crop = _inception_box(tf.stack([h, w, 3]), seed, area_min, area_max, aspect)
+      return begin[0], begin[1], crop[0], crop[1]
+
+    data['image'] = _crop_source(data, box)
     if size is not None:
-      image = _resize(image, _size(size), method)
-    data['image'] = image
+      _resize_lazy(data, lambda h, w: _size(size), method, False)
     return data
 
   return fn
@@ -231,9 +381,9 @@ def inception_crop(size=None, area_min=5, area_max=100, aspect=(3 / 4, 4 / 3), m
 def resize(size, method: str = 'bilinear', antialias: bool = False) -> Op:
   """Resizes to `size` (int or (h, w)); float32 output, values in the input's range."""
 
+  @_lazy
   def fn(data):
-    image = data['image']
-    data['image'] = _resize(image, _size(size), method, antialias)
+    _resize_lazy(data, lambda h, w: _size(size), method, antialias)
     return data
 
   return fn
@@ -243,13 +393,15 @@ def resize(size, method: str = 'bilinear', antialias: bool = False) -> Op:
 def resize_small(size: int, method: str = 'bilinear', antialias: bool = False) -> Op:
   """Resizes so that the shorter side is `size`, keeping the aspect ratio; float32 output."""
 
-  def fn(data):
-    image = data['image']
-    h, w = tf.shape(image)[0], tf.shape(image)[1]
+  def new_size(h, w):
     ratio = tf.cast(size, tf.float32) / tf.cast(tf.minimum(h, w), tf.float32)
     new_h = tf.cast(tf.round(tf.cast(h, tf.float32) * ratio), tf.int32)
     new_w = tf.cast(tf.round(tf.cast(w, tf.float32) * ratio), tf.int32)
-    data['image'] = _resize(image, tf.stack([new_h, new_w]), method, antialias)
+    return new_h, new_w
+
+  @_lazy
+  def fn(data):
+    _resize_lazy(data, new_size, method, antialias)
     return data
 
   return fn
@@ -260,11 +412,22 @@ def central_crop(size) -> Op:
   """Crops the central `size` window (int or (h, w))."""
   ch, cw = _size(size)
 
+  @_lazy
   def fn(data):
-    image = data['image']
-    top, left = (tf.shape(image)[0] - ch) // 2, (tf.shape(image)[1] - cw) // 2
-    # A plain slice: crop_to_bounding_box adds shape assertions that cost more than the copy.
-    data['image'] = tf.slice(image, tf.stack([top, left, 0]), [ch, cw, image.shape[-1] or -1])
+    lazy = _start(data)
+    if lazy.flip is not None:
+      _materialize(data)
+      lazy = _start(data)
+    if lazy.size is None:  # A crop of the source (an affine commutes with it).
+      affine, lazy.affine = lazy.affine, None
+      data['image'] = lazy
+      data['image'] = _crop_source(data, lambda h, w: ((h - ch) // 2, (w - cw) // 2, ch, cw))
+      data['image'].affine = affine
+      return data
+    # A window of the resized image.
+    wy, wx, wh, ww = lazy.window or (0, 0, *lazy.size)
+    lazy.window = (wy + (wh - ch) // 2, wx + (ww - cw) // 2, ch, cw)
+    data['image'] = lazy
     return data
 
   return fn
@@ -287,8 +450,15 @@ def random_crop(size) -> Op:
 def flip_lr() -> Op:
   """Flips left-right with probability 1/2."""
 
+  @_lazy
   def fn(data):
-    data['image'] = tf.image.stateless_random_flip_left_right(data['image'], _seed(data))
+    if not isinstance(data['image'], _Lazy):
+      data['image'] = tf.image.stateless_random_flip_left_right(data['image'], _seed(data))
+      return data
+    # The draw of tf.image.stateless_random_flip_left_right, so both give the same flips.
+    flip = tf.random.stateless_uniform([], _seed(data), 0, 1.0) < 0.5
+    lazy = data['image']
+    lazy.flip = flip if lazy.flip is None else tf.math.logical_xor(lazy.flip, flip)
     return data
 
   return fn
@@ -303,7 +473,13 @@ def value_range(
   scale = (vmax - vmin) / (in_max - in_min)
   offset = vmin - in_min * scale
 
+  @_lazy
   def fn(data):
+    lazy = data['image']
+    if isinstance(lazy, _Lazy) and lazy.affine is None and not clip:
+      lazy.affine = (scale, offset)
+      return data
+    _materialize(data)
     image = tf.cast(data['image'], tf.float32) * scale + offset
     data['image'] = tf.clip_by_value(image, vmin, vmax) if clip else image
     return data
