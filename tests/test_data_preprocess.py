@@ -85,11 +85,9 @@ def test_fused_inception_crop_matches_decode_then_crop():
     rng = tf.constant([seed, 1], tf.int64)
     fused = preprocess.decode_jpeg_and_inception_crop()({'image': tf.constant(JPEG), '_rng': rng})
     plain = preprocess.inception_crop()({'image': decoded, '_rng': rng})
-    # Same seed and image size -> same window; decoding only the window gives the same pixels
-    # up to chroma upsampling at the window border.
-    assert fused['image'].shape == plain['image'].shape
-    diff = np.abs(fused['image'].numpy().astype(int) - plain['image'].numpy().astype(int))
-    assert diff.mean() < 1.0, diff.mean()
+    # Same seed and image size -> same window; decoding only the window (plus a margin) gives
+    # exactly the pixels of the full decode.
+    np.testing.assert_array_equal(fused['image'], plain['image'])
 
 
 @pytest.mark.parametrize('h,w,size', [(150, 200, 64), (375, 500, 224), (500, 375, 224)])

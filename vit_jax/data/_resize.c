@@ -116,3 +116,26 @@ done:
   free(row);
   return rc;
 }
+
+/* The box (y, x, h, w, in source pixels) to decode so that the window of the resized crop can be
+   computed: the source rows and columns its taps read, widened by `margin` pixels (clamped to
+   the source image). The taps come from the same arithmetic as above, so nothing is missed. */
+void vj_resize_region(int64_t src_h, int64_t src_w, const int64_t crop[4], int64_t out_h,
+                      int64_t out_w, const int64_t win[4], int64_t margin, int64_t box[4]) {
+  Tap t[2];
+  int64_t lo[2], hi[2];
+  const int64_t in[2] = {crop[2], crop[3]}, out[2] = {out_h, out_w}, size[2] = {src_h, src_w};
+  for (int d = 0; d < 2; ++d) {
+    taps(in[d], out[d], win[d], 1, &t[0]);
+    taps(in[d], out[d], win[d] + win[d + 2] - 1, 1, &t[1]);
+    lo[d] = crop[d] + t[0].lo - margin;
+    hi[d] = crop[d] + t[1].hi + margin;
+    if (lo[d] < 0) lo[d] = 0;
+    if (hi[d] > size[d] - 1) hi[d] = size[d] - 1;
+    if (hi[d] < lo[d]) hi[d] = lo[d];
+  }
+  box[0] = lo[0];
+  box[1] = lo[1];
+  box[2] = hi[0] - lo[0] + 1;
+  box[3] = hi[1] - lo[1] + 1;
+}

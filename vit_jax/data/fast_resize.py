@@ -75,37 +75,47 @@ def available() -> bool:
   return _load() is not None
 
 
-def source_range(in_size, out_size, start, count):
-  """First and last source index (int32 tensors) that outputs [start, start + count) read.
-
-  Same float32 arithmetic as the kernel, widened by one pixel each way (clamped) so that rounding
-  can never leave a needed pixel undecoded.
-  """
-  scale = tf.cast(in_size, tf.float32) / tf.cast(out_size, tf.float32)
-  first = (tf.cast(start, tf.float32) + 0.5) * scale - 0.5
-  last = (tf.cast(start + count - 1, tf.float32) + 0.5) * scale - 0.5
-  lo = tf.maximum(tf.cast(tf.floor(first), tf.int32) - 1, 0)
-  hi = tf.minimum(tf.cast(tf.math.ceil(last), tf.int32) + 1, tf.cast(in_size, tf.int32) - 1)
-  return lo, hi
+def _ints(values) -> tf.Tensor:
+  if isinstance(values, tf.Tensor):
+    return tf.cast(values, tf.int32)
+  return tf.stack([tf.cast(v, tf.int32) for v in values])
 
 
 @tf.autograph.experimental.do_not_convert
-def resize_window(src, src_offset, in_size, out_size, window, flip, affine) -> tf.Tensor:
-  """float32 [win_h, win_w, 3]: window of `src`'s crop resized bilinearly, flipped, affine.
+def region(shape, crop, out_size, window, margin: int) -> tf.Tensor:
+  """int32 (y, x, h, w): the source pixels that `resize_window` reads, plus `margin` (clamped).
 
   Args:
-    src: uint8 [h, w, 3], rows/columns [src_offset, src_offset + (h, w)) of the crop.
-    src_offset: (y, x) of `src` in the crop.
-    in_size: (h, w) of the crop (the resize input).
-    out_size: (h, w) of the whole resized image.
-    window: (y, x, h, w) of the resized image to compute; h and w may be Python ints.
+    shape: (h, w) of the source image.
+    crop: (y, x, h, w) in the source: the image that is resized.
+    out_size: (h, w) of the whole resized crop.
+    window: (y, x, h, w) of the resized crop that is wanted.
+    margin: extra source pixels on every side (clamped to the source).
+  """
+  return _load().vit_jax_resize_region(
+    _ints(shape), _ints(crop), _ints(out_size), _ints(window), margin=margin
+  )
+
+
+@tf.autograph.experimental.do_not_convert
+def resize_window(src, src_yx, crop, out_size, window, flip, affine) -> tf.Tensor:
+  """float32 [window h, window w, 3]: the window of the crop resized bilinearly, flipped, affine.
+
+  Args:
+    src: uint8 [h, w, 3], the source pixels from (y, x) = `src_yx` on; must cover `region(...)`
+      without margin.
+    crop, out_size, window: as in `region`; the window's h and w may be Python ints (static).
     flip: bool scalar tensor: mirror the window left-right.
     affine: (mul, add) floats: output = value * mul + add.
   """
-  params = tf.stack(
-    [tf.cast(v, tf.int64) for v in (*src_offset, *in_size, *out_size, *window)]
-    + [tf.cast(flip, tf.int64)]
+  out = _load().vit_jax_resize_window(
+    src,
+    _ints(src_yx),
+    _ints(crop),
+    _ints(out_size),
+    _ints(window),
+    flip,
+    tf.constant(affine, tf.float32),
   )
-  out = _load().vit_jax_resize_window(src, params, tf.constant(affine, tf.float32))
   out.set_shape([w if isinstance(w, int) else None for w in window[2:]] + [3])
   return out

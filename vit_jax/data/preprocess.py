@@ -69,9 +69,11 @@ def get_preprocess_fn(pp: str) -> Op:
     data.setdefault('_rng', tf.constant([0, 0], tf.int64))
     for i, op in enumerate(ops):
       data['_op_index'] = i  # A Python int: random ops fold it into their seed.
-      if not getattr(op, 'lazy', False):
+      if hasattr(op, 'deferred'):
+        data = op.deferred(data)
+      else:
         _materialize(data)
-      data = op(data)
+        data = op(data)
     data.pop('_op_index', None)
     _materialize(data)
     return data
@@ -79,8 +81,15 @@ def get_preprocess_fn(pp: str) -> Op:
   return fn
 
 
-def _lazy(fn):
-  fn.lazy = True
+def _lazy(deferred: Op) -> Op:
+  """A lazy op: `deferred` may leave a _Lazy image; called alone, the op computes it."""
+
+  def fn(data):
+    data = deferred(data)
+    _materialize(data)
+    return data
+
+  fn.deferred = deferred
   return fn
 
 
@@ -148,6 +157,7 @@ def _start(data) -> _Lazy:
   image = data['image']
   if isinstance(image, _Lazy):
     return image
+  image = tf.convert_to_tensor(image)
   if image.dtype != tf.string:
     shape = tf.shape(image)[:2]
     return _Lazy(None, None, image, shape, tf.stack([0, 0, shape[0], shape[1]]))
@@ -165,38 +175,35 @@ def _start(data) -> _Lazy:
   return _Lazy(image, is_jpeg, decoded, shape, tf.stack([0, 0, shape[0], shape[1]]))
 
 
-def _pixels(lazy: _Lazy, box) -> tuple[tf.Tensor, tuple]:
-  """Source pixels covering `box` (y, x, h, w) and their (y, x) in the source.
-
-  A JPEG decodes only the box plus a margin: libjpeg's cropped decode differs from a full decode
-  in the box's outermost pixels (chroma upsampling without the neighbours), by up to 20 levels;
-  one pixel of margin removes that (tests/test_data_preprocess.py), we keep _JPEG_MARGIN.
-  """
-  y, x, h, w = (tf.cast(v, tf.int32) for v in box)
-  cut = lambda: (tf.slice(lazy.image, [y, x, 0], [h, w, -1]), y, x)
+def _pixels(lazy: _Lazy, box) -> tf.Tensor:
+  """The source pixels in `box` (int32 y, x, h, w); a JPEG decodes only them."""
+  cut = lambda: tf.slice(lazy.image, [box[0], box[1], 0], [box[2], box[3], -1])
   if lazy.raw is None:
-    out, oy, ox = cut()
-  else:
-
-    def jpeg():
-      top, left = tf.maximum(y - _JPEG_MARGIN, 0), tf.maximum(x - _JPEG_MARGIN, 0)
-      bottom = tf.minimum(y + h + _JPEG_MARGIN, lazy.shape[0])
-      right = tf.minimum(x + w + _JPEG_MARGIN, lazy.shape[1])
-      window = tf.stack([top, left, bottom - top, right - left])
-      return tf.image.decode_and_crop_jpeg(lazy.raw, window, channels=3), top, left
-
-    out, oy, ox = tf.cond(lazy.is_jpeg, jpeg, cut)
-    out.set_shape([None, None, 3])
-  return out, (oy, ox)
+    return cut()
+  out = tf.cond(lazy.is_jpeg, lambda: tf.image.decode_and_crop_jpeg(lazy.raw, box, 3), cut)
+  out.set_shape([None, None, 3])
+  return out
 
 
 def _crop(lazy: _Lazy, box) -> tf.Tensor:
-  """Exactly the source pixels in `box` (y, x, h, w)."""
-  pixels, (oy, ox) = _pixels(lazy, box)
-  if lazy.raw is None:
-    return pixels
+  """Exactly the source pixels in `box` (y, x, h, w), as a full decode would give them.
+
+  libjpeg's cropped decode differs from a full decode in the box's outermost pixels (chroma
+  upsampling without the neighbours; up to 20 levels), so JPEGs decode _JPEG_MARGIN more pixels
+  on each side (clamped) and cut them off again; one is enough (tests/test_data_preprocess.py).
+  """
   y, x, h, w = (tf.cast(v, tf.int32) for v in box)
-  return tf.slice(pixels, tf.stack([y - oy, x - ox, 0]), tf.stack([h, w, -1]))
+  if lazy.raw is None:
+    out = _pixels(lazy, tf.stack([y, x, h, w]))
+    out.set_shape([None, None, lazy.image.shape[-1]])
+    return out
+  top, left = tf.maximum(y - _JPEG_MARGIN, 0), tf.maximum(x - _JPEG_MARGIN, 0)
+  bottom = tf.minimum(y + h + _JPEG_MARGIN, lazy.shape[0])
+  right = tf.minimum(x + w + _JPEG_MARGIN, lazy.shape[1])
+  pixels = _pixels(lazy, tf.stack([top, left, bottom - top, right - left]))
+  out = tf.slice(pixels, tf.stack([y - top, x - left, 0]), tf.stack([h, w, -1]))
+  out.set_shape([None, None, 3])
+  return out
 
 
 def _materialize(data) -> None:
@@ -207,9 +214,8 @@ def _materialize(data) -> None:
 
 
 def _compute(lazy: _Lazy) -> tf.Tensor:
-  cy, cx, ch, cw = tf.unstack(lazy.crop)
   if lazy.size is None:
-    image = _crop(lazy, (cy, cx, ch, cw))
+    image = _crop(lazy, tf.unstack(lazy.crop))
   else:
     oh, ow = lazy.size
     window = lazy.window or (0, 0, oh, ow)
@@ -221,15 +227,13 @@ def _compute(lazy: _Lazy) -> tf.Tensor:
       and image.shape[-1] == 3
       and fast_resize.available()
     ):
-      # One pass over only the source pixels the window reads.
-      y0, y1 = fast_resize.source_range(ch, oh, window[0], window[2])
-      x0, x1 = fast_resize.source_range(cw, ow, window[1], window[3])
-      src, (sy, sx) = _pixels(lazy, (cy + y0, cx + x0, y1 - y0 + 1, x1 - x0 + 1))
+      # One pass over only the source pixels the window reads (+ the JPEG margin, see _crop).
+      box = fast_resize.region(lazy.shape, lazy.crop, (oh, ow), window, _JPEG_MARGIN)
       flip = lazy.flip if lazy.flip is not None else tf.constant(False)
       return fast_resize.resize_window(
-        src, (sy - cy, sx - cx), (ch, cw), (oh, ow), window, flip, lazy.affine or (1.0, 0.0)
+        _pixels(lazy, box), box[:2], lazy.crop, (oh, ow), window, flip, lazy.affine or (1.0, 0.0)
       )
-    image = _crop(lazy, (cy, cx, ch, cw))
+    image = _crop(lazy, tf.unstack(lazy.crop))
     image = _resize(image, tf.stack([oh, ow]), lazy.method, lazy.antialias)
     if isinstance(oh, int) and isinstance(ow, int):
       image.set_shape([oh, ow, None])
