@@ -9,6 +9,8 @@ run, with the same tf.data thread pool:
   3. eval:    decode|resize_small(256)|central_crop(224)|value_range(-1,1) (preset imagenet_eval)
      and decode_jpeg_and_central_crop(224)|value_range(-1,1) (preset imagenet_eval_fused),
      padded batches, to numpy;
+  2b/3b. train and exact eval again with TensorFlow's resize ops instead of the fused resize op
+     (what a machine without a C++ compiler runs), for the A/B in the same run;
   4. resume:  time to the first batch at start_batch=0 and at the last batch of the first epoch
      (the shuffled records before it are skipped without decoding).
 
@@ -94,7 +96,10 @@ def main():
   import tensorflow as tf
 
   from vit_jax import data
-  from vit_jax.data import pipeline
+  from vit_jax.data import fast_resize, pipeline
+
+  if not fast_resize.available():
+    print('NOTE: the fused resize op is unavailable here; all rows use TensorFlow ops.')
 
   folder = os.path.join(args.workdir, f'jpegs_{args.num_images}')
   if not os.path.isdir(folder):
@@ -132,6 +137,17 @@ def main():
   def passes(ds):  # Eval passes back to back, without rebuilding the pipeline each time.
     return ds.make_tf_dataset().repeat().as_numpy_iterator()
 
+  def tf_ops(make):  # Traces the pipeline with the fused resize op switched off.
+    def wrapped():
+      available = fast_resize.available
+      fast_resize.available = lambda: False
+      try:
+        return make()
+      finally:
+        fast_resize.available = available
+
+    return wrapped
+
   # The presets' strings at 224: ViT fine-tuning's train pipeline, the ImageNet eval (exact
   # published ops) and its fused variant.
   train_pp = data.preset('vit_finetune', 224)['train_pp']
@@ -146,8 +162,13 @@ def main():
   pipelines = {
     'decode_jpeg alone': (ceiling, len),
     f'train  {train_pp}': (lambda: iter(train_ds), real),
+    'train  (the same with TensorFlow resize ops)': (tf_ops(lambda: iter(train_ds)), real),
     f'eval   {eval_pp}': (lambda: passes(eval_ds), real),
     f'eval   {unfused_eval_pp} (preset imagenet_eval)': (lambda: passes(unfused_eval_ds), real),
+    'eval   (imagenet_eval with TensorFlow resize ops)': (
+      tf_ops(lambda: passes(unfused_eval_ds)),
+      real,
+    ),
   }
   steps = max(int(args.seconds * 300 * cores / b / args.rounds), 2)  # ~300 img/s/core expected
   rates = _measure(pipelines, args.rounds, steps)

@@ -15,6 +15,7 @@
 #if defined(__SSE2__)
 #include <emmintrin.h>
 #endif
+#include <stdint.h>
 
 typedef struct {
   int64_t lo, hi;
@@ -34,6 +35,65 @@ static void taps(int64_t in_size, int64_t out_size, int64_t start, int64_t count
   }
 }
 
+/* Vertical pass: row[k] = (top[k] + (bot[k] - top[k]) * yl) * mul + add over n values. */
+#define VPASS_BODY                                               \
+  for (int64_t k = 0; k < n; ++k) {                              \
+    const float a = (float)top[k];                               \
+    row[k] = (a + ((float)bot[k] - a) * yl) * mul + add;         \
+  }
+static void vpass(const uint8_t *top, const uint8_t *bot, int64_t n, float yl, float mul,
+                  float add, float *row) {
+  VPASS_BODY
+}
+
+/* Horizontal pass: out pixel j = row[lo[j]..+3] + (row[hi[j]..+3] - that) * w4[4j]. The 4-lane
+   loads read one float past a pixel (the row has padding) and each 4-lane store writes one float
+   into the next pixel, rewritten by it: the last pixel is done in scalar code. */
+static void hpass(const float *row, const int32_t *lo, const int32_t *hi, const float *w4,
+                  int64_t w, float *out) {
+  int64_t j = 0;
+#if defined(__SSE2__)
+  for (; j < w - 1; ++j) {
+    const __m128 l = _mm_loadu_ps(row + lo[j]), h = _mm_loadu_ps(row + hi[j]);
+    _mm_storeu_ps(out + 3 * j, _mm_add_ps(l, _mm_mul_ps(_mm_sub_ps(h, l), _mm_load_ps(w4 + 4 * j))));
+  }
+#endif
+  for (; j < w; ++j) {
+    const float *l = row + lo[j], *h = row + hi[j], x = w4[4 * j];
+    out[3 * j + 0] = l[0] + (h[0] - l[0]) * x;
+    out[3 * j + 1] = l[1] + (h[1] - l[1]) * x;
+    out[3 * j + 2] = l[2] + (h[2] - l[2]) * x;
+  }
+}
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#define HAVE_AVX2_PATH 1
+/* The same passes with 8-lane AVX2: the vertical one auto-vectorised, the horizontal one two
+   pixels per register. Same operations in the same order, so the same results. */
+__attribute__((target("avx2"))) static void vpass_avx2(const uint8_t *top, const uint8_t *bot,
+                                                        int64_t n, float yl, float mul, float add,
+                                                        float *row) {
+  VPASS_BODY
+}
+
+__attribute__((target("avx2"))) static void hpass_avx2(const float *row, const int32_t *lo,
+                                                        const int32_t *hi, const float *w4,
+                                                        int64_t w, float *out) {
+  int64_t j = 0;
+  for (; j + 2 < w; j += 2) {
+    const __m256 l = _mm256_insertf128_ps(_mm256_castps128_ps256(_mm_loadu_ps(row + lo[j])),
+                                          _mm_loadu_ps(row + lo[j + 1]), 1);
+    const __m256 h = _mm256_insertf128_ps(_mm256_castps128_ps256(_mm_loadu_ps(row + hi[j])),
+                                          _mm_loadu_ps(row + hi[j + 1]), 1);
+    const __m256 v = _mm256_add_ps(l, _mm256_mul_ps(_mm256_sub_ps(h, l), _mm256_load_ps(w4 + 4 * j)));
+    _mm_storeu_ps(out + 3 * j, _mm256_castps256_ps128(v));
+    _mm_storeu_ps(out + 3 * j + 3, _mm256_extractf128_ps(v, 1));
+  }
+  hpass(row, lo + j, hi + j, w4 + 4 * j, w - j, out + 3 * j);
+}
+#endif
+
 /* Resizes the crop [in_h, in_w, 3] to [out_h, out_w, 3] and writes the window
    [win_y : win_y + win_h, win_x : win_x + win_w] of the result to dst (float32, contiguous),
    mirrored left-right if `flip`, as value * mul + add.
@@ -41,24 +101,21 @@ static void taps(int64_t in_size, int64_t out_size, int64_t start, int64_t count
    Only part of the crop needs to be decoded: `src` holds crop rows [src_y, src_y + src_h) and
    columns [src_x, src_x + src_w), row stride src_stride bytes. Returns 0, or -1 if the window
    needs pixels outside `src`, -2 on bad sizes, -3 if out of memory. */
-#if defined(__x86_64__) && defined(__GNUC__) && defined(__linux__)
-/* Compiled twice; the loader picks the AVX2 build where the CPU has it (~1.3x faster). */
-__attribute__((target_clones("avx2", "default")))
-#endif
 int vj_resize_bilinear_u8(const uint8_t *src, int64_t src_h, int64_t src_w, int64_t src_stride,
                           int64_t src_y, int64_t src_x, int64_t in_h, int64_t in_w, int64_t out_h,
                           int64_t out_w, int64_t win_y, int64_t win_x, int64_t win_h, int64_t win_w,
                           int flip, float mul, float add, float *dst) {
   if (in_h <= 0 || in_w <= 0 || out_h <= 0 || out_w <= 0 || win_h <= 0 || win_w <= 0 ||
       win_y < 0 || win_x < 0 || win_y + win_h > out_h || win_x + win_w > out_w || src_h <= 0 ||
-      src_w <= 0)
+      src_w <= 0 || win_w > (1 << 28))
     return -2;
   Tap *ys = malloc(sizeof(Tap) * (size_t)win_h);
   Tap *xs = malloc(sizeof(Tap) * (size_t)win_w);
-  int64_t *xo = malloc(sizeof(int64_t) * 2 * (size_t)win_w);
+  int32_t *lo = malloc(sizeof(int32_t) * (size_t)win_w), *hi = malloc(sizeof(int32_t) * (size_t)win_w);
+  float *w4 = aligned_alloc(32, sizeof(float) * 4 * (size_t)(win_w + 1));
   float *row = NULL;
   int rc = 0;
-  if (!ys || !xs || !xo) {
+  if (!ys || !xs || !lo || !hi || !w4) {
     rc = -3;
     goto done;
   }
@@ -67,52 +124,46 @@ int vj_resize_bilinear_u8(const uint8_t *src, int64_t src_h, int64_t src_w, int6
   /* Columns of src that the window reads; a flip reverses the order in which they are written. */
   int64_t c0 = xs[0].lo, c1 = xs[win_w - 1].hi;
   if (ys[0].lo < src_y || ys[win_h - 1].hi >= src_y + src_h || c0 < src_x ||
-      c1 >= src_x + src_w) {
+      c1 >= src_x + src_w || 3 * (c1 - c0 + 1) > INT32_MAX - 8) {
     rc = -1;
     goto done;
   }
   for (int64_t j = 0; j < win_w; ++j) {
     const Tap *t = &xs[flip ? win_w - 1 - j : j];
-    xo[2 * j] = 3 * (t->lo - c0);
-    xo[2 * j + 1] = 3 * (t->hi - c0);
+    lo[j] = (int32_t)(3 * (t->lo - c0));
+    hi[j] = (int32_t)(3 * (t->hi - c0));
+    w4[4 * j] = w4[4 * j + 1] = w4[4 * j + 2] = w4[4 * j + 3] = t->lerp;
   }
   const int64_t n = 3 * (c1 - c0 + 1);
-  row = malloc(sizeof(float) * (size_t)(n + 1)); /* +1: 4-lane loads of the last pixel. */
+  row = malloc(sizeof(float) * (size_t)(n + 8)); /* Padding for 4-lane loads of the last pixel. */
   if (!row) {
     rc = -3;
     goto done;
   }
+#ifdef HAVE_AVX2_PATH
+  const int avx2 = __builtin_cpu_supports("avx2");
+#endif
   for (int64_t i = 0; i < win_h; ++i) {
     const uint8_t *top = src + (ys[i].lo - src_y) * src_stride + 3 * (c0 - src_x);
     const uint8_t *bot = src + (ys[i].hi - src_y) * src_stride + 3 * (c0 - src_x);
-    const float yl = ys[i].lerp;
-    for (int64_t k = 0; k < n; ++k) {
-      const float a = (float)top[k];
-      row[k] = (a + ((float)bot[k] - a) * yl) * mul + add; /* The affine commutes with lerps. */
-    }
     float *out = dst + i * win_w * 3;
-    int64_t j = 0;
-#if defined(__SSE2__)
-    /* One pixel per 4-lane vector (RGB + a lane that the next pixel's store overwrites). */
-    for (; j < win_w - 1; ++j) {
-      const __m128 xl = _mm_set1_ps(xs[flip ? win_w - 1 - j : j].lerp);
-      const __m128 l = _mm_loadu_ps(row + xo[2 * j]), h = _mm_loadu_ps(row + xo[2 * j + 1]);
-      const __m128 v = _mm_add_ps(l, _mm_mul_ps(_mm_sub_ps(h, l), xl));
-      _mm_storeu_ps(out + 3 * j, v);
+    /* The affine is applied here: it commutes with the (weights summing to 1) lerps. */
+#ifdef HAVE_AVX2_PATH
+    if (avx2) {
+      vpass_avx2(top, bot, n, ys[i].lerp, mul, add, row);
+      hpass_avx2(row, lo, hi, w4, win_w, out);
+      continue;
     }
 #endif
-    for (; j < win_w; ++j) {
-      const float xl = xs[flip ? win_w - 1 - j : j].lerp;
-      const float *l = row + xo[2 * j], *h = row + xo[2 * j + 1];
-      out[3 * j + 0] = l[0] + (h[0] - l[0]) * xl;
-      out[3 * j + 1] = l[1] + (h[1] - l[1]) * xl;
-      out[3 * j + 2] = l[2] + (h[2] - l[2]) * xl;
-    }
+    vpass(top, bot, n, ys[i].lerp, mul, add, row);
+    hpass(row, lo, hi, w4, win_w, out);
   }
 done:
   free(ys);
   free(xs);
-  free(xo);
+  free(lo);
+  free(hi);
+  free(w4);
   free(row);
   return rc;
 }
