@@ -567,8 +567,9 @@ def preset(name: str, image_size: int | None = None) -> dict:
   - `augreg`: AugReg (Steiner et al.) at 224: Inception crop, flip, RandAugment 2x15, mixup 0.5;
     eval `resize_small(256)|central_crop(224)` (ImageNet eval).
   - `imagenet_eval`: `resize_small(size*256/224)|central_crop(size)` for both (no augmentation).
-  - `imagenet_eval_fused`: the same window decoded alone and resampled once
-    (`decode_jpeg_and_central_crop`): ~1.3x faster, pixels differ by under a source pixel's shift.
+  - `imagenet_eval_fused`: the same window resampled once (`decode_jpeg_and_central_crop`), as
+    the TPU reference pipelines do; pixels differ by under a source pixel's shift. No faster than
+    `imagenet_eval` since that decodes only its window too (lazy ops).
   - `digits`: the 8x8 digits upscaled to 32 (bilinear), no augmentation.
 
   Raises:
