@@ -119,8 +119,12 @@ def test_jpeg_crops_equal_full_decode_then_crop(monkeypatch, fast):
   """Decoding only a window gives exactly the pixels of a full decode (the margin's job)."""
   if not fast:
     monkeypatch.setattr(fast_resize, 'available', lambda: False)
-  for sub in (0, 1, 2):
-    raw = _jpeg(_photo(203, 301, seed=sub), subsampling=sub)
+  photo = _photo(203, 301)
+  cmyk = io.BytesIO()
+  Image.fromarray(photo).convert('CMYK').save(cmyk, format='JPEG', quality=90)
+  raws = [_jpeg(photo, subsampling=sub) for sub in (0, 1, 2)]
+  raws += [_jpeg(photo, progressive=True), _jpeg(photo[..., 0]), cmyk.getvalue()]
+  for raw in raws:
     full = tf.io.decode_jpeg(raw, channels=3).numpy()
     for seed in range(6):
       rng = tf.constant([seed, 9], tf.int64)
