@@ -15,7 +15,6 @@
 #if defined(__SSE2__)
 #include <emmintrin.h>
 #endif
-#include <stdint.h>
 
 typedef struct {
   int64_t lo, hi;
@@ -112,7 +111,8 @@ int vj_resize_bilinear_u8(const uint8_t *src, int64_t src_h, int64_t src_w, int6
   Tap *ys = malloc(sizeof(Tap) * (size_t)win_h);
   Tap *xs = malloc(sizeof(Tap) * (size_t)win_w);
   int32_t *lo = malloc(sizeof(int32_t) * (size_t)win_w), *hi = malloc(sizeof(int32_t) * (size_t)win_w);
-  float *w4 = aligned_alloc(32, sizeof(float) * 4 * (size_t)(win_w + 1));
+  /* aligned_alloc wants a multiple of the alignment (macOS returns NULL otherwise). */
+  float *w4 = aligned_alloc(32, sizeof(float) * 8 * (size_t)(win_w / 2 + 1));
   float *row = NULL;
   int rc = 0;
   if (!ys || !xs || !lo || !hi || !w4) {
