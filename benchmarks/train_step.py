@@ -32,6 +32,9 @@ def main():
   parser.add_argument('--optimizer', default='adamw', choices=['adamw', 'sgd'])
   parser.add_argument('--remat', default='none')
   parser.add_argument('--scan', action='store_true')
+  parser.add_argument(
+    '--attention_impl', default=None, choices=[None, 'xla', 'cudnn'], help='None: XLA picks'
+  )
   parser.add_argument('--fsdp', type=int, default=1)
   parser.add_argument('--tensor', type=int, default=1)
   parser.add_argument('--matmul_size', type=int, default=2048)
@@ -43,6 +46,8 @@ def main():
   config.model = common.model_overrides(
     args.model, dtype=args.dtype, scan_layers=args.scan, remat_policy=args.remat
   )
+  if args.attention_impl:
+    config.model.attention_impl = args.attention_impl
   config.image_size = args.image_size
   config.batch_size = args.batch
   config.accum_steps = args.accum_steps
@@ -79,7 +84,8 @@ def main():
   devices = trainer.mesh.size
   print(
     f'device: {jax.devices()[0].device_kind} x {devices}; model {args.model} '
-    f'({n_params / 1e6:.2f}M params), {args.image_size}px, batch {args.batch}, {args.dtype}'
+    f'({n_params / 1e6:.2f}M params), {args.image_size}px, batch {args.batch}, {args.dtype}, '
+    f'attention {args.attention_impl or "default"}'
   )
   print(
     f'compile: {compile_s:.1f}s; step: {step_s * 1e3:.1f} ms; '

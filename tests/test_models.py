@@ -278,3 +278,19 @@ def test_parameters_and_activations_carry_logical_axis_names():
   assert tuple(specs['head']['kernel']) == ('embed', 'classes')
   boxed = jax.tree.leaves(shapes['params'], is_leaf=lambda x: isinstance(x, nn.Partitioned))
   assert all(isinstance(b, nn.Partitioned) for b in boxed)
+
+
+def test_fused_attention_padding_equals_unpadded_values_and_grads():
+  """The padding used for cuDNN (197 tokens -> 256, masked by sequence lengths) changes nothing."""
+  from vit_jax.models.vit import fused_attention
+
+  rng = np.random.default_rng(0)
+  q, k, v = (jnp.asarray(rng.normal(size=(2, 197, 3, 16)), jnp.float32) for _ in range(3))
+  plain = lambda q, k, v: fused_attention(q, k, v, 'xla')
+  padded = lambda q, k, v: fused_attention(q, k, v, 'xla', pad_to=64)
+  np.testing.assert_allclose(padded(q, k, v), plain(q, k, v), rtol=1e-5, atol=1e-6)
+  loss = lambda f: lambda *a: jnp.sum(jnp.sin(f(*a)))
+  for a, b in zip(
+    jax.grad(loss(padded), (0, 1, 2))(q, k, v), jax.grad(loss(plain), (0, 1, 2))(q, k, v)
+  ):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
