@@ -146,11 +146,6 @@ class _Lazy:
   flip: tf.Tensor | None = None
   affine: tuple[float, float] | None = None
 
-  @property
-  def plain(self) -> bool:
-    """Only a source crop so far: crops and resizes still compose."""
-    return self.size is None and self.flip is None and self.affine is None
-
 
 def _start(data) -> _Lazy:
   """The lazy form of data['image'], started if needed (encoded bytes: decoding deferred)."""
@@ -251,25 +246,29 @@ def _compute(lazy: _Lazy) -> tf.Tensor:
   return image
 
 
-def _crop_source(data, box_fn) -> _Lazy:
-  """Crops the (lazy) image's source by `box_fn(h, w) -> (y, x, h, w)` of the current crop."""
+def _lazy_image(data, fits) -> _Lazy:
+  """data['image'] as a _Lazy that `fits(lazy)`; pending work that does not fit is done first."""
   lazy = _start(data)
-  if not lazy.plain:
+  if not fits(lazy):
     _materialize(data)
     lazy = _start(data)
+  data['image'] = lazy
+  return lazy
+
+
+def _crop_source(data, box_fn) -> None:
+  """Crops the (lazy) image's source by `box_fn(h, w) -> (y, x, h, w)` of the current crop."""
+  # A pending affine commutes with a crop; a resize or flip does not compose with one.
+  lazy = _lazy_image(data, lambda lazy: lazy.size is None and lazy.flip is None)
   y, x, h, w = box_fn(lazy.crop[2], lazy.crop[3])
   lazy.crop = tf.stack([lazy.crop[0] + y, lazy.crop[1] + x, h, w])
-  return lazy
 
 
 def _resize_lazy(data, size_fn, method, antialias) -> None:
   """Makes data['image'] a lazy resize of its crop to `size_fn(h, w)`."""
-  lazy = _start(data)
-  if not lazy.plain:
-    _materialize(data)
-    lazy = _start(data)
+  fits = lambda lazy: lazy.size is None and lazy.flip is None and lazy.affine is None
+  lazy = _lazy_image(data, fits)
   lazy.size, lazy.method, lazy.antialias = size_fn(lazy.crop[2], lazy.crop[3]), method, antialias
-  data['image'] = lazy
 
 
 @register('decode')
@@ -351,7 +350,7 @@ def decode_jpeg_and_central_crop(size: int, crop_fraction: float = 224 / 256, me
   def fn(data):
     if not isinstance(data['image'], _Lazy) and data['image'].dtype != tf.string:
       data['image'] = _to_rgb(data['image'])
-    data['image'] = _crop_source(data, window)
+    _crop_source(data, window)
     _resize_lazy(data, lambda h, w: (size, size), method, False)
     return data
 
@@ -373,7 +372,7 @@ def inception_crop(size=None, area_min=5, area_max=100, aspect=(3 / 4, 4 / 3), m
       begin, crop = _inception_box(tf.stack([h, w, 3]), seed, area_min, area_max, aspect)
       return begin[0], begin[1], crop[0], crop[1]
 
-    data['image'] = _crop_source(data, box)
+    _crop_source(data, box)
     if size is not None:
       _resize_lazy(data, lambda h, w: _size(size), method, False)
     return data
@@ -418,20 +417,12 @@ def central_crop(size) -> Op:
 
   @_lazy
   def fn(data):
-    lazy = _start(data)
-    if lazy.flip is not None:
-      _materialize(data)
-      lazy = _start(data)
-    if lazy.size is None:  # A crop of the source (an affine commutes with it).
-      affine, lazy.affine = lazy.affine, None
-      data['image'] = lazy
-      data['image'] = _crop_source(data, lambda h, w: ((h - ch) // 2, (w - cw) // 2, ch, cw))
-      data['image'].affine = affine
-      return data
-    # A window of the resized image.
-    wy, wx, wh, ww = lazy.window or (0, 0, *lazy.size)
-    lazy.window = (wy + (wh - ch) // 2, wx + (ww - cw) // 2, ch, cw)
-    data['image'] = lazy
+    lazy = _lazy_image(data, lambda lazy: lazy.flip is None)
+    if lazy.size is None:  # A crop of the source.
+      _crop_source(data, lambda h, w: ((h - ch) // 2, (w - cw) // 2, ch, cw))
+    else:  # A window of the resized image.
+      wy, wx, wh, ww = lazy.window or (0, 0, *lazy.size)
+      lazy.window = (wy + (wh - ch) // 2, wx + (ww - cw) // 2, ch, cw)
     return data
 
   return fn
