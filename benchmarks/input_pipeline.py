@@ -9,8 +9,9 @@ run, with the same tf.data thread pool:
   3. eval:    decode|resize_small(256)|central_crop(224)|value_range(-1,1) (preset imagenet_eval)
      and decode_jpeg_and_central_crop(224)|value_range(-1,1) (preset imagenet_eval_fused),
      padded batches, to numpy;
-  2b/3b. train and exact eval again with TensorFlow's resize ops instead of the fused resize op
-     (what a machine without a C++ compiler runs), for the A/B in the same run;
+  2b/3b. train and exact eval again with TensorFlow's decode_and_crop_jpeg instead of the
+     windowed decoder (what a machine without libjpeg-turbo runs), and with TensorFlow's decode
+     and resize ops (what a machine without a C++ compiler runs), for the A/B in the same run;
   4. resume:  time to the first batch at start_batch=0 and at the last batch of the first epoch
      (the shuffled records before it are skipped without decoding).
 
@@ -96,10 +97,12 @@ def main():
   import tensorflow as tf
 
   from vit_jax import data
-  from vit_jax.data import fast_resize, pipeline
+  from vit_jax.data import fast_jpeg, fast_resize, pipeline
 
   if not fast_resize.available():
-    print('NOTE: the fused resize op is unavailable here; all rows use TensorFlow ops.')
+    print('NOTE: the fused resize op is unavailable here; all rows resize with TensorFlow ops.')
+  if not fast_jpeg.available():
+    print('NOTE: the windowed JPEG decoder is unavailable here; all rows decode with TensorFlow.')
 
   folder = os.path.join(args.workdir, f'jpegs_{args.num_images}')
   if not os.path.isdir(folder):
@@ -137,14 +140,16 @@ def main():
   def passes(ds):  # Eval passes back to back, without rebuilding the pipeline each time.
     return ds.make_tf_dataset().repeat().as_numpy_iterator()
 
-  def tf_ops(make):  # Traces the pipeline with the fused resize op switched off.
+  def without(make, *modules):  # Traces the pipeline with our ops in `modules` switched off.
     def wrapped():
-      available = fast_resize.available
-      fast_resize.available = lambda: False
+      saved = [m.available for m in modules]
+      for m in modules:
+        m.available = lambda: False
       try:
         return make()
       finally:
-        fast_resize.available = available
+        for m, available in zip(modules, saved):
+          m.available = available
 
     return wrapped
 
@@ -162,11 +167,22 @@ def main():
   pipelines = {
     'decode_jpeg alone': (ceiling, len),
     f'train  {train_pp}': (lambda: iter(train_ds), real),
-    'train  (the same with TensorFlow resize ops)': (tf_ops(lambda: iter(train_ds)), real),
+    'train  (the same with TensorFlow decode_and_crop_jpeg)': (
+      without(lambda: iter(train_ds), fast_jpeg),
+      real,
+    ),
+    'train  (the same with TensorFlow decode and resize ops)': (
+      without(lambda: iter(train_ds), fast_jpeg, fast_resize),
+      real,
+    ),
     f'eval   {eval_pp}': (lambda: passes(eval_ds), real),
     f'eval   {unfused_eval_pp} (preset imagenet_eval)': (lambda: passes(unfused_eval_ds), real),
-    'eval   (imagenet_eval with TensorFlow resize ops)': (
-      tf_ops(lambda: passes(unfused_eval_ds)),
+    'eval   (imagenet_eval with TensorFlow decode_and_crop_jpeg)': (
+      without(lambda: passes(unfused_eval_ds), fast_jpeg),
+      real,
+    ),
+    'eval   (imagenet_eval with TensorFlow decode and resize ops)': (
+      without(lambda: passes(unfused_eval_ds), fast_jpeg, fast_resize),
       real,
     ),
   }

@@ -25,31 +25,47 @@ _DIR = os.path.dirname(os.path.abspath(__file__))
 _C, _CC = os.path.join(_DIR, '_resize.c'), os.path.join(_DIR, '_resize_op.cc')
 
 
-def _build() -> str:
-  """Compiles the op library if not cached; returns its path. Raises on compiler errors."""
-  cflags, lflags = tf.sysconfig.get_compile_flags(), tf.sysconfig.get_link_flags()
+def build_op_library(
+  name: str, cc: str, c: str | None = None, cflags=(), libs=(), extra_key: str = ''
+) -> str:
+  """Compiles a TensorFlow op library from `cc` (+ C file `c`) if not cached; returns its path.
+
+  The cache key covers the sources, the TensorFlow version and all flags. Raises RuntimeError with
+  the compiler's message on failure.
+  """
+  tf_cflags, tf_lflags = tf.sysconfig.get_compile_flags(), tf.sysconfig.get_link_flags()
   key = hashlib.sha256()
-  for part in (open(_C, 'rb').read(), open(_CC, 'rb').read(), tf.__version__.encode()):
-    key.update(part)
-  key.update(' '.join(cflags + lflags).encode())
+  for source in (cc, c):
+    if source:
+      key.update(open(source, 'rb').read())
+  key.update(tf.__version__.encode())
+  key.update(' '.join([*tf_cflags, *tf_lflags, *cflags, *libs, extra_key]).encode())
   cache = os.environ.get('VIT_JAX_CACHE_DIR') or os.path.expanduser('~/.cache/vit_jax')
-  path = os.path.join(cache, 'ops', f'resize_op_{key.hexdigest()[:16]}.so')
+  path = os.path.join(cache, 'ops', f'{name}_{key.hexdigest()[:16]}.so')
   if os.path.exists(path):
     return path
   os.makedirs(os.path.dirname(path), exist_ok=True)
-  cc, cxx = os.environ.get('CC', 'gcc'), os.environ.get('CXX', 'g++')
+  cc_bin, cxx_bin = os.environ.get('CC', 'gcc'), os.environ.get('CXX', 'g++')
   # Argument lists, no shell: CC/CXX and the paths are never parsed by a shell.
   with tempfile.TemporaryDirectory(dir=os.path.dirname(path)) as tmp:
-    obj, lib = os.path.join(tmp, 'resize.o'), os.path.join(tmp, 'op.so')
-    for cmd in (
-      [cc, '-O3', '-ffp-contract=off', '-fPIC', '-c', _C, '-o', obj],
-      [cxx, '-O2', '-fPIC', '-shared', '-w', *cflags, _CC, obj, '-o', lib, *lflags],
-    ):
+    lib, cmds, objs = os.path.join(tmp, 'op.so'), [], []
+    if c:
+      objs.append(os.path.join(tmp, 'kernel.o'))
+      cmds.append([cc_bin, '-O3', '-ffp-contract=off', '-fPIC', '-c', c, '-o', objs[0]])
+    cmds.append(
+      [cxx_bin, '-O2', '-fPIC', '-shared', '-w', *tf_cflags, *cflags, cc, *objs, '-o', lib]
+      + [*tf_lflags, *libs]
+    )
+    for cmd in cmds:
       done = subprocess.run(cmd, capture_output=True, text=True)
       if done.returncode:
         raise RuntimeError(f'{" ".join(cmd)} failed:\n{done.stderr[-2000:]}')
     os.replace(lib, path)  # Atomic: concurrent builders (test workers, hosts) never see half.
   return path
+
+
+def _build() -> str:
+  return build_op_library('resize_op', _CC, _C)
 
 
 @functools.cache

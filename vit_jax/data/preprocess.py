@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 import tensorflow as tf
 
-from vit_jax.data import fast_resize, randaug
+from vit_jax.data import fast_jpeg, fast_resize, randaug
 
 Op = Callable[[dict], dict]
 _OPS: dict[str, Callable[..., Op]] = {}
@@ -170,34 +170,43 @@ def _start(data) -> _Lazy:
   return _Lazy(image, is_jpeg, decoded, shape, tf.stack([0, 0, shape[0], shape[1]]))
 
 
-def _pixels(lazy: _Lazy, box) -> tf.Tensor:
-  """The source pixels in `box` (int32 y, x, h, w); a JPEG decodes only them."""
-  cut = lambda: tf.slice(lazy.image, [box[0], box[1], 0], [box[2], box[3], -1])
-  if lazy.raw is None:
-    return cut()
-  out = tf.cond(lazy.is_jpeg, lambda: tf.image.decode_and_crop_jpeg(lazy.raw, box, 3), cut)
-  out.set_shape([None, None, 3])
-  return out
-
-
-def _crop(lazy: _Lazy, box) -> tf.Tensor:
-  """Exactly the source pixels in `box` (y, x, h, w), as a full decode would give them.
-
-  libjpeg's cropped decode differs from a full decode in the box's outermost pixels (chroma
-  upsampling without the neighbours; up to 20 levels), so JPEGs decode _JPEG_MARGIN more pixels
-  on each side (clamped) and cut them off again; one is enough (tests/test_data_preprocess.py).
+def _region(lazy: _Lazy, box) -> tuple[tf.Tensor, tf.Tensor]:
+  """(pixels, origin): source pixels covering `box` (y, x, h, w), exact inside it, from (y, x) =
+  origin on. A JPEG decodes only about the box: with the windowed decoder (fast_jpeg) when it is
+  available, else with TensorFlow's decode_and_crop_jpeg, whose result differs from a full decode
+  in its outermost pixels (chroma upsampling without the neighbours; up to 20 levels), so it
+  decodes _JPEG_MARGIN more pixels on each side (clamped); one is enough
+  (tests/test_data_preprocess.py).
   """
+  if isinstance(box, tf.Tensor):
+    box = tf.unstack(box, 4)
   y, x, h, w = (tf.cast(v, tf.int32) for v in box)
   if lazy.raw is None:
-    out = _pixels(lazy, tf.stack([y, x, h, w]))
-    out.set_shape([None, None, lazy.image.shape[-1]])
-    return out
-  top, left = tf.maximum(y - _JPEG_MARGIN, 0), tf.maximum(x - _JPEG_MARGIN, 0)
-  bottom = tf.minimum(y + h + _JPEG_MARGIN, lazy.shape[0])
-  right = tf.minimum(x + w + _JPEG_MARGIN, lazy.shape[1])
-  pixels = _pixels(lazy, tf.stack([top, left, bottom - top, right - left]))
-  out = tf.slice(pixels, tf.stack([y - top, x - left, 0]), tf.stack([h, w, -1]))
-  out.set_shape([None, None, 3])
+    return lazy.image, tf.zeros([2], tf.int32)
+  if fast_jpeg.available():
+    jpeg = lambda: fast_jpeg.decode_region(lazy.raw, tf.stack([y, x, h, w]))
+  else:
+
+    def jpeg():
+      top, left = tf.maximum(y - _JPEG_MARGIN, 0), tf.maximum(x - _JPEG_MARGIN, 0)
+      bottom = tf.minimum(y + h + _JPEG_MARGIN, lazy.shape[0])
+      right = tf.minimum(x + w + _JPEG_MARGIN, lazy.shape[1])
+      region = tf.stack([top, left, bottom - top, right - left])
+      return tf.image.decode_and_crop_jpeg(lazy.raw, region, 3), tf.stack([top, left])
+
+  pixels, origin = tf.cond(lazy.is_jpeg, jpeg, lambda: (lazy.image, tf.zeros([2], tf.int32)))
+  pixels.set_shape([None, None, 3])
+  return pixels, origin
+
+
+def _pixels(lazy: _Lazy, box) -> tf.Tensor:
+  """Exactly the source pixels in `box` (y, x, h, w), as a full decode would give them."""
+  if isinstance(box, tf.Tensor):
+    box = tf.unstack(box, 4)
+  y, x, h, w = (tf.cast(v, tf.int32) for v in box)
+  pixels, origin = _region(lazy, (y, x, h, w))
+  out = tf.slice(pixels, tf.stack([y - origin[0], x - origin[1], 0]), tf.stack([h, w, -1]))
+  out.set_shape([None, None, pixels.shape[-1]])
   return out
 
 
@@ -210,7 +219,7 @@ def _materialize(data) -> None:
 
 def _compute(lazy: _Lazy) -> tf.Tensor:
   if lazy.size is None:
-    image = _crop(lazy, tf.unstack(lazy.crop))
+    image = _pixels(lazy, tf.unstack(lazy.crop))
   else:
     oh, ow = lazy.size
     window = lazy.window or (0, 0, oh, ow)
@@ -222,13 +231,15 @@ def _compute(lazy: _Lazy) -> tf.Tensor:
       and image.shape[-1] == 3
       and fast_resize.available()
     ):
-      # One pass over only the source pixels the window reads (+ the JPEG margin, see _crop).
-      box = fast_resize.region(lazy.shape, lazy.crop, (oh, ow), window, _JPEG_MARGIN)
+      # One pass over only the source pixels the window reads.
+      pixels, origin = _region(
+        lazy, fast_resize.region(lazy.shape, lazy.crop, (oh, ow), window, margin=0)
+      )
       flip = lazy.flip if lazy.flip is not None else tf.constant(False)
       return fast_resize.resize_window(
-        _pixels(lazy, box), box[:2], lazy.crop, (oh, ow), window, flip, lazy.affine or (1.0, 0.0)
+        pixels, origin, lazy.crop, (oh, ow), window, flip, lazy.affine or (1.0, 0.0)
       )
-    image = _crop(lazy, tf.unstack(lazy.crop))
+    image = _pixels(lazy, tf.unstack(lazy.crop))
     image = _resize(image, tf.stack([oh, ow]), lazy.method, lazy.antialias)
     if isinstance(oh, int) and isinstance(ow, int):
       image.set_shape([oh, ow, None])
