@@ -8,7 +8,7 @@ import tensorflow as tf
 from PIL import Image
 
 from vit_jax import data
-from vit_jax.data import fast_resize
+from vit_jax.data import fast_jpeg, fast_resize
 
 pytestmark = pytest.mark.skipif(
   not fast_resize.available(), reason='needs a C/C++ compiler (the fallback is tested below)'
@@ -114,11 +114,17 @@ def test_lazy_strings_equal_op_by_op(monkeypatch, fast, shape):
       np.testing.assert_array_equal(eager, graph)
 
 
+@pytest.mark.parametrize('fast_decode', [True, False])
 @pytest.mark.parametrize('fast', [True, False])
-def test_jpeg_crops_equal_full_decode_then_crop(monkeypatch, fast):
-  """Decoding only a window gives exactly the pixels of a full decode (the margin's job)."""
+def test_jpeg_crops_equal_full_decode_then_crop(monkeypatch, fast, fast_decode):
+  """Decoding only a window gives exactly the pixels of a full decode, with the windowed decoder
+  or with TensorFlow's decode_and_crop_jpeg (the margin's job), resizing fused or not."""
   if not fast:
     monkeypatch.setattr(fast_resize, 'available', lambda: False)
+  if not fast_decode:
+    monkeypatch.setattr(fast_jpeg, 'available', lambda: False)
+  else:
+    assert fast_jpeg.available()
   photo = _photo(203, 301)
   cmyk = io.BytesIO()
   Image.fromarray(photo).convert('CMYK').save(cmyk, format='JPEG', quality=90)
