@@ -164,27 +164,23 @@ def main():
   train_ds = get(train_pp, True)
   eval_ds, unfused_eval_ds = get(eval_pp, False), get(unfused_eval_pp, False)
   real = lambda x: int(x['mask'].sum())
+
+  def without_ours(name, make):  # The A/B rows: TensorFlow's decoder, then its resize ops too.
+    return {
+      f'{name} (the same with TensorFlow decode_and_crop_jpeg)': (without(make, fast_jpeg), real),
+      f'{name} (the same with TensorFlow decode and resize ops)': (
+        without(make, fast_jpeg, fast_resize),
+        real,
+      ),
+    }
+
   pipelines = {
     'decode_jpeg alone': (ceiling, len),
     f'train  {train_pp}': (lambda: iter(train_ds), real),
-    'train  (the same with TensorFlow decode_and_crop_jpeg)': (
-      without(lambda: iter(train_ds), fast_jpeg),
-      real,
-    ),
-    'train  (the same with TensorFlow decode and resize ops)': (
-      without(lambda: iter(train_ds), fast_jpeg, fast_resize),
-      real,
-    ),
+    **without_ours('train ', lambda: iter(train_ds)),
     f'eval   {eval_pp}': (lambda: passes(eval_ds), real),
     f'eval   {unfused_eval_pp} (preset imagenet_eval)': (lambda: passes(unfused_eval_ds), real),
-    'eval   (imagenet_eval with TensorFlow decode_and_crop_jpeg)': (
-      without(lambda: passes(unfused_eval_ds), fast_jpeg),
-      real,
-    ),
-    'eval   (imagenet_eval with TensorFlow decode and resize ops)': (
-      without(lambda: passes(unfused_eval_ds), fast_jpeg, fast_resize),
-      real,
-    ),
+    **without_ours('eval   imagenet_eval', lambda: passes(unfused_eval_ds)),
   }
   steps = max(int(args.seconds * 300 * cores / b / args.rounds), 2)  # ~300 img/s/core expected
   rates = _measure(pipelines, args.rounds, steps)
