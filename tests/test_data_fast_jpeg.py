@@ -135,3 +135,25 @@ def test_each_library_builds_and_matches_tensorflow(library, tmp_path):
     [sys.executable, '-c', _BUILD_ONE, library], capture_output=True, text=True, env=env
   )
   assert done.returncode == 0 and f'OK {library}' in done.stdout, done.stderr[-3000:]
+
+
+_FAILING_SELF_TEST = """
+from vit_jax.data import fast_jpeg, preprocess
+def fail(module):
+  raise RuntimeError('self-test: forced failure')
+fast_jpeg._self_test = fail
+print('available', fast_jpeg.available())
+"""
+
+
+def test_a_library_failing_its_self_test_falls_back_to_tensorflow(tmp_path):
+  """A library that loads but decodes differently is not used (nor any other: its op name is
+  taken), and the warning says why."""
+  env = dict(cpu_env(1), VIT_JAX_CACHE_DIR=os.environ.get('VIT_JAX_CACHE_DIR', str(tmp_path)))
+  env['TF_CPP_MIN_LOG_LEVEL'] = '0'
+  done = subprocess.run(
+    [sys.executable, '-c', _FAILING_SELF_TEST], capture_output=True, text=True, env=env
+  )
+  assert done.returncode == 0, done.stderr[-3000:]
+  assert 'available False' in done.stdout
+  assert 'self-test: forced failure' in done.stderr and 'decode_and_crop_jpeg' in done.stderr

@@ -67,6 +67,7 @@ def _load():
     return None
   causes = []
   for name, cflags, libs in _candidates():
+    module = None
     try:
       module = tf.load_op_library(
         fast_resize.build_op_library('jpeg_op', _CC, cflags=cflags, libs=libs)
@@ -76,6 +77,8 @@ def _load():
       return module
     except (OSError, RuntimeError, tf.errors.NotFoundError, tf.errors.InvalidArgumentError) as e:
       causes.append(f'{name}: {str(e)[-600:]}')
+      if module is not None:  # Loaded, so its op is registered: no other library can be.
+        break
   logging.warning(
     "The windowed JPEG decoder could not be built, so JPEG crops decode with TensorFlow's "
     'decode_and_crop_jpeg (same pixels, slower). It needs a C++ compiler and libjpeg-turbo '
