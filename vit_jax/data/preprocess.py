@@ -170,6 +170,13 @@ def _start(data) -> _Lazy:
   return _Lazy(image, is_jpeg, decoded, shape, tf.stack([0, 0, shape[0], shape[1]]))
 
 
+def _yxhw(box) -> tuple[tf.Tensor, ...]:
+  """A box (y, x, h, w), tensor or sequence, as four int32 scalars."""
+  if isinstance(box, tf.Tensor):
+    box = tf.unstack(box, 4)
+  return tuple(tf.cast(v, tf.int32) for v in box)
+
+
 def _region(lazy: _Lazy, box) -> tuple[tf.Tensor, tf.Tensor]:
   """(pixels, origin): source pixels covering `box` (y, x, h, w), exact inside it, from (y, x) =
   origin on. A JPEG decodes only about the box: with the windowed decoder (fast_jpeg) when it is
@@ -178,9 +185,7 @@ def _region(lazy: _Lazy, box) -> tuple[tf.Tensor, tf.Tensor]:
   decodes _JPEG_MARGIN more pixels on each side (clamped); one is enough
   (tests/test_data_preprocess.py).
   """
-  if isinstance(box, tf.Tensor):
-    box = tf.unstack(box, 4)
-  y, x, h, w = (tf.cast(v, tf.int32) for v in box)
+  y, x, h, w = _yxhw(box)
   if lazy.raw is None:
     return lazy.image, tf.zeros([2], tf.int32)
   if fast_jpeg.available():
@@ -201,9 +206,7 @@ def _region(lazy: _Lazy, box) -> tuple[tf.Tensor, tf.Tensor]:
 
 def _pixels(lazy: _Lazy, box) -> tf.Tensor:
   """Exactly the source pixels in `box` (y, x, h, w), as a full decode would give them."""
-  if isinstance(box, tf.Tensor):
-    box = tf.unstack(box, 4)
-  y, x, h, w = (tf.cast(v, tf.int32) for v in box)
+  y, x, h, w = _yxhw(box)
   pixels, origin = _region(lazy, (y, x, h, w))
   out = tf.slice(pixels, tf.stack([y - origin[0], x - origin[1], 0]), tf.stack([h, w, -1]))
   out.set_shape([None, None, pixels.shape[-1]])
