@@ -110,10 +110,9 @@ _BUILD_ONE = """
 import sys
 import numpy as np
 import tensorflow as tf
-from vit_jax.data import fast_jpeg, fast_resize
+from vit_jax.data import fast_jpeg
 name, cflags, libs = [c for c in fast_jpeg._candidates() if c[0] == sys.argv[1]][0]
-path = fast_resize.build_op_library('jpeg_op', fast_jpeg._CC, cflags=cflags, libs=libs)
-module = tf.load_op_library(path)
+module = tf.load_op_library(fast_jpeg._build(cflags, libs))
 fast_jpeg._self_test(module)
 print('OK', name)
 """

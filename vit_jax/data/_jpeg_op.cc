@@ -23,7 +23,17 @@
 extern "C" {
 #include <jerror.h>
 #include <jpeglib.h>
+
+// _resize.c, linked into this library too.
+int vj_resize_bilinear_u8(const uint8_t *src, int64_t src_h, int64_t src_w, int64_t src_stride,
+                          int64_t src_y, int64_t src_x, int64_t in_h, int64_t in_w,
+                          int64_t out_h, int64_t out_w, int64_t win_y, int64_t win_x,
+                          int64_t win_h, int64_t win_w, int flip, float mul, float add,
+                          float *dst);
+void vj_resize_region(int64_t src_h, int64_t src_w, const int64_t crop[4], int64_t out_h,
+                      int64_t out_w, const int64_t win[4], int64_t margin, int64_t box[4]);
 }
+#include <vector>
 
 namespace {
 
@@ -225,5 +235,170 @@ REGISTER_OP("VitJaxDecodeJpegRegion")
 
 REGISTER_KERNEL_BUILDER(Name("VitJaxDecodeJpegRegion").Device(::tensorflow::DEVICE_CPU),
                         VitJaxDecodeJpegRegionOp);
+
+// A batch of lazy images computed straight into the batch: each example's pixels (the JPEG region
+// its window reads, decoded here; or the decoded pixels handed in) resized bilinearly to its
+// window, flipped and mapped by value * mul + add, written to row i of the [b, height, width, 3]
+// output. Replaces per example: a decode op, a resize op, the per-example output tensor and
+// tf.data's copy of it into the batch.
+//
+// contents: string [b] (JPEG bytes where plan[i][0] == 1)
+// pixels: uint8 [b, n] (where plan[i][0] == 0: the decoded image, h * w * 3 values first)
+// plan: int32 [b, 12]: is_jpeg, h, w (the source's), crop y, x, h, w (in the source), size h, w
+//   (the crop is resized to), window y, x (of the resized crop), flip.
+// keep: bool [b]: false rows (an eval batch's padding) are zeros, not decoded.
+class VitJaxDecodeResizeBatchOp : public OpKernel {
+ public:
+  explicit VitJaxDecodeResizeBatchOp(OpKernelConstruction *c) : OpKernel(c) {
+    OP_REQUIRES_OK(c, c->GetAttr("height", &height_));
+    OP_REQUIRES_OK(c, c->GetAttr("width", &width_));
+    OP_REQUIRES_OK(c, c->GetAttr("mul", &mul_));
+    OP_REQUIRES_OK(c, c->GetAttr("add", &add_));
+  }
+
+  void Compute(OpKernelContext *c) override {
+    const Tensor &contents = c->input(0), &pixels = c->input(1), &plan = c->input(2);
+    const Tensor &keep = c->input(3);
+    OP_REQUIRES(c, contents.dims() == 1 && pixels.dims() == 2 && plan.dims() == 2 &&
+                       keep.dims() == 1 && plan.dim_size(1) == 12 &&
+                       contents.dim_size(0) == plan.dim_size(0) &&
+                       pixels.dim_size(0) == plan.dim_size(0) &&
+                       keep.dim_size(0) == plan.dim_size(0),
+                absl::InvalidArgumentError(absl::StrCat(
+                    "VitJaxDecodeResizeBatch: expects contents [b], pixels [b, n], plan [b, 12], "
+                    "keep [b]; got ", contents.shape().DebugString(), ", ",
+                    pixels.shape().DebugString(), ", ", plan.shape().DebugString(), ", ",
+                    keep.shape().DebugString())));
+    const int64_t b = plan.dim_size(0), n = pixels.dim_size(1);
+    Tensor *out = nullptr;
+    OP_REQUIRES_OK(c, c->allocate_output(0, TensorShape({b, height_, width_, 3}), &out));
+    const auto p = plan.matrix<int32_t>();
+    const auto bytes = contents.flat<tstring>();
+    const uint8_t *given = pixels.flat<uint8_t>().data();
+    float *dst = out->flat<float>().data();
+    const auto kept = keep.flat<bool>();
+    std::vector<uint8_t> scratch;
+    for (int64_t i = 0; i < b; ++i) {
+      if (!kept(i)) {
+        std::memset(dst + i * height_ * width_ * 3, 0, sizeof(float) * height_ * width_ * 3);
+        continue;
+      }
+      const int64_t h = p(i, 1), w = p(i, 2);
+      const int64_t crop[4] = {p(i, 3), p(i, 4), p(i, 5), p(i, 6)};
+      const int64_t size_h = p(i, 7), size_w = p(i, 8);
+      const int64_t win[4] = {p(i, 9), p(i, 10), height_, width_};
+      OP_REQUIRES(c, h > 0 && w > 0 && crop[2] > 0 && crop[3] > 0 && size_h > 0 && size_w > 0,
+                  absl::InvalidArgumentError(absl::StrCat(
+                      "VitJaxDecodeResizeBatch: example ", i, ": empty image, crop or size")));
+      const uint8_t *src;
+      int64_t top = 0, left = 0, rows = h, cols = w;
+      if (p(i, 0)) {
+        int64_t box[4];
+        vj_resize_region(h, w, crop, size_h, size_w, win, 0, box);
+        Decoder d;
+        const auto invalid = [&d, i]() {
+          return absl::InvalidArgumentError(absl::StrCat(
+              "VitJaxDecodeResizeBatch: example ", i, ": invalid JPEG data (", d.err.message,
+              ")"));
+        };
+        OP_REQUIRES(c, ReadHeader(&d, bytes(i)), invalid());
+        OP_REQUIRES(c, d.cinfo.output_height == h && d.cinfo.output_width == w,
+                    absl::InvalidArgumentError(absl::StrCat(
+                        "VitJaxDecodeResizeBatch: example ", i, ": the JPEG is ",
+                        d.cinfo.output_height, "x", d.cinfo.output_width, ", the plan says ", h,
+                        "x", w)));
+        int t, l, r, cl;
+        OP_REQUIRES(c, Start(&d, box[0], box[1], box[2], box[3], &t, &l, &r, &cl), invalid());
+        top = t, left = l, rows = r, cols = cl;
+        if (scratch.size() < static_cast<size_t>(rows * cols * 3)) scratch.resize(rows * cols * 3);
+        OP_REQUIRES(c, Read(&d, r, cl, scratch.data()), invalid());
+        src = scratch.data();
+      } else {
+        OP_REQUIRES(c, h * w * 3 <= n,
+                    absl::InvalidArgumentError(absl::StrCat(
+                        "VitJaxDecodeResizeBatch: example ", i, ": ", h, "x", w,
+                        " pixels do not fit in ", n, " values")));
+        src = given + i * n;
+      }
+      const int rc = vj_resize_bilinear_u8(
+          src, rows, cols, cols * 3, top - crop[0], left - crop[1], crop[2], crop[3], size_h,
+          size_w, win[0], win[1], height_, width_, p(i, 11) != 0, mul_, add_,
+          dst + i * height_ * width_ * 3);
+      OP_REQUIRES(c, rc == 0,
+                  absl::InvalidArgumentError(absl::StrCat(
+                      "VitJaxDecodeResizeBatch: example ", i, ": resize failed (", rc,
+                      ") for crop (", crop[0], ", ", crop[1], ", ", crop[2], ", ", crop[3],
+                      ") of a ", h, "x", w, " image resized to ", size_h, "x", size_w)));
+    }
+  }
+
+ private:
+  int height_, width_;
+  float mul_, add_;
+};
+
+REGISTER_OP("VitJaxDecodeResizeBatch")
+    .Input("contents: string")
+    .Input("pixels: uint8")
+    .Input("plan: int32")
+    .Input("keep: bool")
+    .Attr("height: int")
+    .Attr("width: int")
+    .Attr("mul: float")
+    .Attr("add: float")
+    .Output("images: float")
+    .SetShapeFn([](::tensorflow::shape_inference::InferenceContext *c) {
+      int height, width;
+      TF_RETURN_IF_ERROR(c->GetAttr("height", &height));
+      TF_RETURN_IF_ERROR(c->GetAttr("width", &width));
+      c->set_output(0, c->MakeShape({c->Dim(c->input(2), 0), height, width, 3}));
+      return absl::OkStatus();
+    });
+
+REGISTER_KERNEL_BUILDER(Name("VitJaxDecodeResizeBatch").Device(::tensorflow::DEVICE_CPU),
+                        VitJaxDecodeResizeBatchOp);
+
+// contents: string [b] -> int32 [b, 3]: (1, height, width) of each JPEG, read from its header;
+// (0, 0, 0) for data that does not start like a JPEG (tf.io.is_jpeg's test), which is left to
+// other decoders. A batch of headers in one op: a per-example op costs more than the read.
+class VitJaxJpegShapesOp : public OpKernel {
+ public:
+  explicit VitJaxJpegShapesOp(OpKernelConstruction *c) : OpKernel(c) {}
+
+  void Compute(OpKernelContext *c) override {
+    const Tensor &contents = c->input(0);
+    OP_REQUIRES(c, contents.dims() == 1,
+                absl::InvalidArgumentError("VitJaxJpegShapes: expects a vector of strings"));
+    const int64_t b = contents.dim_size(0);
+    Tensor *out = nullptr;
+    OP_REQUIRES_OK(c, c->allocate_output(0, TensorShape({b, 3}), &out));
+    auto o = out->matrix<int32_t>();
+    const auto bytes = contents.flat<tstring>();
+    for (int64_t i = 0; i < b; ++i) {
+      const tstring &s = bytes(i);
+      o(i, 0) = o(i, 1) = o(i, 2) = 0;
+      if (s.size() < 3 || static_cast<uint8_t>(s[0]) != 0xFF ||
+          static_cast<uint8_t>(s[1]) != 0xD8 || static_cast<uint8_t>(s[2]) != 0xFF)
+        continue;
+      Decoder d;
+      OP_REQUIRES(c, ReadHeader(&d, s),
+                  absl::InvalidArgumentError(absl::StrCat("VitJaxJpegShapes: example ", i,
+                                                          ": invalid JPEG data (",
+                                                          d.err.message, ")")));
+      o(i, 0) = 1, o(i, 1) = d.cinfo.output_height, o(i, 2) = d.cinfo.output_width;
+    }
+  }
+};
+
+REGISTER_OP("VitJaxJpegShapes")
+    .Input("contents: string")
+    .Output("shapes: int32")
+    .SetShapeFn([](::tensorflow::shape_inference::InferenceContext *c) {
+      c->set_output(0, c->MakeShape({c->Dim(c->input(0), 0), 3}));
+      return absl::OkStatus();
+    });
+
+REGISTER_KERNEL_BUILDER(Name("VitJaxJpegShapes").Device(::tensorflow::DEVICE_CPU),
+                        VitJaxJpegShapesOp);
 
 }  // namespace

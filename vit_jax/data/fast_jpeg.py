@@ -48,6 +48,11 @@ def _candidates() -> list[tuple[str, list[str], list[str]]]:
   return found
 
 
+def _build(cflags, libs) -> str:
+  """The op library (with the resize kernel, which the batch op calls) for one libjpeg."""
+  return fast_resize.build_op_library('jpeg_op', _CC, fast_resize._C, cflags=cflags, libs=libs)
+
+
 def _self_test(module) -> None:
   """Raises unless the op reproduces TensorFlow's decode on a 4:2:0 JPEG, windows at odd offsets."""
   yy, xx = np.mgrid[0:45, 0:61]
@@ -69,9 +74,7 @@ def _load():
   for name, cflags, libs in _candidates():
     module = None
     try:
-      module = tf.load_op_library(
-        fast_resize.build_op_library('jpeg_op', _CC, cflags=cflags, libs=libs)
-      )
+      module = tf.load_op_library(_build(cflags, libs))
       with tf.init_scope():  # Eagerly, even when first called while tracing a tf.data map.
         _self_test(module)
       return module
@@ -122,3 +125,30 @@ def decode_window(contents, box) -> tf.Tensor:
   image, origin = decode_region(contents, box)
   size = tf.where(box[2:] > 0, box[2:], tf.shape(image)[:2] - (box[:2] - origin))
   return tf.slice(image, tf.concat([box[:2] - origin, [0]], 0), tf.concat([size, [3]], 0))
+
+
+@tf.autograph.experimental.do_not_convert
+def decode_resize_batch(contents, pixels, plan, size, affine, keep=None) -> tf.Tensor:
+  """float32 [b, h, w, 3]: each example's window, decoded, resized, flipped, mapped, in one op.
+
+  Args:
+    contents: string [b]: JPEG bytes (examples whose plan says JPEG).
+    pixels: uint8 [b, n]: decoded pixels (h * w * 3 first) of the examples that are not JPEGs.
+    plan: int32 [b, 12]: is_jpeg, the source's h, w, crop (y, x, h, w), the size the crop is
+      resized to (h, w), the window's y, x in it, flip.
+    size: (h, w) of every window, static.
+    affine: (mul, add): output = value * mul + add.
+    keep: bool [b] or None (all): where False the image is zeros (not decoded).
+  """
+  if keep is None:
+    keep = tf.ones(tf.shape(plan)[:1], tf.bool)
+  return _load().vit_jax_decode_resize_batch(
+    contents, pixels, plan, keep, height=size[0], width=size[1], mul=affine[0], add=affine[1]
+  )
+
+
+@tf.autograph.experimental.do_not_convert
+def jpeg_shapes(contents) -> tf.Tensor:
+  """int32 [b, 3]: (1, height, width) of each JPEG in contents (string [b]), from its header;
+  (0, 0, 0) for data that is not a JPEG (tf.io.is_jpeg's test). Errors on a corrupt header."""
+  return _load().vit_jax_jpeg_shapes(contents)

@@ -39,7 +39,8 @@ def build_op_library(
     if source:
       key.update(open(source, 'rb').read())
   key.update(tf.__version__.encode())
-  key.update(' '.join([*tf_cflags, *tf_lflags, *cflags, *libs, extra_key]).encode())
+  c_flags = ['-O3', '-ffp-contract=off', '-fPIC', '-fvisibility=hidden']
+  key.update(' '.join([*tf_cflags, *tf_lflags, *cflags, *libs, *c_flags, extra_key]).encode())
   cache = os.environ.get('VIT_JAX_CACHE_DIR') or os.path.expanduser('~/.cache/vit_jax')
   path = os.path.join(cache, 'ops', f'{name}_{key.hexdigest()[:16]}.so')
   if os.path.exists(path):
@@ -51,7 +52,8 @@ def build_op_library(
     lib, cmds, objs = os.path.join(tmp, 'op.so'), [], []
     if c:
       objs.append(os.path.join(tmp, 'kernel.o'))
-      cmds.append([cc_bin, '-O3', '-ffp-contract=off', '-fPIC', '-c', c, '-o', objs[0]])
+      # Hidden: two op libraries that both link the C file never share or clash on its symbols.
+      cmds.append([cc_bin, *c_flags, '-c', c, '-o', objs[0]])
     cmds.append(
       [cxx_bin, '-O2', '-fPIC', '-shared', '-w', *tf_cflags, *cflags, cc, *objs, '-o', lib]
       + [*tf_lflags, *libs]

@@ -64,25 +64,78 @@ def get_preprocess_fn(pp: str) -> Op:
     except TypeError as e:
       raise ValueError(f'Bad arguments for preprocessing op {spec!r}: {e}') from e
 
-  def fn(data):
-    data = dict(data)
-    data.setdefault('_rng', tf.constant([0, 0], tf.int64))
+  def run(data):
     for i, op in enumerate(ops):
       data['_op_index'] = i  # A Python int: random ops fold it into their seed.
       if hasattr(op, 'deferred'):
         data = op.deferred(data)
       else:
-        _materialize(data)
+        if not getattr(op, 'image_free', False):
+          _materialize(data)
         data = op(data)
     data.pop('_op_index', None)
+    return data
+
+  def fn(data, *, batch_plan: bool = False):
+    """`batch_plan=True` (inside tf.data, before batching): an image that `BatchPlan` can compute
+    for the whole batch is left as its plan (see `plan_for_batch`); others are computed."""
+    data = dict(data)
+    data.setdefault('_rng', tf.constant([0, 0], tf.int64))
+    data = run(data)
+    if batch_plan:
+      fn.batch_plan = plan_for_batch(data)
     _materialize(data)
     return data
 
+  def batch_fn(data):
+    """The same on a whole batch of encoded images (string [b]), in one op; see `batched`."""
+    data = dict(data)  # `_keep` (bool [b]), if given: False rows come out zero.
+    data['image'] = _start_batch(data['image'])
+    data = run(data)
+    plan = plan_for_batch(data)
+    if plan is None:
+      raise NotBatchable(f'{pp!r} does not end in a bilinear resize of a static size')
+    return plan(data)
+
+  fn.batch_plan = None
+  batchable = all(getattr(op, 'batchable', False) for op in ops)
+  fn.batch_fn = batch_fn if batchable and any(hasattr(op, 'deferred') for op in ops) else None
   return fn
 
 
-def _lazy(deferred: Op) -> Op:
-  """A lazy op: `deferred` may leave a _Lazy image; called alone, the op computes it."""
+class NotBatchable(Exception):
+  """Raised while tracing a batch preprocessing function that needs per-example work."""
+
+
+def batched(fn: Op, extra_specs: dict | None = None) -> Op | None:
+  """`fn`'s form that preprocesses a whole batch at once, or None where there is none.
+
+  There is one where every op of the string is deterministic and geometric (decode, resizes,
+  central crops, value_range, onehot), the result is a bilinear resize to a static size, and the
+  ops in fast_jpeg/fast_resize are built. It takes {'image': string [b], ...} (encoded images;
+  JPEGs' headers are read in one op, other formats decoded one by one) and computes all images
+  with one op (`BatchPlan`): per example, no tf.data function call, no output tensor, no copy
+  into the batch. Its images equal `fn`'s exactly.
+  """
+  batch_fn = getattr(fn, 'batch_fn', None)
+  if batch_fn is None or not (fast_jpeg.available() and fast_resize.available()):
+    return None
+  specs = {'image': tf.TensorSpec([None], tf.string), **(extra_specs or {})}
+  try:
+    tf.function(batch_fn, autograph=False).get_concrete_function(specs)
+  except NotBatchable:
+    return None
+  return batch_fn
+
+
+def _lazy(deferred: Op = None, *, batchable: bool = False):
+  """A lazy op: `deferred` may leave a _Lazy image; called alone, the op computes it.
+
+  `batchable`: the op is deterministic and its geometry elementwise, so it also runs on a batched
+  _Lazy (every field a vector over the batch; `get_preprocess_fn(...).batch_fn`).
+  """
+  if deferred is None:
+    return lambda deferred: _lazy(deferred, batchable=batchable)
 
   def fn(data):
     data = deferred(data)
@@ -90,7 +143,17 @@ def _lazy(deferred: Op) -> Op:
     return data
 
   fn.deferred = deferred
+  fn.batchable = batchable
   return fn
+
+
+def _stack(values, axis: int = 0) -> tf.Tensor:
+  """int32 tf.stack of scalars, or of vectors (a batched _Lazy's fields) and scalars broadcast."""
+  values = [tf.cast(v, tf.int32) for v in values]
+  if any(v.shape.rank for v in values):
+    shape = tf.shape(next(v for v in values if v.shape.rank))
+    values = [tf.broadcast_to(v, shape) for v in values]
+  return tf.stack(values, axis)
 
 
 def _size(size) -> tuple[int, int]:
@@ -145,6 +208,9 @@ class _Lazy:
   window: tuple | None = None  # Ints or int32 scalars.
   flip: tf.Tensor | None = None
   affine: tuple[float, float] | None = None
+  # A batch of images (from _start_batch): raw, is_jpeg [b]; image: uint8 [b, n], pixels of those
+  # that are not JPEGs; shape [2, b]; crop [4, b]; size and window ints or [b] vectors.
+  batched: bool = False
 
 
 def _start(data) -> _Lazy:
@@ -168,6 +234,42 @@ def _start(data) -> _Lazy:
   decoded, shape = tf.cond(is_jpeg, jpeg, other)
   decoded.set_shape([None, None, 3])
   return _Lazy(image, is_jpeg, decoded, shape, tf.stack([0, 0, shape[0], shape[1]]))
+
+
+def _start_batch(raw) -> _Lazy:
+  """A batched _Lazy of encoded images raw (string [b]): JPEG headers are read in one op; images
+  in other formats (rare in photo datasets) are decoded whole, one by one, padded to one size."""
+  info = fast_jpeg.jpeg_shapes(raw)  # int32 [b, 3]: is_jpeg, h, w.
+  is_jpeg = info[:, 0] > 0
+
+  def jpegs():
+    return info[:, 1:], tf.zeros([tf.shape(raw)[0], 0], tf.uint8)
+
+  def others():
+    def one(x):
+      contents, jpeg = x
+      image = tf.cond(
+        jpeg,
+        lambda: tf.zeros([0, 0, 3], tf.uint8),
+        lambda: tf.io.decode_image(contents, channels=3, expand_animations=False),
+      )
+      return tf.shape(image)[:2], tf.reshape(image, [-1])
+
+    shapes, pixels = tf.map_fn(
+      one,
+      (raw, is_jpeg),
+      fn_output_signature=(
+        tf.TensorSpec([2], tf.int32),
+        tf.RaggedTensorSpec([None], tf.uint8, ragged_rank=0),
+      ),
+    )
+    return tf.where(is_jpeg[:, None], info[:, 1:], shapes), pixels.to_tensor()
+
+  shapes, pixels = tf.cond(tf.reduce_all(is_jpeg), jpegs, others)
+  shape = tf.transpose(shapes)  # [2, b]
+  zeros = tf.zeros_like(shape[0])
+  crop = tf.stack([zeros, zeros, shape[0], shape[1]])
+  return _Lazy(raw, is_jpeg, pixels, shape, crop, batched=True)
 
 
 def _yxhw(box) -> tuple[tf.Tensor, ...]:
@@ -213,6 +315,61 @@ def _pixels(lazy: _Lazy, box) -> tf.Tensor:
   return out
 
 
+@dataclasses.dataclass(frozen=True)
+class BatchPlan:
+  """How a batch of planned images is computed: one op over the batch (fast_jpeg) decodes each
+  JPEG's region and resizes it into its row of the [b, height, width, 3] output, so per example
+  tf.data carries only the bytes and 12 integers, and nothing is copied into the batch.
+
+  The per-example keys it reads (and removes): `_jpeg` (string), `_pixels` (uint8 [n]: decoded
+  pixels of images that are not JPEGs, else empty; batch them with `padded_batch`) and `_plan`
+  (int32 [12]); optional `_keep` (bool: False gives zeros, for padding). Results equal the
+  per-example path's exactly (same kernels, same arithmetic).
+  """
+
+  height: int
+  width: int
+  mul: float
+  add: float
+
+  def __call__(self, batch: dict) -> dict:
+    batch = dict(batch)
+    jpeg, pixels, plan = batch.pop('_jpeg'), batch.pop('_pixels'), batch.pop('_plan')
+    batch['image'] = fast_jpeg.decode_resize_batch(
+      jpeg, pixels, plan, (self.height, self.width), (self.mul, self.add), batch.pop('_keep', None)
+    )
+    return batch
+
+
+def plan_for_batch(data) -> BatchPlan | None:
+  """If data['image'] is a lazy bilinear resize of encoded bytes with a static output size and the
+  ops are built, replaces it by its plan (the `BatchPlan` keys) and returns the plan's static part;
+  else returns None and leaves data alone."""
+  lazy = data.get('image')
+  if not (
+    isinstance(lazy, _Lazy)
+    and lazy.raw is not None
+    and lazy.size is not None
+    and lazy.method == 'bilinear'
+    and not lazy.antialias
+    and fast_jpeg.available()
+    and fast_resize.available()
+  ):
+    return None
+  oh, ow = lazy.size
+  wy, wx, wh, ww = lazy.window or (0, 0, oh, ow)
+  if not (isinstance(wh, int) and isinstance(ww, int)):
+    return None
+  flip = lazy.flip if lazy.flip is not None else tf.constant(False)
+  ints = [lazy.is_jpeg, *tf.unstack(lazy.shape), *tf.unstack(lazy.crop), oh, ow, wy, wx, flip]
+  data['_plan'] = _stack(ints, axis=-1)  # [12], or [b, 12] batched.
+  data['_jpeg'] = lazy.raw
+  data['_pixels'] = lazy.image if lazy.batched else tf.reshape(lazy.image, [-1])
+  del data['image']
+  mul, add = lazy.affine or (1.0, 0.0)
+  return BatchPlan(wh, ww, float(mul), float(add))
+
+
 def _materialize(data) -> None:
   """Computes data['image'] if it is lazy (in place)."""
   lazy = data.get('image')
@@ -221,6 +378,8 @@ def _materialize(data) -> None:
 
 
 def _compute(lazy: _Lazy) -> tf.Tensor:
+  if lazy.batched:
+    raise NotBatchable('an op needs the pixels of each example')
   if lazy.size is None:
     image = _pixels(lazy, tf.unstack(lazy.crop))
   else:
@@ -275,7 +434,7 @@ def _crop_source(data, box_fn) -> None:
   # A pending affine commutes with a crop; a resize or flip does not compose with one.
   lazy = _lazy_image(data, lambda lazy: lazy.size is None and lazy.flip is None)
   y, x, h, w = box_fn(lazy.crop[2], lazy.crop[3])
-  lazy.crop = tf.stack([lazy.crop[0] + y, lazy.crop[1] + x, h, w])
+  lazy.crop = _stack([lazy.crop[0] + y, lazy.crop[1] + x, h, w])
 
 
 def _resize_lazy(data, size_fn, method, antialias) -> None:
@@ -289,7 +448,7 @@ def _resize_lazy(data, size_fn, method, antialias) -> None:
 def decode(channels: int = 3) -> Op:
   """Decodes JPEG/PNG/BMP/GIF bytes into uint8 [h, w, 3]; already-decoded images pass through."""
 
-  @_lazy
+  @_lazy(batchable=channels == 3)
   def fn(data):
     image = data['image']
     if channels != 3:
@@ -360,7 +519,7 @@ def decode_jpeg_and_central_crop(size: int, crop_fraction: float = 224 / 256, me
     left = tf.clip_by_value(tf.round(left), 0, w - crop_w)
     return tuple(tf.cast(v, tf.int32) for v in (top, left, crop_h, crop_w))
 
-  @_lazy
+  @_lazy(batchable=True)
   def fn(data):
     if not isinstance(data['image'], _Lazy) and data['image'].dtype != tf.string:
       data['image'] = _to_rgb(data['image'])
@@ -398,7 +557,7 @@ def inception_crop(size=None, area_min=5, area_max=100, aspect=(3 / 4, 4 / 3), m
 def resize(size, method: str = 'bilinear', antialias: bool = False) -> Op:
   """Resizes to `size` (int or (h, w)); float32 output, values in the input's range."""
 
-  @_lazy
+  @_lazy(batchable=True)
   def fn(data):
     _resize_lazy(data, lambda h, w: _size(size), method, antialias)
     return data
@@ -416,7 +575,7 @@ def resize_small(size: int, method: str = 'bilinear', antialias: bool = False) -
     new_w = tf.cast(tf.round(tf.cast(w, tf.float32) * ratio), tf.int32)
     return new_h, new_w
 
-  @_lazy
+  @_lazy(batchable=True)
   def fn(data):
     _resize_lazy(data, new_size, method, antialias)
     return data
@@ -429,7 +588,7 @@ def central_crop(size) -> Op:
   """Crops the central `size` window (int or (h, w))."""
   ch, cw = _size(size)
 
-  @_lazy
+  @_lazy(batchable=True)
   def fn(data):
     lazy = _lazy_image(data, lambda lazy: lazy.flip is None)
     if lazy.size is None:  # A crop of the source.
@@ -482,7 +641,7 @@ def value_range(
   scale = (vmax - vmin) / (in_max - in_min)
   offset = vmin - in_min * scale
 
-  @_lazy
+  @_lazy(batchable=not clip)
   def fn(data):
     lazy = data['image']
     if isinstance(lazy, _Lazy) and lazy.affine is None and not clip:
@@ -506,6 +665,7 @@ def onehot(depth: int, smoothing: float = 0.0, key: str = 'label', key_result: s
     data[key_result] = tf.one_hot(label, depth, on_value=on, off_value=off, dtype=tf.float32)
     return data
 
+  fn.image_free = fn.batchable = True  # Labels only, elementwise: also on a batch.
   return fn
 
 
