@@ -9,9 +9,10 @@ run, with the same tf.data thread pool:
   3. eval:    decode|resize_small(256)|central_crop(224)|value_range(-1,1) (preset imagenet_eval)
      and decode_jpeg_and_central_crop(224)|value_range(-1,1) (preset imagenet_eval_fused),
      padded batches, to numpy;
-  2b/3b. train and exact eval again with TensorFlow's decode_and_crop_jpeg instead of the
-     windowed decoder (what a machine without libjpeg-turbo runs), and with TensorFlow's decode
-     and resize ops (what a machine without a C++ compiler runs), for the A/B in the same run;
+  2b/3b. train and exact eval again, for the A/B in the same run: computed per example (each
+     image a tensor of the per-example map, then batched, instead of one op per batch); with
+     TensorFlow's decode_and_crop_jpeg instead of the windowed decoder (what a machine without
+     libjpeg-turbo runs); with TensorFlow's decode and resize ops (no C++ compiler);
   4. resume:  time to the first batch at start_batch=0 and at the last batch of the first epoch
      (the shuffled records before it are skipped without decoding).
 
@@ -97,7 +98,7 @@ def main():
   import tensorflow as tf
 
   from vit_jax import data
-  from vit_jax.data import fast_jpeg, fast_resize, pipeline
+  from vit_jax.data import fast_jpeg, fast_resize, pipeline, preprocess
 
   if not fast_resize.available():
     print('NOTE: the fused resize op is unavailable here; all rows resize with TensorFlow ops.')
@@ -140,16 +141,23 @@ def main():
   def passes(ds):  # Eval passes back to back, without rebuilding the pipeline each time.
     return ds.make_tf_dataset().repeat().as_numpy_iterator()
 
-  def without(make, *modules):  # Traces the pipeline with our ops in `modules` switched off.
+  def without(make, *modules, per_example=False):
+    """Builds the pipeline with our ops in `modules` switched off and, if `per_example`, without
+    the batch-level path (each image computed in the per-example map, then batched)."""
+
     def wrapped():
-      saved = [m.available for m in modules]
-      for m in modules:
-        m.available = lambda: False
+      patches = [(m, 'available', lambda: False) for m in modules]
+      if per_example:
+        off = lambda *args, **kwargs: None
+        patches += [(preprocess, 'batched', off), (preprocess, 'plan_for_batch', off)]
+      saved = [(obj, name, getattr(obj, name)) for obj, name, _ in patches]
+      for obj, name, value in patches:
+        setattr(obj, name, value)
       try:
         return make()
       finally:
-        for m, available in zip(modules, saved):
-          m.available = available
+        for obj, name, value in saved:
+          setattr(obj, name, value)
 
     return wrapped
 
@@ -162,11 +170,15 @@ def main():
   assert unfused_eval_pp == 'decode|resize_small(256)|central_crop(224)|value_range(-1,1)'
   assert eval_pp == 'decode_jpeg_and_central_crop(224)|value_range(-1,1)', eval_pp
   train_ds = get(train_pp, True)
-  eval_ds, unfused_eval_ds = get(eval_pp, False), get(unfused_eval_pp, False)
   real = lambda x: int(x['mask'].sum())
+  # Pipelines are built inside each row's `make`: whether a batch runs as one op is decided when
+  # the dataset is built, so the A/B rows switch our ops off before that.
+  train = lambda: iter(get(train_pp, True))
+  exact_eval = lambda: passes(get(unfused_eval_pp, False))
 
-  def without_ours(name, make):  # The A/B rows: TensorFlow's decoder, then its resize ops too.
+  def without_ours(name, make):  # The A/B rows.
     return {
+      f'{name} (the same, computed per example)': (without(make, per_example=True), real),
       f'{name} (the same with TensorFlow decode_and_crop_jpeg)': (without(make, fast_jpeg), real),
       f'{name} (the same with TensorFlow decode and resize ops)': (
         without(make, fast_jpeg, fast_resize),
@@ -176,11 +188,11 @@ def main():
 
   pipelines = {
     'decode_jpeg alone': (ceiling, len),
-    f'train  {train_pp}': (lambda: iter(train_ds), real),
-    **without_ours('train ', lambda: iter(train_ds)),
-    f'eval   {eval_pp}': (lambda: passes(eval_ds), real),
-    f'eval   {unfused_eval_pp} (preset imagenet_eval)': (lambda: passes(unfused_eval_ds), real),
-    **without_ours('eval   imagenet_eval', lambda: passes(unfused_eval_ds)),
+    f'train  {train_pp}': (train, real),
+    **without_ours('train ', train),
+    f'eval   {unfused_eval_pp} (preset imagenet_eval)': (exact_eval, real),
+    **without_ours('eval   imagenet_eval', exact_eval),
+    f'eval   {eval_pp}': (lambda: passes(get(eval_pp, False)), real),
   }
   steps = max(int(args.seconds * 300 * cores / b / args.rounds), 2)  # ~300 img/s/core expected
   rates = _measure(pipelines, args.rounds, steps)

@@ -1,6 +1,9 @@
 """The fused resize op and the lazy geometric ops: equal to TensorFlow's kernels op by op."""
 
+import ctypes
 import io
+import os
+import subprocess
 
 import numpy as np
 import pytest
@@ -177,3 +180,58 @@ def test_fallback_when_the_compiler_is_missing(monkeypatch, tmp_path):
   monkeypatch.setenv('VIT_JAX_FAST_RESIZE', '0')
   assert fast_resize._load.__wrapped__() is None
   assert not list(tmp_path.glob('ops/*.so'))
+
+
+def test_simd_and_portable_kernels_give_the_same_bits(tmp_path):
+  """_resize.c's AVX2+FMA path and its portable path (other CPUs) fuse the same multiply-adds:
+  identical floats, so a batch does not depend on the host's SIMD."""
+  kernels = {}
+  for name, flags in (('simd', []), ('portable', ['-DVJ_NO_SIMD'])):
+    lib = tmp_path / f'{name}.so'
+    cc = os.environ.get('CC', 'gcc')
+    cmd = [cc, '-O3', '-ffp-contract=off', '-fPIC', '-shared', *flags, fast_resize._C, '-o', lib]
+    subprocess.run([*cmd, '-lm'], check=True, capture_output=True)
+    kernel = ctypes.CDLL(str(lib)).vj_resize_bilinear_u8
+    kernel.argtypes = (
+      [ctypes.c_void_p]
+      + [ctypes.c_int64] * 13
+      + [ctypes.c_int]
+      + [ctypes.c_float] * 2
+      + [ctypes.c_void_p]
+    )
+    kernels[name] = kernel
+  src = np.random.default_rng(0).integers(0, 256, (375, 500, 3), dtype=np.uint8)
+  # (crop h, w, resized h, w, window y, x, h, w): eval, train crop, upscale, odd sizes.
+  for crop_h, crop_w, out_h, out_w, wy, wx, wh, ww in [
+    (375, 500, 256, 341, 16, 58, 224, 224),
+    (300, 260, 224, 224, 0, 0, 224, 224),
+    (100, 77, 384, 384, 0, 0, 384, 384),
+    (375, 500, 33, 47, 3, 5, 20, 31),
+  ]:
+    for flip in (0, 1):
+      outs = []
+      for kernel in kernels.values():
+        out = np.zeros((wh, ww, 3), np.float32)
+        rc = kernel(
+          src.ctypes.data,
+          375,
+          500,
+          1500,
+          0,
+          0,
+          crop_h,
+          crop_w,
+          out_h,
+          out_w,
+          wy,
+          wx,
+          wh,
+          ww,
+          flip,
+          1 / 127.5,
+          -1.0,
+          out.ctypes.data,
+        )
+        assert rc == 0
+        outs.append(out)
+      np.testing.assert_array_equal(outs[0], outs[1])

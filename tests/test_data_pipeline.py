@@ -37,12 +37,24 @@ def test_info_and_split_sizes(folder):
   assert sizes == {'train': 63, 'validation': 6}  # round(23 * 0.1) = 2 per class held out.
 
 
-def test_eval_visits_every_example_once_over_4_processes(folder):
+@pytest.mark.parametrize('pp', ['decode', 'decode|resize(8)'])
+def test_eval_visits_every_example_once_over_4_processes(folder, pp):
+  """Per example ('decode') and per batch (a resize: one op per batch; these PNGs exercise its
+  path for images that are not JPEGs)."""
   seen, num_batches = [], set()
   for split, expected in (('train', 63), ('validation', 6)):
     seen = []
     for p in range(P):
-      ds = _get(folder, split, train=False, global_batch_size=12, process_index=p, process_count=P)
+      ds = _get(
+        folder,
+        split,
+        train=False,
+        global_batch_size=12,
+        process_index=p,
+        process_count=P,
+        preprocess=pp,
+      )
+      assert ds.batch_level == (pp != 'decode')
       batches = list(ds)
       assert len(batches) == ds.num_batches
       num_batches.add((split, ds.num_batches))

@@ -5,16 +5,15 @@
    (six ops, five passes over memory). The sampling grid is TensorFlow's: output index i maps to
    source coordinate (i + 0.5) * in / out - 0.5, neighbours clamped at the edges, so the result
    equals TensorFlow's to float32 rounding. Interpolation is vertical first: a contiguous lerp of
-   two source rows (vectorised), then one horizontal lerp per output value.
+   two source rows (vectorised), then one horizontal lerp per output value, each a fused
+   multiply-add (fmaf), which every path computes alike, so results do not depend on the SIMD;
+   the affine comes last, unfused, as TensorFlow's multiply and add compute it.
 
    Wrapped as a TensorFlow op by _resize_op.cc; both are compiled on first use by fast_resize.py.
-   -ffp-contract=off keeps results identical whatever SIMD the compiler picks. */
+   -ffp-contract=off keeps the compiler from fusing anything else. */
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
-#if defined(__SSE2__)
-#include <emmintrin.h>
-#endif
 
 typedef struct {
   int64_t lo, hi;
@@ -34,62 +33,62 @@ static void taps(int64_t in_size, int64_t out_size, int64_t start, int64_t count
   }
 }
 
-/* Vertical pass: row[k] = (top[k] + (bot[k] - top[k]) * yl) * mul + add over n values. */
-#define VPASS_BODY                                               \
-  for (int64_t k = 0; k < n; ++k) {                              \
-    const float a = (float)top[k];                               \
-    row[k] = (a + ((float)bot[k] - a) * yl) * mul + add;         \
+/* Vertical pass: row[k] = (bot[k] - top[k]) * yl + top[k] over n values, the multiply-add fused
+   (fmaf): one rounding, the same on every path, scalar or SIMD. */
+static void vpass(const uint8_t *top, const uint8_t *bot, int64_t n, float yl, float *row) {
+  for (int64_t k = 0; k < n; ++k) {
+    const float a = (float)top[k];
+    row[k] = fmaf((float)bot[k] - a, yl, a);
   }
-static void vpass(const uint8_t *top, const uint8_t *bot, int64_t n, float yl, float mul,
-                  float add, float *row) {
-  VPASS_BODY
 }
 
-/* Horizontal pass: out pixel j = row[lo[j]..+3] + (row[hi[j]..+3] - that) * w4[4j]. The 4-lane
-   loads read one float past a pixel (the row has padding) and each 4-lane store writes one float
-   into the next pixel, rewritten by it: the last pixel is done in scalar code. */
+/* Horizontal pass: v = (row[hi[j]..+2] - row[lo[j]..+2]) * x[j] + row[lo[j]..+2] (fused), then
+   out = v * mul + add, unfused as in value_range: a 255 maps to exactly 1.0 for (-1, 1). */
 static void hpass(const float *row, const int32_t *lo, const int32_t *hi, const float *w4,
-                  int64_t w, float *out) {
-  int64_t j = 0;
-#if defined(__SSE2__)
-  for (; j < w - 1; ++j) {
-    const __m128 l = _mm_loadu_ps(row + lo[j]), h = _mm_loadu_ps(row + hi[j]);
-    _mm_storeu_ps(out + 3 * j, _mm_add_ps(l, _mm_mul_ps(_mm_sub_ps(h, l), _mm_load_ps(w4 + 4 * j))));
-  }
-#endif
-  for (; j < w; ++j) {
+                  int64_t w, float mul, float add, float *out) {
+  for (int64_t j = 0; j < w; ++j) {
     const float *l = row + lo[j], *h = row + hi[j], x = w4[4 * j];
-    out[3 * j + 0] = l[0] + (h[0] - l[0]) * x;
-    out[3 * j + 1] = l[1] + (h[1] - l[1]) * x;
-    out[3 * j + 2] = l[2] + (h[2] - l[2]) * x;
+    for (int c = 0; c < 3; ++c) out[3 * j + c] = fmaf(h[c] - l[c], x, l[c]) * mul + add;
   }
 }
 
-#if defined(__x86_64__) && defined(__GNUC__)
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(VJ_NO_SIMD)  /* VJ_NO_SIMD: tests. */
 #include <immintrin.h>
 #define HAVE_AVX2_PATH 1
-/* The same passes with 8-lane AVX2: the vertical one auto-vectorised, the horizontal one two
-   pixels per register. Same operations in the same order, so the same results. */
-__attribute__((target("avx2"))) static void vpass_avx2(const uint8_t *top, const uint8_t *bot,
-                                                        int64_t n, float yl, float mul, float add,
-                                                        float *row) {
-  VPASS_BODY
+/* The same passes with AVX2 and FMA: the same operations in the same order, so the same results.
+   The horizontal one does two pixels per register: 4-lane loads read one float past a pixel (the
+   row has padding) and each 4-lane store writes one float into the next pixel, rewritten by it,
+   so the last pixel is done by the scalar code. */
+__attribute__((target("avx2,fma"))) static void vpass_avx2(const uint8_t *top,
+                                                            const uint8_t *bot, int64_t n,
+                                                            float yl, float *row) {
+  const __m256 y = _mm256_set1_ps(yl);
+  int64_t k = 0;
+  for (; k + 8 <= n; k += 8) {
+    const __m256 a = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const void *)(top + k))));
+    const __m256 b = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const void *)(bot + k))));
+    _mm256_storeu_ps(row + k, _mm256_fmadd_ps(_mm256_sub_ps(b, a), y, a));
+  }
+  vpass(top + k, bot + k, n - k, yl, row + k);
 }
 
-__attribute__((target("avx2"))) static void hpass_avx2(const float *row, const int32_t *lo,
-                                                        const int32_t *hi, const float *w4,
-                                                        int64_t w, float *out) {
+__attribute__((target("avx2,fma"))) static void hpass_avx2(const float *row, const int32_t *lo,
+                                                            const int32_t *hi, const float *w4,
+                                                            int64_t w, float mul, float add,
+                                                            float *out) {
+  const __m256 m = _mm256_set1_ps(mul), c = _mm256_set1_ps(add);
   int64_t j = 0;
   for (; j + 2 < w; j += 2) {
     const __m256 l = _mm256_insertf128_ps(_mm256_castps128_ps256(_mm_loadu_ps(row + lo[j])),
                                           _mm_loadu_ps(row + lo[j + 1]), 1);
     const __m256 h = _mm256_insertf128_ps(_mm256_castps128_ps256(_mm_loadu_ps(row + hi[j])),
                                           _mm_loadu_ps(row + hi[j + 1]), 1);
-    const __m256 v = _mm256_add_ps(l, _mm256_mul_ps(_mm256_sub_ps(h, l), _mm256_load_ps(w4 + 4 * j)));
-    _mm_storeu_ps(out + 3 * j, _mm256_castps256_ps128(v));
-    _mm_storeu_ps(out + 3 * j + 3, _mm256_extractf128_ps(v, 1));
+    const __m256 v = _mm256_fmadd_ps(_mm256_sub_ps(h, l), _mm256_load_ps(w4 + 4 * j), l);
+    const __m256 o = _mm256_add_ps(_mm256_mul_ps(v, m), c);
+    _mm_storeu_ps(out + 3 * j, _mm256_castps256_ps128(o));
+    _mm_storeu_ps(out + 3 * j + 3, _mm256_extractf128_ps(o, 1));
   }
-  hpass(row, lo + j, hi + j, w4 + 4 * j, w - j, out + 3 * j);
+  hpass(row, lo + j, hi + j, w4 + 4 * j, w - j, mul, add, out + 3 * j);
 }
 #endif
 
@@ -141,22 +140,21 @@ int vj_resize_bilinear_u8(const uint8_t *src, int64_t src_h, int64_t src_w, int6
     goto done;
   }
 #ifdef HAVE_AVX2_PATH
-  const int avx2 = __builtin_cpu_supports("avx2");
+  const int avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
 #endif
   for (int64_t i = 0; i < win_h; ++i) {
     const uint8_t *top = src + (ys[i].lo - src_y) * src_stride + 3 * (c0 - src_x);
     const uint8_t *bot = src + (ys[i].hi - src_y) * src_stride + 3 * (c0 - src_x);
     float *out = dst + i * win_w * 3;
-    /* The affine is applied here: it commutes with the (weights summing to 1) lerps. */
 #ifdef HAVE_AVX2_PATH
     if (avx2) {
-      vpass_avx2(top, bot, n, ys[i].lerp, mul, add, row);
-      hpass_avx2(row, lo, hi, w4, win_w, out);
+      vpass_avx2(top, bot, n, ys[i].lerp, row);
+      hpass_avx2(row, lo, hi, w4, win_w, mul, add, out);
       continue;
     }
 #endif
-    vpass(top, bot, n, ys[i].lerp, mul, add, row);
-    hpass(row, lo, hi, w4, win_w, out);
+    vpass(top, bot, n, ys[i].lerp, row);
+    hpass(row, lo, hi, w4, win_w, mul, add, out);
   }
 done:
   free(ys);
