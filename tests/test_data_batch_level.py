@@ -168,6 +168,11 @@ def test_decode_resize_batch_keep_and_errors():
   wrong = tf.tensor_scatter_nd_update(plan, [[1, 1]], [41])  # The plan's size is not the JPEG's.
   with pytest.raises(tf.errors.InvalidArgumentError, match='example 1: the JPEG is 40x60'):
     fast_jpeg.decode_resize_batch(contents, pixels, wrong, (20, 30), (1.0, 0.0))
+  outside = tf.tensor_scatter_nd_update(plan, [[2, 3]], [1])  # Crop rows 1..40 of 40.
+  with pytest.raises(tf.errors.InvalidArgumentError, match='example 2: crop .* out of bounds'):
+    fast_jpeg.decode_resize_batch(contents, pixels, outside, (20, 30), (1.0, 0.0))
+  with pytest.raises(tf.errors.InvalidArgumentError, match='example 0: crop .* out of bounds'):
+    fast_jpeg.decode_resize_batch(contents, pixels, plan, (21, 30), (1.0, 0.0))  # Window.
 
 
 def test_fast_record_parsing_equals_tfds(mixed):

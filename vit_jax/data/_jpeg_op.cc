@@ -290,6 +290,17 @@ class VitJaxDecodeResizeBatchOp : public OpKernel {
       OP_REQUIRES(c, h > 0 && w > 0 && crop[2] > 0 && crop[3] > 0 && size_h > 0 && size_w > 0,
                   absl::InvalidArgumentError(absl::StrCat(
                       "VitJaxDecodeResizeBatch: example ", i, ": empty image, crop or size")));
+      OP_REQUIRES(c, h * w * 3 < kMaxBytes,
+                  absl::InvalidArgumentError(absl::StrCat("VitJaxDecodeResizeBatch: example ", i,
+                                                          ": bad image size ", h, "x", w)));
+      OP_REQUIRES(c, crop[0] >= 0 && crop[1] >= 0 && crop[0] + crop[2] <= h &&
+                         crop[1] + crop[3] <= w && win[0] >= 0 && win[1] >= 0 &&
+                         win[0] + height_ <= size_h && win[1] + width_ <= size_w,
+                  absl::InvalidArgumentError(absl::StrCat(
+                      "VitJaxDecodeResizeBatch: example ", i, ": crop (", crop[0], ", ", crop[1],
+                      ", ", crop[2], ", ", crop[3], ") of the ", h, "x", w, " image or window (",
+                      win[0], ", ", win[1], ", ", height_, ", ", width_, ") of the ", size_h, "x",
+                      size_w, " resize is out of bounds")));
       const uint8_t *src;
       int64_t top = 0, left = 0, rows = h, cols = w;
       if (p(i, 0)) {

@@ -11,6 +11,7 @@ import dataclasses
 from collections.abc import Callable
 
 import tensorflow as tf
+from absl import logging
 
 from vit_jax.data import fast_jpeg, fast_resize, randaug
 
@@ -97,7 +98,7 @@ def get_preprocess_fn(pp: str) -> Op:
       raise NotBatchable(f'{pp!r} does not end in a bilinear resize of a static size')
     return plan(data)
 
-  fn.batch_plan = None
+  fn.spec, fn.batch_plan = pp, None
   batchable = all(getattr(op, 'batchable', False) for op in ops)
   fn.batch_fn = batch_fn if batchable and any(hasattr(op, 'deferred') for op in ops) else None
   return fn
@@ -124,6 +125,12 @@ def batched(fn: Op, extra_specs: dict | None = None) -> Op | None:
   try:
     tf.function(batch_fn, autograph=False).get_concrete_function(specs)
   except NotBatchable:
+    return None
+  except Exception as e:  # noqa: BLE001 (an optimisation must not break a pipeline that works)
+    spec = getattr(fn, 'spec', fn)
+    logging.warning(
+      'Preprocessing %r runs per example: its batch form failed to trace: %r', spec, e
+    )
     return None
   return batch_fn
 
