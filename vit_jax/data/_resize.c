@@ -15,6 +15,8 @@
 #include <stdint.h>
 #include <stdlib.h>
 
+#include "_resize.h"
+
 typedef struct {
   int64_t lo, hi;
   float lerp;

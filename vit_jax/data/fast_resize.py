@@ -13,6 +13,7 @@ warning once: the same images to float rounding, a slower pipeline (see docs/dat
 """
 
 import functools
+import glob
 import hashlib
 import os
 import subprocess
@@ -35,7 +36,8 @@ def build_op_library(
   """
   tf_cflags, tf_lflags = tf.sysconfig.get_compile_flags(), tf.sysconfig.get_link_flags()
   key = hashlib.sha256()
-  for source in (cc, c):
+  headers = sorted(glob.glob(os.path.join(os.path.dirname(cc), '*.h')))  # Included by the sources.
+  for source in (cc, c, *headers):
     if source:
       key.update(open(source, 'rb').read())
   key.update(tf.__version__.encode())
