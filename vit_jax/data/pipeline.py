@@ -129,9 +129,10 @@ def get_dataset_info(dataset: str, data_dir: str | None = None):
   return label.num_classes, list(label.names), sizes
 
 
-def _expand(mask, value) -> tf.Tensor:
-  """mask [b] reshaped to broadcast against value [b, ...]."""
-  return tf.reshape(mask, [-1] + [1] * (value.shape.rank - 1))
+def _zero_rows(values: dict, mask, skip=()) -> dict:
+  """values [b, ...] with the rows where mask [b] is False zeroed; keys in `skip` as they are."""
+  keep = lambda v: tf.reshape(mask, [-1] + [1] * (v.shape.rank - 1))
+  return {k: v if k in skip else tf.where(keep(v), v, tf.zeros_like(v)) for k, v in values.items()}
 
 
 def _seed(*parts) -> tf.Tensor:
@@ -369,12 +370,7 @@ def get_dataset(
     # One test per batch rather than a conditional per example: only the last batches pad.
     mask = batch['mask']
 
-    def zeroed():
-      return {
-        k: v if k == 'mask' else tf.where(_expand(mask, v), v, tf.zeros_like(v))
-        for k, v in batch.items()
-      }
-
+    zeroed = lambda: _zero_rows(batch, mask, skip=('mask',))
     return tf.cond(tf.reduce_all(mask), lambda: dict(batch), zeroed)
 
   # Deterministic geometric preprocessing of JPEGs (e.g. every eval preset) runs on whole batches:
@@ -390,10 +386,7 @@ def get_dataset(
     data = batch_fn(data)
     out = {k: data[k] for k in ('image', 'label', 'labels') if k in data}
     if not train:  # The rest of the padding: zeroed here, cheaply (vectors).
-      out = {
-        k: tf.where(_expand(mask, v), v, tf.zeros_like(v)) if k != 'image' else v
-        for k, v in out.items()
-      }
+      out = _zero_rows(out, mask, skip=('image',))
     out['mask'] = mask
     return out
 
