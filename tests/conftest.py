@@ -1,4 +1,4 @@
-"""Test setup: 8 simulated CPU devices (set before JAX initializes), shared paths."""
+"""Test setup: 8 simulated CPU devices (set before JAX initializes), golden data path."""
 
 import os
 import pathlib
@@ -10,13 +10,13 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 import pytest  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-GOLDEN = REPO.parent / 'shared' / 'golden'
+GOLDEN = REPO / 'tests' / 'golden'  # reference outputs of the original implementation (data)
 
 
 @pytest.fixture(scope='session')
 def golden_dir() -> pathlib.Path:
   if not GOLDEN.is_dir():
     pytest.fail(
-      f'golden reference data missing at {GOLDEN} (expected ../shared/golden from the repo root)'
+      f'golden reference data missing at {GOLDEN}'
     )
   return GOLDEN
