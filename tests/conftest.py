@@ -16,7 +16,5 @@ GOLDEN = REPO / 'tests' / 'golden'  # reference outputs of the original implemen
 @pytest.fixture(scope='session')
 def golden_dir() -> pathlib.Path:
   if not GOLDEN.is_dir():
-    pytest.fail(
-      f'golden reference data missing at {GOLDEN}'
-    )
+    pytest.fail(f'golden reference data missing at {GOLDEN}')
   return GOLDEN

@@ -4,7 +4,7 @@ import jax
 import numpy as np
 import pytest
 
-from vit_jax import checkpoint, models
+from vit_jax import models, npz
 
 torch = pytest.importorskip('torch')
 pytest.importorskip('transformers')
@@ -19,7 +19,7 @@ def _torch_forward(model, images):
 
 
 def test_hf_matches_golden_logits_through_representation_layer(golden_dir):
-  params = checkpoint.load(str(golden_dir / 'testing_rep16_ref.npz'))
+  params = npz.load(str(golden_dir / 'testing_rep16_ref.npz'))
   images = np.load(golden_dir / 'input_224.npy', allow_pickle=False)
   expected = np.load(golden_dir / 'logits_testing_rep16_224.npy', allow_pickle=False)
   config = models.get_model_config('testing')
@@ -35,7 +35,7 @@ def test_hf_classifier_matches_ours_at_224_and_resized_384(golden_dir, tmp_path,
   config = models.get_model_config('testing')
   model = models.get_model(config, num_classes=10, head_zero_init=False)
   init = models.init_params(model, jax.random.key(0), image_size)
-  params = checkpoint.load_pretrained(pretrained_path=path, init_params=init, model_config=config)
+  params = npz.load_pretrained(pretrained_path=path, init_params=init, model_config=config)
   images = np.random.RandomState(1).uniform(-1, 1, (2, image_size, image_size, 3)).astype('f4')
   ours = np.asarray(
     jax.jit(model.apply, static_argnames='train')({'params': params}, images, train=False)

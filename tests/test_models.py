@@ -7,7 +7,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from vit_jax import checkpoint, models
+from vit_jax import models, npz
 
 # Published counts (1000 classes, 224x224), from the original project's model tables.
 # ViT-g/14 and ViT-G/14 (Zhai et al. 2021) are computed here, see docs/models.md: the paper's 1011M
@@ -153,7 +153,7 @@ def test_every_family_runs_and_names_parameters_like_the_release():
     transformer=dict(mlp_dim=32, num_heads=2, num_layers=1),
   )
   params = models.init_params(hybrid, jax.random.key(0), 64)
-  keys = set(checkpoint.to_released_layout(params))
+  keys = set(npz.to_released_layout(params))
   # Names of the released R26+ViT/R50+ViT files (original project's models_resnet.py).
   for key in (
     'conv_root/kernel',
@@ -213,7 +213,7 @@ def test_scan_and_remat_match_the_unrolled_model():
     {'scan_layers': True, 'remat_policy': 'dots_with_no_batch_dims_saveable'},
   ):
     model = _small(**overrides)
-    p = checkpoint.scan_params(params) if overrides.get('scan_layers') else params
+    p = npz.scan_params(params) if overrides.get('scan_layers') else params
     jax.tree.map(
       lambda a, b: np.testing.assert_equal(a.shape, b.shape),
       p,
@@ -226,7 +226,7 @@ def test_scan_and_remat_match_the_unrolled_model():
     )
     grads = jax.jit(jax.grad(lambda p, m=model: m.apply({'params': p}, x, train=False).sum()))(p)
     assert all(np.all(np.isfinite(g)) for g in jax.tree.leaves(grads))
-  assert checkpoint.unscan_params(checkpoint.scan_params(params)).keys() == params.keys()
+  assert npz.unscan_params(npz.scan_params(params)).keys() == params.keys()
 
 
 def test_dropout_and_stochastic_depth_only_in_training():

@@ -5,13 +5,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from vit_jax import checkpoint, models, predict
+from vit_jax import models, npz, predict
 
 
 def test_predict_cli_prints_top_k_labels_matching_the_model(tmp_path, capsys):
   model = models.get_model('testing', num_classes=4, head_zero_init=False)
   params = models.init_params(model, jax.random.key(0), 32)
-  checkpoint.save_npz(params, str(tmp_path / 'ckpt.npz'))
+  npz.save(params, str(tmp_path / 'ckpt.npz'))
   (tmp_path / 'labels.txt').write_text('cat\ndog\nbird\nfish\n')
   rng = np.random.RandomState(0)
   paths = []

@@ -11,7 +11,7 @@ import optax
 import pytest
 
 from configs import common, quickstart
-from vit_jax import checkpoint, data, metrics, models, train, train_checkpoint
+from vit_jax import data, metrics, models, npz, train, train_state
 
 
 def _runlocal(**overrides):
@@ -57,17 +57,17 @@ def test_end_to_end_logs_checkpoints_resumes_and_evaluates(tmp_path):
   tags = {v.tag for e in tf.compat.v1.train.summary_iterator(events[0]) for v in e.summary.value}
   assert {'train/loss', 'eval/test/accuracy', 'perf/mfu'} <= tags
 
-  ckpt = train_checkpoint.Checkpointer(os.path.join(workdir, 'checkpoints'))
+  ckpt = train_state.Checkpointer(os.path.join(workdir, 'checkpoints'))
   assert ckpt.all_steps() == [4, 8]
   ckpt.close()
-  params8 = train_checkpoint.restore_params(os.path.join(workdir, 'checkpoints'))
+  params8 = train_state.restore_params(os.path.join(workdir, 'checkpoints'))
 
   # Same workdir, more steps: resumes at 8 (not from scratch) and logs steps 9..10 only.
   result = train.train_and_evaluate(_runlocal(total_steps=10), workdir)
   assert result['step'] == 10
   records = metrics.read_jsonl(os.path.join(workdir, 'metrics.jsonl'))
   assert [r['step'] for r in records[8:]] == [9, 10]
-  params10 = train_checkpoint.restore_params(os.path.join(workdir, 'checkpoints'))
+  params10 = train_state.restore_params(os.path.join(workdir, 'checkpoints'))
   assert not np.allclose(params8['head']['kernel'], params10['head']['kernel'])
 
 
@@ -134,11 +134,11 @@ def test_scan_remat_and_bfloat16_match_the_plain_model():
   scanned = train.Trainer(
     _sgd_config(num_layers=2, scan_layers=True, remat_policy='full'), num_classes=10
   )
-  losses, params_scanned = _steps(scanned, batches, checkpoint.scan_params(params))
+  losses, params_scanned = _steps(scanned, batches, npz.scan_params(params))
   np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
   jax.tree.map(
     lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6),
-    checkpoint.unscan_params(params_scanned),
+    npz.unscan_params(params_scanned),
     ref_params,
   )
 
@@ -165,10 +165,10 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_pat
     match=r'train/loss=nan.* at step 6; last good checkpoint: step 4 in ',
   ):
     train.train_and_evaluate(config, workdir)
-  ckpt = train_checkpoint.Checkpointer(os.path.join(workdir, 'checkpoints'))
+  ckpt = train_state.Checkpointer(os.path.join(workdir, 'checkpoints'))
   assert ckpt.all_steps() == [2, 4]
   ckpt.close()
-  params = train_checkpoint.restore_params(os.path.join(workdir, 'checkpoints'))
+  params = train_state.restore_params(os.path.join(workdir, 'checkpoints'))
   assert all(np.isfinite(x).all() for x in jax.tree.leaves(params))
   steps = [r['step'] for r in metrics.read_jsonl(os.path.join(workdir, 'metrics.jsonl'))]
   assert steps == [3]  # Step 6 would have been logged: the NaN stopped the run first.
@@ -194,7 +194,7 @@ def test_finetune_from_golden_checkpoint_matches_direct_computation(tmp_path, go
   # Direct computation: load_pretrained, the same two batches, SGD with clipping written out.
   model = models.get_model('testing', num_classes=10, representation_size=16)
   init = models.init_params(model, jax.random.key(0), 224)
-  params = checkpoint.load_pretrained(
+  params = npz.load_pretrained(
     pretrained_path=config.pretrained_path,
     init_params=init,
     model_config=models.get_model_config('testing'),

@@ -9,7 +9,7 @@ import jax
 import numpy as np
 from subprocess_env import cpu_env
 
-from vit_jax import metrics, train_checkpoint
+from vit_jax import metrics, train_state
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -75,8 +75,8 @@ def test_two_processes_match_one_process_with_the_same_devices(tmp_path):
   for key in ('eval/test/accuracy', 'eval/test/loss'):
     assert got[-1][key] == np.float32(want[-1][key]) or abs(got[-1][key] - want[-1][key]) < 1e-5
 
-  params = train_checkpoint.restore_params(f'{multi}/checkpoints')
-  ref_params = train_checkpoint.restore_params(f'{single}/checkpoints')
+  params = train_state.restore_params(f'{multi}/checkpoints')
+  ref_params = train_state.restore_params(f'{single}/checkpoints')
   jax.tree.map(
     lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), params, ref_params
   )

@@ -10,7 +10,7 @@ import jax
 import numpy as np
 from subprocess_env import cpu_env
 
-from vit_jax import metrics, train_checkpoint
+from vit_jax import metrics, train_state
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -83,8 +83,8 @@ def test_sigkill_then_restart_gives_identical_losses_and_params(tmp_path):
   assert [r['step'] for r in after] == list(range(resumed_from + 1, steps + 1))
   for r in after:  # Bit-identical on CPU.
     assert r['train/loss'] == ref[r['step']], r['step']
-  got = train_checkpoint.restore_params(f'{workdir}/checkpoints')
-  want = train_checkpoint.restore_params(f'{reference}/checkpoints')
+  got = train_state.restore_params(f'{workdir}/checkpoints')
+  want = train_state.restore_params(f'{reference}/checkpoints')
   jax.tree.map(np.testing.assert_array_equal, got, want)
 
 
@@ -98,6 +98,6 @@ def test_sigterm_checkpoints_the_current_step_and_exits_0(tmp_path):
   assert 'Preempted: checkpointed step' in out
   last = metrics.read_jsonl(f'{workdir}/metrics.jsonl')[-1]['step']
   assert 20 <= last < 400
-  ckpt = train_checkpoint.Checkpointer(f'{workdir}/checkpoints')
+  ckpt = train_state.Checkpointer(f'{workdir}/checkpoints')
   assert ckpt.latest_step() == last  # The step it was at, not the last periodic checkpoint.
   ckpt.close()

@@ -16,7 +16,7 @@ import os
 import jax
 import numpy as np
 
-from vit_jax import checkpoint, models
+from vit_jax import models, npz
 
 
 def load_images(paths: list[str], image_size: int) -> np.ndarray:
@@ -67,11 +67,11 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument('images', nargs='+')
   args = parser.parse_args(argv)
 
-  params = checkpoint.load(args.checkpoint)
+  params = npz.load(args.checkpoint)
   num_classes = params['head']['bias'].shape[0]
   model = models.get_model(args.model, num_classes=num_classes)
   init = jax.eval_shape(lambda: models.init_params(model, jax.random.key(0), args.image_size))
-  checkpoint.check_tree(params, init, path=args.checkpoint, model_name=args.model)
+  npz.check_tree(params, init, path=args.checkpoint, model_name=args.model)
   names = label_names(args.labels, num_classes)
   probs, classes = predict(
     model, params, load_images(args.images, args.image_size), top_k=args.top_k

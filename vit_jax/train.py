@@ -23,9 +23,8 @@ import ml_collections
 import numpy as np
 import optax
 
-from vit_jax import checkpoint as npz_checkpoint
 from vit_jax import metrics as metrics_lib
-from vit_jax import models, optim, sharding, train_checkpoint
+from vit_jax import models, npz, optim, sharding, train_state
 
 LOSSES = ('softmax_xent', 'sigmoid_xent')
 
@@ -223,7 +222,7 @@ class Trainer:
 
   def host_params(self, state: dict) -> Any:
     """Params as numpy on every process (gathers across processes when needed)."""
-    return jax.tree.map(npz_checkpoint.to_numpy, state['params'])
+    return jax.tree.map(npz.to_numpy, state['params'])
 
   def compile(self, state: dict, batch: dict, rng: jax.Array):
     """AOT-compiles the train step for these shapes; returns (compiled, model FLOPs per step).
@@ -420,7 +419,7 @@ def train_and_evaluate(
     models.count_params(trainer.model, int(config['image_size'])),
   )
   ckpt_dir = os.path.join(workdir, 'checkpoints')
-  ckpt = train_checkpoint.Checkpointer(
+  ckpt = train_state.Checkpointer(
     ckpt_dir,
     max_to_keep=int(config['keep_checkpoints']) or None,
     async_save=bool(config['async_checkpoints']),
@@ -443,7 +442,7 @@ def train_and_evaluate(
     state = trainer.init_state(int(config['seed']))
     if config['pretrained_path']:
       init = trainer.host_params(state)
-      params = npz_checkpoint.load_pretrained(
+      params = npz.load_pretrained(
         pretrained_path=config['pretrained_path'],
         init_params=init,
         model_config=models.get_model_config(config['model_name']),
@@ -455,7 +454,7 @@ def train_and_evaluate(
   )
   batches = _batches(train_ds, trainer.accum_steps)
   writer = metrics_lib.MetricWriter(workdir)
-  watcher = train_checkpoint.PreemptionWatcher()
+  watcher = train_state.PreemptionWatcher()
   meter = metrics_lib.Throughput(
     global_batch_size=int(config['batch_size']),
     num_devices=trainer.mesh.size,

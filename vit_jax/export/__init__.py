@@ -1,1 +1,1 @@
-"""Export to other ecosystems: original `.npz` (`vit_jax.checkpoint.save_npz`), Hugging Face."""
+"""Export to other ecosystems: original `.npz` (`vit_jax.npz.save`), Hugging Face."""

@@ -14,7 +14,7 @@ from collections.abc import Mapping
 import flax
 import numpy as np
 
-from vit_jax import checkpoint
+from vit_jax import npz
 
 _BLOCK = re.compile(r'^(?:vit\.)?(?:encoder\.layer|layers)\.(\d+)\.(.+)$')
 # (hf suffixes) -> our path inside Transformer/encoderblock_{i}, and the tensor kind.
@@ -124,7 +124,7 @@ def to_hf_model(params: Mapping, model_config: Mapping, *, image_size: int):
   import torch
   from transformers import ViTForImageClassification, ViTModel
 
-  flat = checkpoint.to_released_layout(flax.core.unfreeze(params))
+  flat = npz.to_released_layout(flax.core.unfreeze(params))
   num_classes = flat['head/bias'].shape[0] if 'head/bias' in flat else 0
   config = hf_config(model_config, num_classes=num_classes, image_size=image_size)
   if 'pre_logits/kernel' in flat:

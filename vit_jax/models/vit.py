@@ -274,7 +274,7 @@ class Encoder(nn.Module):
   """Position embeddings, `num_layers` blocks and the final LayerNorm.
 
   With `scan_layers` the blocks are one `nn.scan` over stacked parameters (`encoderblock/...`
-  with a leading layer axis): much faster compilation for deep models. `vit_jax.checkpoint`
+  with a leading layer axis): much faster compilation for deep models. `vit_jax.npz`
   converts between the scanned and the released (unscanned) layouts. `remat_policy` ('none',
   'full', or a `jax.checkpoint_policies` name such as 'dots_with_no_batch_dims_saveable') trades
   compute for memory.

@@ -1,9 +1,9 @@
-"""Checkpoint interop: the original google-research `.npz` format, fine-tuning init, resizing.
+"""The original google-research `.npz` checkpoint format: load, save, fine-tuning init, resizing.
 
 The released files are flat `np.savez` archives whose keys are parameter paths joined by `/`
 (`Transformer/encoderblock_0/MlpBlock_3/Dense_0/kernel`). GroupNorm scale/bias of hybrid models are
 stored with shape (1, 1, 1, C), as an older Flax wrote them; our modules use (C,). Loading converts,
-saving converts back, so `save_npz(load(f))` reproduces `f` key for key and bit for bit.
+saving converts back, so `save(load(f))` reproduces `f` key for key and bit for bit.
 """
 
 from __future__ import annotations
@@ -109,7 +109,7 @@ def to_released_layout(params: Mapping) -> dict[str, np.ndarray]:
   return flat
 
 
-def save_npz(params: Mapping, path: str) -> None:
+def save(params: Mapping, path: str) -> None:
   """Writes `params` in the released `.npz` layout, atomically (temp file, then rename).
 
   Scanned encoders are unstacked into `encoderblock_{i}`; bfloat16 arrays are written as float32.

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vit_jax import checkpoint, models
+from vit_jax import models, npz
 
 
 def _golden_model():
@@ -16,7 +16,7 @@ def _golden_model():
 
 
 def test_golden_checkpoint_reproduces_original_logits(golden_dir):
-  params = checkpoint.load(str(golden_dir / 'testing_rep16_ref.npz'))
+  params = npz.load(str(golden_dir / 'testing_rep16_ref.npz'))
   images = np.load(golden_dir / 'input_224.npy', allow_pickle=False)
   expected = np.load(golden_dir / 'logits_testing_rep16_224.npy', allow_pickle=False)
   logits = jax.jit(_golden_model().apply, static_argnames='train')(
@@ -36,12 +36,12 @@ def _assert_same_npz(path_a, path_b):
 
 def test_vit_round_trip_is_bit_exact(golden_dir, tmp_path):
   src = str(golden_dir / 'testing_rep16_ref.npz')
-  checkpoint.save_npz(checkpoint.load(src), str(tmp_path / 'out.npz'))
+  npz.save(npz.load(src), str(tmp_path / 'out.npz'))
   _assert_same_npz(src, tmp_path / 'out.npz')
 
 
 def _released_style_file(model, path, image_size=64, seed=0):
-  """Writes random params of `model` under the released layout rules, by hand (not via save_npz)."""
+  """Writes random params of `model` under the released layout rules, by hand (not via save)."""
   params = models.init_params(model, jax.random.key(seed), image_size)
   rng = np.random.RandomState(seed)
   flat = {}
@@ -74,7 +74,7 @@ def test_hybrid_and_mixer_round_trip_is_bit_exact(family, tmp_path):
     )
   src = tmp_path / 'src.npz'
   flat = _released_style_file(model, src)
-  params = checkpoint.load(str(src))
+  params = npz.load(str(src))
   if family == 'hybrid':
     assert params['gn_root']['scale'].shape == (64,)  # Squeezed for our modules.
     assert flat['gn_root/scale'].shape == (1, 1, 1, 64)
@@ -82,7 +82,7 @@ def test_hybrid_and_mixer_round_trip_is_bit_exact(family, tmp_path):
     {'params': params}, jnp.zeros((1, 64, 64, 3)), train=False
   )
   assert np.all(np.isfinite(logits))
-  checkpoint.save_npz(params, str(tmp_path / 'out.npz'))
+  npz.save(params, str(tmp_path / 'out.npz'))
   _assert_same_npz(src, tmp_path / 'out.npz')
 
 
@@ -90,36 +90,36 @@ def test_remote_filesystem_paths_go_through_gfile(golden_dir):
   tf = pytest.importorskip('tensorflow')
   src = str(golden_dir / 'testing_rep16_ref.npz')
   remote = 'ram://vit_jax_test/ckpt.npz'  # TF's in-memory filesystem stands in for gs://.
-  checkpoint.save_npz(checkpoint.load(src), remote)
+  npz.save(npz.load(src), remote)
   assert tf.io.gfile.exists(remote)
-  restored = checkpoint.load(remote)
-  jax.tree.map(np.testing.assert_array_equal, restored, checkpoint.load(src))
+  restored = npz.load(remote)
+  jax.tree.map(np.testing.assert_array_equal, restored, npz.load(src))
 
 
 def test_save_is_atomic_and_leaves_no_partial_file(tmp_path, monkeypatch):
   path = tmp_path / 'ckpt.npz'
   params = {'head': {'kernel': np.ones((2, 3), np.float32)}}
-  checkpoint.save_npz(params, str(path))
+  npz.save(params, str(path))
 
   def crash(*args, **kwargs):
     raise OSError('disk full')
 
   monkeypatch.setattr(np, 'savez', crash)
   with pytest.raises(OSError, match='disk full'):
-    checkpoint.save_npz({'head': {'kernel': np.zeros((2, 3), np.float32)}}, str(path))
+    npz.save({'head': {'kernel': np.zeros((2, 3), np.float32)}}, str(path))
   assert os.listdir(tmp_path) == ['ckpt.npz']
-  np.testing.assert_array_equal(checkpoint.load(str(path))['head']['kernel'], 1)
+  np.testing.assert_array_equal(npz.load(str(path))['head']['kernel'], 1)
 
 
 def test_bad_files_raise_clear_errors(tmp_path):
   with pytest.raises(FileNotFoundError, match='missing.npz'):
-    checkpoint.load(str(tmp_path / 'missing.npz'))
+    npz.load(str(tmp_path / 'missing.npz'))
   (tmp_path / 'corrupt.npz').write_bytes(b'PK\x03\x04 truncated')
   with pytest.raises(ValueError, match='corrupt.npz.*not a readable .npz'):
-    checkpoint.load(str(tmp_path / 'corrupt.npz'))
+    npz.load(str(tmp_path / 'corrupt.npz'))
   np.savez(tmp_path / 'pickled.npz', obj=np.array([{'a': 1}], dtype=object))
   with pytest.raises(ValueError, match='pickled'):
-    checkpoint.load(str(tmp_path / 'pickled.npz'))
+    npz.load(str(tmp_path / 'pickled.npz'))
 
 
 def test_mismatch_error_lists_every_problem(golden_dir):
@@ -131,8 +131,8 @@ def test_mismatch_error_lists_every_problem(golden_dir):
     transformer=dict(mlp_dim=10, num_heads=2, num_layers=2),
   )
   init = models.init_params(model, jax.random.key(0), 224)
-  with pytest.raises(checkpoint.CheckpointMismatchError) as info:
-    checkpoint.load_pretrained(
+  with pytest.raises(npz.CheckpointMismatchError) as info:
+    npz.load_pretrained(
       pretrained_path=path, init_params=init, model_config={'model_name': 'my-model'}
     )
   message = str(info.value)
@@ -146,10 +146,10 @@ def test_mismatch_error_lists_every_problem(golden_dir):
 
 def test_load_pretrained_new_head_drops_pre_logits_and_resizes_to_384(golden_dir):
   path = str(golden_dir / 'testing_rep16_ref.npz')
-  ref = checkpoint.load(path)
+  ref = npz.load(path)
   model = models.get_model('testing', num_classes=37)
   init = models.init_params(model, jax.random.key(3), 384)
-  params = checkpoint.load_pretrained(
+  params = npz.load_pretrained(
     pretrained_path=path, init_params=init, model_config=models.get_model_config('testing')
   )
   assert 'pre_logits' not in params
@@ -172,9 +172,9 @@ def test_load_pretrained_new_head_drops_pre_logits_and_resizes_to_384(golden_dir
 def test_load_pretrained_keeps_pre_logits_when_target_has_one(golden_dir):
   path = str(golden_dir / 'testing_rep16_ref.npz')
   init = models.init_params(_golden_model(), jax.random.key(0), 224)
-  params = checkpoint.load_pretrained(pretrained_path=path, init_params=init)
+  params = npz.load_pretrained(pretrained_path=path, init_params=init)
   np.testing.assert_array_equal(
-    params['pre_logits']['kernel'], checkpoint.load(path)['pre_logits']['kernel']
+    params['pre_logits']['kernel'], npz.load(path)['pre_logits']['kernel']
   )
 
 
@@ -182,8 +182,8 @@ def test_load_pretrained_into_scanned_model(golden_dir):
   path = str(golden_dir / 'testing_rep16_ref.npz')
   model = models.get_model('testing', num_classes=10, representation_size=16, scan_layers=True)
   init = models.init_params(model, jax.random.key(0), 224)
-  params = checkpoint.load_pretrained(pretrained_path=path, init_params=init)
-  params['head'] = checkpoint.load(path)['head']
+  params = npz.load_pretrained(pretrained_path=path, init_params=init)
+  params['head'] = npz.load(path)['head']
   images = np.load(golden_dir / 'input_224.npy', allow_pickle=False)
   expected = np.load(golden_dir / 'logits_testing_rep16_224.npy', allow_pickle=False)
   logits = jax.jit(model.apply, static_argnames='train')({'params': params}, images, train=False)
@@ -197,13 +197,13 @@ def test_posemb_resize_is_corner_aligned_bilinear():
   rows, cols = np.meshgrid(np.arange(g), np.arange(g), indexing='ij')
   grid = np.stack([rows, cols, rows + 2 * cols], -1).astype(np.float32)
   posemb = np.concatenate([np.full((1, 1, d), 5.0, np.float32), grid.reshape(1, g * g, d)], 1)
-  out = checkpoint.resize_posemb(posemb, (1, 1 + n * n, d))
+  out = npz.resize_posemb(posemb, (1, 1 + n * n, d))
   new_rows, new_cols = np.meshgrid(np.arange(n), np.arange(n), indexing='ij')
   s = (g - 1) / (n - 1)
   expected = np.stack([new_rows * s, new_cols * s, (new_rows + 2 * new_cols) * s], -1)
   np.testing.assert_allclose(out[0, 1:].reshape(n, n, d), expected, atol=1e-5)
   np.testing.assert_array_equal(out[0, 0], 5.0)
-  no_token = checkpoint.resize_posemb(grid.reshape(1, g * g, d), (1, 4 * 6, d), grid_size=(4, 6))
+  no_token = npz.resize_posemb(grid.reshape(1, g * g, d), (1, 4 * 6, d), grid_size=(4, 6))
   assert no_token.shape == (1, 24, d)
 
 
@@ -212,7 +212,7 @@ def test_patch_embedding_resize_preserves_tokens():
   # to 24 with the resized kernel (exact for upsampling, where the resize is injective).
   rng = np.random.RandomState(0)
   kernel = rng.normal(size=(16, 16, 3, 8)).astype(np.float32)
-  new = checkpoint.resize_patch_embedding(kernel, (24, 24))
+  new = npz.resize_patch_embedding(kernel, (24, 24))
   patch = rng.normal(size=(16, 16, 3)).astype(np.float32)
   up = np.asarray(jax.image.resize(patch, (24, 24, 3), method='bilinear', antialias=False))
   np.testing.assert_allclose(
@@ -227,6 +227,6 @@ def test_load_pretrained_adapts_patch_size(golden_dir):
   path = str(golden_dir / 'testing_rep16_ref.npz')
   model = models.get_model('testing', num_classes=10, patches={'size': (8, 8)})
   init = models.init_params(model, jax.random.key(0), 112)
-  params = checkpoint.load_pretrained(pretrained_path=path, init_params=init)
+  params = npz.load_pretrained(pretrained_path=path, init_params=init)
   assert params['embedding']['kernel'].shape == (8, 8, 3, 10)
   assert params['Transformer']['posembed_input']['pos_embedding'].shape == (1, 197, 10)

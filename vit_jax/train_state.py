@@ -8,7 +8,7 @@ All processes must call `save`/`restore`; orbax coordinates them.
 
 `PreemptionWatcher` turns SIGTERM (how TPU VMs and most schedulers preempt) into a flag that the
 loop polls; every process agrees on the step at which to stop, which is checkpointed before exiting.
-The original npz format (`vit_jax.checkpoint`) is for interop, not for resuming.
+The original npz format (`vit_jax.npz`) is for interop, not for resuming.
 """
 
 from __future__ import annotations
