@@ -270,3 +270,26 @@ def test_runlocal_is_small():
     assert c.model_name == 'testing' and c.total_steps <= 12 and c.log_every == 1
     assert c.dataset.startswith('synthetic') and 0 < c.checkpoint_every < c.total_steps
     assert isinstance(c.mesh, ml_collections.ConfigDict)
+
+
+def test_finetune_trains_and_resumes_on_a_folder_dataset(tmp_path):
+  from data_fixtures import make_indexed_folder
+
+  from vit_jax import train
+  from vit_jax.main import resume_command
+
+  make_indexed_folder(str(tmp_path / 'images'), classes=2, per_class=10)
+  arg = f'model=testing,dataset=folder:{tmp_path / "images"},res=16,batch=8,steps=2'
+
+  def run(total_steps):
+    c = finetune.get_config(arg)
+    c.data_dir, c.total_steps, c.checkpoint_every = str(tmp_path / 'tfds'), total_steps, 1
+    return train.train_and_evaluate(c, str(tmp_path / 'run'))
+
+  assert 0.0 <= run(2)['eval/validation/accuracy'] <= 1.0  # The folder's own eval split.
+  assert run(3)['step'] == 3  # What the resume hint does: same recipe and args, more steps.
+  argv = ['main.py', f'--config=configs/finetune.py:{arg}', '--workdir', 'w b', '--config.lr=0.1']
+  assert resume_command(argv + ['--config.total_steps', '2']) == (
+    f"python -m vit_jax.main --config=configs/finetune.py:{arg} --workdir 'w b' "
+    '--config.lr=0.1 --config.total_steps=<more steps>'
+  )
