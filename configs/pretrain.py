@@ -69,7 +69,9 @@ VIT_PAPER = {
   'imagenet2012': (300, 3e-3, 'cosine', 0.3, 0.1),
   'imagenet21k': (90, 1e-3, 'linear', 0.03, 0.1),
 }
-NUM_TRAIN = {'imagenet2012': 1_281_167, 'imagenet21k': 13_000_000}  # TFDS / ImageNet-21k fall'11.
+# Train examples per epoch (TFDS imagenet2012; ImageNet-21k fall 2011, about 13M). Other datasets
+# count epochs in ImageNet-1k examples: set --config.total_steps for them.
+NUM_TRAIN = {'imagenet2012': 1_281_167, 'imagenet21k': 13_000_000}
 EVAL_PP = 'decode|resize_small(256,method="area")|central_crop(224)|value_range(-1,1)'
 
 

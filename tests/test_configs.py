@@ -16,6 +16,8 @@ from vit_jax import models, optim
     (finetune, 'runlocal'),
     (pretrain, 'model=ViT-B_16,dataset=imagenet2012'),
     (pretrain, 'model=ViT-L_16,dataset=imagenet21k,augreg=medium2'),
+    (pretrain, 'model=ViT-B_16,dataset=imagenet21k'),
+    (pretrain, 'recipe=vit,dataset=imagenet21k'),
     (pretrain, 'runlocal'),
     (finetune, 'model=Mixer-B_16,dataset=oxford_iiit_pet'),
   ],
