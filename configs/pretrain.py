@@ -198,6 +198,7 @@ def get_config(arg: str | None = None):
     classifier='gap' if augreg and i21k else 'token',
     representation_size=None if augreg and i21k else _width(args.model),
     # Sigmoid losses start from a prior of 1/num_classes: vit_i1k.py:72 (-6.9), vit_i21k.py:45.
+    # (recipe=vit: the paper states neither loss nor bias; we use big_vision's with sigmoid.)
     head_bias_init=(-10.0 if i21k else -6.9) if c.loss == 'sigmoid_xent' else 0.0,
   )
 
