@@ -221,29 +221,40 @@ def pp_image_size(pp: str) -> int | tuple | None:
   return size
 
 
-def finalize(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """Checks cross-field constraints and locks the config."""
-  if config.batch_size % config.accum_steps:
+def check(config) -> None:
+  """Cross-field checks of any config (a recipe's, or after command-line overrides).
+
+  Raises:
+    ValueError: naming both fields and the fix: batch_size not divisible by accum_steps;
+      label_smoothing with soft labels from mixup or an onehot op (the smoothing would be ignored);
+      an image_size other than the size a pp string ends with.
+  """
+  batch, accum = int(config['batch_size']), int(config['accum_steps'])
+  if batch % accum:
+    raise ValueError(f'batch_size={batch} is not divisible by accum_steps={accum}')
+  mixup, pp_train, smoothing = config['mixup'], config['pp_train'], config['label_smoothing']
+  mixing = mixup.get('p', 0) > 0 or mixup.get('cutmix_p', 0) > 0
+  if smoothing and (mixing or 'onehot(' in pp_train.replace(' ', '')):
+    why = 'mixup' if mixing else f'onehot(...) in pp_train={pp_train!r}'
     raise ValueError(
-      f'batch_size={config.batch_size} is not divisible by accum_steps={config.accum_steps}'
+      f'label_smoothing={smoothing} would be ignored with {why} (the soft labels are used as '
+      'they are); set label_smoothing=0 and smooth in the pp string (onehot(n, smoothing=x))'
     )
-  mixing = config.mixup.p > 0 or config.mixup.cutmix_p > 0
-  if config.label_smoothing and (mixing or 'onehot(' in config.pp_train.replace(' ', '')):
-    why = 'mixup' if mixing else f'onehot(...) in pp_train={config.pp_train!r}'
-    raise ValueError(
-      f'label_smoothing={config.label_smoothing} would be ignored with {why} (the soft labels '
-      'are used as they are); set label_smoothing=0 and smooth in the pp string '
-      '(onehot(num_classes, smoothing=x))'
-    )
-  pps = {'pp_train': config.pp_train, 'pp_eval': config.pp_eval}
-  pps.update({f'evals.{k}.pp': e.pp for k, e in config.evals.items() if e.get('pp')})
+  pps = {'pp_train': pp_train, 'pp_eval': config['pp_eval']}
+  evals = config.get('evals') or {}
+  pps.update({f'evals.{k}.pp': e['pp'] for k, e in evals.items() if e.get('pp')})
   for field, pp in pps.items():
     size = pp_image_size(pp)
-    if size is not None and size != config.image_size:
+    if size is not None and size != config['image_size']:
       raise ValueError(
-        f'image_size={config.image_size} but {field}={pp!r} makes {size}-pixel images; '
-        'make them agree (e.g. --config.image_size=' + str(size) + ')'
+        f'image_size={config["image_size"]} but {field}={pp!r} makes {size}-pixel images; '
+        f'make them agree (e.g. --config.image_size={size})'
       )
+
+
+def finalize(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Checks cross-field constraints (`check`) and locks the config."""
+  check(config)
   config.lock()
   return config
 

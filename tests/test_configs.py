@@ -4,7 +4,7 @@ import ml_collections
 import pytest
 
 from configs import common, finetune, pretrain, quickstart
-from vit_jax import models, optim
+from vit_jax import models, optim, train
 
 
 @pytest.mark.parametrize(
@@ -235,6 +235,10 @@ def test_label_smoothing_with_soft_labels_is_refused():
   c.label_smoothing, c.pp_train = 0.1, 'decode|resize(224)|onehot(10)|value_range(-1,1)'
   with pytest.raises(ValueError, match='onehot'):
     common.finalize(c)
+  c = quickstart.get_config()  # label_smoothing=0.1; then mixup from the command line:
+  c.mixup.p = 0.2
+  with pytest.raises(ValueError, match='label_smoothing=0.1 would be ignored with mixup'):
+    train.train_and_evaluate(c, '/nonexistent/never/written')  # Checked before anything runs.
 
 
 def test_image_size_must_match_the_pp_strings():
@@ -277,7 +281,6 @@ def test_runlocal_is_small():
 def test_finetune_trains_and_resumes_on_a_folder_dataset(tmp_path):
   from data_fixtures import make_indexed_folder
 
-  from vit_jax import train
   from vit_jax.main import resume_command
 
   make_indexed_folder(str(tmp_path / 'images'), classes=2, per_class=10)

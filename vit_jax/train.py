@@ -383,6 +383,9 @@ def train_and_evaluate(
   Raises:
     TrainingDivergedError: a NaN/Inf loss or gradient; the last good checkpoint is left as it was.
   """
+  from configs import common as recipes  # The recipes' cross-field checks, after any overrides.
+
+  recipes.check(config)
   write_config(config, workdir)
   total_steps = int(config['total_steps'])
   trainer = Trainer(config, num_classes=_num_classes(config), devices=devices)
