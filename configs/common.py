@@ -9,6 +9,8 @@ result is locked so `--config.typo=1` fails.
 
 from __future__ import annotations
 
+import ast
+
 import ml_collections
 
 _TRUE = ('1', 'true', 'yes', 'on', '')
@@ -70,7 +72,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.dataset = 'synthetic'
   c.data_dir = ''  # '': TFDS default (~/tensorflow_datasets).
   c.train_split = 'train'
-  c.eval_splits = 'test'  # Comma-separated; '' disables evaluation.
+  c.eval_splits = 'test'  # Comma-separated splits of `dataset`, classified every `eval_every`.
   c.image_size = 224
   c.pp_train = 'decode|resize(224)|value_range(-1,1)'
   c.pp_eval = 'decode|resize(224)|value_range(-1,1)'
@@ -110,15 +112,149 @@ def base_config() -> ml_collections.ConfigDict:
   c.checkpoint_every = 500
   c.keep_checkpoints = 3
   c.async_checkpoints = True
+  # More evaluations, big_vision style: name -> `eval_entry(...)` / `fewshot_entry(...)`
+  # (vit_jax/evaluators). Results go to `eval/<name>/...`.
+  c.evals = ml_collections.ConfigDict()
   return c
 
 
-def finalize(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """Checks cross-field constraints and locks the config."""
-  if config.batch_size % config.accum_steps:
-    raise ValueError(
-      f'batch_size={config.batch_size} is not divisible by accum_steps={config.accum_steps}'
+def eval_entry(
+  *, type: str, split: str, dataset: str = '', pp: str = '', every: int = 0, batch_size: int = 0
+) -> ml_collections.ConfigDict:
+  """One `config.evals` entry of type 'classification' or 'real'.
+
+  Args:
+    type: 'classification' (top-1, top-5, loss) or 'real' (ImageNet ReaL top-1).
+    split: split of `dataset`.
+    dataset: '' for the training dataset, else any dataset name `vit_jax.data` accepts.
+    pp: preprocessing string; '' for `pp_eval`.
+    every: steps between runs (0: only at the end; -1: never).
+    batch_size: 0 for `eval_batch_size`.
+  """
+  return ml_collections.ConfigDict(
+    dict(type=type, dataset=dataset, split=split, pp=pp, every=every, batch_size=batch_size)
+  )
+
+
+# big_vision configs/common_fewshot.py:35-47: the few-shot datasets (name, train split, test split).
+FEWSHOT_DATASETS = {
+  'caltech': ('caltech101', 'train', 'test'),
+  'cars': ('cars196:2.1.0', 'train', 'test'),
+  'cifar100': ('cifar100', 'train', 'test'),
+  'dtd': ('dtd', 'train', 'test'),
+  'pets': ('oxford_iiit_pet', 'train', 'test'),
+  'uc_merced': ('uc_merced', 'train[:1000]', 'train[1000:]'),
+}
+
+
+def fewshot_entry(
+  *, every: int, runlocal: bool = False, datasets: dict | None = None, pp: str = ''
+) -> ml_collections.ConfigDict:
+  """A `config.evals` entry of type 'fewshot': linear probes on frozen pre-logits features.
+
+  Defaults are big_vision's configs/common_fewshot.py:20-56: shots 1/5/10/25, l2_reg 2**10,
+  3 seeds, `decode|resize(256)|central_crop(224)|value_range(-1,1)`, pets only for runlocal.
+  """
+  if datasets is None:
+    datasets = {'pets': FEWSHOT_DATASETS['pets']} if runlocal else FEWSHOT_DATASETS
+  return ml_collections.ConfigDict(
+    dict(
+      type='fewshot',
+      datasets={k: tuple(v) for k, v in datasets.items()},
+      shots=(1, 5, 10, 25),
+      l2_reg=2.0**10,
+      num_seeds=3,
+      pp=pp or 'decode|resize(256)|central_crop(224)|value_range(-1,1)',
+      every=every,
+      batch_size=0,
     )
+  )
+
+
+# Splits per dataset kind (train, eval): TFDS datasets mostly have train/test; folder datasets
+# have the train/ and validation/ folders (vit_jax.data.builders.ImageFolder).
+_SPLITS = {
+  'folder': ('train', 'validation'),
+  'imagenet2012': ('train', 'validation'),
+  'oxford_flowers102': ('train+validation', 'test'),
+  'imagenet21k': ('full[102400:]', 'full[:102400]'),
+}
+
+
+def default_splits(dataset: str) -> tuple[str, str]:
+  """(train split, eval split) that `dataset` has ('folder:/x' -> train, validation)."""
+  return _SPLITS.get(dataset.split(':')[0], ('train', 'test'))
+
+
+# Ops that set the image size: name -> index of the size argument.
+_SIZE_OPS = {
+  'resize': 0,
+  'central_crop': 0,
+  'random_crop': 0,
+  'inception_crop': 0,
+  'decode_jpeg_and_inception_crop': 0,
+  'decode_jpeg_and_central_crop': 0,
+}
+_SHAPE_OPS = ('resize_small', 'resize_long')  # Keep the aspect ratio: size unknown after them.
+
+
+def pp_image_size(pp: str) -> int | tuple | None:
+  """The image size a preprocessing string ends with, or None where it does not say."""
+  size = None
+  for spec in filter(None, (s.strip() for s in pp.split('|'))):
+    name = spec.split('(')[0].strip()
+    if name in _SHAPE_OPS:
+      size = None
+    if name not in _SIZE_OPS:
+      continue
+    try:
+      call = ast.parse(spec if '(' in spec else spec + '()', mode='eval').body
+      args = [ast.literal_eval(a) for a in call.args]
+      kwargs = {k.arg: ast.literal_eval(k.value) for k in call.keywords}
+    except (SyntaxError, ValueError, AttributeError):
+      continue  # The pipeline reports malformed ops itself.
+    value = args[0] if args else kwargs.get('size')
+    if value is not None:
+      size = tuple(value) if isinstance(value, list | tuple) else int(value)
+  if isinstance(size, tuple) and len(size) == 2 and size[0] == size[1]:
+    size = size[0]
+  return size
+
+
+def check(config) -> None:
+  """Cross-field checks of any config (a recipe's, or after command-line overrides).
+
+  Raises:
+    ValueError: naming both fields and the fix: batch_size not divisible by accum_steps;
+      label_smoothing with soft labels from mixup or an onehot op (the smoothing would be ignored);
+      an image_size other than the size a pp string ends with.
+  """
+  batch, accum = int(config['batch_size']), int(config['accum_steps'])
+  if batch % accum:
+    raise ValueError(f'batch_size={batch} is not divisible by accum_steps={accum}')
+  mixup, pp_train, smoothing = config['mixup'], config['pp_train'], config['label_smoothing']
+  mixing = mixup.get('p', 0) > 0 or mixup.get('cutmix_p', 0) > 0
+  if smoothing and (mixing or 'onehot(' in pp_train.replace(' ', '')):
+    why = 'mixup' if mixing else f'onehot(...) in pp_train={pp_train!r}'
+    raise ValueError(
+      f'label_smoothing={smoothing} would be ignored with {why} (the soft labels are used as '
+      'they are); set label_smoothing=0 and smooth in the pp string (onehot(n, smoothing=x))'
+    )
+  pps = {'pp_train': pp_train, 'pp_eval': config['pp_eval']}
+  evals = config.get('evals') or {}
+  pps.update({f'evals.{k}.pp': e['pp'] for k, e in evals.items() if e.get('pp')})
+  for field, pp in pps.items():
+    size = pp_image_size(pp)
+    if size is not None and size != config['image_size']:
+      raise ValueError(
+        f'image_size={config["image_size"]} but {field}={pp!r} makes {size}-pixel images; '
+        f'make them agree (e.g. --config.image_size={size})'
+      )
+
+
+def finalize(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Checks cross-field constraints (`check`) and locks the config."""
+  check(config)
   config.lock()
   return config
 

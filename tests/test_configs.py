@@ -4,7 +4,7 @@ import ml_collections
 import pytest
 
 from configs import common, finetune, pretrain, quickstart
-from vit_jax import models, optim
+from vit_jax import models, optim, train
 
 
 @pytest.mark.parametrize(
@@ -16,6 +16,8 @@ from vit_jax import models, optim
     (finetune, 'runlocal'),
     (pretrain, 'model=ViT-B_16,dataset=imagenet2012'),
     (pretrain, 'model=ViT-L_16,dataset=imagenet21k,augreg=medium2'),
+    (pretrain, 'model=ViT-B_16,dataset=imagenet21k'),
+    (pretrain, 'recipe=vit,dataset=imagenet21k'),
     (pretrain, 'runlocal'),
     (finetune, 'model=Mixer-B_16,dataset=oxford_iiit_pet'),
   ],
@@ -31,29 +33,223 @@ def test_recipes_build_locked_valid_configs(module, arg):
   assert config.batch_size % config.accum_steps == 0
 
 
-def test_finetune_matches_the_paper_recipe():
-  c = finetune.get_config('model=ViT-B_16,dataset=cifar10')
-  assert (c.optimizer, c.momentum, c.grad_clip_norm, c.batch_size, c.image_size) == (
-    'sgd',
+# Published values, written out here from the sources (not from the recipes), one row per setting.
+# big_vision configs/vit_i1k.py:42-60 (= vit_i21k.py:16-34): aug -> (pp_train piece, mixup p).
+BIG_VISION_AUG = {
+  'none': ('', 0.0),
+  'light1': ('randaug(2,0)', 0.0),
+  'light2': ('randaug(2,10)', 0.2),
+  'medium1': ('randaug(2,15)', 0.2),
+  'medium2': ('randaug(2,15)', 0.5),
+  'strong1': ('randaug(2,20)', 0.5),
+  'strong2': ('randaug(2,20)', 0.8),
+}
+# big_vision configs/vit_i1k.py (line numbers in the comments), dataset imagenet2012.
+BIG_VISION_I1K = {
+  'loss': 'sigmoid_xent',  # :71
+  'model.head_bias_init': -6.9,  # :72
+  'train_split': 'train[:99%]',  # :89
+  'batch_size': 4096,  # :91
+  'shuffle_buffer': 250_000,  # :93
+  'log_every': 50,  # :116
+  'checkpoint_every': 1000,  # :117
+  'model.classifier': 'token',  # :124 pool_type='tok'
+  'model.representation_size': 768,  # :123 rep_size=True (B/16 width)
+  'grad_clip_norm': 1.0,  # :128
+  'mu_dtype': 'bfloat16',  # :130
+  'lr': 1e-3,  # :139
+  'weight_decay': 1e-4,  # :140 (wd added before the lr scale, big_vision/optax.py:136)
+  'warmup_steps': 10_000,  # :141
+  'decay_type': 'cosine',  # :141
+  'total_steps': 300 * 1_281_167 // 4096,  # :69 total_epochs=300
+  'pp_train_prefix': 'decode_jpeg_and_inception_crop(224)|flip_lr|',  # :101
+  'evals.train.split': 'train[:2%]',  # :156
+  'evals.minival.split': 'train[99%:]',  # :157
+  'evals.val.split': 'validation',  # :158
+  'evals.v2.dataset': 'imagenet_v2',  # :159
+  'evals.v2.split': 'test',  # :159
+  'evals.real.dataset': 'imagenet2012_real',  # :160
+  'evals.val.every': 2500,  # :152
+  'evals.fewshot.every': 10_000,  # :164
+}
+# big_vision configs/vit_i21k.py, dataset imagenet21k.
+BIG_VISION_I21K = {
+  'num_classes': 21843,  # :44
+  'model.head_bias_init': -10.0,  # :45
+  'loss': 'sigmoid_xent',  # :46
+  'train_split': 'full[51200:]',  # :63
+  'batch_size': 4096,  # :65
+  'model.classifier': 'gap',  # :88
+  'model.representation_size': None,  # :88 (no rep_size)
+  'lr': 1e-3,  # :95
+  'weight_decay': 1e-4,  # :96
+  'warmup_steps': 10_000,  # :97
+  'decay_type': 'cosine',  # :97
+  'evals.test.split': 'full[:25600]',  # :111
+  'evals.val.split': 'full[25600:51200]',  # :112
+  'evals.train.split': 'full[51200:76800]',  # :113
+  'evals.test.every': 1000,  # :108
+  'evals.fewshot.every': 25_000,  # :117
+}
+# big_vision configs/common_fewshot.py:23-55.
+BIG_VISION_FEWSHOT = {
+  'shots': (1, 5, 10, 25),  # :24
+  'l2_reg': 2.0**10,  # :25
+  'num_seeds': 3,  # :26
+  'pp': 'decode|resize(256)|central_crop(224)|value_range(-1,1)',  # :49-54
+  'datasets.pets': ('oxford_iiit_pet', 'train', 'test'),  # :43
+  'datasets.cifar100': ('cifar100', 'train', 'test'),  # :38
+  'datasets.uc_merced': ('uc_merced', 'train[:1000]', 'train[1000:]'),  # :44
+}
+# ViT paper (Dosovitskiy et al., 2021) Table 3 and B.1.1: batch 4096, Adam 0.9/0.999, clip 1,
+# 10k warmup; weight decay in units of the lr (big_vision configs/proj/gsam/
+# vit_i1k_gsam_no_aug.py:86: "paper used 0.3, effective wd=0.3*lr").
+VIT_PAPER = {
+  'imagenet2012': {'epochs': 300, 'lr': 3e-3, 'decay_type': 'cosine', 'wd': 0.3, 'dropout': 0.1},
+  'imagenet21k': {'epochs': 90, 'lr': 1e-3, 'decay_type': 'linear', 'wd': 0.03, 'dropout': 0.1},
+}
+# Fine-tuning: vision_transformer vit_jax/configs/common.py (lines), vit.py:35-36; ViT paper Tab. 4
+FINETUNE = {
+  'cifar10': {'total_steps': 10_000, 'train_split': 'train[:98%]', 'eval_splits': 'test'},  # :87-91
+  'cifar100': {'total_steps': 10_000, 'train_split': 'train[:98%]', 'eval_splits': 'test'},
+  'imagenet2012': {  # :100-105
+    'total_steps': 20_000,
+    'train_split': 'train[:99%]',
+    'eval_splits': 'validation',
+  },
+  'oxford_iiit_pet': {'total_steps': 500},  # paper Table 4
+  'oxford_flowers102': {'total_steps': 500},  # paper Table 4
+}
+FINETUNE_COMMON = {
+  'optimizer': 'sgd',  # paper B.1.1
+  'momentum': 0.9,  # paper B.1.1
+  'weight_decay': 0.0,  # paper B.1.1
+  'grad_clip_norm': 1.0,  # common.py:41
+  'mu_dtype': 'bfloat16',  # common.py:43
+  'batch_size': 512,  # common.py:48
+  'eval_batch_size': 512,  # common.py:50
+  'shuffle_buffer': 50_000,  # common.py:52
+  'eval_every': 100,  # common.py:54
+  'log_every': 10,  # common.py:56
+  'checkpoint_every': 1000,  # common.py:58
+  'decay_type': 'cosine',  # common.py:66
+  'image_size': 384,  # common.py:91 crop
+  'pp_eval': 'decode|resize(384)|value_range(-1,1)',  # input_pipeline.py:213-214
+}
+
+
+def _get(config, dotted):
+  if dotted == 'pp_train_prefix':
+    return config.pp_train[: len('decode_jpeg_and_inception_crop(224)|flip_lr|')]
+  for key in dotted.split('.'):
+    config = config[key]
+  return tuple(config) if isinstance(config, tuple | list) else config
+
+
+def _check(config, table):
+  for key, want in table.items():
+    assert _get(config, key) == want, key
+
+
+@pytest.mark.parametrize('aug', sorted(BIG_VISION_AUG))
+def test_augreg_settings_are_big_visions(aug):
+  randaug, mixup = BIG_VISION_AUG[aug]
+  for dataset in ('imagenet2012', 'imagenet21k'):
+    c = pretrain.get_config(f'dataset={dataset},augreg={aug}')
+    assert c.mixup.p == mixup
+    assert (
+      c.pp_train
+      == ('decode_jpeg_and_inception_crop(224)|flip_lr|' + randaug).rstrip('|')
+      + '|value_range(-1,1)'
+    )
+    assert c.model.dropout_rate == 0.0 and c.model.droppath_rate == 0.0  # vit_i1k.py:18
+
+
+def test_augreg_i1k_is_big_visions_vit_i1k():
+  c = pretrain.get_config('model=ViT-B_16,dataset=imagenet2012')
+  _check(c, BIG_VISION_I1K)
+  assert c.mixup.p == 0.5 and 'randaug(2,15)' in c.pp_train  # :82 B/16 -> medium2
+  assert pretrain.get_config('model=ViT-Ti_16').mixup.p == 0.0  # :78 Ti/16 -> light1
+  assert 'randaug(2,0)' in pretrain.get_config('model=ViT-Ti_16').pp_train
+  _check(c.evals.fewshot, BIG_VISION_FEWSHOT)
+  assert c.evals.real.type == 'real' and c.evals.fewshot.type == 'fewshot'
+  # resize_small with big_vision's default method, area (big_vision pp/ops_image.py:108).
+  want = 'decode|resize_small(256,method="area")|central_crop(224)|value_range(-1,1)'
+  assert c.evals.val.pp == want
+  c = pretrain.get_config('model=ViT-B_16,dataset=imagenet2012,do=0.1,sd=0.1')
+  assert (c.model.dropout_rate, c.model.droppath_rate) == (0.1, 0.1)  # AugReg's do_0.1-sd_0.1
+
+
+def test_augreg_i21k_is_big_visions_vit_i21k():
+  c = pretrain.get_config('model=ViT-B_16,dataset=imagenet21k')
+  _check(c, BIG_VISION_I21K)
+  assert c.mixup.p == 0.2 and 'randaug(2,10)' in c.pp_train  # vit_i21k.py:55 B/16 -> light2
+  assert pretrain.get_config('model=ViT-S_16,dataset=imagenet21k').pp_train.count('randaug(2,0)')
+
+
+@pytest.mark.parametrize('dataset', sorted(VIT_PAPER))
+def test_vit_paper_upstream(dataset):
+  want = VIT_PAPER[dataset]
+  c = pretrain.get_config(f'recipe=vit,dataset={dataset}')
+  n = {'imagenet2012': 1_281_167, 'imagenet21k': 13_000_000}[dataset]
+  assert c.total_steps == want['epochs'] * n // 4096
+  assert (c.lr, c.decay_type, c.model.dropout_rate) == (want['lr'], want['decay_type'], 0.1)
+  assert c.weight_decay == pytest.approx(want['wd'] * want['lr'])
+  assert (c.batch_size, c.b1, c.b2, c.grad_clip_norm, c.warmup_steps) == (
+    4096,
     0.9,
+    0.999,
     1.0,
-    512,
-    384,
+    10_000,
   )
-  assert (c.total_steps, c.lr, c.decay_type, c.weight_decay) == (10_000, 0.03, 'cosine', 0.0)
-  assert finetune.get_config('dataset=oxford_iiit_pet').total_steps == 500
-  assert finetune.get_config('dataset=imagenet2012').total_steps == 20_000
-  assert finetune.get_config('dataset=cifar10,steps=7,lr=0.01').total_steps == 7
+  assert c.model.representation_size == 768 and c.model.classifier == 'token'
 
 
-def test_pretrain_recipe():
-  c = pretrain.get_config('model=ViT-B_16,dataset=imagenet2012,augreg=medium2')
-  assert (c.optimizer, c.batch_size, c.wd_mask, c.grad_clip_norm) == ('adamw', 4096, 'kernels', 1.0)
-  assert c.total_steps == 300 * 1_281_167 // 4096 and c.warmup_steps == 10_000
-  assert c.mixup.p == 0.5 and 'randaug(2,15)' in c.pp_train
-  assert pretrain.get_config('dataset=imagenet21k').loss == 'sigmoid_xent'
-  with pytest.raises(ValueError, match='unknown augreg'):
-    pretrain.get_config('augreg=extreme')
+@pytest.mark.parametrize('dataset', sorted(FINETUNE))
+def test_finetune_is_the_original_projects(dataset):
+  c = finetune.get_config(f'model=ViT-B_16,dataset={dataset}')
+  _check(c, FINETUNE_COMMON)
+  _check(c, FINETUNE[dataset])
+  # common.py:64 base_lr 0.03; vit.py:35-36 0.01 for b16 + cifar10.
+  assert c.lr == (0.01 if dataset == 'cifar10' else 0.03)
+  # common.py:68 warmup 500; augreg.py:58-59: 100 for the 500-step runs.
+  assert c.warmup_steps == (100 if c.total_steps == 500 else 500)
+  assert c.pp_train == 'decode_jpeg_and_inception_crop(384)|flip_lr|value_range(-1,1)'
+  assert finetune.get_config('dataset=cifar10,steps=7,lr=0.5').total_steps == 7
+
+
+def test_recipes_use_each_datasets_own_splits(tmp_path):
+  for module in (finetune, pretrain):
+    c = module.get_config(f'dataset=folder:{tmp_path}')
+    assert (c.train_split, c.eval_splits) == ('train', 'validation')
+    c = module.get_config('dataset=digits')
+    assert (c.train_split, c.eval_splits) == ('train', 'test')
+
+
+def test_label_smoothing_with_soft_labels_is_refused():
+  c = common.base_config()
+  c.label_smoothing, c.mixup.p = 0.1, 0.2
+  with pytest.raises(ValueError, match='label_smoothing=0.1 would be ignored with mixup'):
+    common.finalize(c)
+  c = common.base_config()
+  c.label_smoothing, c.pp_train = 0.1, 'decode|resize(224)|onehot(10)|value_range(-1,1)'
+  with pytest.raises(ValueError, match='onehot'):
+    common.finalize(c)
+  c = quickstart.get_config()  # label_smoothing=0.1; then mixup from the command line:
+  c.mixup.p = 0.2
+  with pytest.raises(ValueError, match='label_smoothing=0.1 would be ignored with mixup'):
+    train.train_and_evaluate(c, '/nonexistent/never/written')  # Checked before anything runs.
+
+
+def test_image_size_must_match_the_pp_strings():
+  c = common.base_config()
+  c.image_size = 384
+  with pytest.raises(ValueError, match="image_size=384 but pp_train='decode|resize\\(224\\)"):
+    common.finalize(c)
+  assert common.pp_image_size('decode|resize_small(256)|central_crop((32, 32))') == 32
+  assert common.pp_image_size('decode|resize(300)|resize_small(256)') is None
+  assert common.pp_image_size('decode_jpeg_and_inception_crop(224)|flip_lr|randaug(2,0)') == 224
+  assert finetune.get_config('res=224').image_size == 224  # The recipes derive both from one arg.
 
 
 def test_parse_arg_checks_keys_and_types():
@@ -80,3 +276,25 @@ def test_runlocal_is_small():
     assert c.model_name == 'testing' and c.total_steps <= 12 and c.log_every == 1
     assert c.dataset.startswith('synthetic') and 0 < c.checkpoint_every < c.total_steps
     assert isinstance(c.mesh, ml_collections.ConfigDict)
+
+
+def test_finetune_trains_and_resumes_on_a_folder_dataset(tmp_path):
+  from data_fixtures import make_indexed_folder
+
+  from vit_jax.main import resume_command
+
+  make_indexed_folder(str(tmp_path / 'images'), classes=2, per_class=10)
+  arg = f'model=testing,dataset=folder:{tmp_path / "images"},res=16,batch=8,steps=2'
+
+  def run(total_steps):
+    c = finetune.get_config(arg)
+    c.data_dir, c.total_steps, c.checkpoint_every = str(tmp_path / 'tfds'), total_steps, 1
+    return train.train_and_evaluate(c, str(tmp_path / 'run'))
+
+  assert 0.0 <= run(2)['eval/validation/accuracy'] <= 1.0  # The folder's own eval split.
+  assert run(3)['step'] == 3  # What the resume hint does: same recipe and args, more steps.
+  argv = ['main.py', f'--config=configs/finetune.py:{arg}', '--workdir', 'w b', '--config.lr=0.1']
+  assert resume_command(argv + ['--config.total_steps', '2']) == (
+    f"python -m vit_jax.main --config=configs/finetune.py:{arg} --workdir 'w b' "
+    '--config.lr=0.1 --config.total_steps=<more steps>'
+  )

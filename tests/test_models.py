@@ -246,6 +246,33 @@ def test_dropout_and_stochastic_depth_only_in_training():
   assert not np.allclose(run(True, 0), run(False, 0))
 
 
+def test_scanned_stochastic_depth_uses_the_unscanned_per_layer_rates(monkeypatch):
+  """scan_layers is a memory knob: the drop-path rate of each layer must not change with it."""
+  from vit_jax.models import vit
+
+  seen = []
+  drop_path = vit._drop_path
+
+  def recording(x, rate, rng):  # Rates as the blocks apply them (traced inside the scan).
+    jax.debug.callback(lambda r: seen.append(round(float(r), 6)), rate)
+    return drop_path(x, rate, rng)
+
+  monkeypatch.setattr(vit, '_drop_path', recording)
+  x = jax.random.uniform(jax.random.key(1), (4, 32, 32, 3), minval=-1, maxval=1)
+  rates = {}
+  for overrides in ({}, {'scan_layers': True}, {'scan_layers': True, 'remat_policy': 'full'}):
+    model = _small(droppath_rate=0.4, **overrides)
+    params = models.init_params(model, jax.random.key(0), 32)
+    seen.clear()
+    out = model.apply({'params': params}, x, train=True, rngs={'dropout': jax.random.key(2)})
+    jax.block_until_ready(out)
+    jax.effects_barrier()
+    # Two branches (attention, MLP) per block; rate 0 drops nothing, whether applied or skipped.
+    rates[str(overrides)] = sorted(r for r in seen if r > 0)
+  assert rates['{}'] == [0.2, 0.2, 0.4, 0.4]  # Linear in depth: 0, 0.2, 0.4 over 3 layers.
+  assert all(r == rates['{}'] for r in rates.values()), rates
+
+
 def test_bfloat16_compute_keeps_float32_params_and_logits():
   model = _small(dtype='bfloat16')
   params = models.init_params(model, jax.random.key(0), 32)

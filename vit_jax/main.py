@@ -17,10 +17,18 @@ from __future__ import annotations
 
 import logging as pylogging
 import os
+import shlex
 import sys
 
-from absl import app, flags, logging
-from ml_collections import config_flags
+# TensorFlow only feeds the input pipeline. Before it is imported: no INFO lines from its C++
+# runtime (oneDNN's "custom operations are on" note), and TensorFlow's own kernels rather than
+# oneDNN's (whose "DT_INT32 only with AVX-512" fallback note is logged as an error). Both can be
+# overridden from the environment.
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '1')
+os.environ.setdefault('TF_ENABLE_ONEDNN_OPTS', '0')
+
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', None, 'Recipe file[:args].', lock_config=True)
@@ -72,6 +80,21 @@ def initialize_distributed() -> None:
   jax.distributed.initialize(**kwargs)
 
 
+def resume_command(argv: list[str]) -> str:
+  """This run's command line with `--config.total_steps=<more steps>`: the same recipe, arguments
+  (`configs/finetune.py:dataset=folder:...`) and overrides, so the run resumes as it was."""
+  args, skip = [], False
+  for a in argv[1:]:
+    if skip or a.startswith('--config.total_steps='):
+      skip = False
+      continue
+    if a == '--config.total_steps':
+      skip = True
+      continue
+    args.append(shlex.quote(a))
+  return ' '.join(['python -m vit_jax.main', *args, '--config.total_steps=<more steps>'])
+
+
 def _summary(result: dict, workdir: str) -> str:
   lines = ['', '=' * 72]
   if result.get('preempted'):
@@ -85,13 +108,12 @@ def _summary(result: dict, workdir: str) -> str:
       lines.append(f'  {key.split("/")[1]} accuracy: {result[key]:.2%}')
   lines.append(f'  checkpoint: {result["checkpoint_dir"]}')
   lines.append(
-    f'  metrics:    {os.path.join(workdir, "metrics.jsonl")} (TensorBoard: '
-    f'tensorboard --logdir {os.path.join(workdir, "tensorboard")})'
+    f'  metrics:    {os.path.join(workdir, "metrics.jsonl")} (TensorBoard, installed with '
+    f'vit_jax: tensorboard --logdir {os.path.join(workdir, "tensorboard")})'
   )
   lines += [
     'Next:',
-    f'  continue training:  python -m vit_jax.main --config {FLAGS["config"].config_filename}'
-    f' --workdir {workdir} --config.total_steps=<more steps>',
+    f'  continue training:  {resume_command(sys.argv)}',
     '  fine-tune ViT-B/16: python -m vit_jax.main --config configs/finetune.py:model=ViT-B_16,'
     'dataset=cifar10 --workdir workdirs/ft --config.pretrained_path=ViT-B_16.npz',
     '  run the tests:      make test',
@@ -101,11 +123,21 @@ def _summary(result: dict, workdir: str) -> str:
 
 
 class _QuietLibraries:
-  """Drops INFO chatter from orbax and TensorFlow; warnings and errors still show."""
+  """Drops chatter that is not ours to act on; our progress and real warnings still show.
+
+  INFO from orbax, TensorFlow and TFDS; TFDS's deprecation warnings about its own internals
+  (`TensorInfo.dtype is deprecated`, once per feature and split); JAX's probe for a TPU runtime
+  on machines without one (`Unable to initialize backend 'tpu'`).
+  """
 
   def filter(self, record) -> bool:
-    noisy = any(f'{os.sep}{lib}{os.sep}' in record.pathname for lib in ('orbax', 'tensorflow'))
-    return record.levelno >= pylogging.WARNING or not noisy
+    path = record.pathname
+    libs = ('orbax', 'tensorflow', 'tensorflow_datasets')
+    noisy = any(f'{os.sep}{lib}{os.sep}' in path for lib in libs)
+    if record.levelno < pylogging.WARNING:
+      return not noisy and not record.getMessage().startswith('Unable to initialize backend')
+    tfds = f'{os.sep}tensorflow_datasets{os.sep}' in path
+    return not (tfds and 'is deprecated' in record.getMessage())
 
 
 def main(argv):

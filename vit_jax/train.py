@@ -199,11 +199,6 @@ class Trainer:
       out_shardings=(self.state_shardings, self.replicated),
       donate_argnums=(0,),
     )
-    self._eval_step = jax.jit(
-      make_eval_step(self.model, config=config, num_classes=num_classes),
-      in_shardings=(self.state_shardings['params'], sharding.batch_sharding(self.mesh, self.rules)),
-      out_shardings=self.replicated,
-    )
     self.compiled_train_step = None
 
   def _context(self):
@@ -310,20 +305,11 @@ class Trainer:
     return sharding.global_batch(local_batch, self.mesh, self.rules, ndim_prefix=int(stacked))
 
   def evaluate(self, params: Any, dataset) -> dict[str, float]:
-    """Exact top-1 accuracy and mean loss over one pass of `dataset` (padding masked out)."""
-    totals = None
-    with self._context():
-      for local in dataset:
-        local = {k: v for k, v in local.items() if k in ('image', 'label', 'labels', 'mask')}
-        out = self._eval_step(params, self.global_batch(local, stacked=False))
-        totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
-    totals = jax.device_get(totals)
-    count = max(float(totals['count']), 1.0)
-    return {
-      'accuracy': float(totals['correct']) / count,
-      'loss': float(totals['loss']) / count,
-      'count': int(totals['count']),
-    }
+    """Exact top-1/top-5 accuracy and mean loss over one pass of `dataset` (vit_jax.evaluators)."""
+    from vit_jax.evaluators import classification
+
+    ev = classification.Classification('_', self, dataset, loss=self.config['loss'], every=0)
+    return {k.removeprefix('eval/_/'): v for k, v in ev.run(params).items()}
 
 
 @contextlib.contextmanager
@@ -353,17 +339,7 @@ def _datasets(config: Mapping, *, start_batch: int, micro_batch: int):
     shuffle_buffer=int(config['shuffle_buffer']),
     mixup=mixup if mixup.get('p') or mixup.get('cutmix_p') else None,
   )
-  evals = {}
-  for split in filter(None, (s.strip() for s in config['eval_splits'].split(','))):
-    evals[split] = data.get_dataset(
-      config['dataset'],
-      split,
-      preprocess=config['pp_eval'],
-      train=False,
-      global_batch_size=int(config['eval_batch_size']),
-      data_dir=data_dir,
-    )
-  return train_ds, evals
+  return train_ds
 
 
 def _batches(dataset, accum_steps: int) -> Iterator[dict[str, np.ndarray]]:
@@ -407,6 +383,9 @@ def train_and_evaluate(
   Raises:
     TrainingDivergedError: a NaN/Inf loss or gradient; the last good checkpoint is left as it was.
   """
+  from configs import common as recipes  # The recipes' cross-field checks, after any overrides.
+
+  recipes.check(config)
   write_config(config, workdir)
   total_steps = int(config['total_steps'])
   trainer = Trainer(config, num_classes=_num_classes(config), devices=devices)
@@ -449,9 +428,12 @@ def train_and_evaluate(
       )
       state = trainer.with_params(state, params)
   step = int(jax.device_get(state['step']))
-  train_ds, eval_ds = _datasets(
+  train_ds = _datasets(
     config, start_batch=step * trainer.accum_steps, micro_batch=trainer.micro_batch
   )
+  from vit_jax import evaluators as evaluators_lib  # Late, as the data: imports TensorFlow.
+
+  evaluators = evaluators_lib.build(config, trainer)
   batches = _batches(train_ds, trainer.accum_steps)
   writer = metrics_lib.MetricWriter(workdir)
   watcher = train_state.PreemptionWatcher()
@@ -526,11 +508,10 @@ def train_and_evaluate(
       if due(step, int(config['log_every']), total_steps):
         scalars.update(flush())
         scalars.update(meter.summary(step))
-      if eval_ds and due(step, int(config['eval_every']), total_steps):
-        for split, ds in eval_ds.items():
-          for key, value in trainer.evaluate(state['params'], ds).items():
-            if key != 'count':
-              scalars[f'eval/{split}/{key}'] = value
+      ran = [ev for ev in evaluators.values() if due(step, ev.every, total_steps)]
+      for ev in ran:
+        scalars.update(ev.run(state['params']))
+      if ran:
         meter.reset(step)
       if scalars:
         writer.write(step, scalars)

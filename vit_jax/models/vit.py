@@ -230,9 +230,11 @@ class Encoder1DBlock(nn.Module):
   deterministic: bool = True  # A field, not a call argument, so nn.remat/nn.scan see only arrays.
 
   @nn.compact
-  def __call__(self, inputs: jax.Array) -> jax.Array:
+  def __call__(self, inputs: jax.Array, droppath_rate: jax.Array | None = None) -> jax.Array:
+    """`droppath_rate`: this layer's rate as an array (scanned stacks), else the field's."""
     assert inputs.ndim == 3, f'expected [batch, seq, embed], got {inputs.shape}'
     deterministic = self.deterministic
+    rate = self.droppath_rate if droppath_rate is None else droppath_rate
     inputs = _constrain(inputs, ('batch', 'seq', 'embed'))
     x = _layer_norm('LayerNorm_0', self.dtype, self.param_dtype)(inputs)
     x = MultiHeadDotProductAttention(
@@ -246,7 +248,7 @@ class Encoder1DBlock(nn.Module):
     x = nn.Dropout(rate=self.dropout_rate)(x, deterministic=deterministic)
     droppath = not deterministic and self.droppath_rate > 0
     if droppath:
-      x = _drop_path(x, self.droppath_rate, self.make_rng('dropout'))
+      x = _drop_path(x, rate, self.make_rng('dropout'))
     x = x + inputs
 
     y = _layer_norm('LayerNorm_2', self.dtype, self.param_dtype)(x)
@@ -258,16 +260,16 @@ class Encoder1DBlock(nn.Module):
       name='MlpBlock_3',
     )(y, deterministic=deterministic)
     if droppath:
-      y = _drop_path(y, self.droppath_rate, self.make_rng('dropout'))
+      y = _drop_path(y, rate, self.make_rng('dropout'))
     return _constrain(x + y, ('batch', 'seq', 'embed'))
 
 
 class _ScanBlock(Encoder1DBlock):
-  """Encoder1DBlock with the (carry, out) signature `nn.scan` needs."""
+  """Encoder1DBlock with the (carry, out) signature `nn.scan` needs; scans over drop-path rates."""
 
   @nn.compact
-  def __call__(self, x, _):
-    return super().__call__(x), None
+  def __call__(self, x, droppath_rate):
+    return super().__call__(x, droppath_rate), None
 
 
 class Encoder(nn.Module):
@@ -315,19 +317,22 @@ class Encoder(nn.Module):
         None if self.remat_policy == 'full' else getattr(jax.checkpoint_policies, self.remat_policy)
       )
       block_cls = nn.remat(block_cls, policy=policy, prevent_cse=not self.scan_layers)
+    # Stochastic depth ramps linearly from 0 (first block) to `droppath_rate` (last block).
+    rates = [self.droppath_rate * i / max(self.num_layers - 1, 1) for i in range(self.num_layers)]
     if self.scan_layers:
-      # A scanned stack shares one drop-path rate; unscanned blocks ramp it linearly with depth.
+      # The same per-layer rates, scanned over with the blocks (the field only switches it on).
       x, _ = nn.scan(
         block_cls,
         variable_axes={'params': 0},
         split_rngs={'params': True, 'dropout': True},
-        in_axes=nn.broadcast,
+        in_axes=0,
         length=self.num_layers,
         metadata_params={nn.PARTITION_NAME: 'layers'},
-      )(droppath_rate=self.droppath_rate, name='encoderblock', **block_kwargs)(x, None)
+      )(
+        droppath_rate=self.droppath_rate, name='encoderblock', **block_kwargs
+      )(x, jnp.asarray(rates, jnp.float32))
     else:
-      for i in range(self.num_layers):
-        rate = self.droppath_rate * i / max(self.num_layers - 1, 1)
+      for i, rate in enumerate(rates):
         x = block_cls(droppath_rate=rate, name=f'encoderblock_{i}', **block_kwargs)(x)
     return _layer_norm('encoder_norm', self.dtype, self.param_dtype)(x)
 

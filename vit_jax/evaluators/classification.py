@@ -1,0 +1,102 @@
+"""Classification (top-1, top-5, loss) and ImageNet ReaL accuracy over a dataset's split.
+
+Sums are computed on the sharded global batch and reduced by XLA, so the result over any number of
+processes is that of one pass over the split (padding rows carry mask=False and count for nothing).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from vit_jax.evaluators import common
+
+
+def _logits(model, params, images):
+  return model.apply({'params': params}, common.prepare_images(images), train=False)
+
+
+class Classification:
+  """Top-1 / top-5 accuracy and mean loss of the model on one split, exact over hosts.
+
+  Reports `eval/<name>/accuracy`, `eval/<name>/top5` and `eval/<name>/loss`.
+  """
+
+  keys = ('image', 'label', 'mask')
+
+  def __init__(self, name: str, trainer, dataset, *, loss: str, every: int):
+    from vit_jax.train import per_example_loss  # The training loss, per example.
+
+    self.name, self.trainer, self.dataset, self.every = name, trainer, dataset, every
+    num_classes = trainer.num_classes
+    k = min(5, num_classes)
+
+    def sums(params, batch):
+      logits = _logits(trainer.model, params, batch['image']).astype(jnp.float32)
+      mask = batch['mask'].astype(jnp.float32)
+      label = batch['label']
+      top1 = jnp.argmax(logits, -1) == label
+      _, topk = jax.lax.top_k(logits, k)
+      top5 = jnp.any(topk == label[:, None], axis=-1)
+      onehot = jax.nn.one_hot(label, num_classes, dtype=jnp.float32)
+      losses = per_example_loss(logits, onehot, loss)
+      return {
+        'correct': jnp.sum(top1 * mask),
+        'top5': jnp.sum(top5 * mask),
+        'loss': jnp.sum(losses * mask),
+        'count': jnp.sum(mask),
+      }
+
+    self._sums = common.jit_sums(trainer, sums)
+
+  def totals(self, params: Any) -> dict[str, float]:
+    """Sums over the split: correct, (top5, loss,) count."""
+    totals = None
+    with common.mesh_context(self.trainer):
+      for batch in common.batches(self.trainer, self.dataset, self.keys):
+        out = self._sums(params, batch)
+        totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
+    if totals is None:
+      raise ValueError(f'eval {self.name!r}: the dataset gave no batches')
+    return {k: common.host_value(v) for k, v in totals.items()}
+
+  def run(self, params: Any) -> dict[str, float]:
+    t = self.totals(params)
+    n = max(t['count'], 1.0)
+    p = f'eval/{self.name}/'
+    return {
+      p + 'accuracy': t['correct'] / n,
+      p + 'top5': t['top5'] / n,
+      p + 'loss': t['loss'] / n,
+    }
+
+
+class Real(Classification):
+  """ImageNet ReaL (Beyer et al., 2020): a prediction is right if it is in the example's ReaL label
+  set; examples whose set is empty are left out, as in the paper.
+
+  Batches carry `real_labels`, multi-hot [batch, num_classes] (vit_jax.data gives them for
+  `imagenet2012_real`). Reports `eval/<name>/accuracy`.
+  """
+
+  keys = ('image', 'real_labels', 'mask')
+
+  def __init__(self, name: str, trainer, dataset, *, loss: str, every: int):
+    self.name, self.trainer, self.dataset, self.every = name, trainer, dataset, every
+
+    def sums(params, batch):
+      logits = _logits(trainer.model, params, batch['image'])
+      real = batch['real_labels'] > 0
+      pred = jnp.argmax(logits, -1)
+      hit = jnp.take_along_axis(real, pred[:, None], axis=-1)[:, 0]
+      valid = batch['mask'] & jnp.any(real, axis=-1)
+      return {'correct': jnp.sum(hit & valid), 'count': jnp.sum(valid)}
+
+    self._sums = common.jit_sums(trainer, sums)
+
+  def run(self, params: Any) -> dict[str, float]:
+    t = self.totals(params)
+    p = f'eval/{self.name}/'
+    return {p + 'accuracy': t['correct'] / max(t['count'], 1.0)}

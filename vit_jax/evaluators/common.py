@@ -1,0 +1,127 @@
+"""Building evaluators from the config, and what they share: batches onto the mesh, images."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Mapping
+from typing import Any, Protocol
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+TYPES = ('classification', 'real', 'fewshot')
+
+
+class Evaluator(Protocol):
+  every: int  # Steps between runs (0: only at the end; see train.due).
+
+  def run(self, params: Any) -> dict[str, float]:
+    """One pass; returns {'eval/<name>/<metric>': value}, the same on every process."""
+
+
+def prepare_images(images: jax.Array) -> jax.Array:
+  """The model's input from a batch's images, on the device.
+
+  Float images are already in the model's range (the pp string ends with value_range(-1,1)); uint8
+  images (the pipeline leaving that last op to the device) are mapped from [0, 255] to [-1, 1].
+  """
+  if jnp.issubdtype(images.dtype, jnp.integer):
+    return images.astype(jnp.float32) * (2.0 / 255.0) - 1.0
+  return images
+
+
+@contextlib.contextmanager
+def mesh_context(trainer):
+  """The trainer's mesh and logical rules, so the model's activation constraints apply."""
+  with jax.set_mesh(trainer.mesh), nn.logical_axis_rules(trainer.rules):
+    yield
+
+
+def batches(trainer, dataset, keys: tuple[str, ...]):
+  """Global (sharded over the mesh's batch axes) arrays of `keys` for each batch of `dataset`."""
+  for local in dataset:
+    missing = [k for k in keys if k not in local]
+    if missing:
+      raise ValueError(
+        f'evaluation batches lack {missing} (have {sorted(local)}); check the dataset and pp'
+      )
+    yield trainer.global_batch({k: local[k] for k in keys}, stacked=False)
+
+
+def jit_sums(trainer, fn):
+  """Jits `fn(params, batch)` with the trainer's shardings; results replicated on every device."""
+  from vit_jax import sharding
+
+  return jax.jit(
+    fn,
+    in_shardings=(
+      trainer.state_shardings['params'],
+      sharding.batch_sharding(trainer.mesh, trainer.rules),
+    ),
+    out_shardings=trainer.replicated,
+  )
+
+
+def get_dataset(config: Mapping, dataset: str, split: str, pp: str, batch_size: int):
+  """A one-pass eval `vit_jax.data.Dataset` (every process: its share, padded, masked)."""
+  from vit_jax import data  # Imported late: TensorFlow is heavy.
+
+  return data.get_dataset(
+    dataset,
+    split,
+    preprocess=pp,
+    train=False,
+    global_batch_size=batch_size,
+    data_dir=config['data_dir'] or None,
+  )
+
+
+def build(config: Mapping, trainer) -> dict[str, Evaluator]:
+  """Evaluators of `config.eval_splits` (classification on the training dataset, `pp_eval`, every
+  `eval_every`) and of each `config.evals` entry whose `every` is not negative.
+
+  Raises:
+    ValueError: an unknown type or a name used twice (the message names it).
+  """
+  from vit_jax.evaluators import classification, fewshot
+
+  entries = {}
+  for split in filter(None, (s.strip() for s in config['eval_splits'].split(','))):
+    entries[split] = dict(type='classification', split=split, every=int(config['eval_every']))
+  for name, entry in dict(config.get('evals') or {}).items():
+    entry = dict(entry)
+    if name in entries:
+      raise ValueError(f'evals.{name} has the name of an eval split in eval_splits; rename it')
+    if entry.get('type') not in TYPES:
+      raise ValueError(f'evals.{name}.type={entry.get("type")!r}; expected one of {TYPES}')
+    entries[name] = entry
+  out = {}
+  for name, e in entries.items():
+    if int(e['every']) < 0:
+      continue
+    batch_size = int(e.get('batch_size') or config['eval_batch_size'])
+    pp = e.get('pp') or config['pp_eval']
+    if e['type'] == 'fewshot':
+      out[name] = fewshot.FewShot(
+        name,
+        trainer,
+        config,
+        datasets=dict(e['datasets']),
+        shots=tuple(e['shots']),
+        l2_reg=float(e['l2_reg']),
+        num_seeds=int(e['num_seeds']),
+        pp=pp,
+        batch_size=batch_size,
+        every=int(e['every']),
+      )
+      continue
+    dataset = get_dataset(config, e.get('dataset') or config['dataset'], e['split'], pp, batch_size)
+    cls = classification.Real if e['type'] == 'real' else classification.Classification
+    out[name] = cls(name, trainer, dataset, loss=config['loss'], every=int(e['every']))
+  return out
+
+
+def host_value(x) -> float:
+  return float(np.asarray(jax.device_get(x)))
