@@ -222,7 +222,7 @@ def test_scan_and_remat_match_the_unrolled_model():
     np.testing.assert_allclose(
       jax.jit(model.apply, static_argnames='train')({'params': p}, x, train=False),
       ref,
-      atol=1e-5,  # float32 noise: XLA fuses the jitted and eager programs differently (seen 1.1e-6).
+      atol=1e-5,  # float32 noise between the jitted and eager programs (seen 1.1e-6).
     )
     grads = jax.jit(jax.grad(lambda p, m=model: m.apply({'params': p}, x, train=False).sum()))(p)
     assert all(np.all(np.isfinite(g)) for g in jax.tree.leaves(grads))
