@@ -64,6 +64,7 @@ def save(loaded, out_dir: str) -> str:
     dynamic_shapes=({0: torch.export.Dim('batch')},),
     dynamo=True,
     external_data=False,
+    verbose=False,
   )
   program.save(path)
   return path
