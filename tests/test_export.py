@@ -262,3 +262,16 @@ def test_clear_errors(tmp_path, capsys, golden_dir):
     '--format', 'npz', '--out', tmp_path,
   )  # fmt: skip
   assert status == 2 and 'does not match model' in err
+
+
+def test_saved_model_with_a_fixed_batch_converts_to_tflite(golden_dir, tmp_path):
+  loaded = load.load(str(golden_dir / 'testing_rep16_ref.npz'), model_name='testing')
+  report = export.export(loaded, 'saved_model', str(tmp_path / 'sm'), batch_size=1)
+  assert report.ok and set(report.max_diff) == {'batch 1', 'image bytes, batch 1'}
+  converter = tf.lite.TFLiteConverter.from_saved_model(
+    str(tmp_path / 'sm'), signature_keys=['serving_default']
+  )
+  interpreter = tf.lite.Interpreter(model_content=converter.convert())
+  images = export.verification_images(224, 1)
+  logits = interpreter.get_signature_runner('serving_default')(images=images)['logits']
+  np.testing.assert_allclose(logits, np.asarray(loaded.apply(images)), atol=1e-4)

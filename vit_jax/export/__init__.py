@@ -105,8 +105,13 @@ def encoded_test_images(n: int) -> list[bytes]:
   return out
 
 
-def export(loaded, fmt: str, out_dir: str, *, tolerance: float = TOLERANCE) -> Report:
+def export(
+  loaded, fmt: str, out_dir: str, *, tolerance: float = TOLERANCE, batch_size: int | None = None
+) -> Report:
   """Writes `loaded` (a `vit_jax.export.load.Loaded`) as `fmt` under `out_dir`, then verifies it.
+
+  `batch_size` (saved_model only) fixes the batch dimension, as TFLite conversion needs; it is
+  then verified at that batch size only.
 
   Returns:
     A Report; `report.ok` is False when a difference exceeds `tolerance` (not raised here, so
@@ -117,25 +122,28 @@ def export(loaded, fmt: str, out_dir: str, *, tolerance: float = TOLERANCE) -> R
     ImportError: the format's runtime is not installed.
   """
   module = _module(fmt, loaded)
+  if batch_size is not None and fmt != 'saved_model':
+    raise ValueError(f'a fixed batch size is for saved_model only; {fmt} has a dynamic batch')
   os.makedirs(out_dir, exist_ok=True)
   start = time.perf_counter()
-  path = module.save(loaded, out_dir)
+  extra = {} if batch_size is None else {'batch_size': batch_size}
+  path = module.save(loaded, out_dir, **extra)
   seconds = time.perf_counter() - start
   if loaded.labels:
     with open(os.path.join(out_dir, 'labels.txt'), 'w') as f:
       f.write('\n'.join(loaded.labels) + '\n')
-  images = verification_images(loaded.image_size)
+  images = verification_images(loaded.image_size, batch_size or max(BATCH_SIZES))
   ours = np.asarray(jax.jit(loaded.apply)(images))
   diffs = {}
-  for batch in BATCH_SIZES:
+  for batch in (batch_size,) if batch_size else BATCH_SIZES:
     theirs = np.asarray(module.run(path, images[:batch], labels=loaded.labels))
     if theirs.shape != ours[:batch].shape:
       raise VerificationError(f'{fmt}: logits {theirs.shape}, expected {ours[:batch].shape}')
     diffs[f'batch {batch}'] = float(np.max(np.abs(theirs - ours[:batch])))
   if hasattr(module, 'run_bytes'):  # The SavedModel's encoded-image signature.
-    encoded = encoded_test_images(4)
+    encoded = encoded_test_images(batch_size or 4)
     theirs = module.run_bytes(path, encoded)['logits']
     pp = preprocess.eval_preprocess(loaded.pp_eval)
     ours = np.asarray(loaded.apply(np.stack([pp(x).numpy() for x in encoded])))
-    diffs['image bytes, batch 4'] = float(np.max(np.abs(theirs - ours)))
+    diffs[f'image bytes, batch {len(encoded)}'] = float(np.max(np.abs(theirs - ours)))
   return Report(fmt, path, module.RUNTIME, seconds, diffs, tolerance)

@@ -30,6 +30,9 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument('--image_size', type=int, default=None, help='default: from the checkpoint')
   parser.add_argument('--labels', default=None, help='TFDS dataset name or labels text file')
   parser.add_argument('--tolerance', type=float, default=export.TOLERANCE)
+  parser.add_argument(
+    '--batch_size', type=int, default=None, help='saved_model: a fixed batch size (for TFLite)'
+  )
   args = parser.parse_args(argv)
   try:
     loaded = load.load(
@@ -39,7 +42,9 @@ def main(argv: list[str] | None = None) -> int:
       image_size=args.image_size,
       labels=args.labels,
     )
-    report = export.export(loaded, args.format, args.out, tolerance=args.tolerance)
+    report = export.export(
+      loaded, args.format, args.out, tolerance=args.tolerance, batch_size=args.batch_size
+    )
   except (ValueError, ImportError, FileNotFoundError) as e:
     print(f'error: {e}', file=sys.stderr)
     return 2

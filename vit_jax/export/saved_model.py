@@ -5,6 +5,8 @@ Signatures:
   serving_bytes:   `image_bytes` string [batch] (JPEG/PNG/GIF/BMP) -> the same, after the
                    checkpoint's eval preprocessing (`vit_jax.export.preprocess`, stock TF ops).
 Parameters are `tf.Variable`s of the SavedModel (not constants folded into the graph).
+With a fixed `batch_size` the batch dimension is static: what the TFLite converter needs (it
+cannot lower the batch-polymorphic graph's dynamic gathers; see docs/export.md).
 """
 
 from __future__ import annotations
@@ -17,8 +19,8 @@ RUNTIME = 'TensorFlow'
 PLATFORMS = ('cpu', 'cuda', 'tpu')  # Lowered for each, so TF Serving can run it on any of them.
 
 
-def save(loaded, directory: str) -> str:
-  """Writes the SavedModel to `directory`; returns it."""
+def save(loaded, directory: str, batch_size: int | None = None) -> str:
+  """Writes the SavedModel to `directory` (batch polymorphic unless `batch_size`); returns it."""
   import tensorflow as tf
   from jax.experimental import jax2tf
 
@@ -31,7 +33,7 @@ def save(loaded, directory: str) -> str:
 
   converted = jax2tf.convert(
     forward,
-    polymorphic_shapes=[None, f'(b, {size}, {size}, 3)'],
+    polymorphic_shapes=[None, f'({batch_size or "b"}, {size}, {size}, 3)'],
     with_gradient=False,
     native_serialization_platforms=PLATFORMS,
   )
@@ -39,14 +41,14 @@ def save(loaded, directory: str) -> str:
   module.variables_list = tf.nest.flatten(variables)
 
   @tf.function(
-    input_signature=[tf.TensorSpec([None, size, size, 3], tf.float32, name='images')],
+    input_signature=[tf.TensorSpec([batch_size, size, size, 3], tf.float32, name='images')],
     autograph=False,
   )
   def serving_default(images):
     logits = converted(variables, images)
     return {'logits': logits, 'probabilities': tf.nn.softmax(logits, axis=-1)}
 
-  @tf.function(input_signature=[tf.TensorSpec([None], tf.string, name='image_bytes')])
+  @tf.function(input_signature=[tf.TensorSpec([batch_size], tf.string, name='image_bytes')])
   def serving_bytes(image_bytes):
     spec = tf.TensorSpec([size, size, 3], tf.float32)
     images = tf.map_fn(pp, image_bytes, fn_output_signature=spec)
