@@ -110,9 +110,10 @@ _ENCODER_INFERENCE = dict(scan_layers=False, remat_policy='none', dropout_rate=0
 
 def _build(name_or_config, num_classes: int, overrides: Mapping):
   overrides = dict(overrides, **_INFERENCE)
-  is_mixer = 'hidden_dim' in overrides or str(
-    name_or_config if isinstance(name_or_config, str) else ''
-  ).startswith('Mixer')
+  if isinstance(name_or_config, str):
+    is_mixer = name_or_config.startswith('Mixer')
+  else:
+    is_mixer = 'hidden_dim' in name_or_config
   if not is_mixer:
     overrides.update(_ENCODER_INFERENCE)
     for key in ('attention_dropout_rate', 'droppath_rate'):
