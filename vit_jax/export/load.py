@@ -133,9 +133,14 @@ def label_names(dataset: str | None, num_classes: int, data_dir: str | None = No
 
     try:
       names = list(data.get_dataset_info(dataset, data_dir)[1])
-    except Exception as e:  # Unknown or unprepared dataset: indices instead of names.
-      logging.warning('no label names for %r (%s): printing class indices', dataset, e)
-      return None
+    except Exception as e:
+      try:  # Unprepared (e.g. ImageNet): TFDS ships the label names of many datasets.
+        import tensorflow_datasets as tfds
+
+        names = list(tfds.builder(dataset).info.features['label'].names)
+      except Exception:
+        logging.warning('no label names for %r (%s): printing class indices', dataset, e)
+        return None
   if len(names) != num_classes:
     raise ValueError(f'{dataset!r} has {len(names)} labels but the checkpoint has {num_classes}')
   return names
