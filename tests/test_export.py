@@ -211,6 +211,9 @@ def test_load_workdir_builds_its_overridden_model_and_labels(workdir):
   assert loaded.labels == [str(i) for i in range(10)] and loaded.num_classes == 10
   params = train_state.restore_params(os.path.join(workdir, 'checkpoints'))
   np.testing.assert_array_equal(loaded.params['head']['kernel'], params['head']['kernel'])
+  assert load.load(workdir, step=2).num_classes == 10
+  with pytest.raises(FileNotFoundError, match=r'has no checkpoint at step 7; it has \[2\]'):
+    load.load(workdir, step=7)
 
 
 @pytest.mark.parametrize(

@@ -69,6 +69,13 @@ def read_config(workdir: str) -> dict:
 def workdir_params(workdir: str, step: int | None = None) -> dict:
   """A workdir's params (latest step, or `step`) as host numpy, released (unscanned) layout."""
   directory = os.path.join(workdir, 'checkpoints')
+  if step is not None:
+    import tensorflow as tf  # gfile: local or remote workdirs.
+
+    names = tf.io.gfile.listdir(directory) if tf.io.gfile.isdir(directory) else []
+    steps = sorted(int(n.strip('/')) for n in names if n.strip('/').isdigit())
+    if step not in steps:
+      raise FileNotFoundError(f'{workdir!r} has no checkpoint at step {step}; it has {steps}')
   try:
     params = train_state.restore_params(directory, step)
   except FileNotFoundError as e:
