@@ -127,8 +127,8 @@ def test_verification_fails_the_command_when_outputs_differ(
   assert all(abs(d - 1e-3) < 1e-5 for d in _diffs(out))
 
 
-def _tiny_hybrid():
-  config = {
+_TINY = {
+  'hybrid': {
     'model_name': 'tiny-hybrid',
     'patches': {'size': (1, 1)},
     'hidden_size': 8,
@@ -136,19 +136,41 @@ def _tiny_hybrid():
     'classifier': 'token',
     'representation_size': None,
     'resnet': {'num_layers': (1,), 'width_factor': 1},
-  }
-  model = load._build(config, 3, {})
-  params = {}  # The formats refuse the model before reading any parameter.
+  },
+  'mixer': {
+    'model_name': 'Mixer-tiny',
+    'patches': {'size': (4, 4)},
+    'hidden_dim': 8,
+    'num_blocks': 1,
+    'tokens_mlp_dim': 8,
+    'channels_mlp_dim': 8,
+  },
+}
+
+
+def _tiny(family='hybrid', with_params=False):
+  model = load._build(_TINY[family], 3, {})
+  params = {}  # The refusing formats read no parameter.
+  if with_params:  # Init plus noise, so that no head is zero.
+    rng = np.random.RandomState(0)
+    noisy = lambda x: np.asarray(x) + 0.05 * rng.standard_normal(x.shape).astype(np.float32)
+    params = jax.tree.map(noisy, models.init_params(model, jax.random.key(0), 16))
   return load.Loaded(
-    model, params, load.model_config_of(model), 3, 32, load.DEFAULT_PP.format(size=32), None, 'x'
+    model, params, load.model_config_of(model), 3, 16, load.DEFAULT_PP.format(size=16), None, 'x'
   )
+
+
+@pytest.mark.parametrize('family', ['hybrid', 'mixer'])
+def test_hybrid_and_mixer_export_to_saved_model(tmp_path, family):
+  report = export.export(_tiny(family, with_params=True), 'saved_model', str(tmp_path))
+  assert report.ok and set(report.max_diff) == {'batch 1', 'batch 4', 'image bytes, batch 4'}
 
 
 @needs_torch
 @pytest.mark.parametrize('fmt', ['hf', 'onnx'])
 def test_hybrid_is_refused_with_a_clear_error(tmp_path, fmt):
   with pytest.raises(ValueError, match=r'plain ViT models only \(not hybrids or Mixer\)'):
-    export.export(_tiny_hybrid(), fmt, str(tmp_path))
+    export.export(_tiny(), fmt, str(tmp_path))
   assert not os.listdir(tmp_path)
 
 
@@ -278,3 +300,16 @@ def test_saved_model_with_a_fixed_batch_converts_to_tflite(golden_dir, tmp_path)
   images = export.verification_images(224, 1)
   logits = interpreter.get_signature_runner('serving_default')(images=images)['logits']
   np.testing.assert_allclose(logits, np.asarray(loaded.apply(images)), atol=1e-4)
+
+
+def test_predict_from_workdir_uses_its_model_preprocessing_and_labels(workdir, tmp_path, capsys):
+  from vit_jax import predict
+
+  path = tmp_path / 'digit.png'
+  Image.fromarray(np.random.RandomState(2).randint(0, 256, (16, 16, 3), np.uint8)).save(path)
+  predict.main(['--checkpoint', workdir, '--json', '--top_k', '1', str(path)])
+  (result,) = json.loads(capsys.readouterr().out)
+  loaded = load.load(workdir)
+  image = preprocess.eval_preprocess('value_range(-1,1)')(np.asarray(Image.open(path)))
+  best = int(np.argmax(loaded.apply(image.numpy()[None])[0]))  # runlocal's pp_eval: no resize.
+  assert result['top_k'][0]['label'] == str(best) and loaded.pp_eval == 'value_range(-1,1)'

@@ -51,7 +51,10 @@ def save(loaded, out_dir: str) -> str:
   """
   import torch
 
-  hf.hf_config(loaded.model_config, num_classes=loaded.num_classes, image_size=loaded.image_size)
+  try:
+    hf.hf_config(loaded.model_config, num_classes=loaded.num_classes, image_size=loaded.image_size)
+  except ValueError as e:
+    raise ValueError(f'ONNX export goes through the Hugging Face PyTorch ViT: {e}') from None
   model = _torch_model(loaded)
   os.makedirs(out_dir, exist_ok=True)
   path = os.path.join(out_dir, 'model.onnx')
