@@ -6,7 +6,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test lint format clean quickstart
+.PHONY: setup test lint format clean quickstart notebook
 
 setup: $(STAMP)
 
@@ -33,3 +33,9 @@ quickstart: setup
 
 clean:
 	rm -rf $(VENV) build *.egg-info
+
+# Executes every notebook end to end on CPU in its small offline mode (VIT_JAX_NOTEBOOK_SMALL=1);
+# the executed copies go to build/notebooks/. Needs the export and notebook extras.
+notebook: setup
+	$(PY) -m pip install -q 'torch==2.13.0' -e '.[export,notebook]'
+	VIT_JAX_NOTEBOOK_SMALL=1 $(PY) notebooks/execute.py notebooks/*.ipynb --out build/notebooks

@@ -54,3 +54,25 @@ def test_hf_export_refuses_what_it_cannot_represent():
     hf.hf_config(models.get_model_config('R50+ViT-B_16'), num_classes=10, image_size=224)
   with pytest.raises(ValueError, match="classifier 'gap'"):
     hf.hf_config(models.get_model_config('ViT-B_16-gap-norep'), num_classes=10, image_size=224)
+
+
+def test_captured_attention_weights_equal_hf_eager_attentions(golden_dir):
+  """The weights the model sows for attention rollout, vs transformers' `output_attentions`."""
+  from vit_jax import predict
+  from vit_jax.export import load
+
+  loaded = load.load(str(golden_dir / 'testing_rep16_ref.npz'), model_name='testing')
+  images = np.load(golden_dir / 'input_224.npy', allow_pickle=False)[:2]
+  _, state = loaded.apply(images, mutable=['intermediates'])
+  (ours,) = predict._attention_weights(state['intermediates'])  # One layer: [2, 2, 197, 197].
+  model = hf.to_hf_model(loaded.params, loaded.model_config, image_size=224)
+  model.set_attn_implementation('eager')
+  with torch.no_grad():
+    pixels = torch.from_numpy(images.transpose(0, 3, 1, 2).copy())
+    (theirs,) = model(pixel_values=pixels, output_attentions=True).attentions
+  np.testing.assert_allclose(np.asarray(ours), theirs.numpy(), atol=1e-6)
+  # Rollout of one layer, written out from HF's attentions.
+  a = 0.5 * theirs.numpy().mean(1) + 0.5 * np.eye(197)
+  row = a[:, 0, 1:] / a[:, 0, 1:].sum(-1, keepdims=True)
+  grid = predict.attention_rollout([ours])
+  np.testing.assert_allclose(np.asarray(grid).reshape(2, -1), row, atol=1e-6)

@@ -1,85 +1,200 @@
-"""Classify image files with a released `.npz` checkpoint: top-k labels per image.
+"""Classify images with a checkpoint (`.npz` or training workdir): top-k labels, attention maps.
 
-  python -m vit_jax.predict --model ViT-B_16 --checkpoint ViT-B_16.npz --labels imagenet2012 \
-      --image_size 224 cat.jpg dog.png
+  python -m vit_jax.predict --checkpoint ViT-B_16.npz --model ViT-B_16 cat.jpg photos/
+  python -m vit_jax.predict --checkpoint workdirs/quickstart --json --attention maps/ digits/
 
-Images are resized to `image_size` x `image_size` (bilinear, as the published ViT evaluation) and
-scaled to [-1, 1]. `--labels` is a TFDS dataset name whose label names TFDS ships (imagenet2012,
-cifar10, ...), or a text file with one name per line; without it class indices are printed.
+Images are files or folders (searched recursively) in any format PIL reads; they are
+preprocessed as the checkpoint was evaluated: a workdir's `pp_eval`, or for an `.npz` a bilinear
+resize to the model's size and [-1, 1] (the published ViT evaluation). Label names come from the
+workdir's dataset, `--labels` (TFDS name or text file), or ImageNet's for 1000-class checkpoints.
+
+`--attention DIR` writes one PNG per image: the attention rollout (Abnar & Zuidema 2020) of the
+class token over the patches, as a heat map over the image at the image's own size.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import re
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
-from vit_jax import models, npz
+from vit_jax.export import load as checkpoint_load
+from vit_jax.export import preprocess
 
 
-def load_images(paths: list[str], image_size: int) -> np.ndarray:
-  """Decodes and resizes image files to float32 [n, image_size, image_size, 3] in [-1, 1]."""
+def find_images(paths: list[str]) -> list[str]:
+  """Files as given; folders searched recursively for files whose extension PIL reads, sorted."""
+  from PIL import Image
+
+  extensions = {ext.lower() for ext in Image.registered_extensions()}
+  out = []
+  for path in paths:
+    if os.path.isdir(path):
+      found = [
+        os.path.join(root, name)
+        for root, _, names in os.walk(path)
+        for name in names
+        if os.path.splitext(name)[1].lower() in extensions
+      ]
+      if not found:
+        raise ValueError(f'folder {path!r} holds no image files')
+      out += sorted(found)
+    else:
+      out.append(path)
+  return out
+
+
+def read_image(path: str) -> np.ndarray:
+  """Decodes any image PIL reads into uint8 RGB [h, w, 3]."""
   from PIL import Image, UnidentifiedImageError
 
-  images = []
-  for path in paths:
-    try:
-      with Image.open(path) as img:
-        img = img.convert('RGB').resize((image_size, image_size), Image.BILINEAR)
-        images.append(np.asarray(img, np.float32) / 127.5 - 1.0)
-    except (FileNotFoundError, UnidentifiedImageError, OSError) as e:
-      raise ValueError(f'cannot read image {path!r}: {e}') from e
-  return np.stack(images)
+  try:
+    with Image.open(path) as img:
+      return np.asarray(img.convert('RGB'))
+  except (FileNotFoundError, UnidentifiedImageError, OSError) as e:
+    raise ValueError(f'cannot read image {path!r}: {e}') from e
 
 
-def label_names(labels: str | None, num_classes: int) -> list[str]:
-  if not labels:
-    return [str(i) for i in range(num_classes)]
-  if os.path.isfile(labels):
-    with open(labels) as f:
-      names = [line.strip() for line in f if line.strip()]
-  else:
-    import tensorflow_datasets as tfds
+def load_images(paths: list[str], pp: str | int) -> np.ndarray:
+  """Decodes and preprocesses image files: float32 [n, h, w, 3].
 
-    names = list(tfds.builder(labels).info.features['label'].names)
-  if len(names) != num_classes:
-    raise ValueError(f'{labels!r} has {len(names)} labels but the checkpoint has {num_classes}')
-  return names
+  Args:
+    paths: image files.
+    pp: an eval preprocessing string (`vit_jax.export.preprocess`) or an image size, meaning
+      bilinear resize to it and [-1, 1].
+  """
+  if isinstance(pp, int):
+    pp = checkpoint_load.DEFAULT_PP.format(size=pp)
+  fn = preprocess.eval_preprocess(pp)
+  return np.stack([fn(read_image(path)).numpy() for path in paths])
 
 
-def predict(model, params, images: np.ndarray, *, top_k: int) -> tuple[np.ndarray, np.ndarray]:
-  """Returns (probabilities, class indices), each [n, top_k], best first."""
-  logits = jax.jit(model.apply, static_argnames='train')({'params': params}, images, train=False)
+def _attention_weights(intermediates) -> list[jax.Array]:
+  """The encoder blocks' attention weights [batch, heads, q, k], in depth order."""
+  encoder = intermediates['Transformer']
+  blocks = sorted(
+    (k for k in encoder if re.fullmatch(r'encoderblock_\d+', k)), key=lambda k: int(k[13:])
+  )
+  return [encoder[k]['MultiHeadDotProductAttention_1']['attention_weights'][0] for k in blocks]
+
+
+def attention_rollout(weights: list[jax.Array], *, token: bool = True) -> jax.Array:
+  """Attention rollout over the patch grid: [batch, gh, gw], each map summing to 1.
+
+  Per layer, heads are averaged and the residual connection is added as identity
+  (0.5 * A + 0.5 * I, rows renormalised); the layers' matrices are multiplied from the first
+  up. The map is the class token's row (the mean over all tokens' rows without a class token)
+  restricted to the patches and renormalised to sum to 1.
+  """
+  rollout = None
+  for w in weights:
+    a = jnp.mean(w.astype(jnp.float32), axis=1)
+    a = 0.5 * a + 0.5 * jnp.eye(a.shape[-1])
+    a = a / jnp.sum(a, axis=-1, keepdims=True)
+    rollout = a if rollout is None else a @ rollout
+  row = rollout[:, 0, 1:] if token else jnp.mean(rollout, axis=1)
+  row = row / jnp.sum(row, axis=-1, keepdims=True)
+  grid = int(round(np.sqrt(row.shape[-1])))
+  if grid * grid != row.shape[-1]:
+    raise ValueError(f'{row.shape[-1]} patches do not form a square grid')
+  return row.reshape(row.shape[0], grid, grid)
+
+
+def heatmap(grid: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+  """A rollout grid upsampled (bilinear) to `size` (h, w), scaled to [0, 1] (max 1)."""
+  up = np.asarray(jax.image.resize(jnp.asarray(grid, jnp.float32), size, 'bilinear'))
+  up = np.maximum(up, 0)
+  return up / max(float(up.max()), 1e-12)
+
+
+def overlay(image: np.ndarray, heat: np.ndarray) -> np.ndarray:
+  """The image (uint8 [h, w, 3]) blended with the heat map in a blue (0) to red (1) scale."""
+  color = np.stack([heat, 4 * heat * (1 - heat), 1 - heat], axis=-1) * 255
+  return np.clip(0.5 * image + 0.5 * color, 0, 255).astype(np.uint8)
+
+
+def predict(loaded, images: np.ndarray, *, top_k: int, attention: bool = False):
+  """Returns (probabilities [n, k], class indices [n, k], best first; rollout grids or None)."""
+  if attention and not hasattr(loaded.model, 'transformer'):
+    raise ValueError('attention maps need a ViT; MLP-Mixer has no attention')
+
+  def run(x):
+    if not attention:
+      return loaded.apply(x), None
+    logits, state = loaded.apply(x, mutable=['intermediates'])
+    token = loaded.model.classifier in ('token', 'token_unpooled')
+    return logits, attention_rollout(_attention_weights(state['intermediates']), token=token)
+
+  compiled = loaded.__dict__.setdefault(f'_predict_jit_{attention}', jax.jit(run))  # Per batch.
+  logits, grids = compiled(images)
   probs = np.asarray(jax.nn.softmax(logits, axis=-1))
   order = np.argsort(-probs, axis=-1)[:, :top_k]
-  return np.take_along_axis(probs, order, axis=-1), order
+  return np.take_along_axis(probs, order, axis=-1), order, grids
 
 
 def main(argv: list[str] | None = None) -> None:
-  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  parser.add_argument('--model', required=True, help='registered model name, e.g. ViT-B_16')
-  parser.add_argument('--checkpoint', required=True, help='.npz checkpoint (local or gs://)')
-  parser.add_argument('--image_size', type=int, default=224)
+  parser = argparse.ArgumentParser(
+    prog='python -m vit_jax.predict', description=__doc__.split('\n')[0]
+  )
+  parser.add_argument('--checkpoint', required=True, help='.npz (local or gs://) or a workdir')
+  parser.add_argument('--model', default=None, help='registered model name (for an .npz)')
+  parser.add_argument('--step', type=int, default=None, help="workdir's step (default: latest)")
+  parser.add_argument('--image_size', type=int, default=None, help="default: the checkpoint's")
   parser.add_argument('--labels', default=None, help='TFDS dataset name or labels text file')
   parser.add_argument('--top_k', type=int, default=5)
-  parser.add_argument('images', nargs='+')
+  parser.add_argument('--batch_size', type=int, default=32)
+  parser.add_argument('--json', action='store_true', help='print one JSON document')
+  parser.add_argument('--attention', default=None, metavar='OUT_DIR', help='rollout heat maps')
+  parser.add_argument('images', nargs='+', help='image files or folders')
   args = parser.parse_args(argv)
 
-  params = npz.load(args.checkpoint)
-  num_classes = params['head']['bias'].shape[0]
-  model = models.get_model(args.model, num_classes=num_classes)
-  init = jax.eval_shape(lambda: models.init_params(model, jax.random.key(0), args.image_size))
-  npz.check_tree(params, init, path=args.checkpoint, model_name=args.model)
-  names = label_names(args.labels, num_classes)
-  probs, classes = predict(
-    model, params, load_images(args.images, args.image_size), top_k=args.top_k
+  loaded = checkpoint_load.load(
+    args.checkpoint,
+    model_name=args.model,
+    step=args.step,
+    image_size=args.image_size,
+    labels=args.labels,
   )
-  for path, p_row, c_row in zip(args.images, probs, classes):
-    print(path)
-    for p, c in zip(p_row, c_row):
-      print(f'  {p:6.1%}  {names[c]}')
+  names = loaded.labels or [str(i) for i in range(loaded.num_classes)]
+  paths = find_images(args.images)
+  if args.attention:
+    os.makedirs(args.attention, exist_ok=True)
+  results = []
+  for start in range(0, len(paths), args.batch_size):
+    batch = paths[start : start + args.batch_size]
+    images = load_images(batch, loaded.pp_eval)
+    probs, classes, grids = predict(
+      loaded, images, top_k=args.top_k, attention=bool(args.attention)
+    )
+    for i, path in enumerate(batch):
+      result = {
+        'path': path,
+        'top_k': [
+          {'label': names[c], 'index': int(c), 'probability': float(p)}
+          for p, c in zip(probs[i], classes[i])
+        ],
+      }
+      if grids is not None:
+        from PIL import Image
+
+        image = read_image(path)
+        stem = os.path.splitext(os.path.basename(path))[0]
+        out = os.path.join(args.attention, f'{start + i:05d}_{stem}.png')
+        Image.fromarray(overlay(image, heatmap(grids[i], image.shape[:2]))).save(out)
+        result['attention'] = out
+      results.append(result)
+  if args.json:
+    print(json.dumps(results, indent=2))
+    return
+  for result in results:
+    print(result['path'])
+    for entry in result['top_k']:
+      print(f'  {entry["probability"]:6.1%}  {entry["label"]}')
 
 
 if __name__ == '__main__':

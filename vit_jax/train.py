@@ -25,6 +25,7 @@ import optax
 
 from vit_jax import metrics as metrics_lib
 from vit_jax import models, npz, optim, sharding, train_state
+from vit_jax.export import load as checkpoint_load
 
 LOSSES = ('softmax_xent', 'sigmoid_xent')
 
@@ -421,7 +422,7 @@ def train_and_evaluate(
     state = trainer.init_state(int(config['seed']))
     if config['pretrained_path']:
       init = trainer.host_params(state)
-      params = npz.load_pretrained(
+      params = checkpoint_load.load_pretrained(  # An original-format .npz or one of our workdirs.
         pretrained_path=config['pretrained_path'],
         init_params=init,
         model_config=models.get_model_config(config['model_name']),

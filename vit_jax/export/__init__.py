@@ -1,1 +1,149 @@
-"""Export to other ecosystems: original `.npz` (`vit_jax.npz.save`), Hugging Face."""
+"""Export a checkpoint (`.npz` or training workdir) to npz, Hugging Face, TF SavedModel or ONNX.
+
+  python -m vit_jax.export --checkpoint PATH --format npz|hf|saved_model|onnx --out DIR
+
+Each export is verified right after writing: the artifact is loaded by its own runtime and its
+logits are compared with ours on a fixed batch, at batch sizes 1 and 4 (`verify`). The format
+modules import their dependencies (the `export` extra) only when used.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import os
+import time
+
+import jax
+import numpy as np
+
+from vit_jax import npz
+from vit_jax.export import preprocess
+
+FORMATS = ('npz', 'hf', 'saved_model', 'onnx')
+TOLERANCE = 1e-4  # Max |logit difference| in float32.
+BATCH_SIZES = (1, 4)
+
+
+class VerificationError(RuntimeError):
+  """An exported artifact's outputs differ from ours by more than the tolerance."""
+
+
+@dataclasses.dataclass
+class Report:
+  format: str
+  path: str
+  runtime: str
+  seconds: float  # Writing the artifact, verification excluded.
+  max_diff: dict[str, float]  # 'batch 1', 'batch 4' (, 'image bytes, batch 4') -> max |diff|.
+  tolerance: float
+
+  @property
+  def ok(self) -> bool:
+    return max(self.max_diff.values()) <= self.tolerance
+
+  def lines(self) -> list[str]:
+    out = [f'{self.format}: wrote {self.path} in {self.seconds:.1f}s']
+    for case, diff in self.max_diff.items():
+      verdict = 'ok' if diff <= self.tolerance else 'OVER TOLERANCE'
+      out.append(
+        f'{self.format}: {self.runtime} vs vit_jax, {case}: max |logit diff| {diff:.3g} '
+        f'(tolerance {self.tolerance:g}) {verdict}'
+      )
+    return out
+
+
+class _Npz:
+  """Our own `.npz` layout, read back by `npz.load`."""
+
+  RUNTIME = 'vit_jax npz.load'
+
+  def __init__(self, loaded):
+    self.model = loaded.model
+
+  def save(self, loaded, out_dir: str) -> str:
+    path = os.path.join(out_dir, 'model.npz')
+    npz.save(loaded.params, path)
+    return path
+
+  def run(self, path: str, images: np.ndarray, labels=None) -> np.ndarray:
+    del labels
+    return np.asarray(self.model.apply({'params': npz.load(path)}, images, train=False))
+
+
+def _module(fmt: str, loaded):
+  if fmt not in FORMATS:
+    raise ValueError(f'unknown export format {fmt!r}; expected one of {FORMATS}')
+  if fmt == 'npz':
+    return _Npz(loaded)
+  try:
+    return importlib.import_module(f'vit_jax.export.{fmt}')
+  except ImportError as e:
+    hint = 'pip install "vit_jax[export]"'
+    raise ImportError(f'{fmt} export needs the export extra: {hint} ({e})') from e
+
+
+def verification_images(image_size: int, batch: int = max(BATCH_SIZES)) -> np.ndarray:
+  """The fixed batch exports are checked on: uniform in [-1, 1], seed 0."""
+  rng = np.random.RandomState(0)
+  return rng.uniform(-1, 1, (batch, image_size, image_size, 3)).astype(np.float32)
+
+
+def encoded_test_images(n: int) -> list[bytes]:
+  """`n` PNG-encoded random RGB images of odd sizes (so preprocessing resizes them)."""
+  import io
+
+  from PIL import Image
+
+  rng = np.random.RandomState(1)
+  out = []
+  for i in range(n):
+    buffer = io.BytesIO()
+    pixels = rng.randint(0, 256, (37 + 5 * i, 45, 3), np.uint8)
+    Image.fromarray(pixels).save(buffer, format='PNG')
+    out.append(buffer.getvalue())
+  return out
+
+
+def export(
+  loaded, fmt: str, out_dir: str, *, tolerance: float = TOLERANCE, batch_size: int | None = None
+) -> Report:
+  """Writes `loaded` (a `vit_jax.export.load.Loaded`) as `fmt` under `out_dir`, then verifies it.
+
+  `batch_size` (saved_model only) fixes the batch dimension, as TFLite conversion needs; it is
+  then verified at that batch size only.
+
+  Returns:
+    A Report; `report.ok` is False when a difference exceeds `tolerance` (not raised here, so
+    callers can print the figures first).
+
+  Raises:
+    ValueError: a model the format cannot represent (the message says why).
+    ImportError: the format's runtime is not installed.
+  """
+  module = _module(fmt, loaded)
+  if batch_size is not None and fmt != 'saved_model':
+    raise ValueError(f'a fixed batch size is for saved_model only; {fmt} has a dynamic batch')
+  os.makedirs(out_dir, exist_ok=True)
+  start = time.perf_counter()
+  extra = {} if batch_size is None else {'batch_size': batch_size}
+  path = module.save(loaded, out_dir, **extra)
+  seconds = time.perf_counter() - start
+  if loaded.labels:
+    with open(os.path.join(out_dir, 'labels.txt'), 'w') as f:
+      f.write('\n'.join(loaded.labels) + '\n')
+  images = verification_images(loaded.image_size, batch_size or max(BATCH_SIZES))
+  ours = np.asarray(jax.jit(loaded.apply)(images))
+  diffs = {}
+  for batch in (batch_size,) if batch_size else BATCH_SIZES:
+    theirs = np.asarray(module.run(path, images[:batch], labels=loaded.labels))
+    if theirs.shape != ours[:batch].shape:
+      raise VerificationError(f'{fmt}: logits {theirs.shape}, expected {ours[:batch].shape}')
+    diffs[f'batch {batch}'] = float(np.max(np.abs(theirs - ours[:batch])))
+  if hasattr(module, 'run_bytes'):  # The SavedModel's encoded-image signature.
+    encoded = encoded_test_images(batch_size or 4)
+    theirs = module.run_bytes(path, encoded)['logits']
+    pp = preprocess.eval_preprocess(loaded.pp_eval)
+    ours = np.asarray(loaded.apply(np.stack([pp(x).numpy() for x in encoded])))
+    diffs[f'image bytes, batch {len(encoded)}'] = float(np.max(np.abs(theirs - ours)))
+  return Report(fmt, path, module.RUNTIME, seconds, diffs, tolerance)

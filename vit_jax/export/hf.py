@@ -1,5 +1,9 @@
 """Export ViT params to Hugging Face transformers (PyTorch) `ViTForImageClassification`.
 
+`save` writes a folder that `ViTForImageClassification.from_pretrained(DIR)` loads offline:
+config.json (with `id2label`), model.safetensors and a preprocessor_config.json for
+`ViTImageProcessor` (resize to the model's size, bilinear, then [-1, 1]).
+
 The mapping is written against the meaning of each tensor, and accepts both the transformers 4.x
 names (`encoder.layer.N.attention.attention.query`) and the 5.x names (`layers.N.attention.q_proj`),
 so `save_hf` writes whatever layout the installed transformers version reads back.
@@ -8,8 +12,10 @@ Our GELU is the tanh approximation, so the exported config uses `gelu_pytorch_ta
 
 from __future__ import annotations
 
+import json
+import os
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import flax
 import numpy as np
@@ -143,3 +149,58 @@ def to_hf_model(params: Mapping, model_config: Mapping, *, image_size: int):
 def save_hf(params: Mapping, model_config: Mapping, directory: str, *, image_size: int) -> None:
   """Writes a Hugging Face model folder (config.json + safetensors) for `from_pretrained`."""
   to_hf_model(params, model_config, image_size=image_size).save_pretrained(directory)
+
+
+RUNTIME = 'transformers (PyTorch)'
+
+
+def save(loaded, directory: str) -> str:
+  """Writes a `from_pretrained` folder for a `vit_jax.export.load.Loaded` checkpoint.
+
+  Raises:
+    ValueError: hybrids, Mixer, non-token classifiers, or a representation layer (`pre_logits`),
+      which `ViTForImageClassification` does not have.
+  """
+  hf_config(loaded.model_config, num_classes=loaded.num_classes, image_size=loaded.image_size)
+  if 'pre_logits' in loaded.params:
+    raise ValueError(
+      'Hugging Face export: this checkpoint has a representation layer (pre_logits, dense + tanh) '
+      'that ViTForImageClassification does not have; export it as npz or onnx instead'
+    )
+  model = to_hf_model(loaded.params, loaded.model_config, image_size=loaded.image_size)
+  if loaded.labels:
+    model.config.id2label = dict(enumerate(loaded.labels))
+    model.config.label2id = {name: i for i, name in enumerate(loaded.labels)}
+  model.save_pretrained(directory, safe_serialization=True)
+  write_preprocessor_config(directory, loaded.image_size)
+  return directory
+
+
+def write_preprocessor_config(directory: str, image_size: int) -> None:
+  """`ViTImageProcessor` settings of our eval input: bilinear resize, x / 127.5 - 1."""
+  config = {
+    'image_processor_type': 'ViTImageProcessor',
+    'do_resize': True,
+    'size': {'height': image_size, 'width': image_size},
+    'resample': 2,  # PIL.Image.BILINEAR.
+    'do_rescale': True,
+    'rescale_factor': 1 / 255,
+    'do_normalize': True,
+    'image_mean': [0.5, 0.5, 0.5],
+    'image_std': [0.5, 0.5, 0.5],
+  }
+  with open(os.path.join(directory, 'preprocessor_config.json'), 'w') as f:
+    json.dump(config, f, indent=2)
+
+
+def run(directory: str, images: np.ndarray, labels: Sequence[str] | None = None) -> np.ndarray:
+  """Logits of the exported folder, reloaded by transformers, for NHWC images in [-1, 1]."""
+  import torch
+  from transformers import ViTForImageClassification
+
+  model = ViTForImageClassification.from_pretrained(directory, local_files_only=True).eval()
+  if labels is not None and [model.config.id2label[i] for i in range(len(labels))] != list(labels):
+    raise ValueError(f"{directory}: id2label does not hold the checkpoint's label names")
+  with torch.no_grad():
+    pixels = torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2)))
+    return model(pixel_values=pixels).logits.numpy()

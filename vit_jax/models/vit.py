@@ -184,6 +184,9 @@ class MultiHeadDotProductAttention(nn.Module):
     q, k, v = proj('query', inputs_q), proj('key', inputs_kv), proj('value', inputs_kv)
     names = ('batch', 'seq', 'heads', 'kv')
     q, k, v = (_constrain(t, names) for t in (q, k, v))
+    if self.is_mutable_collection('intermediates'):  # Asked for (attention rollout): explicit.
+      scores = jnp.einsum('bqhd,bkhd->bhqk', q, k) / jnp.sqrt(head_dim).astype(q.dtype)
+      self.sow('intermediates', 'attention_weights', jax.nn.softmax(scores.astype(jnp.float32)))
     if deterministic or self.dropout_rate == 0.0:
       x = fused_attention(q, k, v, self.attention_impl)
     else:

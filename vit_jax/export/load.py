@@ -1,0 +1,243 @@
+"""Load params + model from an original-format `.npz` or a training workdir, for export/predict.
+
+A workdir (what `python -m vit_jax.main --workdir W` writes) holds `config.json` (the run's config:
+`model_name`, `model` overrides, `num_classes`, `dataset`, `image_size`, `pp_eval`) and
+`checkpoints/<step>/`; the architecture, image size, eval preprocessing and label names all come
+from it. A bare `.npz` needs `model_name`; its class count comes from the head, and whether it has
+a representation layer from `pre_logits`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Mapping
+from typing import Any
+
+import flax
+import jax
+import numpy as np
+
+from vit_jax import models, npz, train_state
+
+DEFAULT_PP = 'decode|resize({size})|value_range(-1,1)'  # The published ViT evaluation.
+
+
+@dataclasses.dataclass
+class Loaded:
+  """A checkpoint ready for inference: float32, unscanned model and released-layout params."""
+
+  model: Any  # flax.linen Module.
+  params: dict
+  model_config: dict  # Original-project schema, overrides applied (what `hf.hf_config` reads).
+  num_classes: int
+  image_size: int
+  pp_eval: str
+  labels: list[str] | None
+  source: str
+
+  def apply(self, images: np.ndarray, **kwargs):
+    return self.model.apply({'params': self.params}, images, train=False, **kwargs)
+
+
+def is_workdir(path: str) -> bool:
+  """Whether `path` is a training workdir (has config.json), local or remote."""
+  if str(path).endswith('.npz'):
+    return False
+  if '://' in str(path):
+    import tensorflow as tf
+
+    return tf.io.gfile.exists(os.path.join(path, 'config.json'))
+  return os.path.isfile(os.path.join(path, 'config.json'))
+
+
+def read_config(workdir: str) -> dict:
+  """The run's config.json as a dict."""
+  path = os.path.join(workdir, 'config.json')
+  if '://' in path:
+    import tensorflow as tf
+
+    with tf.io.gfile.GFile(path) as f:
+      return json.load(f)
+  with open(path) as f:
+    return json.load(f)
+
+
+def workdir_params(workdir: str, step: int | None = None) -> dict:
+  """A workdir's params (latest step, or `step`) as host numpy, released (unscanned) layout."""
+  directory = os.path.join(workdir, 'checkpoints')
+  if step is not None:
+    import tensorflow as tf  # gfile: local or remote workdirs.
+
+    names = tf.io.gfile.listdir(directory) if tf.io.gfile.isdir(directory) else []
+    steps = sorted(int(n.strip('/')) for n in names if n.strip('/').isdigit())
+    if step not in steps:
+      raise FileNotFoundError(f'{workdir!r} has no checkpoint at step {step}; it has {steps}')
+  try:
+    params = train_state.restore_params(directory, step)
+  except FileNotFoundError as e:
+    raise FileNotFoundError(f'workdir {workdir!r} has no checkpoint: {e}') from e
+  params = flax.linen.unbox(params)
+  return jax.tree.map(np.asarray, npz.unscan_params(flax.core.unfreeze(params)))
+
+
+def model_config_of(model) -> dict:
+  """The original-schema config of a built model (registered fields plus overrides)."""
+  if isinstance(model, models.MlpMixer):
+    fields = ('num_blocks', 'hidden_dim', 'tokens_mlp_dim', 'channels_mlp_dim')
+    out = {k: getattr(model, k) for k in fields if hasattr(model, k)}
+  else:
+    out = {
+      'hidden_size': model.hidden_size,
+      'transformer': dict(model.transformer),
+      'classifier': model.classifier,
+      'representation_size': model.representation_size,
+      'resnet': dict(model.resnet) if model.resnet is not None else None,
+    }
+  out.update(model_name=model.model_name, patches={'size': tuple(model.patches)})
+  return out
+
+
+def _infer_image_size(params: Mapping, model) -> int | None:
+  """Side of the square images a plain ViT's position embeddings were trained for."""
+  posemb = params.get('Transformer', {}).get('posembed_input', {}).get('pos_embedding')
+  if posemb is None or getattr(model, 'resnet', None) is not None:
+    return None
+  tokens = posemb.shape[1] - (1 if model.classifier in ('token', 'token_unpooled') else 0)
+  grid = int(round(np.sqrt(tokens)))
+  return grid * model.patches[0] if grid * grid == tokens else None
+
+
+_INFERENCE = dict(dtype='float32', param_dtype='float32')
+_ENCODER_INFERENCE = dict(scan_layers=False, remat_policy='none', dropout_rate=0.0)
+
+
+def _build(name_or_config, num_classes: int, overrides: Mapping):
+  overrides = dict(overrides, **_INFERENCE)
+  if isinstance(name_or_config, str):
+    is_mixer = name_or_config.startswith('Mixer')
+  else:
+    is_mixer = 'hidden_dim' in name_or_config
+  if not is_mixer:
+    overrides.update(_ENCODER_INFERENCE)
+    for key in ('attention_dropout_rate', 'droppath_rate'):
+      overrides[key] = 0.0
+  return models.get_model(name_or_config, num_classes=num_classes, **overrides)
+
+
+def label_names(dataset: str | None, num_classes: int, data_dir: str | None = None):
+  """Label names of a TFDS dataset name, `synthetic:...` or a text file; None when unknown."""
+  if not dataset:
+    return None
+  if os.path.isfile(dataset):
+    with open(dataset) as f:
+      names = [line.strip() for line in f if line.strip()]
+  else:
+    from vit_jax import data
+
+    try:
+      names = list(data.get_dataset_info(dataset, data_dir)[1])
+    except Exception as e:
+      try:  # Unprepared (e.g. ImageNet): TFDS ships the label names of many datasets.
+        import tensorflow_datasets as tfds
+
+        names = list(tfds.builder(dataset).info.features['label'].names)
+      except Exception:
+        logging.warning('no label names for %r (%s): printing class indices', dataset, e)
+        return None
+  if len(names) != num_classes:
+    raise ValueError(f'{dataset!r} has {len(names)} labels but the checkpoint has {num_classes}')
+  return names
+
+
+def default_labels(num_classes: int) -> str | None:
+  """The dataset whose names a released checkpoint of this class count uses (ImageNet)."""
+  return {1000: 'imagenet2012', 21843: 'imagenet21k'}.get(num_classes)
+
+
+def load(
+  path: str,
+  *,
+  model_name: str | None = None,
+  step: int | None = None,
+  image_size: int | None = None,
+  labels: str | None = None,
+) -> Loaded:
+  """Loads an `.npz` (local or gs://) or a training workdir for inference.
+
+  Args:
+    path: `.npz` checkpoint or workdir (a folder with config.json and checkpoints/).
+    model_name: registered model name; required for an `.npz`, ignored for a workdir.
+    step: a workdir's checkpoint step (default: latest).
+    image_size: input side (default: the workdir's, or inferred from the position embeddings).
+    labels: TFDS dataset name or labels text file (default: the workdir's dataset; ImageNet's
+      names for 1000/21843-class checkpoints).
+
+  Raises:
+    ValueError: no model name for an `.npz`, or a checkpoint that does not fit the model.
+  """
+  if is_workdir(path):
+    config = read_config(path)
+    params = workdir_params(path, step)
+    name = config['model_name']
+    num_classes = int(params['head']['bias'].shape[0]) if 'head' in params else 0
+    model = _build(name, num_classes, config.get('model') or {})
+    image_size = image_size or int(config['image_size'])
+    pp_eval = config.get('pp_eval') or DEFAULT_PP.format(size=image_size)
+    labels = labels or config.get('dataset')
+    data_dir = config.get('data_dir') or None
+  else:
+    if not model_name:
+      raise ValueError(
+        f'{path!r} is not a workdir (no config.json), so --model is needed to read it as an .npz'
+      )
+    params = npz.load(path)
+    num_classes = int(params['head']['bias'].shape[0]) if 'head' in params else 0
+    overrides = {}
+    if not model_name.startswith('Mixer'):  # Whether there is a representation layer.
+      pre_logits = params.get('pre_logits')
+      overrides['representation_size'] = pre_logits and int(pre_logits['bias'].shape[0])
+    model = _build(model_name, num_classes, overrides)
+    image_size = image_size or _infer_image_size(params, model) or 224
+    pp_eval = DEFAULT_PP.format(size=image_size)
+    labels = labels or default_labels(num_classes)
+    data_dir = None
+  name = model.model_name
+  expected = jax.eval_shape(lambda: models.init_params(model, jax.random.key(0), image_size))
+  params = jax.tree.map(lambda x: np.asarray(x, np.float32), params)
+  npz.check_tree(params, expected, path=path, model_name=name)
+  return Loaded(
+    model=model,
+    params=params,
+    model_config=model_config_of(model),
+    num_classes=num_classes,
+    image_size=image_size,
+    pp_eval=pp_eval,
+    labels=label_names(labels, num_classes, data_dir) if num_classes else None,
+    source=path,
+  )
+
+
+def load_pretrained(*, pretrained_path: str, init_params: Mapping, model_config=None, step=None):
+  """`npz.load_pretrained` that also takes a training workdir (its latest step's params).
+
+  The workdir's params are written to a temporary `.npz` in the released layout and read back
+  through `npz.load_pretrained`, so both sources get the same head re-init and resizing.
+  """
+  if not is_workdir(pretrained_path):
+    return npz.load_pretrained(
+      pretrained_path=pretrained_path, init_params=init_params, model_config=model_config
+    )
+  params = workdir_params(pretrained_path, step)
+  with tempfile.TemporaryDirectory() as tmp:
+    path = os.path.join(tmp, 'params.npz')
+    npz.save(params, path)
+    try:
+      return npz.load_pretrained(
+        pretrained_path=path, init_params=init_params, model_config=model_config
+      )
+    except npz.CheckpointMismatchError as e:
+      raise npz.CheckpointMismatchError(str(e).replace(path, pretrained_path)) from None
