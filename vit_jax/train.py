@@ -78,14 +78,24 @@ def make_train_step(
   `batch` arrays are [accum_steps, micro_batch, ...]; the gradient is the mean of the micro-batch
   gradients, which equals the gradient of the whole batch (each micro-batch loss is a mean over the
   same number of examples). Dropout keys are `fold_in(fold_in(rng, step), micro_batch_index)`.
+  uint8 images get the device end of `config.pp_train` first, then mixup (`config.mixup`) mixes
+  each micro-batch with a key folded from its dropout key (vit_jax.data.device).
   """
+  from vit_jax import data  # Imported late: TensorFlow is heavy and hides accelerators on import.
+
   loss_kind, smoothing = config['loss'], float(config['label_smoothing'])
   if loss_kind not in LOSSES:
     raise ValueError(f'unknown loss {loss_kind!r}; expected one of {LOSSES}')
+  prologue = data.device_preprocess(config.get('pp_train', ''))
+  mix = dict(config.get('mixup') or {})
+  mix = mix if mix.get('p') or mix.get('cutmix_p') else None
 
   def loss_fn(params, micro, rng):
-    logits = model.apply({'params': params}, micro['image'], train=True, rngs={'dropout': rng})
-    losses = per_example_loss(logits, _targets(micro, num_classes, smoothing), loss_kind)
+    image, targets = prologue(micro['image']), _targets(micro, num_classes, smoothing)
+    if mix:
+      image, targets = data.mixup(rng, image, targets, **mix)
+    logits = model.apply({'params': params}, image, train=True, rngs={'dropout': rng})
+    losses = per_example_loss(logits, targets, loss_kind)
     return jnp.mean(losses)
 
   grad_fn = jax.value_and_grad(loss_fn)
@@ -126,10 +136,16 @@ def make_train_step(
 
 
 def make_eval_step(model: nn.Module, *, config: Mapping, num_classes: int):
-  """Returns `(params, batch) -> {'correct', 'loss', 'count'}` sums over unmasked examples."""
+  """Returns `(params, batch) -> {'correct', 'loss', 'count'}` sums over unmasked examples.
+
+  uint8 images get the device end of `config.pp_eval` first (vit_jax.data.device).
+  """
+  from vit_jax import data
+
+  prologue = data.device_preprocess(config.get('pp_eval', ''))
 
   def eval_step(params, batch):
-    logits = model.apply({'params': params}, batch['image'], train=False)
+    logits = model.apply({'params': params}, prologue(batch['image']), train=False)
     mask = batch['mask'].astype(jnp.float32)
     correct = (jnp.argmax(logits, -1) == batch['label']).astype(jnp.float32)
     losses = per_example_loss(logits, _targets(batch, num_classes, 0.0), config['loss'])
@@ -311,11 +327,14 @@ class Trainer:
 
   def evaluate(self, params: Any, dataset) -> dict[str, float]:
     """Exact top-1 accuracy and mean loss over one pass of `dataset` (padding masked out)."""
+    from vit_jax import data
+
+    keys = ('image', 'label', 'labels', 'mask')
+    put = lambda local: self.global_batch({k: local[k] for k in keys if k in local}, stacked=False)
     totals = None
     with self._context():
-      for local in dataset:
-        local = {k: v for k, v in local.items() if k in ('image', 'label', 'labels', 'mask')}
-        out = self._eval_step(params, self.global_batch(local, stacked=False))
+      for batch in data.prefetch(iter(dataset), put):  # Next batches copied during this step.
+        out = self._eval_step(params, batch)
         totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
     totals = jax.device_get(totals)
     count = max(float(totals['count']), 1.0)
@@ -340,7 +359,6 @@ def _datasets(config: Mapping, *, start_batch: int, micro_batch: int):
   from vit_jax import data  # Imported late: TensorFlow is heavy and hides accelerators on import.
 
   data_dir = config['data_dir'] or None
-  mixup = dict(config['mixup'])
   train_ds = data.get_dataset(
     config['dataset'],
     config['train_split'],
@@ -351,7 +369,6 @@ def _datasets(config: Mapping, *, start_batch: int, micro_batch: int):
     seed=int(config['data_seed']),
     start_batch=start_batch,
     shuffle_buffer=int(config['shuffle_buffer']),
-    mixup=mixup if mixup.get('p') or mixup.get('cutmix_p') else None,
   )
   evals = {}
   for split in filter(None, (s.strip() for s in config['eval_splits'].split(','))):
@@ -452,7 +469,10 @@ def train_and_evaluate(
   train_ds, eval_ds = _datasets(
     config, start_batch=step * trainer.accum_steps, micro_batch=trainer.micro_batch
   )
-  batches = _batches(train_ds, trainer.accum_steps)
+  from vit_jax import data
+
+  put = lambda local: trainer.global_batch(local, stacked=True)
+  batches = data.prefetch(_batches(train_ds, trainer.accum_steps), put)  # Next ones on devices.
   writer = metrics_lib.MetricWriter(workdir)
   watcher = train_state.PreemptionWatcher()
   meter = metrics_lib.Throughput(
@@ -502,7 +522,7 @@ def train_and_evaluate(
   try:
     while step < total_steps:
       t = time.perf_counter()
-      batch = trainer.global_batch(next(batches), stacked=True)
+      batch = next(batches)
       meter.add_data_wait(time.perf_counter() - t)
       if trainer.compiled_train_step is None:
         t = time.perf_counter()
