@@ -236,10 +236,13 @@ class _Source:
         shards = tf.data.Dataset.from_tensor_slices(
           (tf.gather(names, order), tf.gather(skips, order), tf.gather(takes, order))
         )
+        # Parallel reads hide remote storage's latency (gs://); on local files the hand-off between
+        # threads costs more per record (~5% of a decode, measured) than the read itself.
+        remote = '://' in self.builder.data_dir
         records = shards.interleave(
           lambda f, s, t: tf.data.TFRecordDataset(f, buffer_size=1 << 20).skip(s).take(t),
           cycle_length=min(16, int(names.shape[0])),
-          num_parallel_calls=min(16, int(names.shape[0]), num_threads or 16),
+          num_parallel_calls=min(16, int(names.shape[0]), num_threads or 16) if remote else None,
           deterministic=True,
         )
       if shuffle:
@@ -350,7 +353,7 @@ def get_dataset(
       f'Process {process_index} of {process_count} has no examples of split {split!r} of '
       f'{dataset!r} ({source.num_examples} in all); evaluate it with fewer processes.'
     )
-  example_seed = _seed(seed, process_index)  # Eager: a constant in the graph.
+  example_seed = _seed(seed, process_index)[0]  # Eager: a constant in the graph.
   n = source.local_size
 
   def zero_padding(batch):
@@ -361,7 +364,7 @@ def get_dataset(
 
   def prepare(pos, record):
     data = source.parse(record)
-    data['_rng'] = tf.random.experimental.stateless_fold_in(example_seed, pos)
+    data['_rng'] = tf.stack([example_seed, pos])  # Stateless: (hash of seed and process, pos).
     data = host_fn(data)
     if data['image'].dtype != tf.uint8:  # The device part expects uint8: apply it here.
       data = device_fn(data)
