@@ -252,6 +252,13 @@ class _Source:
 
     return fn
 
+  @property
+  def parses_batches(self) -> bool:
+    return self._synthetic is None and self._specs is not None and self._files() is not None
+
+  def parse_batch(self, records) -> dict:
+    return tf.io.parse_example(records, self._specs)
+
   def parse(self, record) -> dict:
     """Record -> {'image': encoded bytes or uint8, 'label': int32, ...}; cheap, no decoding."""
     if self._synthetic:
@@ -392,6 +399,8 @@ def get_dataset(
       # preprocessing gives, static or not.
       records = epoch_fn(0)
       ds = records.concatenate(records.take(1).repeat()).take(num_batches * b).enumerate()
+    if source.parses_batches:  # One parse op per 256 records instead of one per record.
+      ds = ds.batch(256).map(lambda pos, r: (pos, source.parse_batch(r))).unbatch()
     ds = ds.map(prepare, num_parallel_calls=AUTOTUNE, deterministic=True)
     ds = ds.batch(b, drop_remainder=train)
     if not train:
