@@ -117,8 +117,8 @@ def prefetch(iterator: Iterator, put: Callable, size: int = 2) -> Iterator:
 
   With `put` placing a host batch on the devices (`Trainer.global_batch`), the next batches are
   read from tf.data and copied while the current step runs. Order is kept; an exception in the
-  thread is raised here, at the batch it stopped. The thread ends with the iterator (exhausted,
-  closed, or garbage collected).
+  thread is raised here, at the batch it stopped. The thread ends with this generator (exhausted,
+  closed, or garbage collected), which waits for it.
   """
   done = object()
   out: queue.Queue = queue.Queue(maxsize=size)
@@ -152,5 +152,6 @@ def prefetch(iterator: Iterator, put: Callable, size: int = 2) -> Iterator:
       if isinstance(item, BaseException):
         raise item
       yield item
-  finally:
+  finally:  # Closed or collected: the thread stops within a poll (or after its current batch).
     stop.set()
+    thread.join()  # Before the interpreter may exit: a thread inside TensorFlow then aborts it.
