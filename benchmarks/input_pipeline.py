@@ -14,7 +14,7 @@ reads a split of whole batches (the one padded batch per pass is negligible at s
 Pipelines: `train` = decode_jpeg_and_inception_crop(224)|flip_lr, `augreg` = train|randaug(2,15),
 `eval` = decode|resize_small(256)|central_crop(224).
 
-  python benchmarks/input_pipeline.py --json   # one JSON line per pipeline
+  python benchmarks/input_pipeline.py --json   # one JSON line per pipeline (~2 min on 2 cores)
 """
 
 import argparse
@@ -124,7 +124,7 @@ def main():
   parser.add_argument('--num_images', type=int, default=2048)
   parser.add_argument('--batch_size', type=int, default=64)
   parser.add_argument('--threads', type=int, default=len(os.sched_getaffinity(0)))
-  parser.add_argument('--steps', type=int, default=6, help='batches timed per pipeline and round')
+  parser.add_argument('--steps', type=int, default=16, help='batches timed per pipeline and round')
   parser.add_argument('--rounds', type=int, default=5)
   parser.add_argument('--pipelines', default=','.join(PIPELINES))
   args = parser.parse_args()
