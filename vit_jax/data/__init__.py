@@ -38,7 +38,6 @@ from vit_jax.data.builders import (  # noqa: E402
 )
 from vit_jax.data.device import device_preprocess, mixup, prefetch  # noqa: E402
 from vit_jax.data.pipeline import (  # noqa: E402
-  DEFAULT_SPLITS,
   Dataset,
   get_dataset,
   get_dataset_info,
@@ -46,7 +45,6 @@ from vit_jax.data.pipeline import (  # noqa: E402
 from vit_jax.data.preprocess import get_preprocess_fn  # noqa: E402
 
 __all__ = [
-  'DEFAULT_SPLITS',
   'Dataset',
   'Digits',
   'ImageFolder',

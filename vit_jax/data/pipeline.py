@@ -25,20 +25,6 @@ from vit_jax.data import builders
 from vit_jax.data import preprocess as preprocess_lib
 
 AUTOTUNE = tf.data.AUTOTUNE
-# Splits used by the presets for training and for the published evaluation numbers.
-DEFAULT_SPLITS = {
-  'cifar10': ('train', 'test'),
-  'cifar100': ('train', 'test'),
-  'oxford_iiit_pet': ('train', 'test'),
-  'oxford_flowers102': ('train+validation', 'test'),
-  'imagenet2012': ('train', 'validation'),
-  'imagenet_v2': (None, 'test'),
-  'imagenet2012_real': (None, 'validation'),
-  'imagenet21k': ('full[102400:]', 'full[:102400]'),
-  'digits': ('train', 'test'),
-  'folder': ('train', 'validation'),
-  'synthetic': ('train', 'test'),
-}
 _LABEL_KEYS = {'imagenet2012_real': 'original_label'}
 _SYNTHETIC_DEFAULTS = {'image_size': 224, 'num_classes': 1000, 'num_examples': 10_000}
 
