@@ -204,7 +204,7 @@ def test_errors(folder, tmp_path):
 
 
 def test_a_string_that_ends_in_float_on_the_host_is_applied_whole(folder):
-  """value_range before a per-example op (randaug here takes floats) keeps the old contract."""
+  """A host part that ends in float32 (value_range, then a resize) gets the device part too."""
   pp = 'decode|value_range(0,255)|resize(6, method="bicubic")|value_range(-1,1)'
   batch = next(iter(_get(folder, train=True, global_batch_size=8, preprocess=pp)))
   assert batch['image'].dtype == np.float32 and -1.5 < batch['image'].min() < 0
