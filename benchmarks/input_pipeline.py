@@ -1,50 +1,45 @@
-"""Input pipeline throughput on ImageNet-sized JPEG photos, against the decode-alone ceiling.
+"""Input pipeline throughput per host core, against the bare chain of the same TensorFlow ops.
 
 Makes ~500x375 quality-90 JPEGs from the sample photos scikit-image ships (random 4:3 crops,
 resized, some portrait, some flipped), prepares them as a `folder:` dataset, then measures in one
-run, with the same tf.data thread pool:
-  1. ceiling: `tf.io.decode_jpeg` alone over the same files (bytes already in memory);
-  2. train:   decode_jpeg_and_inception_crop(224)|flip_lr|value_range(-1,1) (preset vit_finetune
-     at 224), batched, to numpy float32;
-  3. eval:    decode|resize_small(256)|central_crop(224)|value_range(-1,1) (preset imagenet_eval)
-     and decode_jpeg_and_central_crop(224)|value_range(-1,1) (preset imagenet_eval_fused),
-     padded batches, to numpy;
-  2b/3b. train and exact eval again, for the A/B in the same run: computed per example (each
-     image a tensor of the per-example map, then batched, instead of one op per batch); with
-     TensorFlow's decode_and_crop_jpeg instead of the windowed decoder (what a machine without
-     libjpeg-turbo runs); with TensorFlow's decode and resize ops (no C++ compiler);
-  4. resume:  time to the first batch at start_batch=0 and at the last batch of the first epoch
-     (the shuffled records before it are skipped without decoding).
+run, interleaved in rounds (median), with the same tf.data thread pool, images per second of
+process CPU time (all threads: images/s per fully used core, robust to other load) of:
+  - ours: `get_dataset` with the recipe's string (its `value_range` is left to the device): records
+    read, shuffled, parsed, seeded, preprocessed and batched as the trainer gets them;
+  - tf ops: the same TensorFlow calls written out, mapped over the same JPEG bytes already in
+    memory, batched (no records, shuffling, seed bookkeeping or masks).
+Both hand their uint8 batches to the JAX devices the same way (`data.prefetch` with
+`sharding.global_batch`, as the trainer does), so the ratio is the cost of our machinery. Eval
+reads a split of whole batches (the one padded batch per pass is negligible at scale, not here).
+Pipelines: `train` = decode_jpeg_and_inception_crop(224)|flip_lr, `augreg` = train|randaug(2,15),
+`eval` = decode|resize_small(256)|central_crop(224).
 
-  python benchmarks/input_pipeline.py --num_images=2048 --seconds=8 --rounds=5
+  python benchmarks/input_pipeline.py --json   # one JSON line per pipeline (~2 min on 2 cores)
 """
 
 import argparse
 import gc
+import json
 import os
 import time
 
 import numpy as np
 
+PIPELINES = {
+  'train': 'decode_jpeg_and_inception_crop(224)|flip_lr|value_range(-1,1)',
+  'augreg': 'decode_jpeg_and_inception_crop(224)|flip_lr|randaug(2,15)|value_range(-1,1)',
+  'eval': 'decode|resize_small(256)|central_crop(224)|value_range(-1,1)',
+}
 
-def make_jpegs(folder: str, num_images: int, seed: int = 0) -> list[str]:
+
+def make_jpegs(folder: str, num_images: int, seed: int = 0) -> None:
   """Writes `num_images` JPEGs (q90, 500x375 or 375x500) into folder/<photo name>/."""
   import skimage.data
   from PIL import Image
 
-  names = [
-    'astronaut',
-    'coffee',
-    'chelsea',
-    'rocket',
-    'hubble_deep_field',
-    'immunohistochemistry',
-    'retina',
-    'camera',
-  ]
+  names = ['astronaut', 'coffee', 'chelsea', 'rocket', 'hubble_deep_field', 'retina', 'camera']
   photos = {n: getattr(skimage.data, n)() for n in names}
   rng = np.random.default_rng(seed)
-  paths = []
   for i in range(num_images):
     name = names[i % len(names)]
     photo = photos[name]
@@ -60,179 +55,142 @@ def make_jpegs(folder: str, num_images: int, seed: int = 0) -> list[str]:
     if rng.random() < 0.5:
       image = image.transpose(Image.FLIP_LEFT_RIGHT)
     os.makedirs(os.path.join(folder, name), exist_ok=True)
-    path = os.path.join(folder, name, f'{i:05d}.jpg')
-    image.save(path, quality=90)
-    paths.append(path)
-  return paths
+    image.save(os.path.join(folder, name, f'{i:05d}.jpg'), quality=90)
 
 
-def _measure(pipelines: dict, rounds: int, steps: int, warmup: int = 4) -> dict:
-  """Images/s of each pipeline, median over `rounds`; the pipelines alternate within a round so
-  that background load on the machine hits all alike. Each runs alone: its iterator is made,
-  warmed up (buffers filled, functions traced), timed, then deleted, which stops its threads."""
-  rates = {name: [] for name in pipelines}
+def tf_chains():
+  """The bare chains: the TensorFlow calls each pipeline's ops stand for, on (index, bytes)."""
+  import tensorflow as tf
+
+  from vit_jax.data import randaug
+
+  def resize(image, size, method):
+    return tf.cast(tf.clip_by_value(tf.image.resize(image, size, method=method), 0, 255), tf.uint8)
+
+  def train(i, raw):
+    seed = tf.stack([i, tf.constant(0, tf.int64)])
+    begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
+      tf.image.extract_jpeg_shape(raw),
+      tf.zeros([0, 0, 4], tf.float32),
+      seed=seed,
+      area_range=(0.05, 1.0),
+      aspect_ratio_range=(3 / 4, 4 / 3),
+      min_object_covered=0,
+      use_image_if_no_bounding_boxes=True,
+    )
+    window = tf.stack([begin[0], begin[1], size[0], size[1]])
+    image = resize(tf.image.decode_and_crop_jpeg(raw, window, channels=3), [224, 224], 'bilinear')
+    return tf.image.stateless_random_flip_left_right(image, seed + 1)
+
+  def augreg(i, raw):
+    return randaug.randaugment(train(i, raw), 2, 15, tf.stack([i, tf.constant(2, tf.int64)]))
+
+  def eval_(i, raw):
+    image = tf.io.decode_image(raw, channels=3, expand_animations=False)
+    h, w = tf.shape(image)[0], tf.shape(image)[1]
+    ratio = 256.0 / tf.cast(tf.minimum(h, w), tf.float32)
+    new_h = tf.cast(tf.round(tf.cast(h, tf.float32) * ratio), tf.int32)
+    new_w = tf.cast(tf.round(tf.cast(w, tf.float32) * ratio), tf.int32)
+    image = resize(image, tf.stack([new_h, new_w]), 'area')
+    return tf.image.crop_to_bounding_box(image, (new_h - 224) // 2, (new_w - 224) // 2, 224, 224)
+
+  return {'train': train, 'augreg': augreg, 'eval': eval_}
+
+
+def measure(makers: dict, rounds: int, steps: int, warmup: int = 3) -> dict:
+  """{name: (images per CPU-second of this process, images per wall-second)}, medians over
+  `rounds`. CPU time (all threads) is what a pipeline costs whatever else runs on the machine;
+  the pipelines alternate within a round so that background load hits all alike, and each runs
+  alone (made, warmed up, timed, deleted)."""
+  rates = {name: [] for name in makers}
   for _ in range(rounds):
-    for name, (make, count) in pipelines.items():
+    for name, make in makers.items():
       iterator = make()
       for _ in range(warmup):
         next(iterator)
-      start, n = time.perf_counter(), 0
+      cpu, wall, n = time.process_time(), time.perf_counter(), 0
       for _ in range(steps):
-        n += count(next(iterator))
-      rates[name].append(n / (time.perf_counter() - start))
+        n += next(iterator)
+      rates[name].append((n / (time.process_time() - cpu), n / (time.perf_counter() - wall)))
       del iterator
       gc.collect()
-  return {name: float(np.median(r)) for name, r in rates.items()}
+  return {name: tuple(np.median(r, axis=0)) for name, r in rates.items()}
 
 
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser.add_argument('--json', action='store_true', help='one JSON line per pipeline')
   parser.add_argument('--workdir', default='/tmp/vit_jax_input_benchmark')
   parser.add_argument('--num_images', type=int, default=2048)
   parser.add_argument('--batch_size', type=int, default=64)
   parser.add_argument('--threads', type=int, default=len(os.sched_getaffinity(0)))
-  parser.add_argument('--seconds', type=float, default=10.0, help='rough time per pipeline')
+  parser.add_argument('--steps', type=int, default=16, help='batches timed per pipeline and round')
   parser.add_argument('--rounds', type=int, default=5)
+  parser.add_argument('--pipelines', default=','.join(PIPELINES))
   args = parser.parse_args()
 
   import tensorflow as tf
 
-  from vit_jax import data
-  from vit_jax.data import fast_jpeg, fast_resize, pipeline, preprocess
-
-  if not fast_resize.available():
-    print('NOTE: the fused resize op is unavailable here; all rows resize with TensorFlow ops.')
-  if not fast_jpeg.available():
-    print('NOTE: the windowed JPEG decoder is unavailable here; all rows decode with TensorFlow.')
+  from vit_jax import data, sharding
 
   folder = os.path.join(args.workdir, f'jpegs_{args.num_images}')
   if not os.path.isdir(folder):
     make_jpegs(folder, args.num_images)
-  t = time.perf_counter()
-  data.prepare_folder(folder, os.path.join(args.workdir, 'tfds'))
-  print(f'prepared folder dataset in {time.perf_counter() - t:.1f}s')
+  data_dir = os.path.join(args.workdir, 'tfds')
+  data.prepare_folder(folder, data_dir)
   files = sorted(os.path.join(r, f) for r, _, fs in os.walk(folder) for f in fs)
   blobs = [open(f, 'rb').read() for f in files]
-  print(f'{len(blobs)} JPEGs, mean {np.mean([len(b) for b in blobs]) / 1e3:.0f} kB')
-  common = dict(
-    data_dir=os.path.join(args.workdir, 'tfds'),
-    global_batch_size=args.batch_size,
-    process_index=0,
-    process_count=1,
-    num_threads=args.threads,
-  )
-  dataset = f'folder:{folder}'
-  b, cores = args.batch_size, args.threads
-
+  b = args.batch_size
+  mesh = sharding.make_mesh({'data': -1})
   options = tf.data.Options()
   options.threading.private_threadpool_size = args.threads
   options.threading.max_intra_op_parallelism = 1
+  chains = tf_chains()
+  put = lambda x: sharding.global_batch(x, mesh, sharding.DEFAULT_RULES)
 
-  def ceiling():
-    ds = tf.data.Dataset.from_tensor_slices(blobs).repeat()
-    ds = ds.map(lambda x: tf.shape(tf.io.decode_jpeg(x, channels=3)), tf.data.AUTOTUNE)
-    return ds.batch(b).prefetch(2).with_options(options).as_numpy_iterator()
+  def ours(name):
+    pp, train = PIPELINES[name], name != 'eval'
+    split = 'train' if train else f'train[:{args.num_images * 8 // 10 // b * b}]'
+    ds = data.get_dataset(f'folder:{folder}', split, preprocess=pp, train=train,
+                          global_batch_size=b, data_dir=data_dir, process_index=0, process_count=1,
+                          num_threads=args.threads)  # fmt: skip
+    batches = ds.make_tf_dataset()
+    batches = batches if train else batches.repeat()  # Eval: passes back to back.
+    sizes = {}
 
-  def get(pp, train, start_batch=0):
-    return data.get_dataset(
-      dataset, 'train', preprocess=pp, train=train, start_batch=start_batch, **common
-    )
+    def count(batch):  # Real images delivered (eval padding excluded) and their bytes.
+      sizes['bytes_per_image'] = batch['image'].nbytes // batch['image'].shape[0]
+      return int(np.asarray(batch['mask']).sum())
 
-  def passes(ds):  # Eval passes back to back, without rebuilding the pipeline each time.
-    return ds.make_tf_dataset().repeat().as_numpy_iterator()
+    return lambda: map(count, data.prefetch(batches.as_numpy_iterator(), put)), sizes
 
-  def without(make, *modules, per_example=False):
-    """Builds the pipeline with our ops in `modules` switched off and, if `per_example`, without
-    the batch-level path (each image computed in the per-example map, then batched)."""
+  def bare(name):
+    ds = tf.data.Dataset.from_tensor_slices(blobs).repeat().enumerate()
+    ds = ds.map(lambda i, raw: {'image': chains[name](i, raw)}, tf.data.AUTOTUNE).batch(b)
+    ds = ds.prefetch(2).with_options(options)
+    return lambda: map(lambda x: len(x['image']), data.prefetch(ds.as_numpy_iterator(), put))
 
-    def wrapped():
-      patches = [(m, 'available', lambda: False) for m in modules]
-      if per_example:
-        off = lambda *args, **kwargs: None
-        patches += [(preprocess, 'batched', off), (preprocess, 'plan_for_batch', off)]
-      saved = [(obj, name, getattr(obj, name)) for obj, name, _ in patches]
-      for obj, name, value in patches:
-        setattr(obj, name, value)
-      try:
-        return make()
-      finally:
-        for obj, name, value in saved:
-          setattr(obj, name, value)
-
-    return wrapped
-
-  # The presets' strings at 224: ViT fine-tuning's train pipeline, the ImageNet eval (exact
-  # published ops) and its fused variant.
-  train_pp = data.preset('vit_finetune', 224)['train_pp']
-  unfused_eval_pp = data.preset('imagenet_eval', 224)['eval_pp']
-  eval_pp = data.preset('imagenet_eval_fused', 224)['eval_pp']
-  assert train_pp == 'decode_jpeg_and_inception_crop(224)|flip_lr|value_range(-1,1)', train_pp
-  assert unfused_eval_pp == 'decode|resize_small(256)|central_crop(224)|value_range(-1,1)'
-  assert eval_pp == 'decode_jpeg_and_central_crop(224)|value_range(-1,1)', eval_pp
-  train_ds = get(train_pp, True)
-  real = lambda x: int(x['mask'].sum())
-  # Pipelines are built inside each row's `make`: whether a batch runs as one op is decided when
-  # the dataset is built, so the A/B rows switch our ops off before that.
-  train = lambda: iter(get(train_pp, True))
-  exact_eval = lambda: passes(get(unfused_eval_pp, False))
-
-  def without_ours(name, make):  # The A/B rows.
-    return {
-      f'{name} (the same, computed per example)': (without(make, per_example=True), real),
-      f'{name} (the same with TensorFlow decode_and_crop_jpeg)': (without(make, fast_jpeg), real),
-      f'{name} (the same with TensorFlow decode and resize ops)': (
-        without(make, fast_jpeg, fast_resize),
-        real,
-      ),
+  names = args.pipelines.split(',')
+  makers, sizes = {}, {}
+  for name in names:
+    makers[f'{name}/ours'], sizes[name] = ours(name)
+    makers[f'{name}/tf'] = bare(name)
+  rates = measure(makers, args.rounds, args.steps)
+  for name in names:
+    (rate, wall), (tf_rate, tf_wall) = rates[f'{name}/ours'], rates[f'{name}/tf']
+    result = {
+      'pipeline': name,
+      'images_per_s_per_core': round(rate, 1),
+      'ratio_to_tf_ops': round(rate / tf_rate, 3),
+      'bytes_per_image': int(sizes[name]['bytes_per_image']),
     }
-
-  pipelines = {
-    'decode_jpeg alone': (ceiling, len),
-    f'train  {train_pp}': (train, real),
-    **without_ours('train ', train),
-    f'eval   {unfused_eval_pp} (preset imagenet_eval)': (exact_eval, real),
-    **without_ours('eval   imagenet_eval', exact_eval),
-    f'eval   {eval_pp}': (lambda: passes(get(eval_pp, False)), real),
-  }
-  steps = max(int(args.seconds * 300 * cores / b / args.rounds), 2)  # ~300 img/s/core expected
-  rates = _measure(pipelines, args.rounds, steps)
-  ceiling_rate = rates['decode_jpeg alone']
-  print(f'\nthreads={cores} batch={b} rounds={args.rounds}: images/s/core (images/s), ratio')
-  for name, rate in rates.items():
-    print(f'  {rate / cores:7.1f} ({rate:6.0f})  {rate / ceiling_rate:4.2f}x  {name}')
-
-  # Resume. Whole epochs are skipped arithmetically; inside the epoch, the shuffled records before
-  # the start are read and dropped before parsing or decoding. Worst case: one epoch of records.
-  n = train_ds.num_examples
-  per_epoch = n // b
-  print(f'\nresume (train split: {n} records, {per_epoch} batches/epoch):')
-  for start in (0, 1000 * n, 1000 * n + per_epoch - 1):  # 1000 * n batches = 1000 * b epochs.
-    t = time.perf_counter()
-    next(iter(get(train_pp, True, start)))
-    print(f'  start_batch={start:9d}: first batch after {time.perf_counter() - t:5.2f}s')
-  # Skip throughput at scale: the same shard listed `copies` times makes a long epoch; time the
-  # first record after skipping `far` records, against skipping none (both fill the buffer).
-  source = pipeline._Source(dataset, 'train', common['data_dir'], 0, 1)
-  names, skips, takes = source._files()
-  copies = 20
-  source._files = lambda: (
-    tf.repeat(names, copies),
-    tf.repeat(skips, copies),
-    tf.repeat(takes, copies),
-  )
-  epoch = source.epoch_fn(shuffle=True, seed=0, shuffle_buffer=10_000, num_threads=args.threads)
-  far = copies * n - 1
-  seconds = {}
-  for count in (0, far):
-    t = time.perf_counter()
-    next(iter(epoch(tf.constant(7, tf.int64)).skip(count).with_options(options)))
-    seconds[count] = time.perf_counter() - t
-  rate = far / (seconds[far] - seconds[0])
-  record_kb = sum(len(x) for x in blobs) / len(blobs) / 1e3
-  print(
-    f'  skipping {far} records: {seconds[far]:.2f}s (vs {seconds[0]:.2f}s for none) = '
-    f'{rate:.0f} records/s, {rate * record_kb / 1e3:.0f} MB/s at {record_kb:.0f} kB/record'
-  )
+    if args.json:
+      print(json.dumps(result))
+    else:
+      print(f'{name:7s} {rate:6.1f} img/s/core (tf ops alone {tf_rate:.1f}), '
+            f'ratio {rate / tf_rate:.3f}'
+            f' (wall clock: {wall:.0f} vs {tf_wall:.0f} img/s, {wall / tf_wall:.3f}), '
+            f'{result["bytes_per_image"]} bytes/image; {PIPELINES[name]}')  # fmt: skip
 
 
 if __name__ == '__main__':

@@ -39,8 +39,6 @@ def test_info_and_split_sizes(folder):
 
 @pytest.mark.parametrize('pp', ['decode', 'decode|resize(8)'])
 def test_eval_visits_every_example_once_over_4_processes(folder, pp):
-  """Per example ('decode') and per batch (a resize: one op per batch; these PNGs exercise its
-  path for images that are not JPEGs)."""
   seen, num_batches = [], set()
   for split, expected in (('train', 63), ('validation', 6)):
     seen = []
@@ -54,11 +52,10 @@ def test_eval_visits_every_example_once_over_4_processes(folder, pp):
         process_count=P,
         preprocess=pp,
       )
-      assert ds.batch_level == (pp != 'decode')
       batches = list(ds)
       assert len(batches) == ds.num_batches
       num_batches.add((split, ds.num_batches))
-      assert all(b['image'].shape == (3, 8, 8, 3) for b in batches)
+      assert all(b['image'].shape == (3, 8, 8, 3) and b['image'].dtype == np.uint8 for b in batches)
       for b in batches:  # Padding is zeros with mask False.
         assert not b['image'][~b['mask']].any() and b['mask'].dtype == bool
         seen += batch_ids(b)
@@ -90,7 +87,7 @@ def test_train_shards_are_disjoint_complete_and_reshuffled(folder):
 
 def test_same_seed_same_batches_and_resume(folder):
   pp = 'decode|random_crop(6)|flip_lr|value_range(-1,1)|onehot(3)'
-  kw = dict(train=True, global_batch_size=8, preprocess=pp, seed=3, mixup={'p': 0.5})
+  kw = dict(train=True, global_batch_size=8, preprocess=pp, seed=3)
   fresh = _take(_get(folder, **kw), 20)  # 63 examples: epochs end inside batches 7 and 15.
   again = _take(_get(folder, **kw), 20)
   for a, b in zip(fresh, again):
@@ -106,12 +103,8 @@ def test_same_seed_same_batches_and_resume(folder):
   assert not np.array_equal(other[0]['label'], fresh[0]['label']) or not np.array_equal(
     other[1]['label'], fresh[1]['label']
   )
-  # Mixup: each soft target is r * own one-hot + (1 - r) * the previous example's, one r a batch.
-  for batch in fresh[:4]:
-    own, prev = np.eye(3)[batch['label']], np.eye(3)[np.roll(batch['label'], 1)]
-    differ = np.flatnonzero(batch['label'] != np.roll(batch['label'], 1))
-    r = batch['labels'][differ[0], batch['label'][differ[0]]]
-    np.testing.assert_allclose(batch['labels'], r * own + (1 - r) * prev, atol=1e-5)
+  assert fresh[0]['image'].dtype == np.uint8  # value_range is left to the device.
+  np.testing.assert_array_equal(fresh[0]['labels'], np.eye(3)[fresh[0]['label']])
 
 
 def test_digits_matches_scikit_learn(tmp_path):
@@ -142,14 +135,14 @@ def test_digits_matches_scikit_learn(tmp_path):
   )
   assert got == expected
   assert np.bincount([label for _, label in got]).min() >= 35  # Stratified: ~36 per class.
-  # The digits preset gives [-1, 1] images of the requested size.
-  pre = data.preset('digits')
+  # Upscaled to 32 as uint8; the device part of the string maps them to [-1, 1].
+  pp = 'decode|resize(32)|value_range(-1,1)'
   batch = next(
     iter(
       data.get_dataset(
         'digits',
         'train',
-        preprocess=pre['train_pp'],
+        preprocess=pp,
         train=True,
         global_batch_size=32,
         data_dir=data_dir,
@@ -158,10 +151,10 @@ def test_digits_matches_scikit_learn(tmp_path):
       )
     )
   )
-  assert batch['image'].shape == (32, 32, 32, 3) and batch['image'].dtype == np.float32
-  assert (
-    batch['image'].min() == -1 and batch['image'].max() <= 1 and batch['label'].dtype == np.int32
-  )
+  assert batch['image'].shape == (32, 32, 32, 3) and batch['image'].dtype == np.uint8
+  image = np.asarray(data.device_preprocess(pp)(batch['image']))
+  assert image.dtype == np.float32 and image.min() == -1 and image.max() <= 1
+  assert batch['label'].dtype == np.int32
 
 
 def test_synthetic():
@@ -208,6 +201,15 @@ def test_errors(folder, tmp_path):
     data.get_dataset('synthetic', 'train[:10]', **kw)
   with pytest.raises(FileNotFoundError, match='does not exist'):
     data.get_dataset('folder:/nonexistent/images', 'train', **kw)
+
+
+def test_a_string_that_ends_in_float_on_the_host_is_applied_whole(folder):
+  """A host part that ends in float32 (value_range, then a resize) gets the device part too."""
+  pp = 'decode|value_range(0,255)|resize(6, method="bicubic")|value_range(-1,1)'
+  batch = next(iter(_get(folder, train=True, global_batch_size=8, preprocess=pp)))
+  assert batch['image'].dtype == np.float32 and -1.5 < batch['image'].min() < 0
+  # The device part leaves such images alone.
+  np.testing.assert_array_equal(data.device_preprocess(pp)(batch['image']), batch['image'])
 
 
 def test_tensorflow_sees_no_accelerators():

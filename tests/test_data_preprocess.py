@@ -40,30 +40,105 @@ def _run(pp, example, seed=(3, 4)):
 
 JPEG = _encode(_photo(), quality=95)
 PHOTO = _photo()
+RNG = (3, 4)
 
 
-@pytest.mark.parametrize(
-  'pp',
-  [
-    'decode',
-    'decode_jpeg_and_inception_crop(32)',
-    'decode_jpeg_and_inception_crop(32, area_min=50, area_max=60)',
-    'decode_jpeg_and_central_crop(32)',
-    'decode|inception_crop(32)',
-    'decode|resize(24)',
-    'decode|resize((20, 30), method="nearest")',
-    'decode|resize_small(30)',
-    'decode|central_crop(40)',
-    'decode|random_crop(40)',
-    'decode|flip_lr',
-    'decode|value_range(-1,1)',
-    'decode|randaug(2,15)',
-    'decode|resize(16)|onehot(10, smoothing=0.1)',
-  ],
-)
-def test_op_eager_equals_tf_data(pp):
-  out = _run(pp, {'image': tf.constant(JPEG), 'label': tf.constant(7)})
-  assert out['image'].ndim == 3 and out['image'].shape[-1] == 3
+def _op_seed(index):
+  """The seed of the op at `index` in the string (the example's, salted with the index)."""
+  return tf.constant(RNG, tf.int64) + [(index * 0x9E3779B97F4A7C15) % (1 << 63), 0]
+
+
+def _tf_resize(image, size, method='bilinear'):
+  """big_vision's resize: tf.image.resize, clipped and cast back to uint8."""
+  return tf.cast(tf.clip_by_value(tf.image.resize(image, size, method=method), 0, 255), tf.uint8)
+
+
+def _tf_inception_box(shape, seed):
+  begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
+    shape,
+    tf.zeros([0, 0, 4], tf.float32),
+    seed=seed,
+    area_range=(0.05, 1.0),
+    aspect_ratio_range=(3 / 4, 4 / 3),
+    min_object_covered=0,
+    use_image_if_no_bounding_boxes=True,
+  )
+  return begin, size
+
+
+def _tf_decode_jpeg_and_inception_crop():
+  (
+    begin,
+    size,
+  ) = _tf_inception_box(tf.image.extract_jpeg_shape(JPEG), _op_seed(0))
+  window = tf.stack([begin[0], begin[1], size[0], size[1]])
+  return _tf_resize(tf.image.decode_and_crop_jpeg(JPEG, window, channels=3), [32, 32])
+
+
+def _tf_inception_crop():
+  decoded = tf.io.decode_jpeg(JPEG, channels=3)
+  begin, size = _tf_inception_box(tf.shape(decoded), _op_seed(1))
+  return _tf_resize(tf.slice(decoded, begin, size), [32, 32])
+
+
+def _tf_central_crop_jpeg():  # tensorflow/tpu resnet_preprocessing._decode_and_center_crop.
+  h, w = 60, 80
+  crop = int(224 / (224 + 32) * min(h, w))
+  window = [(h - crop + 1) // 2, (w - crop + 1) // 2, crop, crop]
+  return _tf_resize(tf.image.decode_and_crop_jpeg(JPEG, window, channels=3), [32, 32])
+
+
+_DECODED = lambda: tf.io.decode_jpeg(JPEG, channels=3)
+# Each op against the TensorFlow calls that define it (big_vision's semantics).
+DEFINITIONS = {
+  'decode': _DECODED,
+  'decode_jpeg_and_inception_crop(32)': _tf_decode_jpeg_and_inception_crop,
+  'decode|inception_crop(32)': _tf_inception_crop,
+  'decode_jpeg_and_central_crop(32)': _tf_central_crop_jpeg,
+  'decode|resize(24)': lambda: _tf_resize(_DECODED(), [24, 24]),
+  'decode|resize((20, 30), method="nearest")': lambda: _tf_resize(_DECODED(), [20, 30], 'nearest'),
+  'decode|resize_small(30)': lambda: _tf_resize(_DECODED(), [30, 40], 'area'),
+  'decode|resize_small(30, method="bilinear")': lambda: _tf_resize(_DECODED(), [30, 40]),
+  'decode|central_crop(40)': lambda: tf.image.crop_to_bounding_box(_DECODED(), 10, 20, 40, 40),
+  'decode|random_crop(40)': lambda: tf.image.stateless_random_crop(
+    _DECODED(), [40, 40, 3], _op_seed(1)
+  ),
+  'decode|flip_lr': lambda: tf.image.stateless_random_flip_left_right(_DECODED(), _op_seed(1)),
+  # The exact value (float64) rounded once to float32.
+  'decode|value_range(-1,1)': lambda: tf.cast(
+    tf.cast(_DECODED(), tf.float64) / 255 * 2 - 1, tf.float32
+  ),
+  'decode|randaug(2,15)': lambda: randaug.randaugment(_DECODED(), 2, 15, _op_seed(1)),
+  'decode|resize(16)|onehot(10, smoothing=0.1)': lambda: _tf_resize(_DECODED(), [16, 16]),
+}
+
+
+@pytest.mark.parametrize('pp', DEFINITIONS)
+def test_op_equals_its_tensorflow_definition_eagerly_and_in_tf_data(pp):
+  out = _run(pp, {'image': tf.constant(JPEG), 'label': tf.constant(7)}, RNG)
+  want = DEFINITIONS[pp]().numpy()
+  assert out['image'].dtype == want.dtype and out['image'].shape == want.shape
+  np.testing.assert_array_equal(out['image'], want)
+
+
+def test_inception_crop_of_other_formats_uses_the_same_window():
+  png = _encode(PHOTO, 'PNG')
+  for seed in range(4):
+    fused = _run('decode_jpeg_and_inception_crop', {'image': tf.constant(png)}, (seed, 1))
+    begin, size = _tf_inception_box(
+      tf.constant([60, 80, 3]),
+      tf.constant([seed, 1], tf.int64),  # The op is first in the string: salt 0.
+    )
+    np.testing.assert_array_equal(fused['image'], tf.slice(PHOTO, begin, size))
+
+
+def test_resize_small_is_area_not_bilinear():
+  """big_vision's default: a 4x area downscale averages each 4x4 block (bilinear would sample)."""
+  image = np.random.default_rng(0).integers(0, 256, (40, 48, 3)).astype(np.uint8)
+  out = _run('resize_small(10)', {'image': tf.constant(image)})['image']
+  blocks = image.reshape(10, 4, 12, 4, 3).astype(np.float64).mean((1, 3))
+  assert out.dtype == np.uint8 and out.shape == (10, 12, 3)
+  assert np.abs(out - blocks).max() < 1.0  # Cast back to uint8 truncates.
 
 
 def test_decode_formats_to_rgb():
@@ -79,35 +154,6 @@ def test_decode_formats_to_rgb():
   np.testing.assert_array_equal(bmp, PHOTO)
 
 
-def test_fused_inception_crop_matches_decode_then_crop():
-  decoded = tf.io.decode_jpeg(JPEG, channels=3)
-  for seed in range(5):
-    rng = tf.constant([seed, 1], tf.int64)
-    fused = preprocess.decode_jpeg_and_inception_crop()({'image': tf.constant(JPEG), '_rng': rng})
-    plain = preprocess.inception_crop()({'image': decoded, '_rng': rng})
-    # Same seed and image size -> same window; decoding only the window (plus a margin) gives
-    # exactly the pixels of the full decode.
-    np.testing.assert_array_equal(fused['image'], plain['image'])
-
-
-@pytest.mark.parametrize('h,w,size', [(150, 200, 64), (375, 500, 224), (500, 375, 224)])
-def test_fused_central_crop_matches_resize_small_then_central_crop(h, w, size):
-  """The fused ImageNet eval op samples the same window as the unfused ops, to under a pixel."""
-  y, x = np.mgrid[:h, :w] / max(h, w)
-  smooth = np.stack(
-    [128 + 100 * np.sin(6 * x + 2 * y), 128 + 100 * np.cos(5 * y - 3 * x), 255 * x * y]
-  )
-  smooth = np.moveaxis(smooth, 0, -1).astype(np.uint8)
-  unfused = f'decode|resize_small({round(size * 256 / 224)})|central_crop({size})'
-  for image in (smooth, _encode(smooth, 'PNG'), _encode(smooth, quality=95)):
-    example = {'image': tf.constant(image)}
-    fused = _run(f'decode_jpeg_and_central_crop({size})', example)['image']
-    plain = _run(unfused, example)['image']
-    assert fused.shape == plain.shape == (size, size, 3)
-    diff = np.abs(fused - plain)
-    assert diff.mean() < 0.5 and diff.max() < 4, (diff.mean(), diff.max())
-
-
 def test_inception_crop_area_range_and_png_fallback():
   areas = []
   for seed in range(10):
@@ -120,7 +166,7 @@ def test_inception_crop_area_range_and_png_fallback():
     areas.append(h * w / (60 * 80))
   assert 0.25 <= min(areas) and max(areas) <= 0.45, areas
   out = _run('decode_jpeg_and_inception_crop(32)', {'image': tf.constant(JPEG)})
-  assert out['image'].shape == (32, 32, 3) and out['image'].dtype == np.float32
+  assert out['image'].shape == (32, 32, 3) and out['image'].dtype == np.uint8
 
 
 def test_geometry_ops():
@@ -202,46 +248,44 @@ def test_randaug_op_facts():
   np.testing.assert_array_equal(randaug.solarize(x, 10.0, seed), PHOTO)
 
 
-def test_mixup_and_cutmix():
-  rng = np.random.default_rng(0)
-  images = tf.constant(rng.uniform(-1, 1, (4, 8, 8, 3)), tf.float32)
-  batch = {'image': images, 'label': tf.constant([0, 1, 2, 3])}
-  seed = tf.constant([1, 2], tf.int64)
-  out = preprocess.mixup(dict(batch), seed, p=0.5, num_classes=5)
-  again = preprocess.mixup(dict(batch), seed, p=0.5, num_classes=5)
-  np.testing.assert_array_equal(out['image'], again['image'])
-  labels = out['labels'].numpy()
-  np.testing.assert_allclose(labels.sum(1), 1.0, atol=1e-6)
-  ratio = labels[1, 1]  # Example 1 mixes with example 0 (roll by one).
-  np.testing.assert_allclose(labels[1, 0], 1 - ratio, atol=1e-6)
-  expected = ratio * images + (1 - ratio) * tf.roll(images, 1, 0)
-  np.testing.assert_allclose(out['image'], expected, atol=1e-5)
-  cut = preprocess.mixup(dict(batch), seed, p=1.0, cutmix_p=1.0, num_classes=5)
-  own = np.isclose(cut['image'], images).all(-1)
-  other = np.isclose(cut['image'], tf.roll(images, 1, 0)).all(-1)
-  assert (own | other).all()  # Every pixel from the image or its neighbour.
-  np.testing.assert_allclose(cut['labels'][:, :4].numpy().diagonal(), own.mean((1, 2)), atol=1e-6)
+# The recipes' strings (configs/*.py): every op and argument accepted; the host part ends in uint8.
+RECIPES = [
+  'decode_jpeg_and_inception_crop(224)|flip_lr|randaug(2,15)|value_range(-1,1)',
+  'decode_jpeg_and_inception_crop(224)|flip_lr|value_range(-1,1)',
+  'decode|resize_small(256)|central_crop(224)|value_range(-1,1)',
+  'decode|resize(18)|random_crop(16)|value_range(-1,1)',
+  'decode|resize(18)|central_crop(16)|value_range(-1,1)',
+  'decode|resize(384)|value_range(-1,1)',
+]
 
 
-def test_presets_and_errors():
-  augreg = data.preset('augreg')
-  assert 'randaug(2,15)' in augreg['train_pp'] and augreg['mixup']['p'] == 0.5
-  assert augreg['eval_pp'] == 'decode|resize_small(256)|central_crop(224)|value_range(-1,1)'
-  assert 'resize_small(439)|central_crop(384)' in data.preset('imagenet_eval', 384)['eval_pp']
-  fused = data.preset('imagenet_eval_fused', 384)['eval_pp']
-  assert (
-    fused == 'decode_jpeg_and_central_crop(384)|value_range(-1,1)'
-  )  # See test_fused_central_...
-  vit = data.preset('vit_finetune')
-  assert 'inception_crop(384)' in vit['train_pp'] and 'resize(384)' in vit['eval_pp']
-  for name in ('augreg', 'vit_finetune', 'imagenet_eval', 'imagenet_eval_fused', 'digits'):
-    out = _run(data.preset(name, 32)['train_pp'], {'image': tf.constant(JPEG)})
-    assert out['image'].shape == (32, 32, 3) and -1 <= out['image'].min() <= out['image'].max() <= 1
+@pytest.mark.parametrize('pp', RECIPES)
+def test_recipe_strings_leave_uint8_and_the_value_range_to_the_device(pp):
+  host, device = preprocess.split(pp)
+  assert device == 'value_range(-1,1)' and host == pp.rsplit('|', 1)[0]
+  out = _run(host, {'image': tf.constant(_encode(_photo(300, 400), quality=90))})
+  assert out['image'].dtype == np.uint8 and out['image'].shape[-1] == 3
+
+
+def test_split():
+  assert preprocess.split('value_range(-1,1)') == ('', 'value_range(-1,1)')
+  assert preprocess.split('decode|value_range(0,1)|onehot(3)') == (
+    'decode|onehot(3)',
+    'value_range(0,1)',
+  )
+  assert preprocess.split('decode|value_range(-1,1)|randaug(2,5)') == (
+    'decode|value_range(-1,1)|randaug(2,5)',
+    '',
+  )
+  assert preprocess.split('decode|resize(8)') == ('decode|resize(8)', '')
+
+
+def test_errors():
   with pytest.raises(ValueError, match='Unknown preprocessing op .*flip_ud'):
     data.get_preprocess_fn('decode|flip_ud')
   with pytest.raises(ValueError, match='Cannot parse'):
     data.get_preprocess_fn('resize(32')
   with pytest.raises(ValueError, match='Bad arguments'):
     data.get_preprocess_fn('resize(32, colour=1)')
-  with pytest.raises(ValueError, match='Unknown preprocessing preset'):
-    data.preset('nope')
+  with pytest.raises(ValueError, match='Bad arguments'):
+    data.device_preprocess('decode|value_range(-1, 1, colour=1)')

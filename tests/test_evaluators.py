@@ -49,7 +49,8 @@ def _all_examples(dataset):
   for b in dataset:
     images.append(b['image'][b['mask']])
     labels.append(b['label'][b['mask']])
-  return np.concatenate(images), np.concatenate(labels)
+  # The device part of the pp string (value_range), as the evaluators apply it.
+  return np.asarray(data.device_preprocess(PP)(np.concatenate(images))), np.concatenate(labels)
 
 
 def test_classification_is_exact(folder, trainer_and_params):
@@ -57,7 +58,7 @@ def test_classification_is_exact(folder, trainer_and_params):
   name, data_dir = folder
   ds = data.get_dataset(name, 'train', preprocess=PP, train=False, global_batch_size=16,
                         data_dir=data_dir)  # fmt: skip
-  ev = classification.Classification('f', trainer, ds, loss='softmax_xent', every=0)
+  ev = classification.Classification('f', trainer, ds, pp=PP, loss='softmax_xent', every=0)
   got = ev.run(params)
   totals = ev.totals(params)
   # Reference: the model on every example at once, in numpy.
@@ -85,7 +86,7 @@ trainer = train.Trainer(config, num_classes=3)
 params = trainer.init_state(0)['params']
 ds = data.get_dataset(sys.argv[3], 'train', preprocess=sys.argv[5], train=False,
                       global_batch_size=16, data_dir=sys.argv[4])
-ev = classification.Classification('f', trainer, ds, loss='softmax_xent', every=0)
+ev = classification.Classification('f', trainer, ds, pp=sys.argv[5], loss='softmax_xent', every=0)
 out = dict(ev.run(params), **ev.totals(params))
 if jax.process_index() == 0:
   print('RESULT', json.dumps(out))
@@ -97,7 +98,7 @@ def test_classification_over_two_processes_equals_one(folder, trainer_and_params
   name, data_dir = folder
   ds = data.get_dataset(name, 'train', preprocess=PP, train=False, global_batch_size=16,
                         data_dir=data_dir)  # fmt: skip
-  ev = classification.Classification('f', trainer, ds, loss='softmax_xent', every=0)
+  ev = classification.Classification('f', trainer, ds, pp=PP, loss='softmax_xent', every=0)
   want = dict(ev.run(params), **ev.totals(params))
   with socket.socket() as s:
     s.bind(('127.0.0.1', 0))
@@ -144,12 +145,12 @@ def test_real_counts_predictions_in_the_label_set_and_skips_unlabelled(trainer_a
     {'image': images[:8], 'real_labels': real[:8], 'mask': mask[:8]},
     {'image': images[8:], 'real_labels': real[8:], 'mask': mask[8:]},
   ]
-  ev = classification.Real('real', trainer, batches, loss='softmax_xent', every=0)
+  ev = classification.Real('real', trainer, batches, pp='', loss='softmax_xent', every=0)
   assert ev.totals(params) == {'correct': 6.0, 'count': 11.0}
   assert ev.run(params) == {'eval/real/accuracy': 6 / 11}
   with pytest.raises(ValueError, match="lack \\['real_labels'\\]"):
     bad = [{'image': images[:8], 'label': pred[:8], 'mask': mask[:8]}]
-    classification.Real('r', trainer, bad, loss='x', every=0).run(params)
+    classification.Real('r', trainer, bad, pp='', loss='x', every=0).run(params)
 
 
 @pytest.mark.parametrize('n', [40, 7])  # More and fewer examples than feature dimensions (17).

@@ -152,10 +152,10 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_pat
   real_batches = train._batches
 
   def poisoned(dataset, accum_steps):
+    normalise = data.device_preprocess(config.pp_train)  # float32 images: the step keeps them.
     for i, batch in enumerate(real_batches(dataset, accum_steps)):
-      if i >= 5:  # The batch of step 6.
-        batch = dict(batch, image=np.full_like(batch['image'], np.nan))
-      yield batch
+      image = np.asarray(normalise(batch['image']))
+      yield dict(batch, image=np.full_like(image, np.nan) if i >= 5 else image)  # Step 6: NaN.
 
   monkeypatch.setattr(train, '_batches', poisoned)
   workdir = str(tmp_path / 'nan')
@@ -208,7 +208,8 @@ def test_finetune_from_golden_checkpoint_matches_direct_computation(tmp_path, go
     shuffle_buffer=config.shuffle_buffer,
   )
   it = iter(ds)
-  b1, b2 = next(it), next(it)
+  normalise = data.device_preprocess(config.pp_train)  # The train step's device part.
+  b1, b2 = (dict(b, image=normalise(b['image'])) for b in (next(it), next(it)))
 
   def loss_fn(p, b):
     logits = model.apply({'params': p}, b['image'], train=False)

@@ -79,14 +79,24 @@ def make_train_step(
   `batch` arrays are [accum_steps, micro_batch, ...]; the gradient is the mean of the micro-batch
   gradients, which equals the gradient of the whole batch (each micro-batch loss is a mean over the
   same number of examples). Dropout keys are `fold_in(fold_in(rng, step), micro_batch_index)`.
+  uint8 images get the device end of `config.pp_train` first, then mixup (`config.mixup`) mixes
+  each micro-batch with a key folded from its dropout key (vit_jax.data.device).
   """
+  from vit_jax import data  # Imported late: TensorFlow is heavy and hides accelerators on import.
+
   loss_kind, smoothing = config['loss'], float(config['label_smoothing'])
   if loss_kind not in LOSSES:
     raise ValueError(f'unknown loss {loss_kind!r}; expected one of {LOSSES}')
+  prologue = data.device_preprocess(config.get('pp_train', ''))
+  mix = dict(config.get('mixup') or {})
+  mix = mix if mix.get('p') or mix.get('cutmix_p') else None
 
   def loss_fn(params, micro, rng):
-    logits = model.apply({'params': params}, micro['image'], train=True, rngs={'dropout': rng})
-    losses = per_example_loss(logits, _targets(micro, num_classes, smoothing), loss_kind)
+    image, targets = prologue(micro['image']), _targets(micro, num_classes, smoothing)
+    if mix:
+      image, targets = data.mixup(rng, image, targets, **mix)
+    logits = model.apply({'params': params}, image, train=True, rngs={'dropout': rng})
+    losses = per_example_loss(logits, targets, loss_kind)
     return jnp.mean(losses)
 
   grad_fn = jax.value_and_grad(loss_fn)
@@ -124,19 +134,6 @@ def make_train_step(
     return new_state, metrics
 
   return train_step
-
-
-def make_eval_step(model: nn.Module, *, config: Mapping, num_classes: int):
-  """Returns `(params, batch) -> {'correct', 'loss', 'count'}` sums over unmasked examples."""
-
-  def eval_step(params, batch):
-    logits = model.apply({'params': params}, batch['image'], train=False)
-    mask = batch['mask'].astype(jnp.float32)
-    correct = (jnp.argmax(logits, -1) == batch['label']).astype(jnp.float32)
-    losses = per_example_loss(logits, _targets(batch, num_classes, 0.0), config['loss'])
-    return {'correct': (correct * mask).sum(), 'loss': (losses * mask).sum(), 'count': mask.sum()}
-
-  return eval_step
 
 
 # --- state --------------------------------------------------------------------------------------
@@ -309,7 +306,9 @@ class Trainer:
     """Exact top-1/top-5 accuracy and mean loss over one pass of `dataset` (vit_jax.evaluators)."""
     from vit_jax.evaluators import classification
 
-    ev = classification.Classification('_', self, dataset, loss=self.config['loss'], every=0)
+    ev = classification.Classification(
+      '_', self, dataset, pp=self.config['pp_eval'], loss=self.config['loss'], every=0
+    )
     return {k.removeprefix('eval/_/'): v for k, v in ev.run(params).items()}
 
 
@@ -327,7 +326,6 @@ def _datasets(config: Mapping, *, start_batch: int, micro_batch: int):
   from vit_jax import data  # Imported late: TensorFlow is heavy and hides accelerators on import.
 
   data_dir = config['data_dir'] or None
-  mixup = dict(config['mixup'])
   train_ds = data.get_dataset(
     config['dataset'],
     config['train_split'],
@@ -338,7 +336,6 @@ def _datasets(config: Mapping, *, start_batch: int, micro_batch: int):
     seed=int(config['data_seed']),
     start_batch=start_batch,
     shuffle_buffer=int(config['shuffle_buffer']),
-    mixup=mixup if mixup.get('p') or mixup.get('cutmix_p') else None,
   )
   return train_ds
 
@@ -432,10 +429,12 @@ def train_and_evaluate(
   train_ds = _datasets(
     config, start_batch=step * trainer.accum_steps, micro_batch=trainer.micro_batch
   )
+  from vit_jax import data
   from vit_jax import evaluators as evaluators_lib  # Late, as the data: imports TensorFlow.
 
   evaluators = evaluators_lib.build(config, trainer)
-  batches = _batches(train_ds, trainer.accum_steps)
+  put = lambda local: trainer.global_batch(local, stacked=True)
+  batches = data.prefetch(_batches(train_ds, trainer.accum_steps), put)  # Next ones on devices.
   writer = metrics_lib.MetricWriter(workdir)
   watcher = train_state.PreemptionWatcher()
   meter = metrics_lib.Throughput(
@@ -485,7 +484,7 @@ def train_and_evaluate(
   try:
     while step < total_steps:
       t = time.perf_counter()
-      batch = trainer.global_batch(next(batches), stacked=True)
+      batch = next(batches)
       meter.add_data_wait(time.perf_counter() - t)
       if trainer.compiled_train_step is None:
         t = time.perf_counter()

@@ -1,9 +1,10 @@
-"""Input pipeline: TFDS + tf.data, per-process sharding, preprocessing ops, resumable streams.
+"""Input pipeline: TFDS + tf.data on the host, uint8 batches, normalisation and mixup on device.
 
 from vit_jax import data
-ds = data.get_dataset('digits', 'train', preprocess='decode|resize(32)|value_range(-1,1)',
-                      train=True, global_batch_size=128)
-batch = next(iter(ds))  # {'image': float32 [128, 32, 32, 3], 'label': int32, 'mask': bool}
+pp = 'decode|resize(32)|value_range(-1,1)'
+ds = data.get_dataset('digits', 'train', preprocess=pp, train=True, global_batch_size=128)
+batch = next(iter(ds))  # {'image': uint8 [128, 32, 32, 3], 'label': int32, 'mask': bool}
+image = data.device_preprocess(pp)(batch['image'])  # float32 in [-1, 1]; jittable
 """
 
 import os as _os
@@ -35,26 +36,26 @@ from vit_jax.data.builders import (  # noqa: E402
   prepare_folder,
   prepare_imagenet21k,
 )
+from vit_jax.data.device import device_preprocess, mixup, prefetch  # noqa: E402
 from vit_jax.data.pipeline import (  # noqa: E402
-  DEFAULT_SPLITS,
   Dataset,
   get_dataset,
   get_dataset_info,
 )
-from vit_jax.data.preprocess import get_preprocess_fn, mixup, preset  # noqa: E402
+from vit_jax.data.preprocess import get_preprocess_fn  # noqa: E402
 
 __all__ = [
-  'DEFAULT_SPLITS',
   'Dataset',
   'Digits',
   'ImageFolder',
   'Imagenet21k',
+  'device_preprocess',
   'get_dataset',
   'get_dataset_info',
   'get_preprocess_fn',
   'mixup',
+  'prefetch',
   'prepare_digits',
   'prepare_folder',
   'prepare_imagenet21k',
-  'preset',
 ]

@@ -1,11 +1,13 @@
 """Per-process tf.data input pipeline: sharding, shuffling, preprocessing, batching, resume.
 
+Images leave as uint8 where the string allows it: its trailing `value_range` ops are left to the
+device (`device.device_preprocess`), as is mixup (in the train step).
+
 Determinism by construction, so a resumed run needs only the step number:
 - each process reads its own contiguous part of the split (`tfds.even_splits`);
 - epoch `e` shuffles the file order and then examples (buffer `shuffle_buffer`) with seeds derived
   from (seed, process_index, e); batches run continuously across epoch boundaries;
-- an example's augmentation is seeded by (seed, process_index, its position in the stream);
-- mixup is seeded by (seed, batch index).
+- an example's augmentation is seeded by (seed, process_index, its position in the stream).
 `start_batch=k` therefore starts at epoch `k*b // n_local` directly and drops the remaining
 `k*b % n_local` shuffled records before they are parsed or decoded.
 """
@@ -23,22 +25,7 @@ from vit_jax.data import builders
 from vit_jax.data import preprocess as preprocess_lib
 
 AUTOTUNE = tf.data.AUTOTUNE
-# Splits used by the presets for training and for the published evaluation numbers.
-DEFAULT_SPLITS = {
-  'cifar10': ('train', 'test'),
-  'cifar100': ('train', 'test'),
-  'oxford_iiit_pet': ('train', 'test'),
-  'oxford_flowers102': ('train+validation', 'test'),
-  'imagenet2012': ('train', 'validation'),
-  'imagenet_v2': (None, 'test'),
-  'imagenet2012_real': (None, 'validation'),
-  'imagenet21k': ('full[102400:]', 'full[:102400]'),
-  'digits': ('train', 'test'),
-  'folder': ('train', 'validation'),
-  'synthetic': ('train', 'test'),
-}
 _LABEL_KEYS = {'imagenet2012_real': 'original_label'}
-_MIXUP_SALT = -1  # Keeps mixup seeds apart from per-example seeds (process_index >= 0).
 _SYNTHETIC_DEFAULTS = {'image_size': 224, 'num_classes': 1000, 'num_examples': 10_000}
 
 
@@ -52,9 +39,6 @@ class Dataset:
     local_batch_size: examples per batch on this process (global_batch_size // process_count).
     num_batches: eval only: batches per pass, the same on every process (None for train).
     steps_per_epoch: train only: global batches per pass over the split (informational).
-    batch_level: whether images are computed per batch from the records (one op per batch: the
-      preprocessing string is deterministic and geometric, e.g. every eval preset); else per
-      example (see docs/data.md, Performance).
   """
 
   num_classes: int
@@ -63,7 +47,6 @@ class Dataset:
   local_batch_size: int
   num_batches: int | None
   steps_per_epoch: float | None
-  batch_level: bool
   make_tf_dataset: Callable[[], tf.data.Dataset] = dataclasses.field(repr=False)
 
   def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
@@ -239,11 +222,16 @@ class _Source:
         shards = tf.data.Dataset.from_tensor_slices(
           (tf.gather(names, order), tf.gather(skips, order), tf.gather(takes, order))
         )
+        # Parallel reads hide remote storage's latency (gs://); on local files the hand-off between
+        # threads costs more per record (~5% of a decode, measured) than the read itself.
+        parallel = {}
+        if '://' in self.builder.data_dir:
+          parallel = dict(num_parallel_calls=min(16, int(names.shape[0]), num_threads or 16))
         records = shards.interleave(
           lambda f, s, t: tf.data.TFRecordDataset(f, buffer_size=1 << 20).skip(s).take(t),
           cycle_length=min(16, int(names.shape[0])),
-          num_parallel_calls=min(16, int(names.shape[0]), num_threads or 16),
-          deterministic=True,
+          deterministic=True if parallel else None,
+          **parallel,
         )
       if shuffle:
         shuffle_seed = tf.random.stateless_uniform([], rng, 0, 2**62, tf.int64)
@@ -253,14 +241,11 @@ class _Source:
     return fn
 
   @property
-  def batch_parsable(self) -> bool:
-    """Whether `parse_batch` works: serialized records whose image and label are plain scalars."""
-    return not self._synthetic and self._specs is not None and self._files() is not None
+  def parses_batches(self) -> bool:
+    return self._synthetic is None and self._specs is not None and self._files() is not None
 
   def parse_batch(self, records) -> dict:
-    """Serialized records [b] -> {'image': encoded bytes [b], 'label': int32 [b]}."""
-    example = tf.io.parse_example(records, self._specs)
-    return {'image': example['image'], 'label': tf.cast(example[self._label_key], tf.int32)}
+    return tf.io.parse_example(records, self._specs)
 
   def parse(self, record) -> dict:
     """Record -> {'image': encoded bytes or uint8, 'label': int32, ...}; cheap, no decoding."""
@@ -298,7 +283,6 @@ def get_dataset(
   seed: int = 0,
   start_batch: int = 0,
   shuffle_buffer: int = 10_000,
-  mixup: dict | None = None,
   process_index: int | None = None,
   process_count: int | None = None,
   num_threads: int | None = None,
@@ -311,22 +295,23 @@ def get_dataset(
       `prepare_imagenet21k`), a TFDS name ('cifar10', 'imagenet2012', ...) or
       'synthetic[:image_size=224,num_classes=1000,num_examples=10000,num_test=1000]'.
     split: a TFDS split string ('train', 'test', 'train[:90%]').
-    preprocess: ops separated by '|' (preprocess.py), e.g. 'decode|resize(32)|value_range(-1,1)'.
+    preprocess: ops separated by '|' (preprocess.py), e.g. 'decode|resize(32)|value_range(-1,1)';
+      its trailing `value_range` ops are left to the device (`device_preprocess`) when the rest
+      yields uint8 images, else applied here too.
     train: True: shuffle and repeat forever, full batches only. False: one pass, the last batch
       padded with mask=False, `num_batches` equal on all processes.
     global_batch_size: examples per step over all processes.
     data_dir: TFDS data directory (default: TFDS's, ~/tensorflow_datasets).
-    seed: the data seed (shuffling, augmentation, mixup).
+    seed: the data seed (shuffling, augmentation).
     start_batch: train only: start at this batch of the uninterrupted stream (resume).
     shuffle_buffer: example shuffle buffer size.
-    mixup: train only: {'p': Beta(p, p) concentration, 'cutmix_p': CutMix probability per batch}.
     process_index, process_count: default jax.process_index() / jax.process_count().
     num_threads: tf.data private thread pool size (default: env VIT_JAX_DATA_THREADS, else TF's).
     prefetch: batches prefetched on the host.
 
   Returns:
-    A `Dataset`; its batches hold 'image', 'label' (int32), 'mask' (bool) and, when the string has
-    `onehot(...)` or mixup is on, 'labels' (float32 [b, num_classes]).
+    A `Dataset`; its batches hold 'image' (uint8 unless the host applied the whole string), 'label'
+    (int32), 'mask' (bool) and, when the string has `onehot(...)`, 'labels' (float32 [b, classes]).
 
   Raises:
     ValueError: bad batch size, split or preprocessing string; a train split under one batch.
@@ -349,9 +334,9 @@ def get_dataset(
   b = global_batch_size // process_count
   num_threads = num_threads or int(os.environ.get('VIT_JAX_DATA_THREADS', 0)) or None
   source = _Source(dataset, split, data_dir, process_index, process_count)
-  pp_fn = preprocess_lib.get_preprocess_fn(preprocess)
-  if mixup and not train:
-    mixup = None
+  host_pp, device_pp = preprocess_lib.split(preprocess)
+  host_fn = preprocess_lib.get_preprocess_fn(host_pp)
+  device_fn = preprocess_lib.get_preprocess_fn(device_pp)
   if train and min(source.local_sizes) < b:
     raise ValueError(
       f'Split {split!r} of dataset {dataset!r} has {source.num_examples} examples '
@@ -363,39 +348,22 @@ def get_dataset(
       f'Process {process_index} of {process_count} has no examples of split {split!r} of '
       f'{dataset!r} ({source.num_examples} in all); evaluate it with fewer processes.'
     )
-  example_seed = _seed(seed, process_index)  # Eager: a constant in the graph.
+  example_seed = _seed(seed, process_index)[0]  # Eager: a constant in the graph.
   n = source.local_size
 
   def zero_padding(batch):
     # One test per batch rather than a conditional per example: only the last batches pad.
     mask = batch['mask']
-
     zeroed = lambda: _zero_rows(batch, mask, skip=('mask',))
     return tf.cond(tf.reduce_all(mask), lambda: dict(batch), zeroed)
 
-  # Deterministic geometric preprocessing of JPEGs (e.g. every eval preset) runs on whole batches:
-  # records are batched first and parsed, planned and computed by a few ops per batch.
-  batch_fn = None
-  if source.batch_parsable:
-    batch_fn = preprocess_lib.batched(pp_fn, {'label': tf.TensorSpec([None], tf.int32)})
-
-  def prepare_batch(pos, records):
-    data = source.parse_batch(records)
-    mask = tf.ones_like(pos, tf.bool) if train else pos < n
-    data['_keep'] = mask  # Padding's images come out zero, without being decoded.
-    data = batch_fn(data)
-    out = {k: data[k] for k in ('image', 'label', 'labels') if k in data}
-    if not train:  # The rest of the padding: zeroed here, cheaply (vectors).
-      out = _zero_rows(out, mask, skip=('image',))
-    out['mask'] = mask
-    return out
-
   def prepare(pos, record):
     data = source.parse(record)
-    data['_rng'] = tf.random.experimental.stateless_fold_in(example_seed, pos)
-    data = pp_fn(data, batch_plan=True)
-    keys = ('image', 'label', 'labels', 'real_labels', '_jpeg', '_pixels', '_plan')
-    out = {k: data[k] for k in keys if k in data}
+    data['_rng'] = tf.stack([example_seed, pos])  # Stateless: (hash of seed and process, pos).
+    data = host_fn(data)
+    if data['image'].dtype != tf.uint8:  # The device part expects uint8: apply it here.
+      data = device_fn(data)
+    out = {k: data[k] for k in ('image', 'label', 'labels', 'real_labels') if k in data}
     # Eval: positions from n on are padding (a real example's shapes, mask=False), zeroed per batch.
     out['mask'] = tf.constant(True) if train else pos < n
     return out
@@ -419,30 +387,11 @@ def get_dataset(
       # preprocessing gives, static or not.
       records = epoch_fn(0)
       ds = records.concatenate(records.take(1).repeat()).take(num_batches * b).enumerate()
-    if batch_fn:
-      ds = ds.batch(b, drop_remainder=train)
-      # Records for the next batch ready when a thread frees up: each batch is one long op, and
-      # without this a thread idles while the records are read and batched (CPU use 0.91 -> 0.96).
-      ds = ds.prefetch(2)
-      ds = ds.map(prepare_batch, num_parallel_calls=AUTOTUNE, deterministic=True)
-    else:
-      ds = ds.map(prepare, num_parallel_calls=AUTOTUNE, deterministic=True)
-      # Images the preprocessing left planned (lazy JPEG crops and resizes) are computed per
-      # batch, straight into it: one op instead of a per-example tensor that batching copies.
-      plan = pp_fn.batch_plan
-      if plan:
-        # Pixels of images that are not JPEGs vary in size (JPEGs': empty): padded to the largest.
-        ds = ds.padded_batch(b, drop_remainder=train)
-        ds = ds.map(plan, num_parallel_calls=AUTOTUNE, deterministic=True)
-      else:
-        ds = ds.batch(b, drop_remainder=train)
-    if train and mixup:
-      mix = dict(mixup)
-      fn = lambda i, batch: preprocess_lib.mixup(
-        batch, _seed(seed, _MIXUP_SALT, i), num_classes=source.num_classes, **mix
-      )
-      ds = ds.enumerate(start=start_batch).map(fn, num_parallel_calls=AUTOTUNE)
-    if not train and not batch_fn:
+    if source.parses_batches:  # One parse op per 256 records instead of one per record.
+      ds = ds.batch(256).map(lambda pos, r: (pos, source.parse_batch(r))).unbatch()
+    ds = ds.map(prepare, num_parallel_calls=AUTOTUNE, deterministic=True)
+    ds = ds.batch(b, drop_remainder=train)
+    if not train:
       ds = ds.map(zero_padding)
     options = tf.data.Options()
     options.deterministic = True
@@ -459,6 +408,5 @@ def get_dataset(
     local_batch_size=b,
     num_batches=num_batches,
     steps_per_epoch=source.num_examples / global_batch_size if train else None,
-    batch_level=batch_fn is not None,
     make_tf_dataset=make,
   )

@@ -10,6 +10,6 @@ Types: 'classification' (top-1, top-5, loss; exact over hosts), 'real' (ImageNet
 'fewshot' (closed-form regularised least-squares linear probes on frozen pre-logits features).
 """
 
-from vit_jax.evaluators.common import TYPES, Evaluator, build, prepare_images
+from vit_jax.evaluators.common import TYPES, Evaluator, build
 
-__all__ = ['TYPES', 'Evaluator', 'build', 'prepare_images']
+__all__ = ['TYPES', 'Evaluator', 'build']

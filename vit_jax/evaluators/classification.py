@@ -14,27 +14,31 @@ import jax.numpy as jnp
 from vit_jax.evaluators import common
 
 
-def _logits(model, params, images):
-  return model.apply({'params': params}, common.prepare_images(images), train=False)
+def _logits(model, params, images, prologue):
+  return model.apply({'params': params}, prologue(images), train=False)
 
 
 class Classification:
   """Top-1 / top-5 accuracy and mean loss of the model on one split, exact over hosts.
 
-  Reports `eval/<name>/accuracy`, `eval/<name>/top5` and `eval/<name>/loss`.
+  Reports `eval/<name>/accuracy`, `eval/<name>/top5` and `eval/<name>/loss`. `pp` is the
+  preprocessing string the dataset was made with: its device part (`value_range`) runs here.
   """
 
   keys = ('image', 'label', 'mask')
 
-  def __init__(self, name: str, trainer, dataset, *, loss: str, every: int):
+  def __init__(self, name: str, trainer, dataset, *, pp: str, loss: str, every: int):
+    from vit_jax import data
     from vit_jax.train import per_example_loss  # The training loss, per example.
+
+    prologue = data.device_preprocess(pp)
 
     self.name, self.trainer, self.dataset, self.every = name, trainer, dataset, every
     num_classes = trainer.num_classes
     k = min(5, num_classes)
 
     def sums(params, batch):
-      logits = _logits(trainer.model, params, batch['image']).astype(jnp.float32)
+      logits = _logits(trainer.model, params, batch['image'], prologue).astype(jnp.float32)
       mask = batch['mask'].astype(jnp.float32)
       label = batch['label']
       top1 = jnp.argmax(logits, -1) == label
@@ -83,11 +87,14 @@ class Real(Classification):
 
   keys = ('image', 'real_labels', 'mask')
 
-  def __init__(self, name: str, trainer, dataset, *, loss: str, every: int):
+  def __init__(self, name: str, trainer, dataset, *, pp: str, loss: str, every: int):
+    from vit_jax import data
+
     self.name, self.trainer, self.dataset, self.every = name, trainer, dataset, every
+    prologue = data.device_preprocess(pp)
 
     def sums(params, batch):
-      logits = _logits(trainer.model, params, batch['image'])
+      logits = _logits(trainer.model, params, batch['image'], prologue)
       real = batch['real_labels'] > 0
       pred = jnp.argmax(logits, -1)
       hit = jnp.take_along_axis(real, pred[:, None], axis=-1)[:, 0]

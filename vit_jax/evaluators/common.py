@@ -1,4 +1,4 @@
-"""Building evaluators from the config, and what they share: batches onto the mesh, images."""
+"""Building evaluators from the config, and what they share: batches onto the mesh."""
 
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ from typing import Any, Protocol
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 TYPES = ('classification', 'real', 'fewshot')
@@ -21,17 +20,6 @@ class Evaluator(Protocol):
     """One pass; returns {'eval/<name>/<metric>': value}, the same on every process."""
 
 
-def prepare_images(images: jax.Array) -> jax.Array:
-  """The model's input from a batch's images, on the device.
-
-  Float images are already in the model's range (the pp string ends with value_range(-1,1)); uint8
-  images (the pipeline leaving that last op to the device) are mapped from [0, 255] to [-1, 1].
-  """
-  if jnp.issubdtype(images.dtype, jnp.integer):
-    return images.astype(jnp.float32) * (2.0 / 255.0) - 1.0
-  return images
-
-
 @contextlib.contextmanager
 def mesh_context(trainer):
   """The trainer's mesh and logical rules, so the model's activation constraints apply."""
@@ -40,14 +28,19 @@ def mesh_context(trainer):
 
 
 def batches(trainer, dataset, keys: tuple[str, ...]):
-  """Global (sharded over the mesh's batch axes) arrays of `keys` for each batch of `dataset`."""
-  for local in dataset:
+  """Global (sharded over the mesh's batch axes) arrays of `keys` for each batch of `dataset`,
+  the next ones copied to the devices while the current one is evaluated."""
+  from vit_jax import data
+
+  def put(local):
     missing = [k for k in keys if k not in local]
     if missing:
       raise ValueError(
         f'evaluation batches lack {missing} (have {sorted(local)}); check the dataset and pp'
       )
-    yield trainer.global_batch({k: local[k] for k in keys}, stacked=False)
+    return trainer.global_batch({k: local[k] for k in keys}, stacked=False)
+
+  return data.prefetch(iter(dataset), put)
 
 
 def jit_sums(trainer, fn):
@@ -119,7 +112,7 @@ def build(config: Mapping, trainer) -> dict[str, Evaluator]:
       continue
     dataset = get_dataset(config, e.get('dataset') or config['dataset'], e['split'], pp, batch_size)
     cls = classification.Real if e['type'] == 'real' else classification.Classification
-    out[name] = cls(name, trainer, dataset, loss=config['loss'], every=int(e['every']))
+    out[name] = cls(name, trainer, dataset, pp=pp, loss=config['loss'], every=int(e['every']))
   return out
 
 

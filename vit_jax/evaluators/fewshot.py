@@ -22,7 +22,8 @@ BIAS_CONSTANT = 100.0  # Large, so the bias is nearly unregularised (as big_visi
 
 
 def pre_logits(model: nn.Module, params: Any, images: jax.Array) -> jax.Array:
-  """The input of the model's `head` layer: the representation the classifier sees."""
+  """The input of the model's `head` layer (the representation the classifier sees) for `images`
+  in the model's input range."""
   captured = []
 
   def interceptor(next_fun, args, kwargs, context):
@@ -31,7 +32,7 @@ def pre_logits(model: nn.Module, params: Any, images: jax.Array) -> jax.Array:
     return next_fun(*args, **kwargs)
 
   with nn.intercept_methods(interceptor):
-    model.apply({'params': params}, common.prepare_images(images), train=False)
+    model.apply({'params': params}, images, train=False)
   if not captured:
     raise ValueError(f'{type(model).__name__} has no layer named "head" to probe the input of')
   return captured[-1].reshape(images.shape[0], -1)
@@ -96,11 +97,14 @@ class FewShot:
       test = common.get_dataset(config, dataset, test_split, pp, batch_size)
       self.datasets[key] = (train, test)
     model = trainer.model
+    from vit_jax import data
+
+    prologue = data.device_preprocess(pp)  # The device part of `pp` (value_range).
     # Features with their labels and mask, gathered onto every device: each host reads them all.
     self._features = common.jit_sums(
       trainer,
       lambda params, batch: (
-        pre_logits(model, params, batch['image']),
+        pre_logits(model, params, prologue(batch['image'])),
         batch['label'],
         batch['mask'],
       ),

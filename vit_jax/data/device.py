@@ -1,0 +1,157 @@
+"""The device side of the input pipeline: normalisation and mixup in the jitted step, prefetching.
+
+Batches leave tf.data as uint8 images; `device_preprocess(pp)` applies the end of the string that
+belongs on the device (its trailing `value_range` ops, see `preprocess.split`) inside the jitted
+step, and `mixup` mixes there. `prefetch` moves the next global batches to the devices while the
+current step runs.
+"""
+
+import queue
+import threading
+from collections.abc import Callable, Iterator
+
+import jax
+import jax.numpy as jnp
+
+from vit_jax.data import preprocess
+
+_MIXUP_SALT = 0x6D6978  # Keeps the mixup key apart from the per-micro-batch dropout keys.
+
+
+def value_range(vmin=-1, vmax=1, in_min=0, in_max=255, clip=False) -> Callable:
+  """`preprocess.value_range` in jnp: the same arithmetic, so the same float32 values."""
+
+  def fn(image):
+    x = image.astype(jnp.float32)
+    image = ((x - in_min) * (vmax - vmin) + vmin * (in_max - in_min)) / (in_max - in_min)
+    return jnp.clip(image, vmin, vmax) if clip else image
+
+  return fn
+
+
+def device_preprocess(pp: str) -> Callable[[jax.Array], jax.Array]:
+  """Returns the jittable `fn(image) -> image` of the device part of preprocessing string `pp`.
+
+  A uint8 image (what the host part of `pp` yields) gets the trailing `value_range` ops of `pp`
+  (none: a cast to float32). Images of another dtype come out as they are: the host applied the
+  whole string (its host part did not end in uint8), or the caller made them (tests, benchmarks).
+
+  Raises:
+    ValueError: `pp` cannot be parsed.
+  """
+  ops = []
+  for spec in filter(None, preprocess.split(pp or '')[1].split('|')):
+    _, args, kwargs = preprocess.parse_op(spec)
+    try:
+      ops.append(value_range(*args, **kwargs))
+    except TypeError as e:
+      raise ValueError(f'Bad arguments for preprocessing op {spec!r}: {e}') from e
+
+  def fn(image):
+    if image.dtype != jnp.uint8:
+      return image
+    image = image.astype(jnp.float32)
+    for op in ops:
+      image = op(image)
+    return image
+
+  return fn
+
+
+def mixup_params(rng: jax.Array, p: float, cutmix_p: float, height: int, width: int) -> dict:
+  """Draws one batch's mixing: `ratio` ~ Beta(p, p); `cut` with probability `cutmix_p`, then a box
+  covering (1 - ratio) of the area, centred at (cy, cx) uniform over the image, clipped."""
+  k_ratio, k_y, k_x, k_cut = jax.random.split(rng, 4)
+  alpha = max(p, 1e-6)
+  return {
+    'ratio': jax.random.beta(k_ratio, alpha, alpha).astype(jnp.float32),
+    'cy': jax.random.randint(k_y, (), 0, height),
+    'cx': jax.random.randint(k_x, (), 0, width),
+    'cut': jax.random.uniform(k_cut) < cutmix_p,
+  }
+
+
+def mix(images: jax.Array, labels: jax.Array, *, ratio, cy, cx, cut) -> tuple:
+  """Mixes each example with its neighbour in the batch (roll by one), as big_vision does.
+
+  Blend: ratio * own + (1 - ratio) * neighbour, images and labels alike. CutMix (`cut`): a box of
+  (1 - ratio) of the area centred at (cy, cx), clipped, is pasted from the neighbour; the labels mix
+  with the share of the own image that is kept. Returns (images, labels), float32.
+  """
+  images = images.astype(jnp.float32)
+  other = jnp.roll(images, 1, axis=0)
+  h, w = images.shape[1], images.shape[2]
+
+  def blend():
+    return ratio * images + (1 - ratio) * other, ratio
+
+  def paste():
+    frac = jnp.sqrt(1.0 - ratio)
+    bh, bw = (frac * h).astype(jnp.int32), (frac * w).astype(jnp.int32)
+    y0, y1 = jnp.maximum(cy - bh // 2, 0), jnp.minimum(cy + bh - bh // 2, h)
+    x0, x1 = jnp.maximum(cx - bw // 2, 0), jnp.minimum(cx + bw - bw // 2, w)
+    ys, xs = jnp.arange(h)[:, None], jnp.arange(w)[None, :]
+    box = ((ys >= y0) & (ys < y1) & (xs >= x0) & (xs < x1)).astype(jnp.float32)[None, :, :, None]
+    kept = 1.0 - ((y1 - y0) * (x1 - x0)).astype(jnp.float32) / (h * w)
+    return images * (1 - box) + other * box, kept
+
+  images, share = jax.lax.cond(cut, paste, blend)
+  labels = labels.astype(jnp.float32)
+  return images, share * labels + (1 - share) * jnp.roll(labels, 1, axis=0)
+
+
+def mixup(rng: jax.Array, images, labels, *, p: float, cutmix_p: float = 0.0) -> tuple:
+  """Mixup (Zhang et al.) / CutMix (Yun et al.) of one batch: `mix` with `mixup_params`.
+
+  Args:
+    rng: a key (typed or raw uint32 [2]); folded with a salt, so dropout keys can be passed.
+    images: [b, h, w, c], labels: [b, num_classes] soft targets.
+    p: Beta(p, p) concentration; cutmix_p: probability that the batch uses CutMix.
+  """
+  rng = jax.random.fold_in(rng, _MIXUP_SALT)
+  return mix(images, labels, **mixup_params(rng, p, cutmix_p, images.shape[1], images.shape[2]))
+
+
+def prefetch(iterator: Iterator, put: Callable, size: int = 2) -> Iterator:
+  """Yields `put(x)` for x in `iterator`, computed up to `size` ahead in a background thread.
+
+  With `put` placing a host batch on the devices (`Trainer.global_batch`), the next batches are
+  read from tf.data and copied while the current step runs. Order is kept; an exception in the
+  thread is raised here, at the batch it stopped. The thread ends with this generator (exhausted,
+  closed, or garbage collected), which waits for it.
+  """
+  done = object()
+  out: queue.Queue = queue.Queue(maxsize=size)
+  stop = threading.Event()
+
+  def offer(item) -> bool:
+    while not stop.is_set():
+      try:
+        out.put(item, timeout=0.1)
+        return True
+      except queue.Full:
+        pass
+    return False
+
+  def work():
+    try:
+      for x in iterator:
+        if not offer(put(x)):
+          return
+      offer(done)
+    except BaseException as e:  # noqa: BLE001 (handed to the consumer)
+      offer(e)
+
+  thread = threading.Thread(target=work, daemon=True, name='vit_jax_prefetch')
+  thread.start()
+  try:
+    while True:
+      item = out.get()
+      if item is done:
+        return
+      if isinstance(item, BaseException):
+        raise item
+      yield item
+  finally:  # Closed or collected: the thread stops within a poll (or after its current batch).
+    stop.set()
+    thread.join()  # Before the interpreter may exit: a thread inside TensorFlow then aborts it.
