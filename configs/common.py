@@ -226,19 +226,19 @@ def check(config) -> None:
 
   Raises:
     ValueError: naming both fields and the fix: batch_size not divisible by accum_steps;
-      label_smoothing with soft labels from mixup or an onehot op (the smoothing would be ignored);
-      an image_size other than the size a pp string ends with.
+      label_smoothing with an onehot op in pp_train (its soft labels are used as they are, so the
+      smoothing would be ignored); an image_size other than the size a pp string ends with.
+      label_smoothing with mixup composes: mixup mixes the smoothed targets (train.make_train_step).
   """
   batch, accum = int(config['batch_size']), int(config['accum_steps'])
   if batch % accum:
     raise ValueError(f'batch_size={batch} is not divisible by accum_steps={accum}')
-  mixup, pp_train, smoothing = config['mixup'], config['pp_train'], config['label_smoothing']
-  mixing = mixup.get('p', 0) > 0 or mixup.get('cutmix_p', 0) > 0
-  if smoothing and (mixing or 'onehot(' in pp_train.replace(' ', '')):
-    why = 'mixup' if mixing else f'onehot(...) in pp_train={pp_train!r}'
+  pp_train, smoothing = config['pp_train'], config['label_smoothing']
+  if smoothing and 'onehot(' in pp_train.replace(' ', ''):
     raise ValueError(
-      f'label_smoothing={smoothing} would be ignored with {why} (the soft labels are used as '
-      'they are); set label_smoothing=0 and smooth in the pp string (onehot(n, smoothing=x))'
+      f'label_smoothing={smoothing} would be ignored with onehot(...) in pp_train={pp_train!r} '
+      '(its soft labels are used as they are); set label_smoothing=0 and smooth in the pp string '
+      '(onehot(n, smoothing=x))'
     )
   pps = {'pp_train': pp_train, 'pp_eval': config['pp_eval']}
   evals = config.get('evals') or {}

@@ -126,9 +126,8 @@ def get_config(arg: str | None = None):
   c.image_size = 224
   ra = f'|randaug({randaug[0]},{randaug[1]})' if randaug else ''
   c.pp_train = f'decode_jpeg_and_inception_crop(224)|flip_lr{ra}|value_range(-1,1)'  # i1k.py:101
-  # vit_i1k.py:105, with resize_small's big_vision default method 'area' (pp/ops_image.py:108)
-  # written out, as ours defaults to bilinear. Deliberate difference: big_vision's resize casts
-  # back to uint8 (ops_image.py:103); ours keeps float32 (no rounding of the resized pixels).
+  # vit_i1k.py:105, with resize_small's default method 'area' (pp/ops_image.py:108) written out;
+  # ours has the same default and casts back to uint8 as big_vision's (ops_image.py:103).
   c.pp_eval = EVAL_PP
   c.mixup.p = mix  # vit_i1k.py:143
   c.batch_size = args.batch  # vit_i1k.py:91

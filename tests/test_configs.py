@@ -1,10 +1,12 @@
 """Recipes: argument parsing, locking, per-dataset presets, runlocal, and every field is read."""
 
+import jax
 import ml_collections
+import numpy as np
 import pytest
 
 from configs import common, finetune, pretrain, quickstart
-from vit_jax import models, optim, train
+from vit_jax import data, models, optim, train
 
 
 @pytest.mark.parametrize(
@@ -226,19 +228,26 @@ def test_recipes_use_each_datasets_own_splits(tmp_path):
     assert (c.train_split, c.eval_splits) == ('train', 'test')
 
 
-def test_label_smoothing_with_soft_labels_is_refused():
-  c = common.base_config()
-  c.label_smoothing, c.mixup.p = 0.1, 0.2
-  with pytest.raises(ValueError, match='label_smoothing=0.1 would be ignored with mixup'):
-    common.finalize(c)
+def test_label_smoothing_with_an_onehot_op_is_refused_and_composes_with_mixup():
   c = common.base_config()
   c.label_smoothing, c.pp_train = 0.1, 'decode|resize(224)|onehot(10)|value_range(-1,1)'
-  with pytest.raises(ValueError, match='onehot'):
+  with pytest.raises(ValueError, match='label_smoothing=0.1 would be ignored with onehot'):
     common.finalize(c)
-  c = quickstart.get_config()  # label_smoothing=0.1; then mixup from the command line:
-  c.mixup.p = 0.2
-  with pytest.raises(ValueError, match='label_smoothing=0.1 would be ignored with mixup'):
+  c = quickstart.get_config()  # label_smoothing=0.1; an onehot op from the command line:
+  c.pp_train = 'decode|resize(16)|onehot(3)|value_range(-1,1)'
+  with pytest.raises(ValueError, match='label_smoothing=0.1 would be ignored with onehot'):
     train.train_and_evaluate(c, '/nonexistent/never/written')  # Checked before anything runs.
+  c = common.base_config()
+  c.label_smoothing, c.mixup.p = 0.1, 0.2
+  common.finalize(c)  # Mixup mixes the smoothed targets:
+  labels = np.array([0, 1, 2, 1])
+  smooth = np.eye(3)[labels] * 0.9 + 0.1 / 3
+  targets = train._targets({'label': labels}, 3, 0.1)
+  np.testing.assert_allclose(targets, smooth, rtol=1e-6)
+  images = np.zeros((4, 8, 8, 3), np.float32)
+  _, mixed = data.mixup(jax.random.key(0), images, targets, p=0.2)
+  ratio = float(mixed[0, 0] - smooth[3, 0]) / float(smooth[0, 0] - smooth[3, 0])
+  np.testing.assert_allclose(mixed, ratio * smooth + (1 - ratio) * np.roll(smooth, 1, 0), atol=1e-6)
 
 
 def test_image_size_must_match_the_pp_strings():
