@@ -18,7 +18,6 @@ import jax
 import numpy as np
 
 from vit_jax import npz
-from vit_jax.export import preprocess
 
 FORMATS = ('npz', 'hf', 'saved_model', 'onnx')
 TOLERANCE = 1e-4  # Max |logit difference| in float32.
@@ -143,6 +142,8 @@ def export(
   if hasattr(module, 'run_bytes'):  # The SavedModel's encoded-image signature.
     encoded = encoded_test_images(batch_size or 4)
     theirs = module.run_bytes(path, encoded)['logits']
+    from vit_jax.export import preprocess  # TensorFlow: imported only for this signature.
+
     pp = preprocess.eval_preprocess(loaded.pp_eval)
     ours = np.asarray(loaded.apply(np.stack([pp(x).numpy() for x in encoded])))
     diffs[f'image bytes, batch {len(encoded)}'] = float(np.max(np.abs(theirs - ours)))
