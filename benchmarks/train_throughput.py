@@ -1,7 +1,7 @@
 r"""Training-step throughput and MFU of the Trainer's own step, one JSON line per model.
 
   python benchmarks/train_throughput.py --model ViT-B_16 --batch 8 --image_size 224
-  python benchmarks/train_throughput.py --model ViT-B_16,ViT-L_16 --batch 256 --dtype bfloat16  # GPU
+  python benchmarks/train_throughput.py --model ViT-B_16,ViT-L_16 --batch 256 --dtype bfloat16
 
 Keys: model, batch, image_size, dtype, images_per_s, step_ms (median of --rounds rounds after a
 warm-up step), compile_s, model_flops_per_image (`vit_jax.metrics.model_flops`: dense layers,
