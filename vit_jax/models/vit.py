@@ -98,8 +98,7 @@ class _HeadsDense(nn.Module):
   param_dtype: Dtype
 
   @nn.compact
-  def __call__(self, x: jax.Array, *, project: bool = True):
-    """The projection of `x`, or with `project=False` only the (kernel, bias) in `self.dtype`."""
+  def __call__(self, x: jax.Array) -> jax.Array:
     if self.direction == 'in':
       shape, names = (x.shape[-1], *self.features), ('embed', 'heads', 'kv')
       fans = dict(in_axis=0, out_axis=(1, 2))
@@ -118,10 +117,8 @@ class _HeadsDense(nn.Module):
       shape[-len(bias_names) :],
       self.param_dtype,
     )
-    kernel, bias = kernel.astype(self.dtype), bias.astype(self.dtype)
-    if not project:
-      return kernel, bias
-    return jnp.einsum(equation, x.astype(self.dtype), kernel) + bias
+    x, kernel, bias = x.astype(self.dtype), kernel.astype(self.dtype), bias.astype(self.dtype)
+    return jnp.einsum(equation, x, kernel) + bias
 
 
 def fused_attention(q, k, v, implementation: str | None = None, pad_to: int | None = None):
@@ -161,10 +158,8 @@ class MultiHeadDotProductAttention(nn.Module):
   """Multi-head attention with the released parameter layout.
 
   `query`/`key`/`value` kernels are (embed, heads, head_dim) and `out` is (heads, head_dim, embed),
-  as in the published checkpoints; self-attention projects Q, K and V with one matmul over the
-  three kernels stacked in the step. Without attention dropout the fused
-  `jax.nn.dot_product_attention` is used (cuDNN flash attention on GPUs that support it), except
-  on CPU with `attention_impl=None`, where the explicit softmax(QK^T)V compiles to fewer copies.
+  as in the published checkpoints. Without attention dropout the fused
+  `jax.nn.dot_product_attention` is used (cuDNN flash attention on GPUs that support it).
   """
 
   num_heads: int
@@ -181,38 +176,22 @@ class MultiHeadDotProductAttention(nn.Module):
       raise ValueError(f'hidden size {features} is not divisible by num_heads {self.num_heads}')
     head_dim = features // self.num_heads
 
-    def proj(name, x, project=True):
+    def proj(name, x):
       return _HeadsDense(
         (self.num_heads, head_dim), 'in', self.kernel_init, self.dtype, self.param_dtype, name=name
-      )(x, project=project)
+      )(x)
 
-    if inputs_kv is inputs_q:
-      # Self-attention: one matmul over the three kernels stacked on a new axis (heads stay where
-      # their sharding puts them); the parameters keep their released layout.
-      qkv_params = [proj(name, inputs_q, project=False) for name in ('query', 'key', 'value')]
-      kernel = jnp.stack([w for w, _ in qkv_params], axis=1)
-      bias = jnp.stack([b for _, b in qkv_params], axis=0)
-      qkv = jnp.einsum('...d,dthk->...thk', inputs_q.astype(self.dtype), kernel) + bias
-      q, k, v = qkv[..., 0, :, :], qkv[..., 1, :, :], qkv[..., 2, :, :]
-    else:
-      q, k, v = proj('query', inputs_q), proj('key', inputs_kv), proj('value', inputs_kv)
+    q, k, v = proj('query', inputs_q), proj('key', inputs_kv), proj('value', inputs_kv)
     names = ('batch', 'seq', 'heads', 'kv')
     q, k, v = (_constrain(t, names) for t in (q, k, v))
-    dropout = not deterministic and self.dropout_rate > 0.0
-    # On CPU the explicit softmax(QK^T)V compiles to fewer layout copies than
-    # dot_product_attention's grouped form (benchmarks/README.md).
-    explicit = dropout or (self.attention_impl is None and jax.default_backend() == 'cpu')
-    if not explicit:
+    if deterministic or self.dropout_rate == 0.0:
       x = fused_attention(q, k, v, self.attention_impl)
     else:
       q = q / jnp.sqrt(head_dim).astype(q.dtype)
       logits = jnp.einsum('bqhd,bkhd->bhqk', q, k)
       weights = jax.nn.softmax(logits.astype(jnp.float32)).astype(self.dtype)
-      if dropout:
-        keep = jax.random.bernoulli(
-          self.make_rng('dropout'), 1.0 - self.dropout_rate, weights.shape
-        )
-        weights = jnp.where(keep, weights / (1.0 - self.dropout_rate), 0).astype(self.dtype)
+      keep = jax.random.bernoulli(self.make_rng('dropout'), 1.0 - self.dropout_rate, weights.shape)
+      weights = jnp.where(keep, weights / (1.0 - self.dropout_rate), 0).astype(self.dtype)
       x = jnp.einsum('bhqk,bkhd->bqhd', weights, v)
     x = _constrain(x, names)
     return _HeadsDense(
