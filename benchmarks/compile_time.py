@@ -81,15 +81,15 @@ def main():
   bv = peers.load_big_vision(args.big_vision) if args.big_vision else None
   impls = ['ours'] + (['big_vision'] if bv is not None else [])
   for name in args.model.split(','):
-    configs = {}
-    for impl in impls:
-      for scan in (True, False):
-        model, apply = build(name, impl, scan, bv, args.dtype, args.remat)
-        configs[(impl, scan)] = abstract_step(model, apply, args.batch, args.image_size)
-    times = {key: [] for key in configs}
+    keys = [(impl, scan) for impl in impls for scan in (True, False)]
+    times = {key: [] for key in keys}
     for _ in range(args.rounds):
-      for key, step_args in configs.items():
-        times[key].append(timed_compile(*step_args))
+      for impl, scan in keys:
+        # A fresh model and jitted step each round: JAX caches the trace and the executable of a
+        # jitted function, so a second lowering of the same one would time the cache.
+        model, apply = build(name, impl, scan, bv, args.dtype, args.remat)
+        step_args = abstract_step(model, apply, args.batch, args.image_size)
+        times[(impl, scan)].append(timed_compile(*step_args))
     totals = {}
     for (impl, scan), runs in times.items():
       lower_s = common.median([r[0] for r in runs])
