@@ -1,9 +1,11 @@
 """Metrics: JSON lines + TensorBoard, console progress with ETA, throughput and MFU.
 
-Only process 0 writes. Model FLOPs come from XLA's cost analysis of the train step (see
-`train.Trainer.model_flops`); MFU divides them by the devices' peak (bf16 dense) from `PEAK_FLOPS`,
-or on CPU by a matmul ceiling measured in the same process (`measure_matmul_flops`), since CPUs
-have no meaningful table entry.
+Only process 0 writes. Model FLOPs are one analytic count (`model_flops`: the matmuls of the
+dense layers, convolutions and attention, per image, as PaLM's MFU counts them); MFU divides them by
+the devices' peak (bf16 dense) from `PEAK_FLOPS`, or on CPU by a matmul ceiling measured in the same
+process (`measure_matmul_flops`), since CPUs have no meaningful table entry. XLA's cost analysis is
+no substitute: on GPU it misses the matmuls that become library calls, and it counts a scanned
+block once and rematerialized work again.
 """
 
 from __future__ import annotations
@@ -32,6 +34,92 @@ PEAK_FLOPS = {
   'h100': 989e12,  # SXM; PCIe parts are slower, and the table errs on the strict side.
   'h200': 989e12,
 }
+
+
+def _resnet_stem_flops(size: int, num_layers, width_factor: float) -> tuple[float, int, int]:
+  """(forward FLOPs, output side, output channels) of `resnet.resnet_stem` on size x size x 3."""
+  width = int(64 * width_factor)
+  side = -(-size // 2)  # conv_root: 7x7, stride 2, SAME.
+  flops = 2.0 * side**2 * 7 * 7 * 3 * width
+  side = -(-side // 2)  # 3x3/2 max-pool.
+  channels = width
+  for i, units in enumerate(num_layers):
+    features = width * 2**i
+    for j in range(units):
+      stride = 2 if (i > 0 and j == 0) else 1
+      out = -(-side // stride)
+      if channels != 4 * features or stride != 1:
+        flops += 2.0 * out**2 * channels * 4 * features  # conv_proj
+      flops += 2.0 * side**2 * channels * features  # conv1, 1x1
+      flops += 2.0 * out**2 * 9 * features * features  # conv2, 3x3 (strided)
+      flops += 2.0 * out**2 * features * 4 * features  # conv3, 1x1
+      side, channels = out, 4 * features
+  return flops, side, channels
+
+
+def model_flops(model: Any, image_size: int, *, train: bool = True) -> float:
+  """Analytic FLOPs per image of a ViT, hybrid R+ViT or MLP-Mixer (2 per multiply-add).
+
+  Counts every matmul and convolution of the model as written: patch embedding, the ResNet stem of
+  hybrids, Q/K/V/out projections, attention's two token-by-token products (QK^T and weights x V),
+  MLPs, pooling heads and the classifier. Normalization, activations and softmax are left out (a
+  few percent), as is rematerialized work, so MFU is comparable whatever the remat policy or
+  `scan_layers`. `train`: forward + backward, i.e. 3x the forward, less the gradient with respect
+  to the images that no one computes (the first layer's backward is its weight gradient only).
+
+  Args:
+    model: a `VisionTransformer` or `MlpMixer` (unbound; only its fields are read).
+    image_size: square input side in pixels.
+    train: count a training step's forward and backward instead of the forward alone.
+
+  Returns:
+    FLOPs per image.
+
+  Raises:
+    ValueError: a model that is neither a ViT nor a Mixer.
+  """
+  ph, pw = model.patches
+  first = 0.0  # FLOPs of the layer that sees the images (no input gradient in training).
+  if hasattr(model, 'num_blocks'):  # MLP-Mixer.
+    tokens, d = (image_size // ph) * (image_size // pw), model.hidden_dim
+    first = 2.0 * tokens * ph * pw * 3 * d
+    per_block = 4.0 * d * tokens * model.tokens_mlp_dim + 4.0 * tokens * d * model.channels_mlp_dim
+    rest = model.num_blocks * per_block + 2.0 * d * (model.num_classes or 0)
+  elif hasattr(model, 'transformer'):
+    side, channels = image_size, 3
+    if model.resnet is not None:
+      first, side, channels = _resnet_stem_flops(
+        image_size, tuple(model.resnet['num_layers']), model.resnet['width_factor']
+      )
+    grid = (side // ph) * (side // pw)
+    d = model.hidden_size
+    embed = 2.0 * grid * ph * pw * channels * d
+    if model.resnet is None:
+      first, rest = embed, 0.0
+    else:
+      rest = embed
+    t = model.transformer
+    n = grid + (model.classifier in ('token', 'token_unpooled'))
+    mlp = t['mlp_dim']
+    # Q, K, V and out projections; attention's QK^T and weights x V; the MLP.
+    per_layer = 8.0 * n * d * d + 4.0 * n * n * d + 4.0 * n * d * mlp
+    rest += t['num_layers'] * per_layer
+    if model.classifier == 'map':  # One probe attends over the n tokens.
+      rest += 4.0 * d * d + 4.0 * n * d * d + 4.0 * n * d + 4.0 * d * mlp
+    pooled = n if model.classifier in ('unpooled', 'token_unpooled') else 1
+    head_in = d
+    if model.representation_size is not None:
+      rest += pooled * 2.0 * d * model.representation_size
+      head_in = model.representation_size
+    rest += pooled * 2.0 * head_in * (model.num_classes or 0)
+  else:
+    raise ValueError(f'no FLOPs formula for {type(model).__name__}')
+  return 3.0 * rest + 2.0 * first if train else rest + first
+
+
+def mfu(flops_per_image: float, images_per_s: float, peak_flops: float) -> float:
+  """Model-FLOPs utilization: achieved model FLOP/s over the peak of the devices used."""
+  return flops_per_image * images_per_s / peak_flops
 
 
 def device_peak_flops(device: jax.Device | None = None) -> float | None:

@@ -9,6 +9,7 @@ continues from it (params, optimizer state, step, rng, data position), bit-ident
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import logging
 import os
@@ -220,78 +221,14 @@ class Trainer:
   def compile(self, state: dict, batch: dict, rng: jax.Array):
     """AOT-compiles the train step for these shapes; returns (compiled, model FLOPs per step).
 
-    FLOPs are `model_flops`, or XLA's cost analysis of the compiled program where that fails.
+    FLOPs are `metrics.model_flops` (analytic, per image) times the global batch: rematerialized
+    work is not counted, and scanned or sharded layouts count the same.
     """
     with self._context():
       compiled = self._train_step.lower(state, batch, rng).compile()
     self.compiled_train_step = compiled
-    flops = self.model_flops(batch) or metrics_lib.compiled_flops(compiled, self.mesh.size)
-    estimate = self.analytic_flops()
-    if estimate and (not flops or flops < 0.5 * estimate):
-      # On GPU XLA's cost analysis leaves most matmul FLOPs out (ViT-B/16 on an H200: 5%).
-      logging.warning(
-        'XLA cost analysis gives %.3g FLOPs/step, under half of 6 x params x tokens '
-        '= %.3g; using the latter for MFU',
-        flops or 0.0,
-        estimate,
-      )
-      flops = estimate
-    return compiled, flops
-
-  def analytic_flops(self) -> float | None:
-    """6 x params x tokens x batch (forward + backward of the dense layers), ViT models only."""
-    try:
-      patch = models.get_model_config(self.config['model_name']).patches.size
-    except (ValueError, AttributeError):
-      return None
-    if getattr(self.model, 'resnet', None) is not None:
-      return None  # Hybrids: the ResNet stem sets the token count and has FLOPs of its own.
-    patch = tuple(self.config['model'].get('patches', patch))
-    size = int(self.config['image_size'])
-    tokens = (size // patch[0]) * (size // patch[1]) + 1
-    n = models.count_params(self.model, size)
-    return 6.0 * n * tokens * int(self.config['batch_size'])
-
-  def model_flops(self, batch: dict) -> float | None:
-    """FLOPs of one train step of the model as written, over the global batch.
-
-    XLA's cost analysis of the *lowered* (not yet optimized) step of the same model without
-    `scan_layers` and remat, on one device: the compiled program's own analysis counts a scanned
-    loop body once, counts rematerialized work (MFU excludes it), and on GPU misses the matmuls that
-    become library calls. Lowering only traces; nothing is compiled or allocated.
-    """
-    overrides = dict(self.config['model'])
-    try:
-      model = models.get_model(
-        self.config['model_name'],
-        num_classes=self.num_classes,
-        **dict(overrides, scan_layers=False, remat_policy='none'),
-      )
-    except ValueError:  # Models without those fields (Mixer) are plain already.
-      model = self.model
-    step = make_train_step(
-      model, self.tx, self.schedule, config=self.config, num_classes=self.num_classes
-    )
-    image = jnp.zeros(self._image.shape)
-    params = jax.eval_shape(
-      lambda r: nn.unbox(model.init(r, image, train=False)['params']), jax.random.key(0)
-    )
-    state = {
-      'step': jax.ShapeDtypeStruct((), jnp.int32),
-      'params': params,
-      'opt_state': jax.eval_shape(self.tx.init, params),
-    }
-    shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), batch)
-    try:
-      with self._context():
-        cost = jax.jit(step).lower(state, shapes, jax.ShapeDtypeStruct((2,), jnp.uint32))
-        cost = cost.cost_analysis()
-    except Exception as e:  # Cost analysis is best effort: MFU is then left out.
-      logging.warning('model FLOPs unavailable: %s', e)
-      return None
-    if isinstance(cost, (list, tuple)):
-      cost = cost[0] if cost else None
-    return float(cost['flops']) if cost and cost.get('flops') else None
+    per_image = metrics_lib.model_flops(self.model, int(self.config['image_size']))
+    return compiled, per_image * int(self.config['batch_size'])
 
   def train_step(self, state: dict, batch: dict, rng: jax.Array):
     if self.compiled_train_step is not None:
@@ -482,21 +419,23 @@ def train_and_evaluate(
       last_saved = at
 
   try:
+    if step < total_steps:  # Compile once, before the loop, for the first batch's shapes.
+      t = time.perf_counter()
+      peek = next(batches)
+      batches = itertools.chain([peek], batches)
+      _, flops = trainer.compile(state, trainer.global_batch(peek, stacked=True), rng)
+      peak, how = metrics_lib.peak_flops_total(trainer.mesh.size)
+      meter.flops_per_step, meter.peak_flops = flops, peak
+      logging.info(
+        'compiled train step in %.1fs; %.3g model FLOPs/step; peak %s',
+        time.perf_counter() - t,
+        flops,
+        how,
+      )
     while step < total_steps:
       t = time.perf_counter()
       batch = next(batches)
       meter.add_data_wait(time.perf_counter() - t)
-      if trainer.compiled_train_step is None:
-        t = time.perf_counter()
-        _, flops = trainer.compile(state, batch, rng)
-        peak, how = metrics_lib.peak_flops_total(trainer.mesh.size)
-        meter.flops_per_step, meter.peak_flops = flops, peak
-        logging.info(
-          'compiled train step in %.1fs; %.3g FLOPs/step; peak %s',
-          time.perf_counter() - t,
-          flops or float('nan'),
-          how,
-        )
       state, step_metrics = trainer.train_step(state, batch, rng)
       step += 1
       pending.append((step, step_metrics))

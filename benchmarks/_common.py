@@ -1,0 +1,97 @@
+"""Helpers shared by the benchmarks: interleaved timing, the matmul ceiling, JSON output.
+
+Every benchmark prints one JSON line per configuration on stdout and a readable line on stderr.
+The machine's speed may drift (shared CPUs, frequency steps), so figures that are compared are
+measured round-robin in one process and summarized by their median.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import statistics
+import sys
+import time
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:  # `python benchmarks/x.py` from a fresh clone imports this tree's vit_jax.
+  sys.path.insert(0, ROOT)
+
+
+def timed(fn: Callable, *args, calls: int = 1) -> float:
+  """Seconds per call of `calls` calls of `fn(*args)`, blocking on the result."""
+  start = time.perf_counter()
+  for _ in range(calls):
+    out = fn(*args)
+  jax.block_until_ready(out)
+  return (time.perf_counter() - start) / calls
+
+
+def matmul_ceiling_fn(n: int = 2048) -> tuple[Callable[[], float], float]:
+  """(a function timing one n x n x n f32 matmul, its FLOPs): the CPU ceiling for MFU."""
+  a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+  b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
+  mm = jax.jit(jnp.matmul)
+  jax.block_until_ready(mm(a, b))
+  return (lambda: timed(mm, a, b)), 2.0 * n**3
+
+
+def interleaved(fns: dict[str, Callable[[], float]], rounds: int) -> dict[str, list[float]]:
+  """Calls each timing function once per round, round-robin; returns all times per name."""
+  times = {name: [] for name in fns}
+  for _ in range(rounds):
+    for name, fn in fns.items():
+      times[name].append(fn())
+  return times
+
+
+def median(xs: list[float]) -> float:
+  return statistics.median(xs)
+
+
+def peak_host_mem_mb() -> float:
+  """Peak resident memory of this process so far (Linux reports KiB)."""
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def peak_device_mem_mb() -> float | None:
+  """Peak memory in use on the first device (accelerators); None on CPU."""
+  stats = jax.devices()[0].memory_stats()
+  if not stats or 'peak_bytes_in_use' not in stats:
+    return None
+  return stats['peak_bytes_in_use'] / 2**20
+
+
+def attention_ran(compiled) -> str:
+  """Which attention implementation a compiled program contains: 'cudnn' or 'xla'."""
+  try:
+    text = compiled.as_text()
+  except Exception:  # noqa: BLE001 -- some backends cannot print the program.
+    return 'unknown'
+  return 'cudnn' if '__cudnn$fmha' in text else 'xla'
+
+
+def parse_mesh(text: str) -> dict[str, int]:
+  """'data=2,fsdp=4' -> {'data': 2, 'fsdp': 4}."""
+  out = {}
+  for part in filter(None, text.split(',')):
+    key, _, value = part.partition('=')
+    if key not in ('data', 'fsdp', 'tensor'):
+      raise ValueError(f'unknown mesh axis {key!r} in --mesh={text!r}; use data, fsdp, tensor')
+    out[key] = int(value)
+  return out
+
+
+def emit(record: dict, table: str) -> None:
+  """One JSON line on stdout (the machine-readable result), one readable line on stderr."""
+  print(json.dumps(record), flush=True)
+  print(table, file=sys.stderr, flush=True)
+
+
+def rounded(x: float | None, digits: int = 4) -> float | None:
+  return None if x is None else float(f'{x:.{digits}g}')

@@ -1,0 +1,99 @@
+r"""Forward-pass (inference) throughput and MFU, one JSON line per model.
+
+  python benchmarks/inference_throughput.py --model ViT-Ti_16,ViT-B_16 --batch 8 --image_size 224
+  python benchmarks/inference_throughput.py --model ViT-B_16 --batch 512 --dtype bfloat16  # GPU
+
+The keys of `train_throughput.py`, for `model.apply(..., train=False)` jitted on one device:
+step_ms is one forward of the batch (median of --rounds rounds after a warm-up), and
+model_flops_per_image the forward's (`vit_jax.metrics.model_flops(..., train=False)`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import _common as common  # Puts this tree's root on sys.path.
+import jax
+
+from vit_jax import metrics, models  # noqa: E402
+
+
+def run(args, name: str) -> dict:
+  fields = {'dtype': args.dtype}
+  if args.attention_impl:
+    fields['attention_impl'] = args.attention_impl
+  if not name.startswith('Mixer'):
+    fields.update(scan_layers=args.scan)
+  model = models.get_model(name, num_classes=1000, **fields)
+  size = args.image_size
+  params = models.init_params(model, jax.random.key(0), size)
+  images = jax.random.uniform(jax.random.key(1), (args.batch, size, size, 3), minval=-1)
+  forward = jax.jit(lambda p, x: model.apply({'params': p}, x, train=False))
+  start = time.perf_counter()
+  compiled = forward.lower(params, images).compile()
+  compile_s = time.perf_counter() - start
+  jax.block_until_ready(compiled(params, images))  # Warm-up.
+  ceiling_fn, ceiling_flops = common.matmul_ceiling_fn(args.matmul_size)
+  times = common.interleaved(
+    {
+      'forward': lambda: common.timed(compiled, params, images, calls=args.steps),
+      'ceiling': ceiling_fn,
+    },
+    args.rounds,
+  )
+  step_s = common.median(times['forward'])
+  ceiling = ceiling_flops / min(times['ceiling'])
+  flops = metrics.model_flops(model, size, train=False)
+  images_per_s = args.batch / step_s
+  table_peak = metrics.device_peak_flops()
+  on_cpu = table_peak is None
+  peak = ceiling if on_cpu else table_peak
+  achieved = flops * images_per_s
+  return {
+    'model': name,
+    'batch': args.batch,
+    'image_size': size,
+    'dtype': args.dtype,
+    'images_per_s': common.rounded(images_per_s),
+    'step_ms': common.rounded(step_s * 1e3),
+    'compile_s': common.rounded(compile_s, 3),
+    'model_flops_per_image': flops,
+    'device_kind': jax.devices()[0].device_kind,
+    'peak_flops': peak,
+    'ceiling_gflops': common.rounded(ceiling / 1e9) if on_cpu else None,
+    'mfu': common.rounded(achieved / peak),
+    'mfu_vs_ceiling': common.rounded(achieved / ceiling) if on_cpu else None,
+    'peak_host_mem_mb': common.rounded(common.peak_host_mem_mb()),
+    'peak_device_mem_mb': common.rounded(common.peak_device_mem_mb()),
+    'attention': common.attention_ran(compiled),
+    'scan': args.scan,
+    'rounds': args.rounds,
+  }
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser.add_argument('--model', default='ViT-Ti_16', help='one name, or several, comma-separated')
+  parser.add_argument('--batch', type=int, default=8)
+  parser.add_argument('--image_size', type=int, default=224)
+  parser.add_argument('--dtype', default='float32', choices=['float32', 'bfloat16'])
+  parser.add_argument('--scan', action='store_true')
+  parser.add_argument('--attention_impl', default=None, choices=['xla', 'cudnn'])
+  parser.add_argument('--rounds', type=int, default=5, help='timed rounds (>= 5), median')
+  parser.add_argument('--steps', type=int, default=1, help='forward passes per round')
+  parser.add_argument('--matmul_size', type=int, default=2048)
+  args = parser.parse_args()
+  for name in args.model.split(','):
+    r = run(args, name)
+    common.emit(
+      r,
+      f'{name} forward b{r["batch"]} {r["image_size"]}px {r["dtype"]}: {r["step_ms"]:.1f} ms, '
+      f'{r["images_per_s"]:.1f} img/s, {r["model_flops_per_image"] / 1e9:.2f} GFLOP/img, '
+      f'MFU {r["mfu"]:.1%} of {r["peak_flops"] / 1e9:.0f} GFLOP/s ({r["device_kind"]}), '
+      f'attention {r["attention"]}',
+    )
+
+
+if __name__ == '__main__':
+  main()

@@ -1,0 +1,124 @@
+r"""Training-step throughput and MFU of the Trainer's own step, one JSON line per model.
+
+  python benchmarks/train_throughput.py --model ViT-B_16 --batch 8 --image_size 224
+  python benchmarks/train_throughput.py --model ViT-B_16,ViT-L_16 --batch 256 --dtype bfloat16
+
+Keys: model, batch, image_size, dtype, images_per_s, step_ms (median of --rounds rounds after a
+warm-up step), compile_s, model_flops_per_image (`vit_jax.metrics.model_flops`: dense layers,
+convolutions and attention, forward + backward), device_kind, peak_flops (the devices' table peak;
+on CPU the f32 matmul ceiling, timed round-robin with the steps in this process), ceiling_gflops
+(CPU), mfu, mfu_vs_ceiling (CPU), peak_host_mem_mb, peak_device_mem_mb (accelerators), attention
+(the implementation in the compiled program), plus the options that were set.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import _common as common  # Puts this tree's root on sys.path.
+import jax
+import numpy as np
+
+from configs import common as config_lib  # noqa: E402
+from vit_jax import metrics, train  # noqa: E402
+
+
+def run(args, name: str) -> dict:
+  config = config_lib.base_config()
+  config.model_name = name
+  fields = dict(dtype=args.dtype, scan_layers=args.scan, remat_policy=args.remat)
+  if args.attention_impl:
+    fields['attention_impl'] = args.attention_impl
+  config.model = config_lib.model_overrides(name, **fields)
+  config.image_size = args.image_size
+  config.batch_size = config.eval_batch_size = args.batch
+  config.optimizer = args.optimizer
+  config.mesh.update(common.parse_mesh(args.mesh))
+  trainer = train.Trainer(config, num_classes=1000)
+  state = trainer.init_state(0)
+  rng = np.random.default_rng(0)
+  size = args.image_size
+  local = {
+    'image': rng.uniform(-1, 1, (1, args.batch, size, size, 3)).astype(np.float32),
+    'label': rng.integers(0, 1000, (1, args.batch)).astype(np.int32),
+  }
+  batch = trainer.global_batch(local, stacked=True)
+  key = jax.random.key_data(jax.random.key(0))
+  start = time.perf_counter()
+  compiled, _ = trainer.compile(state, batch, key)
+  compile_s = time.perf_counter() - start
+  state, out = trainer.train_step(state, batch, key)  # Warm-up.
+  jax.block_until_ready(out)
+
+  def step():
+    nonlocal state
+    start = time.perf_counter()
+    for _ in range(args.steps):
+      state, out = trainer.train_step(state, batch, key)
+    jax.block_until_ready(out)
+    return (time.perf_counter() - start) / args.steps
+
+  ceiling_fn, ceiling_flops = common.matmul_ceiling_fn(args.matmul_size)
+  times = common.interleaved({'step': step, 'ceiling': ceiling_fn}, args.rounds)
+  step_s = common.median(times['step'])
+  ceiling = ceiling_flops / min(times['ceiling'])
+  flops = metrics.model_flops(trainer.model, size)
+  images_per_s = args.batch / step_s
+  table_peak = metrics.device_peak_flops()
+  on_cpu = table_peak is None
+  peak = ceiling if on_cpu else table_peak * trainer.mesh.size
+  achieved = flops * images_per_s
+  return {
+    'model': name,
+    'batch': args.batch,
+    'image_size': size,
+    'dtype': args.dtype,
+    'images_per_s': common.rounded(images_per_s),
+    'step_ms': common.rounded(step_s * 1e3),
+    'compile_s': common.rounded(compile_s, 3),
+    'model_flops_per_image': flops,
+    'device_kind': jax.devices()[0].device_kind,
+    'peak_flops': peak,
+    'ceiling_gflops': common.rounded(ceiling / 1e9) if on_cpu else None,
+    'mfu': common.rounded(achieved / peak),
+    'mfu_vs_ceiling': common.rounded(achieved / ceiling) if on_cpu else None,
+    'peak_host_mem_mb': common.rounded(common.peak_host_mem_mb()),
+    'peak_device_mem_mb': common.rounded(common.peak_device_mem_mb()),
+    'attention': common.attention_ran(compiled),
+    'devices': trainer.mesh.size,
+    'remat': args.remat,
+    'scan': args.scan,
+    'mesh': args.mesh,
+    'rounds': args.rounds,
+  }
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser.add_argument('--model', default='ViT-Ti_16', help='one name, or several, comma-separated')
+  parser.add_argument('--batch', type=int, default=8)
+  parser.add_argument('--image_size', type=int, default=224)
+  parser.add_argument('--dtype', default='float32', choices=['float32', 'bfloat16'])
+  parser.add_argument('--remat', default='none', help="'none', 'full' or a checkpoint policy")
+  parser.add_argument('--scan', action='store_true')
+  parser.add_argument('--attention_impl', default=None, choices=['xla', 'cudnn'])
+  parser.add_argument('--mesh', default='data=1', help="e.g. 'data=2,fsdp=4,tensor=1'")
+  parser.add_argument('--optimizer', default='sgd', choices=['sgd', 'adamw'])
+  parser.add_argument('--rounds', type=int, default=5, help='timed rounds (>= 5), median')
+  parser.add_argument('--steps', type=int, default=1, help='steps per round')
+  parser.add_argument('--matmul_size', type=int, default=2048)
+  args = parser.parse_args()
+  for name in args.model.split(','):
+    r = run(args, name)
+    common.emit(
+      r,
+      f'{name} train b{r["batch"]} {r["image_size"]}px {r["dtype"]}: {r["step_ms"]:.1f} ms, '
+      f'{r["images_per_s"]:.1f} img/s, compile {r["compile_s"]:.1f}s, '
+      f'{r["model_flops_per_image"] / 1e9:.2f} GFLOP/img, MFU {r["mfu"]:.1%} of '
+      f'{r["peak_flops"] / 1e9:.0f} GFLOP/s ({r["device_kind"]}), attention {r["attention"]}',
+    )
+
+
+if __name__ == '__main__':
+  main()

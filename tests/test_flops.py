@@ -1,0 +1,91 @@
+"""`metrics.model_flops`: the analytic count against XLA's cost analysis and published counts."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import pytest
+
+from vit_jax import metrics, models
+
+
+def _xla_flops(model, image_size: int, *, train: bool) -> float:
+  """XLA's cost analysis of the compiled (CPU) forward, or gradient, per image (batch 2)."""
+  images = jax.ShapeDtypeStruct((2, image_size, image_size, 3), jnp.float32)
+  params = jax.eval_shape(
+    lambda: nn.unbox(model.init(jax.random.key(0), jnp.zeros(images.shape), train=False)['params'])
+  )
+  forward = lambda p, x: model.apply({'params': p}, x, train=False)
+  fn = jax.grad(lambda p, x: jnp.sum(forward(p, x))) if train else forward
+  cost = jax.jit(fn).lower(params, images).compile().cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  return float(cost['flops']) / 2
+
+
+# XLA also counts the elementwise work (norms, GELU, softmax) that the analytic count leaves out,
+# so it is a little higher; `rel` is that share, measured, rounded up.
+_SMALL_WIDE = {
+  'hidden_size': 64,
+  'patches': (4, 4),
+  'num_layers': 2,
+  'mlp_dim': 256,
+  'num_heads': 4,
+}
+CASES = [
+  ('ViT-Ti_16', {}, 0.03),
+  ('ViT-Ti_16', {'classifier': 'map'}, 0.03),
+  ('ViT-S_16-gap-norep', {}, 0.03),
+  ('Mixer-B_16', {}, 0.03),
+  ('R+ViT-Ti_16', {}, 0.03),  # Hybrid: the ResNet root (no stages) before 8x8 patches.
+  # Attention's two token x token products are 40% of this model's FLOPs (256 tokens of width 64);
+  # its softmax is the elementwise work XLA adds.
+  ('ViT-Ti_16', _SMALL_WIDE, 0.07),
+]
+
+
+@pytest.mark.parametrize('train', [False, True], ids=['forward', 'train'])
+@pytest.mark.parametrize('name,overrides,rel', CASES, ids=[f'{c[0]}{c[1] or ""}' for c in CASES])
+def test_matches_xla_cost_analysis_on_cpu(name, overrides, rel, train):
+  model = models.get_model(name, num_classes=10, **overrides)
+  ours, xla = metrics.model_flops(model, 64, train=train), _xla_flops(model, 64, train=train)
+  assert xla * (1 - rel) <= ours <= xla
+
+
+def test_attention_term_is_counted():
+  """Without QK^T and weights x V the attention-heavy model above would be ~40% low."""
+  model = models.get_model('ViT-Ti_16', num_classes=10, **_SMALL_WIDE)
+  n, d = 257, 64
+  attention = 2 * 4.0 * n * n * d
+  assert attention / metrics.model_flops(model, 64, train=False) > 0.35
+
+
+def test_hybrid_with_resnet_stages_forward():
+  """R26+ViT-S/32: four bottleneck stages (XLA adds GroupNorm and weight standardization)."""
+  model = models.get_model('R26+ViT-S_32', num_classes=10)
+  ours, xla = metrics.model_flops(model, 64, train=False), _xla_flops(model, 64, train=False)
+  assert xla * 0.95 <= ours <= xla
+
+
+@pytest.mark.parametrize(
+  'name,image_size,gmacs',
+  [
+    # DeiT (Touvron et al., 2021), Table 1 ("FLOPs" there are multiply-adds, by fvcore).
+    ('ViT-Ti_16', 224, 1.3),
+    ('ViT-B_16', 224, 17.6),
+    ('ViT-B_16', 384, 55.5),
+  ],
+)
+def test_published_counts(name, image_size, gmacs):
+  model = models.get_model(name, num_classes=1000)
+  ours = metrics.model_flops(model, image_size, train=False) / 2 / 1e9
+  assert ours == pytest.approx(gmacs, abs=0.05 + 0.005 * gmacs)  # The table's rounding.
+
+
+def test_train_is_three_forwards_less_the_image_gradient():
+  model = models.get_model('ViT-B_16', num_classes=1000)
+  forward = metrics.model_flops(model, 224, train=False)
+  embedding = 2.0 * 196 * 16 * 16 * 3 * 768
+  assert metrics.model_flops(model, 224) == pytest.approx(3 * forward - embedding)
+
+
+def test_mfu():
+  assert metrics.mfu(1e9, 100.0, 4e11) == pytest.approx(0.25)
