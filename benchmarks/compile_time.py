@@ -110,6 +110,7 @@ def main():
         'total_s': common.rounded(totals[(impl, scan)], 3),
         'device_kind': jax.devices()[0].device_kind,
         'rounds': args.rounds,
+        'per_round_total_s': [round(sum(r), 2) for r in runs],
       }
       common.emit(
         record,
