@@ -95,3 +95,45 @@ def emit(record: dict, table: str) -> None:
 
 def rounded(x: float | None, digits: int = 4) -> float | None:
   return None if x is None else float(f'{x:.{digits}g}')
+
+
+def throughput_record(
+  args, name: str, run_once, *, compiled, compile_s: float, flops: float, num_devices: int = 1
+) -> dict:
+  """Times `run_once()` (seconds per batch) interleaved with the matmul ceiling over `args.rounds`
+  rounds and returns the record with the JSON keys every throughput benchmark prints.
+
+  `flops` is the model's per-image count (`vit_jax.metrics.model_flops`); the peak is the table's
+  per chip times `num_devices`, or on CPU the ceiling measured here.
+  """  # fmt: skip
+  from vit_jax import metrics  # After this tree's root is on sys.path.
+
+  ceiling_fn, ceiling_flops = matmul_ceiling_fn(args.matmul_size)
+  times = interleaved({'step': run_once, 'ceiling': ceiling_fn}, args.rounds)
+  step_s = median(times['step'])
+  ceiling = ceiling_flops / min(times['ceiling'])
+  images_per_s = args.batch / step_s
+  table_peak = metrics.device_peak_flops()
+  on_cpu = table_peak is None
+  peak = ceiling if on_cpu else table_peak * num_devices
+  achieved = flops * images_per_s
+  return {
+    'model': name,
+    'batch': args.batch,
+    'image_size': args.image_size,
+    'dtype': args.dtype,
+    'images_per_s': rounded(images_per_s),
+    'step_ms': rounded(step_s * 1e3),
+    'compile_s': rounded(compile_s, 3),
+    'model_flops_per_image': flops,
+    'device_kind': jax.devices()[0].device_kind,
+    'peak_flops': peak,
+    'ceiling_gflops': rounded(ceiling / 1e9) if on_cpu else None,
+    'mfu': rounded(achieved / peak),
+    'mfu_vs_ceiling': rounded(achieved / ceiling) if on_cpu else None,
+    'peak_host_mem_mb': rounded(peak_host_mem_mb()),
+    'peak_device_mem_mb': rounded(peak_device_mem_mb()),
+    'attention': attention_ran(compiled),
+    'scan': args.scan,
+    'rounds': args.rounds,
+  }

@@ -34,42 +34,14 @@ def run(args, name: str) -> dict:
   compiled = forward.lower(params, images).compile()
   compile_s = time.perf_counter() - start
   jax.block_until_ready(compiled(params, images))  # Warm-up.
-  ceiling_fn, ceiling_flops = common.matmul_ceiling_fn(args.matmul_size)
-  times = common.interleaved(
-    {
-      'forward': lambda: common.timed(compiled, params, images, calls=args.steps),
-      'ceiling': ceiling_fn,
-    },
-    args.rounds,
+  return common.throughput_record(
+    args,
+    name,
+    lambda: common.timed(compiled, params, images, calls=args.steps),
+    compiled=compiled,
+    compile_s=compile_s,
+    flops=metrics.model_flops(model, size, train=False),
   )
-  step_s = common.median(times['forward'])
-  ceiling = ceiling_flops / min(times['ceiling'])
-  flops = metrics.model_flops(model, size, train=False)
-  images_per_s = args.batch / step_s
-  table_peak = metrics.device_peak_flops()
-  on_cpu = table_peak is None
-  peak = ceiling if on_cpu else table_peak
-  achieved = flops * images_per_s
-  return {
-    'model': name,
-    'batch': args.batch,
-    'image_size': size,
-    'dtype': args.dtype,
-    'images_per_s': common.rounded(images_per_s),
-    'step_ms': common.rounded(step_s * 1e3),
-    'compile_s': common.rounded(compile_s, 3),
-    'model_flops_per_image': flops,
-    'device_kind': jax.devices()[0].device_kind,
-    'peak_flops': peak,
-    'ceiling_gflops': common.rounded(ceiling / 1e9) if on_cpu else None,
-    'mfu': common.rounded(achieved / peak),
-    'mfu_vs_ceiling': common.rounded(achieved / ceiling) if on_cpu else None,
-    'peak_host_mem_mb': common.rounded(common.peak_host_mem_mb()),
-    'peak_device_mem_mb': common.rounded(common.peak_device_mem_mb()),
-    'attention': common.attention_ran(compiled),
-    'scan': args.scan,
-    'rounds': args.rounds,
-  }
 
 
 def main():
