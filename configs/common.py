@@ -110,6 +110,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.checkpoint_every = 500
   c.keep_checkpoints = 3
   c.async_checkpoints = True
+  # Reliability (vit_jax.train_state, vit_jax.main; docs/reliability.md).
+  c.spike_factor = 1000.0  # Stop when loss or grad norm passes this x its running median; 0: off.
+  c.distributed_heartbeat_seconds = 30  # Multi-host: a lost peer stops the others within this.
   return c
 
 
