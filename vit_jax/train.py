@@ -532,7 +532,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices
       state, step_metrics = trainer.train_step(state, batch, rng)
       step += 1
       pending.append((step, step_metrics))
-      ckpt.check()  # A failed background save stops the run within a step, naming the cause.
+      ckpt.check(step)  # A failed background save stops the run within a step, naming the cause.
       if first:  # The throughput window starts after compilation and the first step.
         jax.block_until_ready(state['step'])
         meter.reset(step)

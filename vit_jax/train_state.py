@@ -27,6 +27,7 @@ import os
 import shutil
 import signal
 import socket
+import sys
 import threading
 import time
 from collections.abc import Mapping
@@ -68,8 +69,7 @@ def _leaf_bits(x: jax.Array) -> jax.Array:
   return u.astype(jnp.uint32) if bits < 32 else u
 
 
-@jax.jit
-def _fingerprint(tree):
+def _sum_bits(tree):
   # Unsigned addition wraps and is associative: the same sum whatever the sharding or device count.
   return jax.tree.map(lambda x: jnp.sum(_leaf_bits(x), dtype=jnp.uint32), tree)
 
@@ -82,9 +82,13 @@ def _path_str(path) -> str:
 
 def fingerprint(state: Any) -> dict[str, int]:
   """{leaf path: wrapped uint32 sum of the leaf's bits}; any single flipped bit changes it."""
-  sums = jax.device_get(_fingerprint(state))
+  sharding = jax.tree.leaves(state)[0].sharding
+  replicated = None
+  if isinstance(sharding, jax.sharding.NamedSharding):  # Every process gets the sums.
+    replicated = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
+  sums = jax.jit(_sum_bits, out_shardings=replicated)(state)
   flat = jax.tree_util.tree_flatten_with_path(sums)[0]
-  return {_path_str(path): int(v) for path, v in flat}
+  return {_path_str(path): int(np.asarray(v.addressable_data(0))) for path, v in flat}
 
 
 class Checkpointer:
@@ -124,24 +128,28 @@ class Checkpointer:
     try:
       saved = self._manager.save(step, args=args, force=True)
     except Exception as e:
-      raise self._save_error(step, e) from e
+      raise self._save_error(step, e, step) from e
     self._pending = step
     logging.info('checkpoint: saving step %d to %s (async)', step, self.directory)
     return saved
 
-  def _save_error(self, step: int, cause: Exception) -> CheckpointSaveError:
+  def _save_error(self, step: int, cause: Exception, at: int | None) -> CheckpointSaveError:
+    with contextlib.suppress(Exception):
+      self._manager.reload()
     good = [s for s in self.all_steps() if s != step]
     last = f'step {max(good)} is the last good checkpoint' if good else 'no earlier checkpoint'
+    noticed = f' (noticed at step {at})' if at is not None else ''
     return CheckpointSaveError(
-      f'saving checkpoint step {step} to {os.path.join(self.directory, str(step))} failed: '
-      f'{type(cause).__name__}: {_one_line(cause)}; {last}. Fix the cause (free space, '
-      'permissions) and rerun the same command to resume.'
+      f'saving checkpoint step {step} to {os.path.join(self.directory, str(step))} failed'
+      f'{noticed}: {type(cause).__name__}: {_one_line(cause)}; {last}. Fix the cause (free '
+      'space, permissions) and rerun the same command to resume.'
     )
 
-  def check(self, *, wait: bool = False) -> None:
+  def check(self, at: int | None = None, *, wait: bool = False) -> None:
     """Raises `CheckpointSaveError` if the pending async save failed; cheap, call it every step.
 
     Args:
+      at: the run's current step, for the message.
       wait: block until the pending save is done (else only a finished one is checked).
     """
     step = self._pending
@@ -152,18 +160,18 @@ class Checkpointer:
         self._manager.wait_until_finished()
       except Exception as e:
         self._pending = None
-        raise self._save_error(step, e) from e
+        raise self._save_error(step, e, at) from e
     try:
       self._manager.check_for_errors()
     except Exception as e:
       self._pending = None
-      raise self._save_error(step, e) from e
+      raise self._save_error(step, e, at) from e
     if self._manager.is_saving_in_progress():
       return
     self._pending = None
     self._manager.reload()
     if step not in self._manager.all_steps():  # Orbax logged the failure but did not raise it.
-      raise self._save_error(step, RuntimeError('the step was not committed (see the log)'))
+      raise self._save_error(step, RuntimeError('the step was not committed (see the log)'), at)
 
   def restore(self, abstract_state: Any, step: int | None = None) -> tuple[Any, dict]:
     """Restores (state, meta) at `step` (default: latest) into `abstract_state`'s shardings.
@@ -512,3 +520,68 @@ class SpikeGuard:
       for key in self.KEYS:
         self._history[key] = (self._history[key] + [float(metrics[key])])[-self.window :]
     return bad
+
+
+class PeerWatchdog:
+  """Multi-process runs: stops this process with one line when a peer stops answering.
+
+  Each process bumps a counter in JAX's coordination service every `timeout / 6` seconds; a
+  background thread watches the others' counters and, when one has not moved for `timeout`
+  seconds (a host died, the network split) or the service itself is gone (process 0 died),
+  prints `ERROR: lost peer ...` and exits 1 at once: the collectives it would wait in never return,
+  and JAX's own heartbeat (set to twice `timeout` as a backstop) would abort with a C++ dump.
+  Restarting every process with the same command resumes from the last checkpoint.
+  """
+
+  def __init__(self, timeout: float, workdir: str):
+    self.timeout = timeout
+    self.workdir = workdir
+    self._stop = threading.Event()
+
+  def start(self) -> PeerWatchdog:
+    if jax.process_count() == 1 or self.timeout <= 0:
+      return self
+    from jax._src import distributed  # The client multihost_utils uses too.
+
+    client = distributed.global_state.client
+    me, n = jax.process_index(), jax.process_count()
+    thread = threading.Thread(
+      target=self._watch, args=(client, me, n), daemon=True, name='peer-watchdog'
+    )
+    thread.start()
+    return self
+
+  def _watch(self, client, me: int, n: int) -> None:
+    seen: dict[int, tuple[str, float]] = {}
+    count = 0
+    while not self._stop.wait(self.timeout / 6):
+      count += 1
+      now = time.monotonic()
+      try:
+        client.key_value_set(f'vit_jax/alive/{me}', str(count), allow_overwrite=True)
+        for peer in range(n):
+          if peer == me:
+            continue
+          try:
+            value = client.key_value_try_get(f'vit_jax/alive/{peer}')
+          except Exception:  # Not stamped yet: still starting.
+            continue
+          if seen.get(peer, (None,))[0] != value:
+            seen[peer] = (value, now)
+          elif now - seen[peer][1] > self.timeout:
+            self._lost(f'peer process {peer} sent no heartbeat for {self.timeout:.0f} s')
+      except Exception as e:  # The coordination service (process 0) is gone.
+        self._lost(f'the coordinator stopped answering ({type(e).__name__})')
+
+  def _lost(self, why: str) -> None:
+    message = (
+      f'lost a peer: {why} (host down or network split); stopping process '
+      f'{jax.process_index()} too. Restart every process with the same command: they resume from '
+      f'the last checkpoint in {os.path.join(self.workdir, "checkpoints")}.'
+    )
+    logging.error('%s', message)
+    print(f'ERROR: {message}', file=sys.stderr, flush=True)
+    os._exit(1)  # Not sys.exit: the main thread may be blocked in a collective forever.
+
+  def stop(self) -> None:
+    self._stop.set()
