@@ -129,23 +129,15 @@ def _assert_same_run(workdir, reference):
   assert [r['step'] for r in records] == list(range(1, STEPS + 1))
   assert {r['step']: r['train/loss'] for r in records} == _losses(reference)
   got = train_state.restore_params(f'{workdir}/checkpoints')
-  jax.tree.map(np.testing.assert_array_equal, got, train_state.restore_params(f'{reference}/ckpt'))
+  want = train_state.restore_params(f'{reference}/checkpoints', STEPS)
+  jax.tree.map(np.testing.assert_array_equal, got, want)
 
 
 @pytest.fixture(scope='module')
 def reference(tmp_path_factory):
-  """An uninterrupted run; its checkpoints are moved to `ckpt/` so no test resumes from them."""
+  """An uninterrupted run (checkpoints 4, 8, 12, 16); tests damage copies of it, never it."""
   workdir = str(tmp_path_factory.mktemp('reference'))
   _run(_command(workdir))
-  os.rename(f'{workdir}/checkpoints', f'{workdir}/ckpt')
-  return workdir
-
-
-@pytest.fixture(scope='module')
-def base(tmp_path_factory):
-  """A run stopped after 12 of the 16 steps (checkpoints 4, 8, 12), to be damaged and resumed."""
-  workdir = str(tmp_path_factory.mktemp('base'))
-  _run(_command(workdir, 12))
   return workdir
 
 
@@ -177,18 +169,18 @@ def _damage(step_dir, how):
   'how', ['truncated', 'removed', 'bit-flipped', 'meta-truncated', 'metadata-removed']
 )
 def test_damaged_latest_checkpoint_is_moved_aside_and_the_previous_one_resumed(
-  how, base, reference, tmp_path
+  how, reference, tmp_path
 ):
   workdir = str(tmp_path / 'w')
-  shutil.copytree(base, workdir)
-  _damage(f'{workdir}/checkpoints/12', how)
+  shutil.copytree(reference, workdir)
+  _damage(f'{workdir}/checkpoints/{STEPS}', how)
   p = _run(_command(workdir))
   warnings = [line for line in p.lines if 'is damaged' in line]
   assert len(warnings) == 1, p.output()
-  assert f'checkpoint step 12 in {workdir}/checkpoints is damaged (' in warnings[0]
-  assert f'moved to {workdir}/checkpoints.corrupt/12-' in warnings[0]
-  assert 'resuming from step 8' in p.output()
-  assert os.listdir(f'{workdir}/checkpoints.corrupt')[0].startswith('12-')
+  assert f'checkpoint step {STEPS} in {workdir}/checkpoints is damaged (' in warnings[0]
+  assert f'moved to {workdir}/checkpoints.corrupt/{STEPS}-' in warnings[0]
+  assert f'resuming from step {STEPS - 4}' in p.output()  # The previous checkpoint.
+  assert os.listdir(f'{workdir}/checkpoints.corrupt')[0].startswith(f'{STEPS}-')
   _assert_same_run(workdir, reference)
 
 
@@ -258,14 +250,15 @@ def _tmpfs(path, size_kb):
 
 
 def _fill(directory, leave_bytes):
-  with open(os.path.join(directory, 'filler'), 'wb') as f:
-    with contextlib.suppress(OSError):
+  path = os.path.join(directory, 'filler')
+  fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
+  try:
+    with contextlib.suppress(OSError):  # Until the disk is full.
       while True:
-        f.write(b'\0' * 4096)
-        f.flush()
-  free = shutil.disk_usage(directory).free
-  os.truncate(os.path.join(directory, 'filler'), max(os.path.getsize(f.name) - leave_bytes, 0))
-  return free
+        os.write(fd, b'\0' * 65536)
+  finally:
+    os.close(fd)
+  os.truncate(path, max(os.path.getsize(path) - leave_bytes, 0))
 
 
 @pytest.mark.parametrize('log_every', [0, 1])
@@ -309,22 +302,23 @@ def test_disk_full_stops_the_run_in_one_line_and_it_resumes_once_space_is_back(
     assert [r['train/loss'] for r in records] == [r['train/loss'] for r in want]
 
 
-def test_resume_refuses_an_incompatible_config_and_states_a_compatible_change(base, tmp_path):
+def test_resume_refuses_an_incompatible_config_and_states_a_compatible_change(reference, tmp_path):
   workdir = str(tmp_path / 'w')
-  shutil.copytree(base, workdir)
+  shutil.copytree(reference, workdir)
   with open(f'{workdir}/config.json') as f:
     before = f.read()
   p = _run([*_command(workdir), '--config.optimizer=sgd', '--config.model.param_dtype=bfloat16'],
            expect=1)  # fmt: skip
   (error,) = p.errors()
-  assert f'checkpoint {workdir}/checkpoints/12 was made with another config: ' in error
+  assert f'checkpoint {workdir}/checkpoints/{STEPS} was made with another config: ' in error
   assert "model.param_dtype 'float32' -> 'bfloat16'; optimizer 'adamw' -> 'sgd'" in error
   assert 'Traceback' not in p.output() and len(p.lines) < 40
   with open(f'{workdir}/config.json') as f:
     assert f.read() == before  # A refused resume leaves the old config.
-  p = _run([*_command(workdir), '--config.lr=0.001'], devices=1)
-  assert 'resuming step 12 with config changes: lr 0.002 -> 0.001; total_steps 12 -> 16' in (
-    p.output()
+  p = _run([*_command(workdir, STEPS + 2), '--config.lr=0.001'], devices=1)
+  assert (
+    f'resuming step {STEPS} with config changes: lr 0.002 -> 0.001; total_steps {STEPS} -> '
+    in (p.output())
   )
   assert 'on mesh data=2 x fsdp=1 x tensor=1 in 1 processes, resuming on mesh data=1' in p.output()
   assert 'state resharded; the data order from here on differs' in p.output()
@@ -337,7 +331,7 @@ def test_a_finite_loss_spike_stops_the_run_before_it_is_checkpointed(tmp_path, m
 
   def spiking(self, state, batch, rng):
     state, out = real(self, state, batch, rng)
-    if int(jax.device_get(state['step'])) == 9:
+    if int(jax.device_get(state['step'])) == 14:  # After the guard's 10 steps of history.
       out = dict(out, **{'train/loss': out['train/loss'] * 2e11})  # ~4.8e11: finite.
     return state, out
 
@@ -352,7 +346,7 @@ def test_a_finite_loss_spike_stops_the_run_before_it_is_checkpointed(tmp_path, m
   ):
     train.train_and_evaluate(config, workdir)
   ckpt = train_state.Checkpointer(f'{workdir}/checkpoints')
-  assert ckpt.all_steps() == [4, 8]  # Step 12 would have held the spiked state.
+  assert ckpt.all_steps() == [4, 8, 12]  # Step 16 would have followed the spike.
   ckpt.close()
 
 

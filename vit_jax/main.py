@@ -228,6 +228,10 @@ def main(argv):
   except (ValueError, TypeError, OSError) as e:  # Bad input met while running: data, files.
     _fail(f'{type(e).__name__}: {e}', 1)
   except Exception as e:
+    if jax.process_count() > 1 and type(e).__name__ == 'XlaRuntimeError':
+      # A collective whose peer is gone fails before the watchdog notices.
+      _fail(f'lost a peer: a collective failed ({" ".join(str(e).split())[:200]}); restart every '
+            'process with the same command to resume from the last checkpoint', 1)  # fmt: skip
     if not _is_input_error(e):
       raise
     _fail(f'{type(e).__name__}: {e}', 1)
@@ -236,7 +240,7 @@ def main(argv):
 
 
 def _is_input_error(e: Exception) -> bool:
-  """TensorFlow's errors about the data (a corrupt image...) and a lost peer's runtime error."""
+  """TensorFlow's errors about the data (a corrupt image, a truncated record)."""
   module = type(e).__module__
   if module.startswith('tensorflow') and type(e).__name__ in (
     'InvalidArgumentError',
