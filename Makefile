@@ -38,4 +38,4 @@ clean:
 # The fault-injection suite (docs/reliability.md): the subprocess cases behind the `faults` marker,
 # plus the fast ones that `make test` also runs.
 faults: setup
-	$(PY) -m pytest -q -n 2 --dist loadfile tests/test_faults.py tests/test_errors.py tests/test_launch.py
+	$(PY) -m pytest -q -n 2 --dist load tests/test_faults.py tests/test_errors.py tests/test_launch.py

