@@ -282,7 +282,7 @@ def test_disk_full_stops_the_run_in_one_line_and_it_resumes_once_space_is_back(
     assert f'File "{REPO}/vit_jax' not in p.output()  # No traceback of ours (orbax logs its own).
     if 'saving checkpoint step' in error:
       failed = int(error.split('saving checkpoint step ')[1].split()[0])
-      assert f'to {workdir}/checkpoints/{failed} failed: ' in error
+      assert f'to {workdir}/checkpoints/{failed} failed (noticed at step ' in error
       noticed = int(error.split('noticed at step ')[1].split()[0])
       assert noticed <= failed + 4  # Before the next save, not an interval later.
     else:
@@ -350,6 +350,14 @@ def test_a_finite_loss_spike_stops_the_run_before_it_is_checkpointed(tmp_path, m
   ckpt.close()
 
 
+def _essentials(p):
+  """The lines that say why a process ended (not faulthandler's list of extension modules)."""
+  keep = ('ERROR', 'Error', 'F12', 'E12', 'W12', 'Fatal', 'Check failed', 'resuming', 'Abort')
+  return ''.join(line for line in p.lines if line.startswith(keep) or 'error' in line.lower())[
+    -6000:
+  ]
+
+
 def _free_port():
   with socket.socket() as s:
     s.bind(('127.0.0.1', 0))
@@ -383,9 +391,7 @@ def test_lost_peer_stops_the_survivor_in_one_line_and_the_pair_resumes(tmp_path,
   rc = first[0].finish(timeout=120)
   elapsed = time.time() - start
   assert elapsed < 30, (elapsed, first[0].output()[-3000:])
-  assert rc == 1, ''.join(line for line in first[0].lines if 'Extension modules' not in line)[
-    -5000:
-  ]
+  assert rc == 1, _essentials(first[0])
   (error,) = first[0].errors()
   assert 'lost' in error.lower() or 'peer' in error.lower(), error
   last_good = train_state.Checkpointer(f'{workdir}/checkpoints')
@@ -393,5 +399,5 @@ def test_lost_peer_stops_the_survivor_in_one_line_and_the_pair_resumes(tmp_path,
   last_good.close()
   second = pair(step + 4)
   for p in second:
-    assert p.finish() == 0, p.output()[-3000:]
+    assert p.finish() == 0, _essentials(p)
   assert f'resuming from step {step}' in second[0].output()

@@ -155,22 +155,30 @@ class MetricWriter:
     if self._tb is not None:
       import tensorflow as tf
 
-      with self._tb.as_default(step=int(step)):
-        for key, value in record.items():
-          if key != 'step' and isinstance(value, (int, float)):
-            # tf.summary.write with the scalars plugin tag: what tf.summary.scalar writes, without
-            # needing the tensorboard package installed.
-            tf.summary.write(
-              key, tf.constant(float(value), tf.float32), metadata=_scalar_metadata()
-            )
-      self._tb.flush()
+      try:
+        with self._tb.as_default(step=int(step)):
+          for key, value in record.items():
+            if key != 'step' and isinstance(value, (int, float)):
+              # tf.summary.write with the scalars plugin tag: what tf.summary.scalar writes,
+              # without needing the tensorboard package installed.
+              tf.summary.write(
+                key, tf.constant(float(value), tf.float32), metadata=_scalar_metadata()
+              )
+        self._tb.flush()
+      except tf.errors.OpError as e:  # E.g. a full disk: reported in one line like the above.
+        raise OSError(
+          5, f'writing the TensorBoard events of step {step} failed: {" ".join(e.message.split())}'
+        ) from e
 
   def close(self) -> None:
     if self._file is not None:
       os.close(self._file)
       self._file = None
     if self._tb is not None:
-      self._tb.close()
+      try:
+        self._tb.close()
+      except Exception as e:  # A full disk: the events are lost, metrics.jsonl is whole.
+        logging.warning('closing the TensorBoard writer: %s', ' '.join(str(e).split())[:200])
       self._tb = None
 
 

@@ -264,8 +264,10 @@ class Checkpointer:
       self.check(wait=True)
     except CheckpointSaveError as e:
       logging.error('%s', e)
-    finally:
+    try:
       self._manager.close()
+    except Exception as e:  # After a failed save: the error is already reported.
+      logging.warning('closing the checkpoint manager: %s', _one_line(e))
 
 
 def _gopen(path: str):
