@@ -283,7 +283,7 @@ def test_disk_full_stops_the_run_in_one_line_and_it_resumes_once_space_is_back(
     if 'saving checkpoint step' in error:
       failed = int(error.split('saving checkpoint step ')[1].split()[0])
       assert f'to {workdir}/checkpoints/{failed} failed (noticed at step ' in error
-      noticed = int(error.split('noticed at step ')[1].split()[0])
+      noticed = int(error.split('noticed at step ')[1].split(')')[0])
       assert noticed <= failed + 4  # Before the next save, not an interval later.
     else:
       assert 'writing the metrics of step' in error and f'{workdir}/metrics.jsonl' in error

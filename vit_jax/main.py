@@ -213,7 +213,9 @@ def main(argv):
     preflight.check_config(config, workdir)
   except preflight.UserError as e:
     _fail(str(e), 2)
-  train_state.PeerWatchdog(float(config.get('distributed_heartbeat_seconds', 0)), workdir).start()
+  watchdog = train_state.PeerWatchdog(
+    float(config.get('distributed_heartbeat_seconds', 0)), workdir
+  ).start()
   logging.info(
     'JAX %s, process %d/%d, %d local / %d global devices (%s)',
     jax.__version__,
@@ -231,13 +233,14 @@ def main(argv):
   except (ValueError, TypeError, OSError) as e:  # Bad input met while running: data, files.
     _fail(f'{type(e).__name__}: {e}', 1)
   except Exception as e:
-    if jax.process_count() > 1 and type(e).__name__ == 'XlaRuntimeError':
+    if jax.process_count() > 1 and type(e).__name__ in ('JaxRuntimeError', 'XlaRuntimeError'):
       # A collective whose peer is gone fails before the watchdog notices.
       _fail(f'lost a peer: a collective failed ({" ".join(str(e).split())[:200]}); restart every '
             'process with the same command to resume from the last checkpoint', 1)  # fmt: skip
     if not _is_input_error(e):
       raise
     _fail(f'{type(e).__name__}: {e}', 1)
+  watchdog.stop()  # Peers that finish first stop answering: that is no longer a loss.
   if jax.process_index() == 0:
     print(_summary(result, workdir), flush=True)
 

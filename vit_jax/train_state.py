@@ -109,6 +109,9 @@ class Checkpointer:
       cleanup_tmp_directories=True,  # Leftovers of a save interrupted by SIGKILL.
     )
     self._manager = ocp.CheckpointManager(self.directory, options=options)
+    # Orbax's background thread logs a failed write and may not raise it again: keep its cause.
+    self._errors = _LastError()
+    logging.getLogger().addHandler(self._errors)
     self._pending: int | None = None  # The step of the async save not yet known to be committed.
 
   def latest_step(self) -> int | None:
@@ -171,7 +174,8 @@ class Checkpointer:
     self._pending = None
     self._manager.reload()
     if step not in self._manager.all_steps():  # Orbax logged the failure but did not raise it.
-      raise self._save_error(step, RuntimeError('the step was not committed (see the log)'), at)
+      why = self._errors.text or 'see the log'
+      raise self._save_error(step, RuntimeError(f'the step was not committed ({why})'), at)
 
   def restore(self, abstract_state: Any, step: int | None = None) -> tuple[Any, dict]:
     """Restores (state, meta) at `step` (default: latest) into `abstract_state`'s shardings.
@@ -268,6 +272,20 @@ class Checkpointer:
       self._manager.close()
     except Exception as e:  # After a failed save: the error is already reported.
       logging.warning('closing the checkpoint manager: %s', _one_line(e))
+    logging.getLogger().removeHandler(self._errors)
+
+
+class _LastError(logging.Handler):
+  """Keeps the last exception logged at ERROR level (by orbax's save thread)."""
+
+  def __init__(self):
+    super().__init__(logging.ERROR)
+    self.text: str | None = None
+
+  def emit(self, record: logging.LogRecord) -> None:
+    if record.exc_info and record.exc_info[1] is not None:
+      e = record.exc_info[1]
+      self.text = f'{type(e).__name__}: {_one_line(e)}'
 
 
 def _gopen(path: str):
@@ -556,7 +574,7 @@ class PeerWatchdog:
 
   def _watch(self, client, me: int, n: int) -> None:
     seen: dict[int, tuple[str, float]] = {}
-    count = 0
+    count = failures = 0
     while not self._stop.wait(self.timeout / 6):
       count += 1
       now = time.monotonic()
@@ -571,10 +589,13 @@ class PeerWatchdog:
             continue
           if seen.get(peer, (None,))[0] != value:
             seen[peer] = (value, now)
-          elif now - seen[peer][1] > self.timeout:
+          elif now - seen[peer][1] > self.timeout and not self._stop.is_set():
             self._lost(f'peer process {peer} sent no heartbeat for {self.timeout:.0f} s')
-      except Exception as e:  # The coordination service (process 0) is gone.
-        self._lost(f'the coordinator stopped answering ({type(e).__name__})')
+        failures = 0
+      except Exception as e:  # The coordination service (process 0) is gone, if it persists.
+        failures += 1
+        if failures >= 3 and not self._stop.is_set():
+          self._lost(f'the coordinator stopped answering ({type(e).__name__})')
 
   def _lost(self, why: str) -> None:
     message = (
