@@ -116,9 +116,6 @@ def initialize_distributed() -> None:
   # Cross-process collectives between CPU devices (tests on localhost) go through gloo; this does
   # not touch accelerator backends. Set before the backend starts.
   jax.config.update('jax_cpu_collectives_implementation', 'gloo')
-  # A dead peer must not abort the others from inside the runtime (a C++ dump, no message): they
-  # keep running and the PeerWatchdog stops them with one line within the heartbeat.
-  jax.config.update('jax_enable_recoverability', True)
   jax.distributed.initialize(**kwargs)
 
 
