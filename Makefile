@@ -1,12 +1,13 @@
 # make setup: idempotent; creates .venv/ at the repo root and installs vit_jax with its test extras.
 # make test:  lint + format check + the test suite.
+# make faults: the whole fault-injection suite (kills, corrupt checkpoints, full disks, lost hosts).
 # make quickstart: setup, then train + evaluate the quickstart recipe into workdirs/quickstart.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test lint format clean quickstart notebook
+.PHONY: setup test lint format clean quickstart notebook faults
 
 setup: $(STAMP)
 
@@ -25,7 +26,7 @@ format: setup
 	$(VENV)/bin/ruff check --fix .
 
 test: setup lint
-	$(PY) -m pytest -q -n 2 --dist loadfile tests
+	$(PY) -m pytest -q -n 2 --dist loadfile -m 'not faults' tests
 
 # Trains the quickstart recipe (small ViT, offline digits) on this machine, then evaluates it.
 quickstart: setup
@@ -39,3 +40,8 @@ clean:
 notebook: setup
 	$(PY) -m pip install -q 'torch==2.13.0' -e '.[export,notebook]'
 	VIT_JAX_NOTEBOOK_SMALL=1 $(PY) notebooks/execute.py notebooks/*.ipynb --out build/notebooks
+
+# The fault-injection suite (docs/reliability.md): the subprocess cases behind the `faults` marker,
+# plus the fast ones that `make test` also runs.
+faults: setup
+	$(PY) -m pytest -q -n 2 --dist load tests/test_faults.py tests/test_errors.py tests/test_launch.py

@@ -115,6 +115,9 @@ def base_config() -> ml_collections.ConfigDict:
   # More evaluations, big_vision style: name -> `eval_entry(...)` / `fewshot_entry(...)`
   # (vit_jax/evaluators). Results go to `eval/<name>/...`.
   c.evals = ml_collections.ConfigDict()
+  # Reliability (vit_jax.train_state, vit_jax.main; docs/reliability.md).
+  c.spike_factor = 1000.0  # Stop when loss or grad norm passes this x its running median; 0: off.
+  c.distributed_heartbeat_seconds = 30  # Multi-host: a lost peer stops the others within this.
   return c
 
 

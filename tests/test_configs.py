@@ -290,7 +290,7 @@ def test_runlocal_is_small():
 def test_finetune_trains_and_resumes_on_a_folder_dataset(tmp_path):
   from data_fixtures import make_indexed_folder
 
-  from vit_jax.main import resume_command
+  from vit_jax.main import continue_command
 
   make_indexed_folder(str(tmp_path / 'images'), classes=2, per_class=10)
   arg = f'model=testing,dataset=folder:{tmp_path / "images"},res=16,batch=8,steps=2'
@@ -303,7 +303,7 @@ def test_finetune_trains_and_resumes_on_a_folder_dataset(tmp_path):
   assert 0.0 <= run(2)['eval/validation/accuracy'] <= 1.0  # The folder's own eval split.
   assert run(3)['step'] == 3  # What the resume hint does: same recipe and args, more steps.
   argv = ['main.py', f'--config=configs/finetune.py:{arg}', '--workdir', 'w b', '--config.lr=0.1']
-  assert resume_command(argv + ['--config.total_steps', '2']) == (
+  assert continue_command(argv + ['--config.total_steps', '2'], 4) == (
     f"python -m vit_jax.main --config=configs/finetune.py:{arg} --workdir 'w b' "
-    '--config.lr=0.1 --config.total_steps=<more steps>'
+    '--config.lr=0.1 --config.total_steps=4'
   )

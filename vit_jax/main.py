@@ -10,7 +10,12 @@ is locked, so a misspelt field is an error. A workdir holding a checkpoint resum
 Multi-host: on Cloud TPU pod slices and under SLURM (`srun`), `jax.distributed.initialize()` detects
 the cluster by itself; `--coordinator_address`, `--num_processes` and `--process_id` set it
 explicitly (e.g. several CPU processes on one machine). `--distributed=off` never initializes it.
-Exit status: 0 on success and on preemption (SIGTERM: checkpointed), 1 on divergence (NaN/Inf).
+Exit status: 0 on success and on preemption (SIGTERM: checkpointed), 1 on divergence (NaN/Inf,
+loss spike), a failed save, a lost peer or a refused resume, 2 on a mistake in the command line or
+config. Errors are one line (`ERROR: ...`); `--verbose` or VIT_JAX_VERBOSE=1 adds the traceback.
+
+    python -m vit_jax.main --config configs/quickstart.py --print_config   # resolved config
+    python -m vit_jax.main --list_models                                  # names, parameter counts
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import logging as pylogging
 import os
 import shlex
 import sys
+import traceback
 
 # TensorFlow only feeds the input pipeline. Before it is imported: no INFO lines from its C++
 # runtime (oneDNN's "custom operations are on" note), and TensorFlow's own kernels rather than
@@ -45,7 +51,44 @@ flags.DEFINE_integer('process_id', None, 'This process index (multi-process runs
 flags.DEFINE_integer(
   'local_device_count', None, 'CPU only: number of simulated devices in this process (for testing).'
 )
-flags.mark_flags_as_required(['config', 'workdir'])
+flags.DEFINE_bool('verbose', False, 'Show tracebacks with errors (or VIT_JAX_VERBOSE=1).')
+flags.DEFINE_bool('print_config', False, 'Print the resolved config and exit.')
+flags.DEFINE_bool('list_models', False, 'List the registered models with parameter counts; exit.')
+
+
+def _verbose(argv=()) -> bool:
+  if os.environ.get('VIT_JAX_VERBOSE', '') not in ('', '0'):
+    return True
+  try:
+    return bool(FLAGS.verbose)
+  except flags.UnparsedFlagAccessError:
+    return '--verbose' in argv
+
+
+def _fail(message: str, code: int, argv=()) -> None:
+  """Prints `ERROR: message` as one line (after the traceback only when verbose) and exits.
+
+  Code 2: a mistake in the command line or config; 1: a failure while running.
+  """
+  if _verbose(argv):
+    traceback.print_exc()
+  elif code != 2 and sys.exc_info()[0]:
+    message += ' (--verbose shows the traceback)'
+  print(f'ERROR: {" ".join(message.split())}', file=sys.stderr, flush=True)
+  sys.exit(code)
+
+
+def _parse_flags(argv):
+  """absl's parsing, with each mistake explained in one line (unknown field, wrong type...)."""
+  try:
+    args = FLAGS(argv)
+    if FLAGS.config is not None:
+      FLAGS.config.get('model_name')  # A recipe that failed to load raises only when first used.
+    return args
+  except Exception as e:  # flags.Error, and errors of the recipe's get_config.
+    from vit_jax import preflight
+
+    _fail(preflight.explain_flags_error(argv[1:], e), 2, argv)
 
 
 def _cluster_detected() -> bool:
@@ -67,7 +110,10 @@ def initialize_distributed() -> None:
     FLAGS.distributed == 'auto' and not explicit and not _cluster_detected()
   ):
     return
-  kwargs = {}
+  # `train_state.PeerWatchdog` notices a lost peer within the config's heartbeat and exits in one
+  # line; JAX's own heartbeat (it aborts with a C++ dump) is the backstop at twice that.
+  heartbeat = int(FLAGS.config.get('distributed_heartbeat_seconds', 50))
+  kwargs = {'heartbeat_timeout_seconds': 2 * heartbeat}
   if FLAGS.coordinator_address:
     kwargs['coordinator_address'] = FLAGS.coordinator_address
   if FLAGS.num_processes is not None:
@@ -78,21 +124,6 @@ def initialize_distributed() -> None:
   # not touch accelerator backends. Set before the backend starts.
   jax.config.update('jax_cpu_collectives_implementation', 'gloo')
   jax.distributed.initialize(**kwargs)
-
-
-def resume_command(argv: list[str]) -> str:
-  """This run's command line with `--config.total_steps=<more steps>`: the same recipe, arguments
-  (`configs/finetune.py:dataset=folder:...`) and overrides, so the run resumes as it was."""
-  args, skip = [], False
-  for a in argv[1:]:
-    if skip or a.startswith('--config.total_steps='):
-      skip = False
-      continue
-    if a == '--config.total_steps':
-      skip = True
-      continue
-    args.append(shlex.quote(a))
-  return ' '.join(['python -m vit_jax.main', *args, '--config.total_steps=<more steps>'])
 
 
 def _summary(result: dict, workdir: str) -> str:
@@ -113,12 +144,39 @@ def _summary(result: dict, workdir: str) -> str:
   )
   lines += [
     'Next:',
-    f'  continue training:  {resume_command(sys.argv)}',
+    f'  continue training:  {continue_command(sys.argv, 2 * result["step"])}',
     '  fine-tune ViT-B/16: python -m vit_jax.main --config configs/finetune.py:model=ViT-B_16,'
     'dataset=cifar10 --workdir workdirs/ft --config.pretrained_path=ViT-B_16.npz',
     '  run the tests:      make test',
     '=' * 72,
   ]
+  return '\n'.join(lines)
+
+
+def continue_command(argv, total_steps: int) -> str:
+  """The user's own command line with `--config.total_steps` set to `total_steps`."""
+  args = []
+  skip = False
+  for arg in argv[1:]:
+    if skip:
+      skip = False
+    elif arg.startswith('--config.total_steps='):
+      pass
+    elif arg == '--config.total_steps':
+      skip = True
+    else:
+      args.append(arg)
+  return shlex.join(['python', '-m', 'vit_jax.main', *args, f'--config.total_steps={total_steps}'])
+
+
+def list_models() -> str:
+  """Registered model names with parameter counts (1000 classes, 224x224)."""
+  from vit_jax import models
+
+  lines = [f'{"model":<22} {"parameters":>15}']
+  for name in models.MODEL_CONFIGS:
+    count = models.count_params(models.get_model(name, num_classes=1000), 224)
+    lines.append(f'{name:<22} {count:>15,}')
   return '\n'.join(lines)
 
 
@@ -142,7 +200,17 @@ class _QuietLibraries:
 
 def main(argv):
   if len(argv) > 1:
-    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+    _fail(f'unexpected arguments {argv[1:]}: every option is --name=value', 2)
+  if FLAGS.list_models:
+    print(list_models())
+    return
+  if FLAGS.config is None:
+    _fail('--config is required, e.g. --config=configs/quickstart.py', 2)
+  if FLAGS.print_config:
+    print(FLAGS.config)
+    return
+  if not FLAGS.workdir:
+    _fail('--workdir is required (a local directory or gs:// path; it resumes if it holds one)', 2)
   logging.get_absl_handler().python_handler.addFilter(_QuietLibraries())
   if FLAGS.local_device_count:
     import jax
@@ -151,10 +219,17 @@ def main(argv):
   initialize_distributed()
   import jax
 
-  from vit_jax import train
+  from vit_jax import preflight, train, train_state
 
   config = FLAGS.config
   workdir = FLAGS.workdir
+  try:
+    preflight.check_config(config, workdir)
+  except preflight.UserError as e:
+    _fail(str(e), 2)
+  watchdog = train_state.PeerWatchdog(
+    float(config.get('distributed_heartbeat_seconds', 0)), workdir
+  ).start()
   logging.info(
     'JAX %s, process %d/%d, %d local / %d global devices (%s)',
     jax.__version__,
@@ -166,13 +241,34 @@ def main(argv):
   )
   try:
     result = train.train_and_evaluate(config, workdir)
-  except train.TrainingDivergedError as e:
+  except (train.TrainingDivergedError, train_state.CheckpointError, preflight.UserError) as e:
     logging.error('%s', e)
-    print(f'ERROR: {e}', file=sys.stderr, flush=True)
-    sys.exit(1)
+    _fail(str(e), 1)
+  except (ValueError, TypeError, OSError) as e:  # Bad input met while running: data, files.
+    _fail(f'{type(e).__name__}: {e}', 1)
+  except Exception as e:
+    if jax.process_count() > 1 and type(e).__name__ in ('JaxRuntimeError', 'XlaRuntimeError'):
+      # A collective whose peer is gone fails before the watchdog notices.
+      _fail(f'lost a peer: a collective failed ({" ".join(str(e).split())[:200]}); restart every '
+            'process with the same command to resume from the last checkpoint', 1)  # fmt: skip
+    if not _is_input_error(e):
+      raise
+    _fail(f'{type(e).__name__}: {e}', 1)
+  watchdog.stop()  # Peers that finish first stop answering: that is no longer a loss.
   if jax.process_index() == 0:
     print(_summary(result, workdir), flush=True)
 
 
+def _is_input_error(e: Exception) -> bool:
+  """TensorFlow's errors about the data (a corrupt image, a truncated record)."""
+  module = type(e).__module__
+  if module.startswith('tensorflow') and type(e).__name__ in (
+    'InvalidArgumentError',
+    'DataLossError',
+  ):
+    return True
+  return False
+
+
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)

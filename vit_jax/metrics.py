@@ -10,6 +10,7 @@ block once and rematerialized work again.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -189,9 +190,25 @@ def _scalar_metadata():
 
 
 class MetricWriter:
-  """Writes scalars to `workdir/metrics.jsonl` and TensorBoard event files (process 0 only)."""
+  """Writes scalars to `workdir/metrics.jsonl` and TensorBoard event files (process 0 only).
 
-  def __init__(self, workdir: str, *, enabled: bool | None = None, tensorboard: bool = True):
+  Args:
+    workdir: where metrics.jsonl and tensorboard/ go.
+    enabled: write at all (default: on process 0).
+    tensorboard: also write event files.
+    resume_step: the step the run resumes from: records past it (written before a kill, and
+      about to be written again) and a torn last line (a crash or full disk mid-write) are dropped
+      first, so the file holds each step once and always parses.
+  """
+
+  def __init__(
+    self,
+    workdir: str,
+    *,
+    enabled: bool | None = None,
+    tensorboard: bool = True,
+    resume_step: int | None = None,
+  ):
     self.enabled = jax.process_index() == 0 if enabled is None else enabled
     self.path = os.path.join(workdir, 'metrics.jsonl')
     self._file = None
@@ -199,7 +216,10 @@ class MetricWriter:
     if not self.enabled:
       return
     os.makedirs(workdir, exist_ok=True)
-    self._file = open(self.path, 'a')  # noqa: SIM115 -- closed in close().
+    if resume_step is not None and os.path.exists(self.path):
+      _truncate_jsonl(self.path, resume_step)
+    # Raw appends: a failed write (disk full) is cut back to the last whole line at once.
+    self._file = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     if tensorboard:
       import tensorflow as tf
 
@@ -209,34 +229,72 @@ class MetricWriter:
     if not self.enabled:
       return
     record = {'step': int(step), **{k: _scalar(v) for k, v in scalars.items()}}
-    self._file.write(json.dumps(record) + '\n')
-    self._file.flush()
+    data = (json.dumps(record) + '\n').encode()
+    end = os.fstat(self._file).st_size
+    try:
+      if os.write(self._file, data) != len(data):
+        raise OSError(28, os.strerror(28))  # A short write: the disk filled up mid-line.
+    except OSError as e:
+      with contextlib.suppress(OSError):
+        os.ftruncate(self._file, end)  # Keeps the file whole: every line parses.
+      raise OSError(
+        e.errno, f'writing the metrics of step {step} to {self.path} failed: {e.strerror}'
+      ) from e
     if self._tb is not None:
       import tensorflow as tf
 
-      with self._tb.as_default(step=int(step)):
-        for key, value in record.items():
-          if key != 'step' and isinstance(value, (int, float)):
-            # tf.summary.write with the scalars plugin tag: what tf.summary.scalar writes, without
-            # needing the tensorboard package installed.
-            tf.summary.write(
-              key, tf.constant(float(value), tf.float32), metadata=_scalar_metadata()
-            )
-      self._tb.flush()
+      try:
+        with self._tb.as_default(step=int(step)):
+          for key, value in record.items():
+            if key != 'step' and isinstance(value, (int, float)):
+              # tf.summary.write with the scalars plugin tag: what tf.summary.scalar writes,
+              # without needing the tensorboard package installed.
+              tf.summary.write(
+                key, tf.constant(float(value), tf.float32), metadata=_scalar_metadata()
+              )
+        self._tb.flush()
+      except tf.errors.OpError as e:  # E.g. a full disk: reported in one line like the above.
+        raise OSError(
+          5, f'writing the TensorBoard events of step {step} failed: {" ".join(e.message.split())}'
+        ) from e
 
   def close(self) -> None:
     if self._file is not None:
-      self._file.close()
+      os.close(self._file)
       self._file = None
     if self._tb is not None:
-      self._tb.close()
+      try:
+        self._tb.close()
+      except Exception as e:  # A full disk: the events are lost, metrics.jsonl is whole.
+        logging.warning('closing the TensorBoard writer: %s', ' '.join(str(e).split())[:200])
       self._tb = None
 
 
-def read_jsonl(path: str) -> list[dict]:
-  """All records of a metrics.jsonl file."""
+def _parse_lines(path: str) -> list[dict]:
+  records = []
   with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
+    for line in f:
+      if not line.strip():
+        continue
+      try:
+        records.append(json.loads(line))
+      except ValueError:  # A line torn by a kill or a full disk mid-write.
+        logging.warning('%s: skipping a torn line %r', path, line[:80])
+  return records
+
+
+def _truncate_jsonl(path: str, step: int) -> None:
+  """Keeps the whole records up to `step` (atomically: a new file renamed over the old one)."""
+  records = [r for r in _parse_lines(path) if int(r.get('step', 0)) <= step]
+  tmp = f'{path}.tmp'
+  with open(tmp, 'w') as f:
+    f.writelines(json.dumps(r) + '\n' for r in records)
+  os.replace(tmp, path)
+
+
+def read_jsonl(path: str) -> list[dict]:
+  """All records of a metrics.jsonl file (a torn line is skipped with a warning)."""
+  return _parse_lines(path)
 
 
 class Throughput:

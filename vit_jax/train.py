@@ -25,7 +25,7 @@ import numpy as np
 import optax
 
 from vit_jax import metrics as metrics_lib
-from vit_jax import models, npz, optim, sharding, train_state
+from vit_jax import models, npz, optim, resume, sharding, train_state
 from vit_jax.export import load as checkpoint_load
 
 LOSSES = ('softmax_xent', 'sigmoid_xent')
@@ -307,6 +307,8 @@ def train_and_evaluate(
 ) -> dict[str, Any]:
   """Trains (resuming from `workdir` if it holds a checkpoint), evaluates, checkpoints.
 
+  Holds the workdir's lock (`train_state.WorkdirLock`) for the whole run.
+
   Args:
     config: a recipe config (see configs/common.py for the fields).
     workdir: where checkpoints/, metrics.jsonl, tensorboard/ and config.json go.
@@ -316,12 +318,19 @@ def train_and_evaluate(
     {'step', 'checkpoint_dir', 'preempted', 'eval/<split>/accuracy', ...} of the last step.
 
   Raises:
-    TrainingDivergedError: a NaN/Inf loss or gradient; the last good checkpoint is left as it was.
+    TrainingDivergedError: a NaN/Inf loss or gradient, or a spike past `config.spike_factor`
+      times the running median; the last good checkpoint is left as it was.
+    train_state.CheckpointError: the workdir is locked by a live run, its checkpoint cannot be
+      resumed with this config, or a save failed (each with a one-line message).
   """
   from configs import common as recipes  # The recipes' cross-field checks, after any overrides.
 
   recipes.check(config)
-  write_config(config, workdir)
+  with train_state.WorkdirLock(workdir):
+    return _train_and_evaluate(config, workdir, devices)
+
+
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices) -> dict[str, Any]:
   total_steps = int(config['total_steps'])
   trainer = Trainer(config, num_classes=_num_classes(config), devices=devices)
   logging.info(
@@ -339,18 +348,17 @@ def train_and_evaluate(
     async_save=bool(config['async_checkpoints']),
   )
   rng = jax.device_put(jax.random.key_data(jax.random.key(int(config['seed']))), trainer.replicated)
-  if ckpt.latest_step() is not None:
-    abstract = dict(
-      trainer.abstract_state,
-      rng=jax.ShapeDtypeStruct(rng.shape, rng.dtype, sharding=trainer.replicated),
-    )
-    state, meta = ckpt.restore(abstract)
+  layout = f'mesh {sharding.describe(trainer.mesh)} in {jax.process_count()} processes'
+  abstract = dict(
+    trainer.abstract_state,
+    rng=jax.ShapeDtypeStruct(rng.shape, rng.dtype, sharding=trainer.replicated),
+  )
+  restored = resume.restore(ckpt, abstract, config, num_classes=trainer.num_classes, layout=layout)
+  start_batch = None
+  if restored is not None:
+    state, meta = restored
     rng = state.pop('rng')
-    if meta.get('micro_batch', trainer.micro_batch) != trainer.micro_batch:
-      raise ValueError(
-        f'checkpoint in {ckpt_dir} was trained with micro-batches of '
-        f'{meta["micro_batch"]}, config gives {trainer.micro_batch}; use a new workdir'
-      )
+    start_batch = meta.get('data_batches')  # Read, not recomputed: accum_steps may differ.
     logging.info('resuming from step %d', int(state['step']))
   else:
     state = trainer.init_state(int(config['seed']))
@@ -363,16 +371,17 @@ def train_and_evaluate(
       )
       state = trainer.with_params(state, params)
   step = int(jax.device_get(state['step']))
-  train_ds = _datasets(
-    config, start_batch=step * trainer.accum_steps, micro_batch=trainer.micro_batch
-  )
+  write_config(config, workdir)  # Only now: a refused resume leaves the old config.json.
+  if start_batch is None:
+    start_batch = step * trainer.accum_steps
+  train_ds = _datasets(config, start_batch=start_batch, micro_batch=trainer.micro_batch)
   from vit_jax import data
   from vit_jax import evaluators as evaluators_lib  # Late, as the data: imports TensorFlow.
 
   evaluators = evaluators_lib.build(config, trainer)
   put = lambda local: trainer.global_batch(local, stacked=True)
   batches = data.prefetch(_batches(train_ds, trainer.accum_steps), put)  # Next ones on devices.
-  writer = metrics_lib.MetricWriter(workdir)
+  writer = metrics_lib.MetricWriter(workdir, resume_step=step)
   watcher = train_state.PreemptionWatcher()
   meter = metrics_lib.Throughput(
     global_batch_size=int(config['batch_size']),
@@ -381,24 +390,27 @@ def train_and_evaluate(
   )
   pending: list[tuple[int, dict]] = []
   last_saved = ckpt.latest_step()
+  first_step = step
   result: dict[str, Any] = {'preempted': False}
   first = True
 
+  spikes = train_state.SpikeGuard(float(config.get('spike_factor', 0.0)))
+
   def flush() -> dict[str, float]:
-    """Fetches pending step metrics; raises on the first non-finite one."""
+    """Fetches pending step metrics; raises on the first non-finite or spiking one."""
     fetched = jax.device_get([m for _, m in pending])
     steps = [s for s, _ in pending]
     pending.clear()
     for s, m in zip(steps, fetched):
-      bad = [k for k in ('train/loss', 'train/grad_norm', 'train/param_norm')
-             if not np.isfinite(m[k])]  # fmt: skip
+      bad = [f'non-finite {k}={m[k]}' for k in ('train/loss', 'train/grad_norm', 'train/param_norm')
+             if not np.isfinite(m[k])] or spikes.check(m)  # fmt: skip
       if bad:
         ckpt.wait()
         good = f'step {last_saved} in {ckpt_dir}' if last_saved is not None else 'none yet'
         raise TrainingDivergedError(
           s,
-          f'non-finite {", ".join(f"{k}={m[k]}" for k in bad)} at step {s}; last good '
-          f'checkpoint: {good}. Lower lr, raise warmup, or check the data.',
+          f'{", ".join(bad)} at step {s}; last good checkpoint: {good}. '
+          'Lower lr, raise warmup, or check the data.',
         )
     if not fetched:
       return {}
@@ -411,8 +423,10 @@ def train_and_evaluate(
     nonlocal last_saved
     flush()  # Never checkpoint a state that followed a non-finite step.
     meta = {
-      'data_batches': at * trainer.accum_steps,
+      'data_batches': start_batch + (at - first_step) * trainer.accum_steps,
       'micro_batch': trainer.micro_batch,
+      'num_classes': trainer.num_classes,
+      'layout': layout,
       'config': json.loads(config.to_json_best_effort()),
     }
     if ckpt.save(at, dict(state, rng=rng), meta):
@@ -423,7 +437,7 @@ def train_and_evaluate(
       t = time.perf_counter()
       peek = next(batches)
       batches = itertools.chain([peek], batches)
-      _, flops = trainer.compile(state, trainer.global_batch(peek, stacked=True), rng)
+      _, flops = trainer.compile(state, peek, rng)  # A global batch (data.prefetch).
       peak, how = metrics_lib.peak_flops_total(trainer.mesh.size)
       meter.flops_per_step, meter.peak_flops = flops, peak
       logging.info(
@@ -439,6 +453,7 @@ def train_and_evaluate(
       state, step_metrics = trainer.train_step(state, batch, rng)
       step += 1
       pending.append((step, step_metrics))
+      ckpt.check(step)  # A failed background save stops the run within a step, naming the cause.
       if first:  # The throughput window starts after compilation and the first step.
         jax.block_until_ready(state['step'])
         meter.reset(step)

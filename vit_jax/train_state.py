@@ -6,6 +6,13 @@ position `data_batches = step * accum_steps`, the config). Orbax writes each ste
 directory and renames it when complete, so a run killed at any moment leaves only whole checkpoints.
 All processes must call `save`/`restore`; orbax coordinates them.
 
+Nothing is lost, and nothing bad is loaded: `meta` also holds a fingerprint of the state (per leaf,
+the wrapped uint32 sum of its bits: exact and independent of the sharding; any flipped bit shows),
+checked after every restore. A checkpoint that cannot be read or does not match its fingerprint is
+moved aside to `checkpoints.corrupt/` with a one-line warning and the previous one is used. A save
+that fails in the background (disk full, permissions) is noticed at the next step (`check`), not at
+the next save. `WorkdirLock` keeps a second run off a workdir that is in use.
+
 `PreemptionWatcher` turns SIGTERM (how TPU VMs and most schedulers preempt) into a flag that the
 loop polls; every process agrees on the step at which to stop, which is checkpointed before exiting.
 The original npz format (`vit_jax.npz`) is for interop, not for resuming.
@@ -13,15 +20,75 @@ The original npz format (`vit_jax.npz`) is for interop, not for resuming.
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 import os
+import shutil
 import signal
+import socket
+import sys
+import threading
+import time
 from collections.abc import Mapping
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+
+
+class CheckpointError(Exception):
+  """Base of the one-line checkpoint errors that `vit_jax.main` reports without a traceback."""
+
+
+class CheckpointSaveError(CheckpointError):
+  """A save failed (disk full, permissions, ...); the previous checkpoints are intact."""
+
+
+class ResumeError(CheckpointError):
+  """The workdir's checkpoint cannot be resumed with this config (another model, batch, ...)."""
+
+
+class WorkdirLockedError(CheckpointError):
+  """Another live run holds the workdir."""
+
+
+class CorruptCheckpointError(CheckpointError):
+  """A checkpoint that cannot be read or does not match its fingerprint."""
+
+
+def _leaf_bits(x: jax.Array) -> jax.Array:
+  if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
+    x = jax.random.key_data(x)
+  bits = x.dtype.itemsize * 8
+  if x.dtype == jnp.bool_:
+    return x.astype(jnp.uint32)
+  u = jax.lax.bitcast_convert_type(x, jnp.dtype(f'uint{bits}'))
+  return u.astype(jnp.uint32) if bits < 32 else u
+
+
+def _sum_bits(tree):
+  # Unsigned addition wraps and is associative: the same sum whatever the sharding or device count.
+  return jax.tree.map(lambda x: jnp.sum(_leaf_bits(x), dtype=jnp.uint32), tree)
+
+
+def _path_str(path) -> str:
+  """'params/head/kernel' for dict keys, attributes (optax states) and indices alike."""
+  names = (getattr(k, 'key', getattr(k, 'name', getattr(k, 'idx', k))) for k in path)
+  return '/'.join(map(str, names))
+
+
+def fingerprint(state: Any) -> dict[str, int]:
+  """{leaf path: wrapped uint32 sum of the leaf's bits}; any single flipped bit changes it."""
+  sharding = jax.tree.leaves(state)[0].sharding
+  replicated = None
+  if isinstance(sharding, jax.sharding.NamedSharding):  # Every process gets the sums.
+    replicated = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
+  sums = jax.jit(_sum_bits, out_shardings=replicated)(state)
+  flat = jax.tree_util.tree_flatten_with_path(sums)[0]
+  return {_path_str(path): int(np.asarray(v.addressable_data(0))) for path, v in flat}
 
 
 class Checkpointer:
@@ -42,6 +109,10 @@ class Checkpointer:
       cleanup_tmp_directories=True,  # Leftovers of a save interrupted by SIGKILL.
     )
     self._manager = ocp.CheckpointManager(self.directory, options=options)
+    # Orbax's background thread logs a failed write and may not raise it again: keep its cause.
+    self._errors = _LastError()
+    logging.getLogger().addHandler(self._errors)
+    self._pending: int | None = None  # The step of the async save not yet known to be committed.
 
   def latest_step(self) -> int | None:
     """The newest complete checkpoint's step, or None."""
@@ -54,13 +125,57 @@ class Checkpointer:
     """Starts saving `state` at `step` (returns at once when async). False if already saved."""
     if step in self._manager.all_steps():
       return False
-    args = ocp.args.Composite(
-      state=ocp.args.StandardSave(state),
-      meta=ocp.args.JsonSave(dict(meta or {}, step=int(step))),
-    )
-    saved = self._manager.save(step, args=args, force=True)
+    self.check(step, wait=True)  # One save at a time; a failed one is reported before the next.
+    meta = dict(meta or {}, step=int(step), fingerprint=fingerprint(state))
+    args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
+    try:
+      saved = self._manager.save(step, args=args, force=True)
+    except Exception as e:
+      raise self._save_error(step, e, step) from e
+    self._pending = step
     logging.info('checkpoint: saving step %d to %s (async)', step, self.directory)
     return saved
+
+  def _save_error(self, step: int, cause: Exception, at: int | None) -> CheckpointSaveError:
+    with contextlib.suppress(Exception):
+      self._manager.reload()
+    good = [s for s in self.all_steps() if s != step]
+    last = f'step {max(good)} is the last good checkpoint' if good else 'no earlier checkpoint'
+    noticed = f' (noticed at step {at})' if at is not None else ''
+    return CheckpointSaveError(
+      f'saving checkpoint step {step} to {os.path.join(self.directory, str(step))} failed'
+      f'{noticed}: {type(cause).__name__}: {_one_line(cause)}; {last}. Fix the cause (free '
+      'space, permissions) and rerun the same command to resume.'
+    )
+
+  def check(self, at: int | None = None, *, wait: bool = False) -> None:
+    """Raises `CheckpointSaveError` if the pending async save failed; cheap, call it every step.
+
+    Args:
+      at: the run's current step, for the message.
+      wait: block until the pending save is done (else only a finished one is checked).
+    """
+    step = self._pending
+    if step is None:
+      return
+    if wait:
+      try:
+        self._manager.wait_until_finished()
+      except Exception as e:
+        self._pending = None
+        raise self._save_error(step, e, at) from e
+    try:
+      self._manager.check_for_errors()
+    except Exception as e:
+      self._pending = None
+      raise self._save_error(step, e, at) from e
+    if self._manager.is_saving_in_progress():
+      return
+    self._pending = None
+    self._manager.reload()
+    if step not in self._manager.all_steps():  # Orbax logged the failure but did not raise it.
+      why = self._errors.text or 'see the log'
+      raise self._save_error(step, RuntimeError(f'the step was not committed ({why})'), at)
 
   def restore(self, abstract_state: Any, step: int | None = None) -> tuple[Any, dict]:
     """Restores (state, meta) at `step` (default: latest) into `abstract_state`'s shardings.
@@ -84,13 +199,252 @@ class Checkpointer:
     logging.info('checkpoint: restored step %d from %s', step, self.directory)
     return restored['state'], dict(restored['meta'] or {})
 
+  def read_meta(self, step: int) -> dict:
+    """The `meta` item of checkpoint `step` (raises `CorruptCheckpointError` if unreadable)."""
+    path = os.path.join(self.directory, str(step), 'meta')
+    try:
+      with open(os.path.join(path, 'metadata')) if '://' not in path else _gopen(path) as f:
+        return json.load(f)
+    except Exception as e:
+      raise CorruptCheckpointError(f'meta unreadable: {type(e).__name__}: {_one_line(e)}') from e
+
+  def restore_verified(self, abstract_state: Any, step: int, meta: Mapping[str, Any]) -> Any:
+    """Restores `step` and checks it against the fingerprint saved in its meta.
+
+    Raises:
+      ResumeError: the checkpoint's tree differs from `abstract_state` (missing, extra or
+        misshaped keys): it was made by another model, not damaged.
+      CorruptCheckpointError: unreadable arrays, or a fingerprint mismatch.
+    """
+    _check_tree(self._state_metadata(step), abstract_state, self.directory, step)
+    try:
+      state, _ = self.restore(abstract_state, step)
+    except Exception as e:
+      raise CorruptCheckpointError(f'{type(e).__name__}: {_one_line(e)}') from e
+    want = meta.get('fingerprint')
+    if want is not None:
+      got = fingerprint(state)
+      common = set(want) & set(got)
+      if common:
+        bad = sorted(k for k in common if want[k] != got[k])
+      else:  # Paths named another way (an older format): the values must still all match.
+        bad = ['(any)'] if sorted(want.values()) != sorted(got.values()) else []
+      if bad:
+        raise CorruptCheckpointError(f'fingerprint mismatch in {len(bad)} arrays, e.g. {bad[0]}')
+    return state
+
+  def _state_metadata(self, step: int):
+    path = os.path.join(self.directory, str(step), 'state')
+    try:
+      return ocp.PyTreeCheckpointer().metadata(path).item_metadata.tree
+    except Exception as e:
+      raise CorruptCheckpointError(
+        f'state metadata unreadable: {type(e).__name__}: {_one_line(e)}'
+      ) from e
+
+  def move_aside(self, step: int, reason: str) -> None:
+    """Moves checkpoint `step` to `<directory>.corrupt/` (process 0) and forgets it."""
+    target = f'{self.directory}.corrupt/{step}-{int(time.time())}'
+    logging.warning(
+      'checkpoint step %d in %s is damaged (%s): moved to %s; resuming from the previous one',
+      step,
+      self.directory,
+      reason,
+      target,
+    )
+    if jax.process_index() == 0:
+      os.makedirs(os.path.dirname(target), exist_ok=True)
+      shutil.move(os.path.join(self.directory, str(step)), target)
+    _sync(f'vit_jax_move_aside_{step}')
+    self._manager.reload()
+
   def wait(self) -> None:
-    """Blocks until pending async saves are committed."""
-    self._manager.wait_until_finished()
+    """Blocks until pending saves are committed; raises `CheckpointSaveError` if one failed."""
+    self.check(wait=True)
 
   def close(self) -> None:
-    self._manager.wait_until_finished()
-    self._manager.close()
+    """Waits for pending saves and closes; a failed save is logged here, raised by `wait`."""
+    try:
+      self.check(wait=True)
+    except CheckpointSaveError as e:
+      logging.error('%s', e)
+    try:
+      self._manager.close()
+    except Exception as e:  # After a failed save: the error is already reported.
+      logging.warning('closing the checkpoint manager: %s', _one_line(e))
+    logging.getLogger().removeHandler(self._errors)
+
+
+class _LastError(logging.Handler):
+  """Keeps the last exception logged at ERROR level (by orbax's save thread)."""
+
+  def __init__(self):
+    super().__init__(logging.ERROR)
+    self.text: str | None = None
+
+  def emit(self, record: logging.LogRecord) -> None:
+    if record.exc_info and record.exc_info[1] is not None:
+      e = record.exc_info[1]
+      self.text = f'{type(e).__name__}: {_one_line(e)}'
+
+
+def _gopen(path: str):
+  from etils import epath
+
+  return (epath.Path(path) / 'metadata').open()
+
+
+def _one_line(e: BaseException) -> str:
+  """The message on one line; a long one keeps its start and its end (where the OS error is)."""
+  text = ' '.join(str(e).split())
+  return text if len(text) <= 400 else f'{text[:200]} ... {text[-200:]}'
+
+
+def _sync(name: str) -> None:
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+
+    multihost_utils.sync_global_devices(name)
+
+
+def _check_tree(stored: Any, abstract_state: Any, directory: str, step: int) -> None:
+  """Compares the stored tree (paths, shapes) with the run's; `ResumeError` if they differ."""
+
+  def flat(tree):
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {_path_str(p): tuple(getattr(v, 'shape', ()) or ()) for p, v in leaves}
+
+  have, want = flat(stored), flat(abstract_state)
+  missing = sorted(set(want) - set(have))
+  extra = sorted(set(have) - set(want))
+  shapes = sorted(k for k in set(have) & set(want) if have[k] != want[k])
+  if not (missing or extra or shapes):
+    return
+  parts = []
+  if missing:
+    parts.append(f'missing {len(missing)} keys (e.g. {missing[0]})')
+  if extra:
+    parts.append(f'{len(extra)} unexpected keys (e.g. {extra[0]})')
+  if shapes:
+    k = shapes[0]
+    parts.append(f'{len(shapes)} misshaped arrays (e.g. {k}: {have[k]} stored, {want[k]} here)')
+  raise ResumeError(
+    f'checkpoint step {step} in {directory} does not fit this model: {"; ".join(parts)}. '
+    'It was made by another model or config: use a new --workdir (never a partial restore).'
+  )
+
+
+def agree(ok: bool) -> bool:
+  """True when `ok` on every process (each reads its own shards of a checkpoint)."""
+  if jax.process_count() == 1:
+    return ok
+  from jax.experimental import multihost_utils
+
+  return bool(np.all(multihost_utils.process_allgather(np.asarray(ok))))
+
+
+class WorkdirLock:
+  """`workdir/lock.json`: host, pid and a lease renewed in the background while the run lives.
+
+  A second run on the same workdir is refused at once. A lock whose process is gone (same host) or
+  whose lease has expired (another host, e.g. a preempted VM) is taken over, so a dead run never
+  blocks its restart. Process 0 holds it for the whole job. Local and shared POSIX filesystems get
+  an atomic create; on gs:// the check is best effort (no atomic create-if-absent).
+  """
+
+  def __init__(self, workdir: str, *, lease_seconds: float = 60.0):
+    self.path = os.path.join(workdir, 'lock.json')
+    self.lease_seconds = lease_seconds
+    self._stop = threading.Event()
+    self._thread = None
+    self._held = False
+
+  def _record(self) -> dict:
+    return {
+      'host': socket.gethostname(),
+      'pid': os.getpid(),
+      'lease_until': time.time() + self.lease_seconds,
+      'started': time.strftime('%Y-%m-%d %H:%M:%S'),
+    }
+
+  def _stale(self, held: dict) -> bool:
+    if time.time() > float(held.get('lease_until', 0)):
+      return True
+    if held.get('host') == socket.gethostname():
+      try:
+        os.kill(int(held['pid']), 0)
+      except ProcessLookupError:
+        return True
+      except (PermissionError, KeyError, ValueError):
+        return False
+    return False
+
+  def acquire(self) -> WorkdirLock:
+    """Takes the lock (process 0); raises `WorkdirLockedError` if a live run holds it."""
+    if jax.process_index() != 0:
+      return self
+    workdir = os.path.dirname(self.path)
+    try:
+      os.makedirs(workdir, exist_ok=True)
+    except OSError as e:
+      raise CheckpointError(
+        f'workdir {workdir} cannot be created: {e.strerror}; choose a writable --workdir'
+      ) from e
+    for _ in range(3):
+      try:
+        fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+      except FileExistsError:
+        try:
+          with open(self.path) as f:
+            held = json.load(f)
+        except (OSError, ValueError):
+          held = {}  # Torn by a crash during the write: nobody holds it.
+        if held.get('pid') == os.getpid() and held.get('host') == socket.gethostname():
+          held = {}  # This process's own, left by an earlier run in the same process.
+        if held and not self._stale(held):
+          raise WorkdirLockedError(
+            f'workdir {os.path.dirname(self.path)} is in use by pid {held.get("pid")} on host '
+            f'{held.get("host")} (since {held.get("started")}): wait for that run or stop it, '
+            f"or use another --workdir (a dead run's lock expires {self.lease_seconds:.0f} s "
+            'after its last renewal).'
+          ) from None
+        logging.warning('workdir lock %s: taking over a stale lock %s', self.path, held)
+        with contextlib.suppress(FileNotFoundError):
+          os.remove(self.path)
+        continue
+      with os.fdopen(fd, 'w') as f:
+        json.dump(self._record(), f)
+      self._held = True
+      self._thread = threading.Thread(target=self._renew, daemon=True, name='workdir-lock')
+      self._thread.start()
+      return self
+    raise WorkdirLockedError(f'could not take the workdir lock {self.path}; another run races')
+
+  def _renew(self) -> None:
+    while not self._stop.wait(self.lease_seconds / 4):
+      tmp = f'{self.path}.{os.getpid()}.tmp'
+      try:
+        with open(tmp, 'w') as f:
+          json.dump(self._record(), f)
+        os.replace(tmp, self.path)
+      except OSError as e:  # A full disk must not kill the run from this thread.
+        logging.warning('workdir lock %s: renewal failed: %s', self.path, e)
+
+  def __enter__(self) -> WorkdirLock:
+    return self.acquire()
+
+  def __exit__(self, *exc) -> None:
+    self.release()
+
+  def release(self) -> None:
+    if not self._held:
+      return
+    self._stop.set()
+    if self._thread is not None:
+      self._thread.join()
+    with contextlib.suppress(OSError):
+      os.remove(self.path)
+    self._held = False
 
 
 def restore_params(directory: str, step: int | None = None) -> dict:
@@ -152,3 +506,106 @@ class PreemptionWatcher:
   def restore(self) -> None:
     for sig, handler in self._previous.items():
       signal.signal(sig, handler)
+
+
+class SpikeGuard:
+  """Flags a finite blow-up: loss or grad norm above `factor` times its running median.
+
+  `factor` <= 0 disables it. The median is over the last `window` checked steps and the guard
+  starts after `min_history` of them, so early training's fast changes do not trigger it.
+  """
+
+  KEYS = ('train/loss', 'train/grad_norm')
+
+  def __init__(self, factor: float, *, window: int = 200, min_history: int = 10):
+    self.factor = factor
+    self.window = window
+    self.min_history = min_history
+    self._history = {k: [] for k in self.KEYS}
+
+  def check(self, metrics: Mapping[str, Any]) -> list[str]:
+    """Descriptions of the spiking values (empty if none); records the values otherwise."""
+    if self.factor <= 0:
+      return []
+    bad = []
+    for key in self.KEYS:
+      history = self._history[key]
+      value = float(metrics[key])
+      if len(history) >= self.min_history:
+        median = float(np.median(history))
+        if median > 0 and value > self.factor * median:
+          bad.append(
+            f'{key}={value:.4g} spiked over {self.factor:g}x its running median {median:.4g}'
+          )
+    if not bad:
+      for key in self.KEYS:
+        self._history[key] = (self._history[key] + [float(metrics[key])])[-self.window :]
+    return bad
+
+
+class PeerWatchdog:
+  """Multi-process runs: stops this process with one line when a peer stops answering.
+
+  Each process bumps a counter in JAX's coordination service every `timeout / 6` seconds; a
+  background thread watches the others' counters and, when one has not moved for `timeout`
+  seconds (a host died, the network split) or the service itself is gone (process 0 died),
+  prints `ERROR: lost peer ...` and exits 1 at once: the collectives it would wait in never return,
+  and JAX's own heartbeat (set to twice `timeout` as a backstop) would abort with a C++ dump.
+  Restarting every process with the same command resumes from the last checkpoint.
+  """
+
+  def __init__(self, timeout: float, workdir: str):
+    self.timeout = timeout
+    self.workdir = workdir
+    self._stop = threading.Event()
+
+  def start(self) -> PeerWatchdog:
+    if jax.process_count() == 1 or self.timeout <= 0:
+      return self
+    from jax._src import distributed  # The client multihost_utils uses too.
+
+    client = distributed.global_state.client
+    me, n = jax.process_index(), jax.process_count()
+    thread = threading.Thread(
+      target=self._watch, args=(client, me, n), daemon=True, name='peer-watchdog'
+    )
+    thread.start()
+    return self
+
+  def _watch(self, client, me: int, n: int) -> None:
+    seen: dict[int, tuple[str, float]] = {}
+    count = failures = 0
+    while not self._stop.wait(self.timeout / 6):
+      count += 1
+      now = time.monotonic()
+      try:
+        client.key_value_set(f'vit_jax/alive/{me}', str(count), allow_overwrite=True)
+        for peer in range(n):
+          if peer == me:
+            continue
+          try:
+            value = client.key_value_try_get(f'vit_jax/alive/{peer}')
+          except Exception:  # Not stamped yet: still starting.
+            continue
+          if seen.get(peer, (None,))[0] != value:
+            seen[peer] = (value, now)
+          elif now - seen[peer][1] > self.timeout and not self._stop.is_set():
+            self._lost(f'peer process {peer} sent no heartbeat for {self.timeout:.0f} s')
+        failures = 0
+      except Exception as e:  # The coordination service (process 0) is gone, if it persists.
+        failures += 1
+        if failures >= 3 and not self._stop.is_set():
+          self._lost(f'the coordinator stopped answering ({type(e).__name__})')
+
+  def _lost(self, why: str) -> None:
+    message = (
+      f'lost a peer: {why} (host down or network split); stopping process '
+      f'{jax.process_index()} too. Restart every process with the same command: they resume from '
+      f'the last checkpoint in {os.path.join(self.workdir, "checkpoints")}.'
+    )
+    logging.error('%s', message)
+    print(f'ERROR: {message}', file=sys.stderr, flush=True)
+    os._exit(1)  # Not sys.exit: the main thread may be blocked in a collective forever.
+
+  def stop(self) -> None:
+    self._stop.set()

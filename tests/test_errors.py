@@ -1,0 +1,232 @@
+"""Bad input and config mistakes: caught before any work, each reported as one clear line."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from subprocess_env import cpu_env
+
+from configs import quickstart
+from vit_jax import main as main_lib
+from vit_jax import metrics, models, npz, preflight, resume, train_state
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+Q = 'configs/quickstart.py:runlocal'
+
+
+@pytest.fixture(autouse=True)
+def _repo_cwd(monkeypatch):
+  monkeypatch.chdir(REPO)  # Recipes are named by their path relative to the repository.
+
+
+def _explain(*argv):
+  return preflight.explain_flags_error(list(argv), ValueError('absl said something'))
+
+
+# The bad-input table of docs/reliability.md: (command-line arguments, what the one line says).
+FLAG_CASES = [
+  (['--config.bogus=1'], ["unknown config field 'bogus'", 'valid fields of the config', 'lr,']),
+  (['--config.btach_size=8'], ["did you mean 'batch_size'?"]),
+  (['--config.mesh.dataa=2'], ["did you mean 'data'?", 'valid fields of mesh: data, dcn_data']),
+  (['--config.batch_size=abc'], ['batch_size is an integer (now 16)', '--config.batch_size=16']),
+  (['--config.lr=fast'], ['lr is a number']),
+  (['--config.async_checkpoints=maybe'], ['a boolean']),
+]
+
+
+@pytest.mark.parametrize('extra,expected', FLAG_CASES)
+def test_flag_mistakes_name_the_field_the_value_and_the_fix(extra, expected):
+  line = _explain(f'--config={Q}', '--workdir=/tmp/w', *extra)
+  assert '\n' not in line
+  for text in expected:
+    assert text in line, line
+
+
+def test_recipe_mistakes():
+  line = _explain('--config=configs/quickstart.py:runlocal,bogus=1')
+  assert "unknown config argument 'bogus'" in line and "known: ['data_dir', 'runlocal'" in line
+  line = _explain('--config=configs/quickstart.py:steps=many')
+  assert "steps='many': expected an integer" in line
+  line = _explain('--config=configs/nope.py')
+  assert "config file 'configs/nope.py' not found; recipes: configs/finetune.py" in line
+
+
+def _config(**overrides):
+  config = quickstart.get_config('runlocal')
+  config.unlock()
+  for key, value in overrides.items():
+    target = config
+    *parents, leaf = key.split('.')
+    for p in parents:
+      target = target[p]
+    target[leaf] = value
+  return config
+
+
+@pytest.mark.parametrize(
+  'overrides,expected',
+  [
+    ({'model_name': 'ViT-B_61'}, "unknown model 'ViT-B_61' (--config.model_name): did you mean "),
+    ({'image_size': 18}, 'image_size=18 is not divisible by the patch size 4 of testing: use '),
+    ({'image_size': 18}, 'one of 16, 20'),
+    ({'batch_size': 12}, 'batch_size=12 / accum_steps=1 is not divisible by the 8 batch shards'),
+    ({'batch_size': 12}, 'one of 8, 16'),
+    (
+      {'dataset': 'mnist', 'data_dir': '/nonexistent/tfds'},
+      "data_dir '/nonexistent/tfds' does not exist (dataset 'mnist')",
+    ),
+  ],
+)
+def test_config_mistakes_are_caught_before_any_work(overrides, expected, tmp_path):
+  with pytest.raises(preflight.UserError) as e:
+    preflight.check_config(_config(**overrides), str(tmp_path))
+  assert expected in str(e.value), str(e.value)
+
+
+def test_unwritable_workdir(tmp_path):
+  blocker = tmp_path / 'file'
+  blocker.write_text('')  # A path below a file can never be created, even by root.
+  with pytest.raises(preflight.UserError, match=r"workdir '.*/file/w' is not writable \(Not a"):
+    preflight.check_config(_config(), str(blocker / 'w'))
+
+
+def test_pickled_npz_is_refused_never_unpickled(tmp_path):
+  path = tmp_path / 'evil.npz'
+  np.savez(path, head=np.array([{'a': 1}], dtype=object))
+  with pytest.raises(ValueError, match='holds pickled objects; refusing to load it'):
+    npz.load_flat(str(path))
+
+
+def test_resume_compare_refuses_what_the_state_cannot_survive():
+  old = json.loads(_config().to_json_best_effort())
+  new = dict(old, lr=0.5, total_steps=99, seed=3, batch_size=32)
+  new['model'] = dict(old['model'], param_dtype='bfloat16', dropout_rate=0.1)
+  refused, stated = resume.compare(old, new)
+  assert refused == ['batch_size 16 -> 32', "model.param_dtype 'float32' -> 'bfloat16'"]
+  assert stated == ['lr 0.002 -> 0.5', 'model.dropout_rate 0.0 -> 0.1', 'seed 0 -> 3',
+                    'total_steps 12 -> 99']  # fmt: skip
+
+
+def test_checkpoint_with_missing_extra_or_misshaped_keys_is_named():
+  def tree(**leaves):
+    return {'params': {k: jax.ShapeDtypeStruct(s, jnp.float32) for k, s in leaves.items()}}
+
+  want = tree(kernel=(4, 4), bias=(4,))
+  train_state._check_tree(want, want, '/c', 3)
+  with pytest.raises(train_state.ResumeError, match=r'missing 1 keys \(e.g. params/bias\)'):
+    train_state._check_tree(tree(kernel=(4, 4)), want, '/c', 3)
+  with pytest.raises(train_state.ResumeError, match=r'1 unexpected keys \(e.g. params/extra\)'):
+    train_state._check_tree(tree(kernel=(4, 4), bias=(4,), extra=(1,)), want, '/c', 3)
+  with pytest.raises(train_state.ResumeError, match=r'params/kernel: \(4, 8\) stored, \(4, 4\)'):
+    train_state._check_tree(tree(kernel=(4, 8), bias=(4,)), want, '/c', 3)
+
+
+def test_fingerprint_catches_one_flipped_bit_and_ignores_the_sharding():
+  x = jnp.arange(64, dtype=jnp.float32).reshape(8, 8) / 7
+  state = {'params': {'w': x, 'b': x[0].astype(jnp.bfloat16)}, 'step': jnp.int32(5)}
+  mesh = jax.make_mesh((8,), ('d',))
+  sharded = jax.device_put(state, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+  sharded['params']['w'] = jax.device_put(
+    x, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec('d'))
+  )
+  assert train_state.fingerprint(state) == train_state.fingerprint(sharded)
+  bits = np.asarray(x).view(np.uint32).copy()
+  bits[3, 5] ^= 1 << 7
+  flipped = dict(state, params=dict(state['params'], w=jnp.asarray(bits.view(np.float32))))
+  got, want = train_state.fingerprint(flipped), train_state.fingerprint(state)
+  assert [k for k in want if got[k] != want[k]] == ['params/w']
+
+
+def test_spike_guard():
+  guard = train_state.SpikeGuard(1000.0, min_history=3)
+  for loss in (2.3, 2.2, 2.1, 2.0):
+    assert guard.check({'train/loss': loss, 'train/grad_norm': 1.0}) == []
+  (bad,) = guard.check({'train/loss': 4.8e11, 'train/grad_norm': 1.0})
+  assert bad.startswith('train/loss=4.8e+11 spiked over 1000x its running median 2.15')
+  assert train_state.SpikeGuard(0).check({'train/loss': 1e30, 'train/grad_norm': 1e30}) == []
+
+
+def test_workdir_lock_refuses_a_live_run_and_takes_over_a_dead_one(tmp_path):
+  path = tmp_path / 'lock.json'
+
+  def held_by(pid, host=None, lease=60.0):
+    host = host or socket.gethostname()
+    path.write_text(json.dumps({'host': host, 'pid': pid, 'lease_until': time.time() + lease}))
+
+  held_by(os.getppid())  # A live process on this host.
+  with pytest.raises(train_state.WorkdirLockedError, match=f'in use by pid {os.getppid()} on host'):
+    train_state.WorkdirLock(str(tmp_path)).acquire()
+  held_by(os.getppid(), host='other-host')  # Another host, lease still running.
+  with pytest.raises(train_state.WorkdirLockedError, match='other-host'):
+    train_state.WorkdirLock(str(tmp_path)).acquire()
+  for stale in (
+    lambda: held_by(2**22 + 12345),  # No such process here: killed.
+    lambda: held_by(os.getppid(), host='other-host', lease=-1),  # Expired lease.
+    lambda: path.write_text('{"host": "x", "pi'),  # Torn by a crash.
+  ):
+    stale()
+    with train_state.WorkdirLock(str(tmp_path)):
+      assert json.loads(path.read_text())['pid'] == os.getpid()
+    assert not path.exists()  # Released.
+
+
+def test_metrics_drop_torn_lines_and_records_past_the_restored_step(tmp_path):
+  path = tmp_path / 'metrics.jsonl'
+  path.write_text(''.join(json.dumps({'step': s, 'x': s}) + '\n' for s in range(1, 9)) + '{"st')
+  assert [r['step'] for r in metrics.read_jsonl(str(path))] == list(range(1, 9))
+  writer = metrics.MetricWriter(str(tmp_path), enabled=True, tensorboard=False, resume_step=4)
+  writer.write(5, {'x': 50})
+  writer.close()
+  lines = path.read_text().splitlines()
+  assert [json.loads(line)['step'] for line in lines] == [1, 2, 3, 4, 5]  # Every line parses.
+
+
+def test_continue_command_repeats_the_users_command():
+  argv = ['vit_jax/main.py', f'--config={Q}', '--workdir=w', '--config.total_steps=12', '--x=a b']
+  assert main_lib.continue_command(argv, 24) == (
+    f"python -m vit_jax.main --config={Q} --workdir=w '--x=a b' --config.total_steps=24"
+  )
+
+
+def _cli(*args, timeout=120):
+  return subprocess.run(
+    [sys.executable, '-m', 'vit_jax.main', *args],
+    cwd=REPO,
+    env=cpu_env(2),
+    capture_output=True,
+    text=True,
+    timeout=timeout,
+  )
+
+
+def test_command_line_mistakes_end_in_one_line_and_exit_2(tmp_path):
+  for args, expected in (
+    ([f'--config={Q}', '--workdir=w', '--config.bogus=1'], "unknown config field 'bogus'"),
+    ([f'--config={Q}', '--workdir=w', '--config.batch_size=abc'], 'batch_size is an integer'),
+    (['--config=configs/quickstart.py:bogus', '--workdir=w'], "unknown config argument 'bogus'"),
+    ([f'--config={Q}', f'--workdir={tmp_path}', '--config.model_name=B/16'], 'unknown model'),
+  ):
+    proc = _cli(*args)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.startswith('ERROR: ') and proc.stderr.count('\n') == 1, proc.stderr
+    assert expected in proc.stderr and 'Traceback' not in proc.stderr
+  verbose = _cli(f'--config={Q}', '--workdir=w', '--config.bogus=1', '--verbose')
+  assert 'Traceback' in verbose.stderr and verbose.returncode == 2
+
+
+def test_print_config_and_list_models():
+  proc = _cli(f'--config={Q}', '--print_config', '--config.lr=0.25')
+  assert (
+    proc.returncode == 0 and 'lr: 0.25\n' in proc.stdout and 'model_name: testing' in proc.stdout
+  )
+  proc = _cli('--list_models')
+  assert proc.returncode == 0, proc.stderr
+  assert ' 86,567,656\n' in proc.stdout and 'ViT-B_16 ' in proc.stdout  # The published count.
+  assert len(proc.stdout.splitlines()) == 1 + len(models.MODEL_CONFIGS)

@@ -1,0 +1,409 @@
+"""Fault injection on real processes (`make faults`): each case checks that nothing is lost.
+
+Every case runs the quickstart recipe's `runlocal` setting (tiny model, synthetic data, a checkpoint
+every 4 steps) in subprocesses on CPU, injects the fault, restarts, and compares the per-step losses
+and final params with an uninterrupted run of the same command: on CPU they are bit-identical.
+"""
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import jax
+import numpy as np
+import pytest
+from subprocess_env import cpu_env
+
+from vit_jax import metrics, train, train_state
+
+pytestmark = pytest.mark.faults
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STEPS = 16
+
+
+def _command(workdir, steps=STEPS, *extra):
+  return [
+    sys.executable,
+    '-m',
+    'vit_jax.main',
+    f'--config=configs/quickstart.py:runlocal,steps={steps}',
+    f'--workdir={workdir}',
+    '--config.eval_every=0',
+    *extra,
+  ]
+
+
+class Proc:
+  """A training subprocess whose output lines are collected as they come."""
+
+  def __init__(self, argv, devices=2):
+    self.lines: list[str] = []
+    self.proc = subprocess.Popen(
+      argv,
+      cwd=REPO,
+      env=cpu_env(devices),
+      stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT,
+      text=True,
+      start_new_session=True,
+    )
+    self._reader = threading.Thread(target=self._read, daemon=True)
+    self._reader.start()
+
+  def _read(self):
+    for line in self.proc.stdout:
+      self.lines.append(line)
+
+  def wait_for(self, predicate, timeout=240):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+      if predicate():
+        return
+      assert self.proc.poll() is None, 'the run ended first:\n' + self.output()
+      time.sleep(0.005)
+    raise TimeoutError(f'not reached in {timeout}s:\n{self.output()}')
+
+  def wait_for_line(self, text, timeout=240):
+    self.wait_for(lambda: any(text in line for line in self.lines), timeout)
+
+  def finish(self, timeout=300) -> int:
+    try:
+      self.proc.wait(timeout=timeout)
+    finally:
+      self.kill()
+    self._reader.join(timeout=10)
+    return self.proc.returncode
+
+  def kill(self):
+    if self.proc.poll() is None:
+      self.proc.kill()
+      self.proc.wait()
+
+  def output(self) -> str:
+    return ''.join(self.lines)
+
+  def errors(self) -> list[str]:
+    return [line for line in self.lines if line.startswith('ERROR: ')]
+
+
+@pytest.fixture
+def procs():
+  """Every process a test starts is killed at its end, whatever happens."""
+  started = []
+  yield lambda *a, **k: started.append(Proc(*a, **k)) or started[-1]
+  for p in started:
+    p.kill()
+
+
+def _run(argv, devices=2, expect=0):
+  p = Proc(argv, devices)
+  rc = p.finish()
+  assert rc == expect, p.output()
+  return p
+
+
+def _steps_seen(workdir):
+  path = os.path.join(workdir, 'metrics.jsonl')
+  return len(metrics.read_jsonl(path)) if os.path.exists(path) else 0
+
+
+def _losses(workdir):
+  return {r['step']: r['train/loss'] for r in metrics.read_jsonl(f'{workdir}/metrics.jsonl')}
+
+
+def _strict_records(workdir):
+  with open(f'{workdir}/metrics.jsonl') as f:
+    return [json.loads(line) for line in f]  # Every line must parse.
+
+
+def _assert_same_run(workdir, reference):
+  """The same per-step losses (each step once) and bit-identical final params."""
+  records = _strict_records(workdir)
+  assert [r['step'] for r in records] == list(range(1, STEPS + 1))
+  assert {r['step']: r['train/loss'] for r in records} == _losses(reference)
+  got = train_state.restore_params(f'{workdir}/checkpoints')
+  want = train_state.restore_params(f'{reference}/checkpoints', STEPS)
+  jax.tree.map(np.testing.assert_array_equal, got, want)
+
+
+@pytest.fixture(scope='module')
+def reference(tmp_path_factory):
+  """An uninterrupted run (checkpoints 4, 8, 12, 16); tests damage copies of it, never it."""
+  workdir = str(tmp_path_factory.mktemp('reference'))
+  _run(_command(workdir))
+  return workdir
+
+
+def _largest_file(directory):
+  files = [os.path.join(d, f) for d, _, fs in os.walk(directory) for f in fs]
+  return max(files, key=os.path.getsize)
+
+
+def _damage(step_dir, how):
+  if how == 'truncated':
+    path = _largest_file(f'{step_dir}/state')
+    os.truncate(path, os.path.getsize(path) // 2)
+  elif how == 'removed':
+    os.remove(_largest_file(f'{step_dir}/state'))
+  elif how == 'bit-flipped':
+    path = _largest_file(f'{step_dir}/state')
+    with open(path, 'r+b') as f:
+      f.seek(os.path.getsize(path) // 2)
+      byte = f.read(1)
+      f.seek(-1, 1)
+      f.write(bytes([byte[0] ^ 0x10]))
+  elif how == 'meta-truncated':
+    os.truncate(f'{step_dir}/meta/metadata', 10)
+  elif how == 'metadata-removed':
+    os.remove(f'{step_dir}/state/_METADATA')
+
+
+@pytest.mark.parametrize(
+  'how', ['truncated', 'removed', 'bit-flipped', 'meta-truncated', 'metadata-removed']
+)
+def test_damaged_latest_checkpoint_is_moved_aside_and_the_previous_one_resumed(
+  how, reference, tmp_path
+):
+  workdir = str(tmp_path / 'w')
+  shutil.copytree(reference, workdir)
+  _damage(f'{workdir}/checkpoints/{STEPS}', how)
+  p = _run(_command(workdir))
+  warnings = [line for line in p.lines if 'is damaged' in line]
+  assert len(warnings) == 1, p.output()
+  assert f'checkpoint step {STEPS} in {workdir}/checkpoints is damaged (' in warnings[0]
+  assert f'moved to {workdir}/checkpoints.corrupt/{STEPS}-' in warnings[0]
+  assert f'resuming from step {STEPS - 4}' in p.output()  # The previous checkpoint.
+  assert os.listdir(f'{workdir}/checkpoints.corrupt')[0].startswith(f'{STEPS}-')
+  _assert_same_run(workdir, reference)
+
+
+@pytest.mark.parametrize('when', ['mid-run', 'async-save-started', 'final-step'])
+def test_sigkill_then_restart_loses_nothing(when, reference, tmp_path, procs):
+  workdir = str(tmp_path / 'w')
+  p = procs(_command(workdir))
+  if when == 'mid-run':
+    p.wait_for(lambda: _steps_seen(workdir) >= 6)
+  elif when == 'async-save-started':  # Killed while the background thread writes step 8.
+    p.wait_for_line('checkpoint: saving step 8 ')
+  else:  # The last step's metrics are out: the final eval/save and shutdown are under way.
+    p.wait_for(lambda: _steps_seen(workdir) >= STEPS)
+  p.kill()
+  assert p.proc.returncode == -signal.SIGKILL
+  _run(_command(workdir))
+  _assert_same_run(workdir, reference)
+
+
+def test_sigterm_checkpoints_within_30s_exits_0_and_resumes(reference, tmp_path, procs):
+  workdir = str(tmp_path / 'w')
+  long_run = [*_command(workdir, 5000), '--config.log_every=1']
+  p = procs(long_run)
+  p.wait_for(lambda: _steps_seen(workdir) >= 10)
+  start = time.time()
+  p.proc.send_signal(signal.SIGTERM)
+  assert p.finish(timeout=60) == 0, p.output()
+  assert time.time() - start < 30
+  last = metrics.read_jsonl(f'{workdir}/metrics.jsonl')[-1]['step']
+  ckpt = train_state.Checkpointer(f'{workdir}/checkpoints')
+  assert ckpt.latest_step() == last  # The step it was at, not the last periodic checkpoint.
+  ckpt.close()
+  again = _run([*_command(workdir, last + 3), '--config.log_every=1'])
+  assert f'resuming from step {last}' in again.output()
+  assert [r['step'] for r in _strict_records(workdir)] == list(range(1, last + 4))
+
+
+def test_second_run_on_a_workdir_is_refused_and_a_dead_runs_lock_is_taken_over(tmp_path, procs):
+  workdir = str(tmp_path / 'w')
+  first = procs(_command(workdir, 5000))
+  first.wait_for(lambda: _steps_seen(workdir) >= 2)
+  start = time.time()
+  second = _run(_command(workdir, 5000), expect=1)
+  assert time.time() - start < 60
+  (error,) = second.errors()
+  assert f'workdir {workdir} is in use by pid {first.proc.pid} on host {socket.gethostname()}' in (
+    error
+  )
+  assert first.proc.poll() is None  # The first run goes on, untouched.
+  first.kill()  # SIGKILL: its lock stays behind, with a dead pid.
+  third = _run(_command(workdir, 8))
+  assert 'taking over a stale lock' in third.output()
+  assert not os.path.exists(f'{workdir}/lock.json')
+
+
+@contextlib.contextmanager
+def _tmpfs(path, size_kb):
+  os.makedirs(path)
+  proc = subprocess.run(['mount', '-t', 'tmpfs', '-o', f'size={size_kb}k', 'tmpfs', path],
+                        capture_output=True, text=True)  # fmt: skip
+  if proc.returncode:
+    pytest.skip(f'cannot mount a tmpfs here (needs root): {proc.stderr.strip()}')
+  try:
+    yield path
+  finally:
+    subprocess.run(['umount', '-l', path], check=False)
+
+
+def _fill(directory, leave_bytes):
+  path = os.path.join(directory, 'filler')
+  fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o644)
+  try:
+    with contextlib.suppress(OSError):  # Until the disk is full.
+      while True:
+        os.write(fd, b'\0' * 65536)
+  finally:
+    os.close(fd)
+  os.truncate(path, max(os.path.getsize(path) - leave_bytes, 0))
+
+
+@pytest.mark.parametrize('log_every', [0, 1])
+def test_disk_full_stops_the_run_in_one_line_and_it_resumes_once_space_is_back(
+  log_every, tmp_path, procs
+):
+  steps = 400
+  argv = lambda w: [*_command(w, steps), f'--config.log_every={log_every}']  # noqa: E731
+  reference = str(tmp_path / 'reference')
+  _run(argv(reference))
+  with _tmpfs(str(tmp_path / 'disk'), 64 * 1024) as disk:
+    workdir = f'{disk}/w'
+    p = procs(argv(workdir))
+    p.wait_for_line('checkpoint: saving step 12 ')
+    os.kill(p.proc.pid, signal.SIGSTOP)  # Frozen while the disk fills up.
+    _fill(disk, leave_bytes=2048)
+    os.kill(p.proc.pid, signal.SIGCONT)
+    assert p.finish() == 1, p.output()
+    (error,) = p.errors()
+    assert 'No space left on device' in error, error
+    assert f'File "{REPO}/vit_jax' not in p.output()  # No traceback of ours (orbax logs its own).
+    if 'saving checkpoint step' in error:
+      failed = int(error.split('saving checkpoint step ')[1].split()[0])
+      assert f'to {workdir}/checkpoints/{failed} failed (noticed at step ' in error
+      noticed = int(error.split('noticed at step ')[1].split(')')[0])
+      assert noticed <= failed + 4  # Before the next save, not an interval later.
+    else:
+      assert 'writing the metrics of step' in error and f'{workdir}/metrics.jsonl' in error
+    records = _strict_records(workdir)  # Still parses.
+    good = train_state.Checkpointer(f'{workdir}/checkpoints')
+    last_good = good.latest_step()
+    good.close()
+    assert last_good >= 8
+    train_state.restore_params(f'{workdir}/checkpoints', last_good)  # Intact.
+    os.remove(f'{disk}/filler')  # Space is back.
+    again = _run(argv(workdir))
+    assert f'resuming from step {last_good}' in again.output()
+    records = _strict_records(workdir)
+    want = metrics.read_jsonl(f'{reference}/metrics.jsonl')
+    assert [r['step'] for r in records] == [r['step'] for r in want]
+    assert [r['train/loss'] for r in records] == [r['train/loss'] for r in want]
+
+
+def test_resume_refuses_an_incompatible_config_and_states_a_compatible_change(reference, tmp_path):
+  workdir = str(tmp_path / 'w')
+  shutil.copytree(reference, workdir)
+  with open(f'{workdir}/config.json') as f:
+    before = f.read()
+  p = _run([*_command(workdir), '--config.optimizer=sgd', '--config.model.param_dtype=bfloat16'],
+           expect=1)  # fmt: skip
+  (error,) = p.errors()
+  assert f'checkpoint {workdir}/checkpoints/{STEPS} was made with another config: ' in error
+  assert "model.param_dtype 'float32' -> 'bfloat16'; optimizer 'adamw' -> 'sgd'" in error
+  assert 'Traceback' not in p.output() and len(p.lines) < 40
+  with open(f'{workdir}/config.json') as f:
+    assert f.read() == before  # A refused resume leaves the old config.
+  p = _run([*_command(workdir, STEPS + 2), '--config.lr=0.001'], devices=1)
+  assert (
+    f'resuming step {STEPS} with config changes: lr 0.002 -> 0.001; total_steps {STEPS} -> '
+    in (p.output())
+  )
+  assert 'on mesh data=2 x fsdp=1 x tensor=1 in 1 processes, resuming on mesh data=1' in p.output()
+  assert 'state resharded; the data order from here on differs' in p.output()
+
+
+def test_a_finite_loss_spike_stops_the_run_before_it_is_checkpointed(tmp_path, monkeypatch):
+  from configs import quickstart
+
+  real = train.Trainer.train_step
+
+  def spiking(self, state, batch, rng):
+    state, out = real(self, state, batch, rng)
+    if int(jax.device_get(state['step'])) == 14:  # After the guard's 10 steps of history.
+      out = dict(out, **{'train/loss': out['train/loss'] * 2e11})  # ~4.8e11: finite.
+    return state, out
+
+  monkeypatch.setattr(train.Trainer, 'train_step', spiking)
+  config = quickstart.get_config(f'runlocal,steps={STEPS}')
+  with config.unlocked():
+    config.eval_every = 0
+    config.log_every = 5
+  workdir = str(tmp_path / 'w')
+  with pytest.raises(
+    train.TrainingDivergedError, match=r'train/loss=4\.\d+e\+11 spiked over 1000x'
+  ):
+    train.train_and_evaluate(config, workdir)
+  ckpt = train_state.Checkpointer(f'{workdir}/checkpoints')
+  assert ckpt.all_steps() == [4, 8, 12]  # Step 16 would have followed the spike.
+  ckpt.close()
+
+
+def _essentials(p):
+  """The lines that say why a process ended (not faulthandler's list of extension modules)."""
+  keep = ('ERROR', 'Error', 'F12', 'E12', 'W12', 'Fatal', 'Check failed', 'resuming', 'Abort')
+  return ''.join(line for line in p.lines if line.startswith(keep) or 'error' in line.lower())[
+    -6000:
+  ]
+
+
+def _free_port():
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]
+
+
+@pytest.mark.xfail(
+  strict=True,
+  reason='not done: JAX aborts the survivor (C++ dump) as soon as the coordination service sees '
+  'the peer die, before the watchdog; jax_enable_recoverability avoids that but made normal '
+  'multi-process runs abort at exit (coordinator gone first), so it is off',
+)
+def test_lost_peer_stops_the_survivor_in_one_line_and_the_pair_resumes(tmp_path, procs):
+  workdir = str(tmp_path / 'w')
+
+  def pair(steps):
+    port = _free_port()
+    return [
+      procs(
+        [
+          *_command(workdir, steps),
+          '--config.optimizer=sgd',
+          '--config.distributed_heartbeat_seconds=15',
+          f'--coordinator_address=127.0.0.1:{port}',
+          '--num_processes=2',
+          f'--process_id={i}',
+        ],
+        devices=2,  # One device per process fails orbax's save (also on main; not ours).
+      )
+      for i in range(2)
+    ]
+
+  first = pair(5000)
+  first[0].wait_for(lambda: _steps_seen(workdir) >= 10)
+  first[1].kill()
+  start = time.time()
+  rc = first[0].finish(timeout=120)
+  elapsed = time.time() - start
+  assert elapsed < 30, (elapsed, first[0].output()[-3000:])
+  assert rc == 1, _essentials(first[0])
+  (error,) = first[0].errors()
+  assert 'lost' in error.lower() or 'peer' in error.lower(), error
+  last_good = train_state.Checkpointer(f'{workdir}/checkpoints')
+  step = last_good.latest_step()
+  last_good.close()
+  second = pair(step + 4)
+  for p in second:
+    assert p.finish() == 0, _essentials(p)
+  assert f'resuming from step {step}' in second[0].output()
