@@ -12,14 +12,13 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 
 import jax
 import numpy as np
 import pytest
-from subprocess_env import cpu_env
+from subprocess_env import cpu_env, main_command
 
 from vit_jax import metrics, train, train_state
 
@@ -29,15 +28,7 @@ STEPS = 16
 
 
 def _command(workdir, steps=STEPS, *extra):
-  return [
-    sys.executable,
-    '-m',
-    'vit_jax.main',
-    f'--config=configs/quickstart.py:runlocal,steps={steps}',
-    f'--workdir={workdir}',
-    '--config.eval_every=0',
-    *extra,
-  ]
+  return main_command(workdir, steps, *extra)
 
 
 class Proc:

@@ -3,32 +3,20 @@
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import jax
 import numpy as np
-from subprocess_env import cpu_env
+from subprocess_env import cpu_env, main_command
 
 from vit_jax import metrics, train_state
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _command(workdir: str, steps: int) -> list[str]:
-  return [
-    sys.executable,
-    '-m',
-    'vit_jax.main',
-    f'--config=configs/quickstart.py:runlocal,steps={steps}',
-    f'--workdir={workdir}',
-    '--config.eval_every=0',
-  ]
-
-
 def _start(workdir, steps):
   return subprocess.Popen(
-    _command(workdir, steps),
+    main_command(workdir, steps),
     cwd=REPO,
     env=cpu_env(),
     stdout=subprocess.PIPE,
@@ -39,7 +27,12 @@ def _start(workdir, steps):
 
 def _run(workdir, steps):
   proc = subprocess.run(
-    _command(workdir, steps), cwd=REPO, env=cpu_env(), capture_output=True, text=True, timeout=300
+    main_command(workdir, steps),
+    cwd=REPO,
+    env=cpu_env(),
+    capture_output=True,
+    text=True,
+    timeout=300,
   )
   assert proc.returncode == 0, proc.stdout + proc.stderr
   return proc.stdout
