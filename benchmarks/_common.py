@@ -137,3 +137,20 @@ def throughput_record(
     'scan': args.scan,
     'rounds': args.rounds,
   }
+
+
+def throughput_parser(doc: str, steps_help: str):
+  """The flags every throughput benchmark takes; each adds its own."""
+  import argparse
+
+  parser = argparse.ArgumentParser(description=doc.split('\n')[0])
+  parser.add_argument('--model', default='ViT-Ti_16', help='one name, or several, comma-separated')
+  parser.add_argument('--batch', type=int, default=8)
+  parser.add_argument('--image_size', type=int, default=224)
+  parser.add_argument('--dtype', default='float32', choices=['float32', 'bfloat16'])
+  parser.add_argument('--scan', action='store_true')
+  parser.add_argument('--attention_impl', default=None, choices=['xla', 'cudnn'])
+  parser.add_argument('--rounds', type=int, default=5, help='timed rounds (>= 5), median')
+  parser.add_argument('--steps', type=int, default=1, help=steps_help)
+  parser.add_argument('--matmul_size', type=int, default=2048)
+  return parser

@@ -10,7 +10,6 @@ model_flops_per_image the forward's (`vit_jax.metrics.model_flops(..., train=Fal
 
 from __future__ import annotations
 
-import argparse
 import time
 
 import _common as common  # Puts this tree's root on sys.path.
@@ -45,16 +44,7 @@ def run(args, name: str) -> dict:
 
 
 def main():
-  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  parser.add_argument('--model', default='ViT-Ti_16', help='one name, or several, comma-separated')
-  parser.add_argument('--batch', type=int, default=8)
-  parser.add_argument('--image_size', type=int, default=224)
-  parser.add_argument('--dtype', default='float32', choices=['float32', 'bfloat16'])
-  parser.add_argument('--scan', action='store_true')
-  parser.add_argument('--attention_impl', default=None, choices=['xla', 'cudnn'])
-  parser.add_argument('--rounds', type=int, default=5, help='timed rounds (>= 5), median')
-  parser.add_argument('--steps', type=int, default=1, help='forward passes per round')
-  parser.add_argument('--matmul_size', type=int, default=2048)
+  parser = common.throughput_parser(__doc__, 'forward passes per round')
   args = parser.parse_args()
   for name in args.model.split(','):
     r = run(args, name)

@@ -13,7 +13,6 @@ on CPU the f32 matmul ceiling, timed round-robin with the steps in this process)
 
 from __future__ import annotations
 
-import argparse
 import time
 
 import _common as common  # Puts this tree's root on sys.path.
@@ -72,19 +71,10 @@ def run(args, name: str) -> dict:
 
 
 def main():
-  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-  parser.add_argument('--model', default='ViT-Ti_16', help='one name, or several, comma-separated')
-  parser.add_argument('--batch', type=int, default=8)
-  parser.add_argument('--image_size', type=int, default=224)
-  parser.add_argument('--dtype', default='float32', choices=['float32', 'bfloat16'])
+  parser = common.throughput_parser(__doc__, 'steps per round')
   parser.add_argument('--remat', default='none', help="'none', 'full' or a checkpoint policy")
-  parser.add_argument('--scan', action='store_true')
-  parser.add_argument('--attention_impl', default=None, choices=['xla', 'cudnn'])
   parser.add_argument('--mesh', default='data=1', help="e.g. 'data=2,fsdp=4,tensor=1'")
   parser.add_argument('--optimizer', default='sgd', choices=['sgd', 'adamw'])
-  parser.add_argument('--rounds', type=int, default=5, help='timed rounds (>= 5), median')
-  parser.add_argument('--steps', type=int, default=1, help='steps per round')
-  parser.add_argument('--matmul_size', type=int, default=2048)
   args = parser.parse_args()
   for name in args.model.split(','):
     r = run(args, name)
