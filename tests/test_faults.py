@@ -356,10 +356,10 @@ def _free_port():
 
 
 @pytest.mark.xfail(
-  strict=True,
-  reason='not done: JAX aborts the survivor (C++ dump) as soon as the coordination service sees '
-  'the peer die, before the watchdog; jax_enable_recoverability avoids that but made normal '
-  'multi-process runs abort at exit (coordinator gone first), so it is off',
+  strict=False,  # A race: the survivor sometimes does end in one line (seen in `make faults`).
+  reason='not done: JAX usually aborts the survivor (C++ dump) as soon as the coordination '
+  'service sees the peer die, before the watchdog; jax_enable_recoverability avoids that but '
+  'made normal multi-process runs abort at exit (coordinator gone first), so it is off',
 )
 def test_lost_peer_stops_the_survivor_in_one_line_and_the_pair_resumes(tmp_path, procs):
   workdir = str(tmp_path / 'w')
