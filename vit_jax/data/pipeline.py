@@ -13,6 +13,7 @@ Determinism by construction, so a resumed run needs only the step number:
 """
 
 import dataclasses
+import logging
 import math
 import os
 from collections.abc import Callable, Iterator
@@ -112,12 +113,6 @@ def get_dataset_info(dataset: str, data_dir: str | None = None):
   return label.num_classes, list(label.names), sizes
 
 
-def _zero_rows(values: dict, mask, skip=()) -> dict:
-  """values [b, ...] with the rows where mask [b] is False zeroed; keys in `skip` as they are."""
-  keep = lambda v: tf.reshape(mask, [-1] + [1] * (v.shape.rank - 1))
-  return {k: v if k in skip else tf.where(keep(v), v, tf.zeros_like(v)) for k, v in values.items()}
-
-
 def _seed(*parts) -> tf.Tensor:
   """An int64 [2] stateless seed from integers/scalar tensors."""
   out = tf.constant([0x5EED, 0], tf.int64)
@@ -130,8 +125,8 @@ class _Source:
   """Records of one process's part of a split: sizes, per-epoch record streams, parsing."""
 
   def __init__(self, dataset, split, data_dir, process_index, process_count):
-    self.dataset, self.split = dataset, split
-    self.process_index, self.process_count = process_index, process_count
+    self.split, self.process_index, self.process_count = split, process_index, process_count
+    self._synthetic = self._specs = self._files = None
     if dataset.split(':')[0] == 'synthetic':
       self._synthetic = _parse_synthetic(dataset)
       self.num_classes = self._synthetic['num_classes']
@@ -145,12 +140,10 @@ class _Source:
         len(range(p, self.num_examples, process_count)) for p in range(process_count)
       ]
       return
-    self._synthetic = None
-    self._specs = None
     self.builder = _tfds_builder(dataset, data_dir)
-    label_key = _LABEL_KEYS.get(self.builder.name, 'label')
-    self.num_classes = self.builder.info.features[label_key].num_classes
-    self.label_names = list(self.builder.info.features[label_key].names)
+    self._label_key = _LABEL_KEYS.get(self.builder.name, 'label')
+    label = self.builder.info.features[self._label_key]
+    self.num_classes, self.label_names = label.num_classes, list(label.names)
     try:
       self.num_examples = self.builder.info.splits[split].num_examples
       self.subsplits = tfds.even_splits(split, n=process_count)
@@ -160,17 +153,29 @@ class _Source:
         f'Bad split {split!r} for dataset {dataset!r} '
         f'(splits: {list(self.builder.info.splits)}): {e}'
       ) from e
-    keys = {'image': True, label_key: True}
+    keys = {'image': True, self._label_key: True}
     if self.builder.name == 'imagenet2012_real':
       keys['real_label'] = True
     self._decoders = tfds.decode.PartialDecoding(
       keys, decoders={'image': tfds.decode.SkipDecoding()}
     )
-    self._label_key = label_key
-    # tf.io.parse_single_example on just the image bytes and the label where both are plain
-    # scalars (Image, ClassLabel): ~40 us of CPU less per record than TFDS's general parser.
+    instructions = self.builder.info.splits[self.subsplits[process_index]].file_instructions
+    if (
+      self.builder.info.file_format == tfds.core.FileFormat.TFRECORD
+      and instructions
+      and tf.io.gfile.exists(instructions[0].filename)  # Not so under tfds.testing.mock_data.
+    ):
+      takes = [f.take for f in instructions]
+      self._files = (
+        tf.constant([f.filename for f in instructions]),
+        tf.constant([f.skip for f in instructions], tf.int64),
+        tf.constant(takes, tf.int64),
+        tf.constant(np.cumsum([0] + takes[:-1]), tf.int64),  # Index of each file's first record.
+      )
+    # tf.io.parse_example on just the image bytes and the label where both are plain scalars
+    # (Image, ClassLabel): ~40 us of CPU less per record than TFDS's general parser.
     info = self.builder.info.features.get_serialized_info()
-    if set(keys) == {'image', label_key} and all(
+    if set(keys) == {'image', self._label_key} and all(
       k in info and info[k].shape == () and info[k].dtype in (tf.string, tf.int64) for k in keys
     ):
       self._specs = {k: tf.io.FixedLenFeature([], info[k].dtype) for k in keys}
@@ -185,70 +190,68 @@ class _Source:
   def local_size(self) -> int:
     return self.local_sizes[self.process_index]
 
-  def _files(self):
-    """(filenames, skips, takes) of this process's TFRecord shards, or None if unavailable."""
-    sub = self.subsplits[self.process_index]
-    if self.builder.info.file_format != tfds.core.FileFormat.TFRECORD:
-      return None
-    instructions = self.builder.info.splits[sub].file_instructions
-    if not instructions or not tf.io.gfile.exists(instructions[0].filename):
-      return None  # E.g. under tfds.testing.mock_data: read through builder.as_dataset.
-    names = tf.constant([f.filename for f in instructions])
-    skips = tf.constant([f.skip for f in instructions], tf.int64)
-    return names, skips, tf.constant([f.take for f in instructions], tf.int64)
+  def records(self, epoch=None, *, seed=0, shuffle_buffer=0, num_threads=None, indices=False):
+    """This process's records (their indices in `records()` if `indices`), in a fixed order.
 
-  def epoch_fn(self, *, shuffle: bool, seed: int, shuffle_buffer: int, num_threads: int):
-    """Returns `fn(epoch) -> Dataset of records` in a fixed (shuffled per epoch) order."""
-    if self._synthetic:
-      return lambda epoch: tf.data.Dataset.range(self.local_size)
-    files = self._files()
-    if files is None:
-      base = self.builder.as_dataset(
-        split=self.subsplits[self.process_index],
-        shuffle_files=False,
-        decoders=self._decoders,
+    epoch=None: in storage order. Else that epoch's order: shards shuffled, interleaved, then
+    records shuffled (a buffer of `shuffle_buffer`; 0: neither) with seeds from (seed, process,
+    epoch). The order depends on the counts only, so records and indices come in the same order.
+    """
+    if self._synthetic:  # Records are indices already; never shuffled.
+      return tf.data.Dataset.range(self.local_size)
+    if self._files is None and indices:
+      records = tf.data.Dataset.range(self.local_size)
+    elif self._files is None:
+      records = self.builder.as_dataset(
+        split=self.subsplits[self.process_index], shuffle_files=False, decoders=self._decoders
       )
-    p = self.process_index
-
-    def fn(epoch):
-      rng = _seed(seed, p, epoch)
-      if files is None:
-        records = base
+    else:
+      names, skips, takes, starts = self._files
+      order = tf.range(tf.size(names))
+      if epoch is not None and shuffle_buffer:
+        rng = _seed(seed, self.process_index, epoch)
+        order = tf.random.experimental.stateless_shuffle(order, rng)
+      shards = tf.data.Dataset.from_tensor_slices(tuple(tf.gather(x, order) for x in self._files))
+      if indices:
+        read = lambda f, s, t, start: tf.data.Dataset.range(start, start + t)
       else:
-        names, skips, takes = files
-        order = tf.range(tf.size(names))
-        if shuffle:
-          order = tf.random.experimental.stateless_shuffle(order, rng)
-        shards = tf.data.Dataset.from_tensor_slices(
-          (tf.gather(names, order), tf.gather(skips, order), tf.gather(takes, order))
+        read = lambda f, s, t, start: (
+          tf.data.TFRecordDataset(f, buffer_size=1 << 20).skip(s).take(t)
         )
-        # Parallel reads hide remote storage's latency (gs://); on local files the hand-off between
-        # threads costs more per record (~5% of a decode, measured) than the read itself.
-        parallel = {}
-        if '://' in self.builder.data_dir:
-          parallel = dict(num_parallel_calls=min(16, int(names.shape[0]), num_threads or 16))
-        records = shards.interleave(
-          lambda f, s, t: tf.data.TFRecordDataset(f, buffer_size=1 << 20).skip(s).take(t),
-          cycle_length=min(16, int(names.shape[0])),
-          deterministic=True if parallel else None,
-          **parallel,
-        )
-      if shuffle:
-        shuffle_seed = tf.random.stateless_uniform([], rng, 0, 2**62, tf.int64)
-        records = records.shuffle(shuffle_buffer, seed=shuffle_seed)
-      return records
+      # Parallel reads hide remote storage's latency (gs://); on local files the hand-off between
+      # threads costs more per record (~5% of a decode, measured) than the read itself.
+      parallel = {}
+      if '://' in self.builder.data_dir and not indices:
+        parallel = dict(num_parallel_calls=min(16, int(names.shape[0]), num_threads or 16))
+      records = shards.interleave(
+        read,
+        cycle_length=1 if epoch is None else min(16, int(names.shape[0])),
+        deterministic=True if parallel else None,
+        **parallel,
+      )
+    if epoch is not None and shuffle_buffer:
+      rng = _seed(seed, self.process_index, epoch)
+      shuffle_seed = tf.random.stateless_uniform([], rng, 0, 2**62, tf.int64)
+      records = records.shuffle(shuffle_buffer, seed=shuffle_seed)
+    return records
 
-    return fn
+  def parse(self, ds: tf.data.Dataset) -> tf.data.Dataset:
+    """(key, record) -> (key, {'image': bytes or uint8, 'label': int32, ...}); no decoding."""
+    if self._specs and self._files is not None:  # One parse op per 256 records, not per record.
+      parse = lambda key, r: (key, tf.io.parse_example(r, self._specs))
+      return ds.batch(256).map(parse).unbatch().map(lambda key, r: (key, self._select(r)))
+    return ds.map(lambda key, r: (key, self._parse_one(r)))
 
-  @property
-  def parses_batches(self) -> bool:
-    return self._synthetic is None and self._specs is not None and self._files() is not None
+  def _select(self, record) -> dict:
+    out = {'image': record['image'], 'label': tf.cast(record[self._label_key], tf.int32)}
+    if 'real_label' in record:  # ImageNet ReaL: multi-hot; all-zero rows are excluded by ReaL.
+      real = tf.one_hot(record['real_label'], self.num_classes, dtype=tf.float32)
+      out['real_labels'] = tf.ensure_shape(
+        tf.minimum(tf.reduce_sum(real, 0), 1.0), [self.num_classes]
+      )
+    return out
 
-  def parse_batch(self, records) -> dict:
-    return tf.io.parse_example(records, self._specs)
-
-  def parse(self, record) -> dict:
-    """Record -> {'image': encoded bytes or uint8, 'label': int32, ...}; cheap, no decoding."""
+  def _parse_one(self, record) -> dict:
     if self._synthetic:
       # Global example index k -> deterministic image and label, whatever the process count.
       k = self.process_index + self.process_count * record
@@ -258,18 +261,46 @@ class _Source:
       label_rng = tf.random.experimental.stateless_fold_in(rng, 1)
       label = tf.random.stateless_uniform([], label_rng, 0, self.num_classes, tf.int32)
       return {'image': tf.cast(image, tf.uint8), 'label': label}
-    if not isinstance(record, dict) and self._specs:
-      record = tf.io.parse_single_example(record, self._specs)
-    elif not isinstance(record, dict):  # Serialized; as_dataset (fallback) gives dicts.
+    if not isinstance(record, dict):  # Serialized; as_dataset (mock data) gives dicts.
       features = self._decoders.extract_features(self.builder.info.features)
       record = features.deserialize_example(record, decoders=self._decoders.decoders)
-    out = {'image': record['image'], 'label': tf.cast(record[self._label_key], tf.int32)}
-    if 'real_label' in record:  # ImageNet ReaL: multi-hot; all-zero rows are excluded by ReaL.
-      real = tf.one_hot(record['real_label'], self.num_classes, dtype=tf.float32)
-      out['real_labels'] = tf.ensure_shape(
-        tf.minimum(tf.reduce_sum(real, 0), 1.0), [self.num_classes]
-      )
+    return self._select(record)
+
+
+def _cache(examples: tf.data.Dataset, what: str) -> Callable[[tf.Tensor], dict]:
+  """Holds `examples` (dicts) in host memory; returns `lookup(index) -> example`."""
+  rows = list(examples.prefetch(AUTOTUNE).as_numpy_iterator())
+  tables = {}
+  for key in rows[0]:
+    arrays = [r[key] for r in rows]
+    shape = [
+      d if all(a.shape[i] == d for a in arrays) else None for i, d in enumerate(arrays[0].shape)
+    ]
+    if None not in shape:  # All the same shape: one array.
+      tables[key] = (tf.constant(np.stack(arrays)), None, shape)
+    else:  # Flattened and concatenated, with each one's end and shape.
+      ends = np.cumsum([a.size for a in arrays])
+      sizes = np.array([a.shape for a in arrays], np.int64)
+      tables[key] = (tf.constant(np.concatenate([a.ravel() for a in arrays])), (ends, sizes), shape)
+  logging.info(
+    'Cached %d examples of %s: %.1f MB',
+    len(rows),
+    what,
+    sum(t[0].numpy().nbytes for t in tables.values()) / 1e6,
+  )
+
+  def lookup(i):
+    out = {}
+    for key, (values, ragged, shape) in tables.items():
+      if ragged is None:
+        out[key] = tf.gather(values, i)
+      else:
+        end, size = tf.gather(ragged[0], i), tf.gather(ragged[1], i)
+        out[key] = tf.reshape(values[end - tf.reduce_prod(size) : end], size)
+        out[key].set_shape(shape)
     return out
+
+  return lookup
 
 
 def get_dataset(
@@ -287,6 +318,7 @@ def get_dataset(
   process_count: int | None = None,
   num_threads: int | None = None,
   prefetch: int = 2,
+  cache: bool = False,
 ) -> Dataset:
   """Returns this process's batches of `split` of `dataset`, preprocessed by `preprocess`.
 
@@ -308,6 +340,9 @@ def get_dataset(
     process_index, process_count: default jax.process_index() / jax.process_count().
     num_threads: tf.data private thread pool size (default: env VIT_JAX_DATA_THREADS, else TF's).
     prefetch: batches prefetched on the host.
+    cache: hold this process's examples in host memory after the deterministic start of the
+      string (up to its first random op: e.g. `decode|resize(18)` of `decode|resize(18)|
+      random_crop(16)`), computed once at the first `iter()`: for datasets that fit in memory.
 
   Returns:
     A `Dataset`; its batches hold 'image' (uint8 unless the host applied the whole string), 'label'
@@ -335,7 +370,6 @@ def get_dataset(
   num_threads = num_threads or int(os.environ.get('VIT_JAX_DATA_THREADS', 0)) or None
   source = _Source(dataset, split, data_dir, process_index, process_count)
   host_pp, device_pp = preprocess_lib.split(preprocess)
-  host_fn = preprocess_lib.get_preprocess_fn(host_pp)
   device_fn = preprocess_lib.get_preprocess_fn(device_pp)
   if train and min(source.local_sizes) < b:
     raise ValueError(
@@ -350,49 +384,53 @@ def get_dataset(
     )
   example_seed = _seed(seed, process_index)[0]  # Eager: a constant in the graph.
   n = source.local_size
+  num_batches = None if train else max(math.ceil(max(source.local_sizes) / b), 1)
+  # With `cache`, the string's deterministic start runs once per example, at the first `iter()`.
+  cached = preprocess_lib.num_deterministic(host_pp) if cache else 0
+  cached_fn = preprocess_lib.get_preprocess_fn(host_pp, stop=cached)
+  host_fn = preprocess_lib.get_preprocess_fn(host_pp, start=cached)
+  lookup = []
 
-  def zero_padding(batch):
-    # One test per batch rather than a conditional per example: only the last batches pad.
-    mask = batch['mask']
-    zeroed = lambda: _zero_rows(batch, mask, skip=('mask',))
-    return tf.cond(tf.reduce_all(mask), lambda: dict(batch), zeroed)
-
-  def prepare(pos, record):
-    data = source.parse(record)
+  def prepare(pos, item):
+    data = lookup[0](item) if cache else dict(item)
     data['_rng'] = tf.stack([example_seed, pos])  # Stateless: (hash of seed and process, pos).
     data = host_fn(data)
     if data['image'].dtype != tf.uint8:  # The device part expects uint8: apply it here.
       data = device_fn(data)
-    out = {k: data[k] for k in ('image', 'label', 'labels', 'real_labels') if k in data}
-    # Eval: positions from n on are padding (a real example's shapes, mask=False), zeroed per batch.
-    out['mask'] = tf.constant(True) if train else pos < n
-    return out
+    return {k: data[k] for k in ('image', 'label', 'labels', 'real_labels') if k in data}
+
+  def pad(batch):  # To b rows: eval's last batch; padding is zeros with mask=False.
+    k = tf.shape(batch['label'])[0]
+    batch = {
+      key: tf.pad(v, [[0, b - k]] + [[0, 0]] * (v.shape.rank - 1)) for key, v in batch.items()
+    }
+    return {**batch, 'mask': tf.range(b) < k}
 
   def make() -> tf.data.Dataset:
-    epoch_fn = source.epoch_fn(
-      shuffle=train, seed=seed, shuffle_buffer=shuffle_buffer, num_threads=num_threads
-    )
+    if cache and not lookup:
+      examples = source.parse(source.records().enumerate())
+      examples = examples.map(lambda _, x: cached_fn(x), num_parallel_calls=AUTOTUNE)
+      lookup.append(_cache(examples, f'{dataset} {split} (process {process_index})'))
+    kw = dict(seed=seed, shuffle_buffer=shuffle_buffer, num_threads=num_threads, indices=cache)
     # (Small sequential maps cost more per element than reading a record, so positions come
     # from `enumerate` alone and everything else happens in the parallel `prepare`.)
     if train:
       first_epoch, skip = divmod(start_batch * b, n)
 
       def epoch(e):
-        records = epoch_fn(e).enumerate(start=e * n)
+        records = source.records(e, **kw).enumerate(start=e * n)
         return records.skip(tf.where(e == first_epoch, tf.constant(skip, tf.int64), 0))
 
       ds = tf.data.Dataset.range(first_epoch, 2**62).flat_map(epoch)
     else:
-      # Padding repeats this process's first record, so that it has the shapes the
-      # preprocessing gives, static or not.
-      records = epoch_fn(0)
-      ds = records.concatenate(records.take(1).repeat()).take(num_batches * b).enumerate()
-    if source.parses_batches:  # One parse op per 256 records instead of one per record.
-      ds = ds.batch(256).map(lambda pos, r: (pos, source.parse_batch(r))).unbatch()
+      ds = source.records(**kw).enumerate()
+    if not cache:
+      ds = source.parse(ds)
     ds = ds.map(prepare, num_parallel_calls=AUTOTUNE, deterministic=True)
-    ds = ds.batch(b, drop_remainder=train)
-    if not train:
-      ds = ds.map(zero_padding)
+    ds = ds.batch(b, drop_remainder=train).map(pad)
+    if not train and num_batches > math.ceil(n / b):  # Whole batches of padding.
+      zeros = ds.take(1).map(lambda x: {k: tf.zeros_like(v) for k, v in x.items()}).cache()
+      ds = ds.concatenate(zeros.repeat(num_batches - math.ceil(n / b)))
     options = tf.data.Options()
     options.deterministic = True
     options.threading.max_intra_op_parallelism = 1
@@ -400,7 +438,6 @@ def get_dataset(
       options.threading.private_threadpool_size = num_threads
     return ds.prefetch(prefetch).with_options(options)
 
-  num_batches = None if train else max(math.ceil(max(source.local_sizes) / b), 1)
   return Dataset(
     num_classes=source.num_classes,
     label_names=source.label_names,
