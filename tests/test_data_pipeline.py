@@ -141,6 +141,8 @@ def test_cache_holds_examples_of_different_shapes():
     got = tf.data.Dataset.from_tensors(tf.constant(i, tf.int64)).map(lookup).get_single_element()
     np.testing.assert_array_equal(got['image'], examples[i]['image'])
     assert int(got['label']) == i
+  spec = tf.data.Dataset.range(3).map(lookup).element_spec
+  assert spec['image'].shape.as_list() == [None, None, 3]
 
 
 def test_eval_padding_rows_are_not_decoded(folder):

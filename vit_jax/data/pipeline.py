@@ -1,15 +1,7 @@
 """Per-process tf.data input pipeline: sharding, shuffling, preprocessing, batching, resume.
 
-Images leave as uint8 where the string allows it: its trailing `value_range` ops are left to the
-device (`device.device_preprocess`), as is mixup (in the train step).
-
-Determinism by construction, so a resumed run needs only the step number:
-- each process reads its own contiguous part of the split (`tfds.even_splits`);
-- epoch `e` shuffles the file order and then examples (buffer `shuffle_buffer`) with seeds derived
-  from (seed, process_index, e); batches run continuously across epoch boundaries;
-- an example's augmentation is seeded by (seed, process_index, its position in the stream).
-`start_batch=k` therefore starts at epoch `k*b // n_local` directly and drops the remaining
-`k*b % n_local` shuffled records before they are parsed or decoded.
+Deterministic by construction (docs/data.md), so a resumed run needs only the step number: the
+stream is a function of (seed, process, process count, batch index).
 """
 
 import dataclasses
@@ -34,12 +26,8 @@ _SYNTHETIC_DEFAULTS = {'image_size': 224, 'num_classes': 1000, 'num_examples': 1
 class Dataset:
   """Iterable of per-process numpy batches; `iter()` starts a fresh, identical iterator.
 
-  Attributes:
-    num_classes, label_names: of the dataset.
-    num_examples: of the whole split, all processes together.
-    local_batch_size: examples per batch on this process (global_batch_size // process_count).
-    num_batches: eval only: batches per pass, the same on every process (None for train).
-    steps_per_epoch: train only: global batches per pass over the split (informational).
+  `num_examples`: of the whole split; `num_batches`: eval only, batches per pass on every process;
+  `steps_per_epoch`: train only, global batches per pass over the split (informational).
   """
 
   num_classes: int
@@ -54,15 +42,17 @@ class Dataset:
     return iter(self.make_tf_dataset().as_numpy_iterator())
 
 
-def _parse_synthetic(dataset: str) -> dict:
+def _synthetic(dataset: str) -> tuple[dict, list[str], dict[str, int]]:
+  """(options, label names, split sizes) of 'synthetic[:key=value,...]'."""
   kwargs = dict(_SYNTHETIC_DEFAULTS)
   for item in filter(None, dataset.partition(':')[2].split(',')):
     key, _, value = item.partition('=')
     if key not in kwargs and key != 'num_test':
       raise ValueError(f'Unknown synthetic option {key!r} in {dataset!r}; known: {list(kwargs)}')
     kwargs[key.strip()] = int(value)
-  kwargs.setdefault('num_test', max(kwargs['num_examples'] // 10, 1))
-  return kwargs
+  test = kwargs.get('num_test', max(kwargs['num_examples'] // 10, 1))
+  sizes = {'train': kwargs['num_examples'], 'test': test, 'validation': test}
+  return kwargs, [str(i) for i in range(kwargs['num_classes'])], sizes
 
 
 def _tfds_builder(dataset: str, data_dir: str | None):
@@ -103,10 +93,8 @@ def _tfds_builder(dataset: str, data_dir: str | None):
 def get_dataset_info(dataset: str, data_dir: str | None = None):
   """Returns (num_classes, label_names, {split: num_examples}) of a dataset (may prepare it)."""
   if dataset.split(':')[0] == 'synthetic':
-    kw = _parse_synthetic(dataset)
-    names = [str(i) for i in range(kw['num_classes'])]
-    sizes = {'train': kw['num_examples'], 'test': kw['num_test'], 'validation': kw['num_test']}
-    return kw['num_classes'], names, sizes
+    _, names, sizes = _synthetic(dataset)
+    return len(names), names, sizes
   builder = _tfds_builder(dataset, data_dir)
   label = builder.info.features[_LABEL_KEYS.get(builder.name, 'label')]
   sizes = {name: split.num_examples for name, split in builder.info.splits.items()}
@@ -128,17 +116,12 @@ class _Source:
     self.split, self.process_index, self.process_count = split, process_index, process_count
     self._synthetic = self._specs = self._files = None
     if dataset.split(':')[0] == 'synthetic':
-      self._synthetic = _parse_synthetic(dataset)
-      self.num_classes = self._synthetic['num_classes']
-      self.label_names = [str(i) for i in range(self.num_classes)]
-      sizes = {'train': self._synthetic['num_examples'], 'test': self._synthetic['num_test']}
-      sizes['validation'] = sizes['test']
+      self._synthetic, self.label_names, sizes = _synthetic(dataset)
+      self.num_classes = len(self.label_names)
       if split not in sizes:
         raise ValueError(f'Synthetic data has splits {list(sizes)}, not {split!r}.')
       self.num_examples = sizes[split]
-      self.local_sizes = [
-        len(range(p, self.num_examples, process_count)) for p in range(process_count)
-      ]
+      self.local_sizes = [len(range(p, sizes[split], process_count)) for p in range(process_count)]
       return
     self.builder = _tfds_builder(dataset, data_dir)
     self._label_key = _LABEL_KEYS.get(self.builder.name, 'label')
@@ -236,22 +219,13 @@ class _Source:
     return records
 
   def parse(self, ds: tf.data.Dataset) -> tf.data.Dataset:
-    """(key, record) -> (key, {'image': bytes or uint8, 'label': int32, ...}); no decoding."""
-    if self._specs and self._files is not None:  # One parse op per 256 records, not per record.
-      parse = lambda key, r: (key, tf.io.parse_example(r, self._specs))
-      return ds.batch(256).map(parse).unbatch().map(lambda key, r: (key, self._select(r)))
-    return ds.map(lambda key, r: (key, self._parse_one(r)))
+    """(key, record): one parse op per 256 records (not per record) where `_specs` allow it."""
+    if not self._specs or self._files is None:
+      return ds
+    return ds.batch(256).map(lambda key, r: (key, tf.io.parse_example(r, self._specs))).unbatch()
 
-  def _select(self, record) -> dict:
-    out = {'image': record['image'], 'label': tf.cast(record[self._label_key], tf.int32)}
-    if 'real_label' in record:  # ImageNet ReaL: multi-hot; all-zero rows are excluded by ReaL.
-      real = tf.one_hot(record['real_label'], self.num_classes, dtype=tf.float32)
-      out['real_labels'] = tf.ensure_shape(
-        tf.minimum(tf.reduce_sum(real, 0), 1.0), [self.num_classes]
-      )
-    return out
-
-  def _parse_one(self, record) -> dict:
+  def example(self, record) -> dict:
+    """A (parsed) record -> {'image': bytes or uint8, 'label': int32, ...}; no decoding."""
     if self._synthetic:
       # Global example index k -> deterministic image and label, whatever the process count.
       k = self.process_index + self.process_count * record
@@ -264,40 +238,42 @@ class _Source:
     if not isinstance(record, dict):  # Serialized; as_dataset (mock data) gives dicts.
       features = self._decoders.extract_features(self.builder.info.features)
       record = features.deserialize_example(record, decoders=self._decoders.decoders)
-    return self._select(record)
+    out = {'image': record['image'], 'label': tf.cast(record[self._label_key], tf.int32)}
+    if 'real_label' in record:  # ImageNet ReaL: multi-hot; all-zero rows are excluded by ReaL.
+      real = tf.one_hot(record['real_label'], self.num_classes, dtype=tf.float32)
+      out['real_labels'] = tf.ensure_shape(
+        tf.minimum(tf.reduce_sum(real, 0), 1.0), [self.num_classes]
+      )
+    return out
 
 
 def _cache(examples: tf.data.Dataset, what: str) -> Callable[[tf.Tensor], dict]:
-  """Holds `examples` (dicts) in host memory; returns `lookup(index) -> example`."""
+  """Holds `examples` (dicts) in host memory; returns `lookup(index) -> example`. A key whose
+  values differ in shape is stored flat, with each value's end and shape."""
   rows = list(examples.prefetch(AUTOTUNE).as_numpy_iterator())
   tables = {}
   for key in rows[0]:
-    arrays = [r[key] for r in rows]
-    shape = [
-      d if all(a.shape[i] == d for a in arrays) else None for i, d in enumerate(arrays[0].shape)
-    ]
-    if None not in shape:  # All the same shape: one array.
-      tables[key] = (tf.constant(np.stack(arrays)), None, shape)
-    else:  # Flattened and concatenated, with each one's end and shape.
-      ends = np.cumsum([a.size for a in arrays])
-      sizes = np.array([a.shape for a in arrays], np.int64)
-      tables[key] = (tf.constant(np.concatenate([a.ravel() for a in arrays])), (ends, sizes), shape)
-  logging.info(
-    'Cached %d examples of %s: %.1f MB',
-    len(rows),
-    what,
-    sum(t[0].numpy().nbytes for t in tables.values()) / 1e6,
-  )
+    values = [r[key] for r in rows]
+    if all(v.shape == values[0].shape for v in values):
+      tables[key] = (tf.constant(np.stack(values)),)
+    else:
+      shapes = np.array([v.shape for v in values], np.int64)
+      static = [d if (shapes[:, i] == d).all() else None for i, d in enumerate(shapes[0])]
+      ends = tf.constant(np.cumsum([v.size for v in values]))
+      flat = tf.constant(np.concatenate([v.ravel() for v in values]))
+      tables[key] = (flat, ends, tf.constant(shapes), static)
+  size = sum(t[0].numpy().nbytes for t in tables.values())
+  logging.info('Cached %d examples of %s: %.1f MB', len(rows), what, size / 1e6)
 
   def lookup(i):
     out = {}
-    for key, (values, ragged, shape) in tables.items():
-      if ragged is None:
-        out[key] = tf.gather(values, i)
+    for key, (values, *ragged) in tables.items():
+      if ragged:
+        end, shape = tf.gather(ragged[0], i), tf.gather(ragged[1], i)
+        out[key] = tf.reshape(values[end - tf.reduce_prod(shape) : end], shape)
+        out[key].set_shape(ragged[2])
       else:
-        end, size = tf.gather(ragged[0], i), tf.gather(ragged[1], i)
-        out[key] = tf.reshape(values[end - tf.reduce_prod(size) : end], size)
-        out[key].set_shape(shape)
+        out[key] = tf.gather(values, i)
     return out
 
   return lookup
@@ -323,30 +299,27 @@ def get_dataset(
   """Returns this process's batches of `split` of `dataset`, preprocessed by `preprocess`.
 
   Args:
-    dataset: 'digits', 'folder:/path/to/images', 'imagenet21k' (prepared beforehand with
-      `prepare_imagenet21k`), a TFDS name ('cifar10', 'imagenet2012', ...) or
+    dataset: 'digits', 'folder:/path/to/images', 'imagenet21k', a TFDS name or
       'synthetic[:image_size=224,num_classes=1000,num_examples=10000,num_test=1000]'.
     split: a TFDS split string ('train', 'test', 'train[:90%]').
-    preprocess: ops separated by '|' (preprocess.py), e.g. 'decode|resize(32)|value_range(-1,1)';
-      its trailing `value_range` ops are left to the device (`device_preprocess`) when the rest
-      yields uint8 images, else applied here too.
-    train: True: shuffle and repeat forever, full batches only. False: one pass, the last batch
-      padded with mask=False, `num_batches` equal on all processes.
+    preprocess: ops separated by '|' (preprocess.py); its trailing `value_range` ops are left to
+      the device (`device_preprocess`) when the rest yields uint8 images, else applied here.
+    train: True: shuffled, repeated forever, full batches. False: one pass, the last batches
+      padded (zeros, mask=False) to `num_batches`, equal on all processes.
     global_batch_size: examples per step over all processes.
     data_dir: TFDS data directory (default: TFDS's, ~/tensorflow_datasets).
     seed: the data seed (shuffling, augmentation).
     start_batch: train only: start at this batch of the uninterrupted stream (resume).
     shuffle_buffer: example shuffle buffer size.
     process_index, process_count: default jax.process_index() / jax.process_count().
-    num_threads: tf.data private thread pool size (default: env VIT_JAX_DATA_THREADS, else TF's).
+    num_threads: tf.data's thread pool size (default: env VIT_JAX_DATA_THREADS, else TF's).
     prefetch: batches prefetched on the host.
-    cache: hold this process's examples in host memory after the deterministic start of the
-      string (up to its first random op: e.g. `decode|resize(18)` of `decode|resize(18)|
-      random_crop(16)`), computed once at the first `iter()`: for datasets that fit in memory.
+    cache: hold this process's examples in host memory after the string's deterministic start
+      (its ops before the first random one), computed at the first `iter()`; the same batches.
 
   Returns:
-    A `Dataset`; its batches hold 'image' (uint8 unless the host applied the whole string), 'label'
-    (int32), 'mask' (bool) and, when the string has `onehot(...)`, 'labels' (float32 [b, classes]).
+    A `Dataset` of {'image': uint8 (unless the host applied the whole string), 'label': int32,
+    'mask': bool, and 'labels' (with `onehot`) or 'real_labels' (ImageNet ReaL): float32}.
 
   Raises:
     ValueError: bad batch size, split or preprocessing string; a train split under one batch.
@@ -385,14 +358,13 @@ def get_dataset(
   example_seed = _seed(seed, process_index)[0]  # Eager: a constant in the graph.
   n = source.local_size
   num_batches = None if train else max(math.ceil(max(source.local_sizes) / b), 1)
-  # With `cache`, the string's deterministic start runs once per example, at the first `iter()`.
   cached = preprocess_lib.num_deterministic(host_pp) if cache else 0
   cached_fn = preprocess_lib.get_preprocess_fn(host_pp, stop=cached)
   host_fn = preprocess_lib.get_preprocess_fn(host_pp, start=cached)
   lookup = []
 
   def prepare(pos, item):
-    data = lookup[0](item) if cache else dict(item)
+    data = lookup[0](item) if cache else source.example(item)
     data['_rng'] = tf.stack([example_seed, pos])  # Stateless: (hash of seed and process, pos).
     data = host_fn(data)
     if data['image'].dtype != tf.uint8:  # The device part expects uint8: apply it here.
@@ -409,7 +381,9 @@ def get_dataset(
   def make() -> tf.data.Dataset:
     if cache and not lookup:
       examples = source.parse(source.records().enumerate())
-      examples = examples.map(lambda _, x: cached_fn(x), num_parallel_calls=AUTOTUNE)
+      examples = examples.map(
+        lambda _, r: cached_fn(source.example(r)), num_parallel_calls=AUTOTUNE
+      )
       lookup.append(_cache(examples, f'{dataset} {split} (process {process_index})'))
     kw = dict(seed=seed, shuffle_buffer=shuffle_buffer, num_threads=num_threads, indices=cache)
     # (Small sequential maps cost more per element than reading a record, so positions come

@@ -142,46 +142,36 @@ def _inception_box(shape, seed, area_min, area_max, aspect):
   return tf.stack([begin[0], begin[1], size[0], size[1]])
 
 
-def _decode_window(raw, window_fn):
-  """The window `window_fn(shape) -> (y, x, h, w)` of an image; of a JPEG only the window is
-  decoded (`decode_and_crop_jpeg`), other formats (or decoded images) are cropped after."""
+def _decode_window(image, window_fn):
+  """The window `window_fn(shape) -> (y, x, h, w)` of an image. Of a JPEG only the window is
+  decoded (`decode_and_crop_jpeg`); other formats are decoded whole (`decode`), then cropped."""
 
-  def whole():
-    image = decode()(raw)
+  def crop(image):
     y, x, h, w = tf.unstack(window_fn(tf.shape(image)))
-    return tf.slice(image, tf.stack([y, x, 0]), tf.stack([h, w, 3]))
+    out = tf.slice(image, tf.stack([y, x, 0]), tf.stack([h, w, -1]))
+    out.set_shape([None, None, image.shape[-1]])
+    return out
 
-  jpeg = lambda: tf.image.decode_and_crop_jpeg(raw, window_fn(tf.image.extract_jpeg_shape(raw)), 3)
-  image = tf.cond(tf.io.is_jpeg(raw), jpeg, whole) if raw.dtype == tf.string else whole()
-  image.set_shape([None, None, 3])
-  return image
+  if image.dtype != tf.string:
+    return crop(image)
+  shape = tf.image.extract_jpeg_shape
+  jpeg = lambda: tf.image.decode_and_crop_jpeg(image, window_fn(shape(image)), channels=3)
+  out = tf.cond(tf.io.is_jpeg(image), jpeg, lambda: crop(decode()(image)))
+  out.set_shape([None, None, 3])
+  return out
 
 
+@register('inception_crop', 'random')
 @register('decode_jpeg_and_inception_crop', 'random')
 def decode_jpeg_and_inception_crop(
   size=None, area_min=5, area_max=100, aspect=(3 / 4, 4 / 3), method='bilinear', antialias=False
 ):
-  """`decode|inception_crop(...)` decoding only the crop of a JPEG (big_vision's op)."""
+  """Inception crop (random area in %, aspect) resized to `size` if given (big_vision's op): of
+  an encoded JPEG only the crop is decoded; `inception_crop` is the same op on a decoded image."""
 
   def fn(image, seed):
-    window = lambda shape: _inception_box(shape, seed, area_min, area_max, aspect)
-    image = _decode_window(image, window)
+    image = _decode_window(image, lambda s: _inception_box(s, seed, area_min, area_max, aspect))
     return _resize(image, _size(size), method, antialias) if size else image
-
-  return fn
-
-
-@register('inception_crop', 'random')
-def inception_crop(
-  size=None, area_min=5, area_max=100, aspect=(3 / 4, 4 / 3), method='bilinear', antialias=False
-):
-  """Inception crop (random area in % and aspect) of a decoded image, resized to `size` if given."""
-
-  def fn(image, seed):
-    y, x, h, w = tf.unstack(_inception_box(tf.shape(image), seed, area_min, area_max, aspect))
-    crop = tf.slice(image, tf.stack([y, x, 0]), tf.stack([h, w, -1]))
-    crop.set_shape([None, None, image.shape[-1]])
-    return _resize(crop, _size(size), method, antialias) if size else crop
 
   return fn
 
