@@ -124,6 +124,33 @@ def test_cache_gives_the_same_batches(folder, train):
           np.testing.assert_array_equal(a[key], b[key], err_msg=f'p={p} start={start} {key}')
 
 
+def test_record_indices_come_in_the_order_of_the_records(tmp_path):
+  """The cache's index stream: shards shuffled and interleaved, records shuffled, by counts only."""
+  skips, takes, names = [2, 0, 1], [3, 7, 4], []
+  for f, (skip, take) in enumerate(zip(skips, takes)):
+    names.append(str(tmp_path / f'shard{f}.tfrecord'))
+    with tf.io.TFRecordWriter(names[-1]) as writer:
+      for j in range(skip + take + 1):
+        writer.write(f'{f}/{j}'.encode())
+  source = object.__new__(pipeline._Source)  # The files of one process, without a builder.
+  source._synthetic, source.process_index = None, 0
+  source.builder = type('Builder', (), {'data_dir': str(tmp_path)})
+  starts = np.cumsum([0] + takes[:-1])
+  source._files = (tf.constant(names),) + tuple(
+    tf.constant(x, tf.int64) for x in (skips, takes, starts)
+  )
+  table = list(source.records().as_numpy_iterator())  # Storage order: index i is record i.
+  assert table == [
+    f'{f}/{j}'.encode() for f in range(3) for j in range(skips[f], skips[f] + takes[f])
+  ]
+  for epoch, buffer in ((0, 0), (0, 5), (3, 5)):
+    kw = dict(seed=7, shuffle_buffer=buffer)
+    records = list(source.records(epoch, **kw).as_numpy_iterator())
+    indices = list(source.records(epoch, indices=True, **kw).as_numpy_iterator())
+    assert records == [table[i] for i in indices] and sorted(records) == sorted(table)
+    assert records != table  # Interleaved (and shuffled), so the check is not trivial.
+
+
 def test_cache_holds_examples_of_different_shapes():
   shapes = [(3, 5, 3), (4, 2, 3), (3, 5, 3)]
   examples = [

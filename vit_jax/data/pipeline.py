@@ -176,9 +176,9 @@ class _Source:
   def records(self, epoch=None, *, seed=0, shuffle_buffer=0, num_threads=None, indices=False):
     """This process's records (their indices in `records()` if `indices`), in a fixed order.
 
-    epoch=None: in storage order. Else that epoch's order: shards shuffled, interleaved, then
-    records shuffled (a buffer of `shuffle_buffer`; 0: neither) with seeds from (seed, process,
-    epoch). The order depends on the counts only, so records and indices come in the same order.
+    epoch=None: in storage order (record i is index i). Else that epoch's order: shards (shuffled
+    if `shuffle_buffer`) interleaved, then records shuffled (a buffer of `shuffle_buffer`), seeds
+    from (seed, process, epoch). The order depends on counts only: records and indices agree.
     """
     if self._synthetic:  # Records are indices already; never shuffled.
       return tf.data.Dataset.range(self.local_size)
@@ -189,7 +189,7 @@ class _Source:
         split=self.subsplits[self.process_index], shuffle_files=False, decoders=self._decoders
       )
     else:
-      names, skips, takes, starts = self._files
+      names = self._files[0]
       order = tf.range(tf.size(names))
       if epoch is not None and shuffle_buffer:
         rng = _seed(seed, self.process_index, epoch)
@@ -203,14 +203,12 @@ class _Source:
         )
       # Parallel reads hide remote storage's latency (gs://); on local files the hand-off between
       # threads costs more per record (~5% of a decode, measured) than the read itself.
+      cycle = 1 if epoch is None else min(16, int(names.shape[0]))
       parallel = {}
-      if '://' in self.builder.data_dir and not indices:
-        parallel = dict(num_parallel_calls=min(16, int(names.shape[0]), num_threads or 16))
+      if '://' in self.builder.data_dir and not indices and cycle > 1:
+        parallel = dict(num_parallel_calls=min(cycle, num_threads or 16))
       records = shards.interleave(
-        read,
-        cycle_length=1 if epoch is None else min(16, int(names.shape[0])),
-        deterministic=True if parallel else None,
-        **parallel,
+        read, cycle_length=cycle, deterministic=True if parallel else None, **parallel
       )
     if epoch is not None and shuffle_buffer:
       rng = _seed(seed, self.process_index, epoch)
@@ -391,19 +389,19 @@ def get_dataset(
         lambda _, r: cached_fn(source.example(r)), num_parallel_calls=AUTOTUNE
       )
       lookup.append(_cache(examples, f'{dataset} {split} (process {process_index})'))
-    kw = dict(seed=seed, shuffle_buffer=shuffle_buffer, num_threads=num_threads, indices=cache)
+    kw = dict(seed=seed, num_threads=num_threads, indices=cache)
     # (Small sequential maps cost more per element than reading a record, so positions come
     # from `enumerate` alone and everything else happens in the parallel `prepare`.)
     if train:
       first_epoch, skip = divmod(start_batch * b, n)
 
       def epoch(e):
-        records = source.records(e, **kw).enumerate(start=e * n)
+        records = source.records(e, shuffle_buffer=shuffle_buffer, **kw).enumerate(start=e * n)
         return records.skip(tf.where(e == first_epoch, tf.constant(skip, tf.int64), 0))
 
       ds = tf.data.Dataset.range(first_epoch, 2**62).flat_map(epoch)
     else:
-      ds = source.records(**kw).enumerate()
+      ds = source.records(0, **kw).enumerate()  # Interleaved as in training, not shuffled.
     if not cache:
       ds = source.parse(ds)
     ds = ds.map(prepare, num_parallel_calls=AUTOTUNE, deterministic=True)
