@@ -182,6 +182,8 @@ class _Source:
     """
     if self._synthetic:  # Records are indices already; never shuffled.
       return tf.data.Dataset.range(self.local_size)
+    shuffle = epoch is not None and shuffle_buffer > 0
+    rng = _seed(seed, self.process_index, epoch) if shuffle else None
     if self._files is None and indices:
       records = tf.data.Dataset.range(self.local_size)
     elif self._files is None:
@@ -191,8 +193,7 @@ class _Source:
     else:
       names = self._files[0]
       order = tf.range(tf.size(names))
-      if epoch is not None and shuffle_buffer:
-        rng = _seed(seed, self.process_index, epoch)
+      if shuffle:
         order = tf.random.experimental.stateless_shuffle(order, rng)
       shards = tf.data.Dataset.from_tensor_slices(tuple(tf.gather(x, order) for x in self._files))
       if indices:
@@ -210,8 +211,7 @@ class _Source:
       records = shards.interleave(
         read, cycle_length=cycle, deterministic=True if parallel else None, **parallel
       )
-    if epoch is not None and shuffle_buffer:
-      rng = _seed(seed, self.process_index, epoch)
+    if shuffle:
       shuffle_seed = tf.random.stateless_uniform([], rng, 0, 2**62, tf.int64)
       records = records.shuffle(shuffle_buffer, seed=shuffle_seed)
     return records
