@@ -77,6 +77,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.pp_train = 'decode|resize(224)|value_range(-1,1)'
   c.pp_eval = 'decode|resize(224)|value_range(-1,1)'
   c.shuffle_buffer = 10_000
+  c.cache_data = False  # Hold decoded examples in host memory (datasets that fit).
   c.mixup = ml_collections.ConfigDict({'p': 0.0, 'cutmix_p': 0.0})  # p=0: off.
   c.data_seed = 0
   # Batches and steps.

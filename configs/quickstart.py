@@ -42,6 +42,7 @@ def get_config(arg: str | None = None):
   c.pp_train = 'decode|resize(18)|random_crop(16)|value_range(-1,1)'
   c.pp_eval = 'decode|resize(18)|central_crop(16)|value_range(-1,1)'
   c.shuffle_buffer = 2_000
+  c.cache_data = True  # 1,437 + 360 images of 18x18: 1.7 MB.
   c.batch_size = 128
   c.eval_batch_size = 360
   c.total_steps = 600

@@ -8,6 +8,7 @@ import tensorflow as tf
 from data_fixtures import batch_ids, make_indexed_folder
 
 from vit_jax import data
+from vit_jax.data import pipeline, preprocess
 
 P = 4  # Simulated processes.
 
@@ -105,6 +106,86 @@ def test_same_seed_same_batches_and_resume(folder):
   )
   assert fresh[0]['image'].dtype == np.uint8  # value_range is left to the device.
   np.testing.assert_array_equal(fresh[0]['labels'], np.eye(3)[fresh[0]['label']])
+
+
+@pytest.mark.parametrize('train', [True, False])
+def test_cache_gives_the_same_batches(folder, train):
+  """cache=True: the deterministic start of the string runs once; the stream is unchanged."""
+  pp = 'decode|resize(7)|random_crop(6)|flip_lr|value_range(-1,1)|onehot(3)'
+  kw = dict(train=train, global_batch_size=12, preprocess=pp, seed=5, process_count=P)
+  for p in range(P):
+    for start in (0, 7) if train else (0,):
+      args = dict(kw, process_index=p, **(dict(start_batch=start) if train else {}))
+      plain, cached = _get(folder, **args), _get(folder, cache=True, **args)
+      n = 12 if train else plain.num_batches
+      for a, b in zip(_take(plain, n), _take(cached, n), strict=True):
+        assert a.keys() == b.keys()
+        for key in a:
+          np.testing.assert_array_equal(a[key], b[key], err_msg=f'p={p} start={start} {key}')
+
+
+def test_record_indices_come_in_the_order_of_the_records(tmp_path):
+  """The cache's index stream: shards shuffled and interleaved, records shuffled, by counts only."""
+  skips, takes, names = [2, 0, 1], [3, 7, 4], []
+  for f, (skip, take) in enumerate(zip(skips, takes)):
+    names.append(str(tmp_path / f'shard{f}.tfrecord'))
+    with tf.io.TFRecordWriter(names[-1]) as writer:
+      for j in range(skip + take + 1):
+        writer.write(f'{f}/{j}'.encode())
+  source = object.__new__(pipeline._Source)  # The files of one process, without a builder.
+  source._synthetic, source.process_index = None, 0
+  source.builder = type('Builder', (), {'data_dir': str(tmp_path)})
+  starts = np.cumsum([0] + takes[:-1])
+  source._files = (tf.constant(names),) + tuple(
+    tf.constant(x, tf.int64) for x in (skips, takes, starts)
+  )
+  table = list(source.records().as_numpy_iterator())  # Storage order: index i is record i.
+  assert table == [
+    f'{f}/{j}'.encode() for f in range(3) for j in range(skips[f], skips[f] + takes[f])
+  ]
+  for epoch, buffer in ((0, 0), (0, 5), (3, 5)):
+    kw = dict(seed=7, shuffle_buffer=buffer)
+    records = list(source.records(epoch, **kw).as_numpy_iterator())
+    indices = list(source.records(epoch, indices=True, **kw).as_numpy_iterator())
+    assert records == [table[i] for i in indices] and sorted(records) == sorted(table)
+    assert records != table  # Interleaved (and shuffled), so the check is not trivial.
+
+
+def test_cache_holds_examples_of_different_shapes():
+  shapes = [(3, 5, 3), (4, 2, 3), (3, 5, 3)]
+  examples = [
+    {'image': np.full(s, i, np.uint8), 'label': np.int32(i)} for i, s in enumerate(shapes)
+  ]
+  ds = tf.data.Dataset.from_generator(
+    lambda: iter(examples),
+    output_signature={
+      'image': tf.TensorSpec([None, None, 3], tf.uint8),
+      'label': tf.TensorSpec([], tf.int32),
+    },
+  )
+  lookup = pipeline._cache(ds, 'test')
+  for i in (2, 0, 1):
+    got = tf.data.Dataset.from_tensors(tf.constant(i, tf.int64)).map(lookup).get_single_element()
+    np.testing.assert_array_equal(got['image'], examples[i]['image'])
+    assert int(got['label']) == i
+  spec = tf.data.Dataset.range(3).map(lookup).element_spec
+  assert spec['image'].shape.as_list() == [None, None, 3]
+
+
+def test_eval_padding_rows_are_not_decoded(folder):
+  decoded = []
+  count = lambda image: tf.py_function(lambda x: decoded.append(1) or x, [image], tf.string)
+  preprocess.register('count_calls')(lambda: count)
+  try:
+    for split, examples in (('train', 63), ('validation', 6)):
+      decoded.clear()
+      for p in range(P):
+        kw = dict(train=False, global_batch_size=16, process_index=p, process_count=P)
+        batches = list(_get(folder, split, preprocess='count_calls|decode', **kw))
+        assert len(batches) == (4 if split == 'train' else 1)  # No batch of padding alone.
+      assert len(decoded) == examples  # 64 and 16 rows, the padding not decoded.
+  finally:
+    preprocess._OPS.pop('count_calls')
 
 
 def test_digits_matches_scikit_learn(tmp_path):

@@ -273,6 +273,7 @@ def _datasets(config: Mapping, *, start_batch: int, micro_batch: int):
     seed=int(config['data_seed']),
     start_batch=start_batch,
     shuffle_buffer=int(config['shuffle_buffer']),
+    cache=bool(config.get('cache_data', False)),
   )
   return train_ds
 

@@ -7,8 +7,6 @@ batch = next(iter(ds))  # {'image': uint8 [128, 32, 32, 3], 'label': int32, 'mas
 image = data.device_preprocess(pp)(batch['image'])  # float32 in [-1, 1]; jittable
 """
 
-import os as _os
-
 import tensorflow as _tf
 
 # TensorFlow only feeds the host: it must never take GPU/TPU memory from JAX.
@@ -17,16 +15,6 @@ for _kind in ('GPU', 'TPU'):
     _tf.config.set_visible_devices([], _kind)
   except (RuntimeError, ValueError):  # Already initialised, or no such device type.
     pass
-# Optional caps on TensorFlow's own op thread pools (tf.data's pool: see get_dataset(num_threads)).
-for _env, _setter in (
-  ('VIT_JAX_TF_INTRA_OP_THREADS', _tf.config.threading.set_intra_op_parallelism_threads),
-  ('VIT_JAX_TF_INTER_OP_THREADS', _tf.config.threading.set_inter_op_parallelism_threads),
-):
-  if _os.environ.get(_env):
-    try:
-      _setter(int(_os.environ[_env]))
-    except RuntimeError:
-      pass
 
 from vit_jax.data.builders import (  # noqa: E402
   Digits,

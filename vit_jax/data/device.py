@@ -1,9 +1,8 @@
 """The device side of the input pipeline: normalisation and mixup in the jitted step, prefetching.
 
-Batches leave tf.data as uint8 images; `device_preprocess(pp)` applies the end of the string that
-belongs on the device (its trailing `value_range` ops, see `preprocess.split`) inside the jitted
-step, and `mixup` mixes there. `prefetch` moves the next global batches to the devices while the
-current step runs.
+Batches leave tf.data as uint8; `device_preprocess(pp)` applies the string's device part (its
+trailing `value_range` ops, `preprocess.split`) in the step, and `mixup` mixes there. `prefetch`
+moves the next global batches to the devices while the current step runs.
 """
 
 import queue
@@ -18,32 +17,21 @@ from vit_jax.data import preprocess
 _MIXUP_SALT = 0x6D6978  # Keeps the mixup key apart from the per-micro-batch dropout keys.
 
 
-def value_range(vmin=-1, vmax=1, in_min=0, in_max=255, clip=False) -> Callable:
-  """`preprocess.value_range` in jnp: the same arithmetic, so the same float32 values."""
-
-  def fn(image):
-    x = image.astype(jnp.float32)
-    image = ((x - in_min) * (vmax - vmin) + vmin * (in_max - in_min)) / (in_max - in_min)
-    return jnp.clip(image, vmin, vmax) if clip else image
-
-  return fn
-
-
 def device_preprocess(pp: str) -> Callable[[jax.Array], jax.Array]:
   """Returns the jittable `fn(image) -> image` of the device part of preprocessing string `pp`.
 
-  A uint8 image (what the host part of `pp` yields) gets the trailing `value_range` ops of `pp`
-  (none: a cast to float32). Images of another dtype come out as they are: the host applied the
-  whole string (its host part did not end in uint8), or the caller made them (tests, benchmarks).
+  A uint8 image (what the host part yields) gets the trailing `value_range` ops of `pp` (none: a
+  cast to float32), with the host op's arithmetic. Images of another dtype pass through: the host
+  applied the whole string (its host part did not end in uint8), or the caller made them.
 
   Raises:
-    ValueError: `pp` cannot be parsed.
+    ValueError: `pp` cannot be parsed, or bad arguments.
   """
   ops = []
   for spec in filter(None, preprocess.split(pp or '')[1].split('|')):
     _, args, kwargs = preprocess.parse_op(spec)
     try:
-      ops.append(value_range(*args, **kwargs))
+      ops.append(preprocess.value_range_fn(*args, **kwargs, clip_fn=jnp.clip))
     except TypeError as e:
       raise ValueError(f'Bad arguments for preprocessing op {spec!r}: {e}') from e
 

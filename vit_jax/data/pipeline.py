@@ -1,18 +1,11 @@
 """Per-process tf.data input pipeline: sharding, shuffling, preprocessing, batching, resume.
 
-Images leave as uint8 where the string allows it: its trailing `value_range` ops are left to the
-device (`device.device_preprocess`), as is mixup (in the train step).
-
-Determinism by construction, so a resumed run needs only the step number:
-- each process reads its own contiguous part of the split (`tfds.even_splits`);
-- epoch `e` shuffles the file order and then examples (buffer `shuffle_buffer`) with seeds derived
-  from (seed, process_index, e); batches run continuously across epoch boundaries;
-- an example's augmentation is seeded by (seed, process_index, its position in the stream).
-`start_batch=k` therefore starts at epoch `k*b // n_local` directly and drops the remaining
-`k*b % n_local` shuffled records before they are parsed or decoded.
+Deterministic by construction (docs/data.md), so a resumed run needs only the step number: the
+stream is a function of (seed, process, process count, batch index).
 """
 
 import dataclasses
+import logging
 import math
 import os
 from collections.abc import Callable, Iterator
@@ -33,12 +26,8 @@ _SYNTHETIC_DEFAULTS = {'image_size': 224, 'num_classes': 1000, 'num_examples': 1
 class Dataset:
   """Iterable of per-process numpy batches; `iter()` starts a fresh, identical iterator.
 
-  Attributes:
-    num_classes, label_names: of the dataset.
-    num_examples: of the whole split, all processes together.
-    local_batch_size: examples per batch on this process (global_batch_size // process_count).
-    num_batches: eval only: batches per pass, the same on every process (None for train).
-    steps_per_epoch: train only: global batches per pass over the split (informational).
+  `num_examples`: of the whole split; `num_batches`: eval only, batches per pass on every process;
+  `steps_per_epoch`: train only, global batches per pass over the split (informational).
   """
 
   num_classes: int
@@ -53,15 +42,17 @@ class Dataset:
     return iter(self.make_tf_dataset().as_numpy_iterator())
 
 
-def _parse_synthetic(dataset: str) -> dict:
+def _synthetic(dataset: str) -> tuple[dict, list[str], dict[str, int]]:
+  """(options, label names, split sizes) of 'synthetic[:key=value,...]'."""
   kwargs = dict(_SYNTHETIC_DEFAULTS)
   for item in filter(None, dataset.partition(':')[2].split(',')):
     key, _, value = item.partition('=')
     if key not in kwargs and key != 'num_test':
       raise ValueError(f'Unknown synthetic option {key!r} in {dataset!r}; known: {list(kwargs)}')
     kwargs[key.strip()] = int(value)
-  kwargs.setdefault('num_test', max(kwargs['num_examples'] // 10, 1))
-  return kwargs
+  test = kwargs.get('num_test', max(kwargs['num_examples'] // 10, 1))
+  sizes = {'train': kwargs['num_examples'], 'test': test, 'validation': test}
+  return kwargs, [str(i) for i in range(kwargs['num_classes'])], sizes
 
 
 def _tfds_builder(dataset: str, data_dir: str | None):
@@ -102,20 +93,12 @@ def _tfds_builder(dataset: str, data_dir: str | None):
 def get_dataset_info(dataset: str, data_dir: str | None = None):
   """Returns (num_classes, label_names, {split: num_examples}) of a dataset (may prepare it)."""
   if dataset.split(':')[0] == 'synthetic':
-    kw = _parse_synthetic(dataset)
-    names = [str(i) for i in range(kw['num_classes'])]
-    sizes = {'train': kw['num_examples'], 'test': kw['num_test'], 'validation': kw['num_test']}
-    return kw['num_classes'], names, sizes
+    _, names, sizes = _synthetic(dataset)
+    return len(names), names, sizes
   builder = _tfds_builder(dataset, data_dir)
   label = builder.info.features[_LABEL_KEYS.get(builder.name, 'label')]
   sizes = {name: split.num_examples for name, split in builder.info.splits.items()}
   return label.num_classes, list(label.names), sizes
-
-
-def _zero_rows(values: dict, mask, skip=()) -> dict:
-  """values [b, ...] with the rows where mask [b] is False zeroed; keys in `skip` as they are."""
-  keep = lambda v: tf.reshape(mask, [-1] + [1] * (v.shape.rank - 1))
-  return {k: v if k in skip else tf.where(keep(v), v, tf.zeros_like(v)) for k, v in values.items()}
 
 
 def _seed(*parts) -> tf.Tensor:
@@ -130,27 +113,20 @@ class _Source:
   """Records of one process's part of a split: sizes, per-epoch record streams, parsing."""
 
   def __init__(self, dataset, split, data_dir, process_index, process_count):
-    self.dataset, self.split = dataset, split
-    self.process_index, self.process_count = process_index, process_count
+    self.split, self.process_index, self.process_count = split, process_index, process_count
+    self._synthetic = self._specs = self._files = None
     if dataset.split(':')[0] == 'synthetic':
-      self._synthetic = _parse_synthetic(dataset)
-      self.num_classes = self._synthetic['num_classes']
-      self.label_names = [str(i) for i in range(self.num_classes)]
-      sizes = {'train': self._synthetic['num_examples'], 'test': self._synthetic['num_test']}
-      sizes['validation'] = sizes['test']
+      self._synthetic, self.label_names, sizes = _synthetic(dataset)
+      self.num_classes = len(self.label_names)
       if split not in sizes:
         raise ValueError(f'Synthetic data has splits {list(sizes)}, not {split!r}.')
       self.num_examples = sizes[split]
-      self.local_sizes = [
-        len(range(p, self.num_examples, process_count)) for p in range(process_count)
-      ]
+      self.local_sizes = [len(range(p, sizes[split], process_count)) for p in range(process_count)]
       return
-    self._synthetic = None
-    self._specs = None
     self.builder = _tfds_builder(dataset, data_dir)
-    label_key = _LABEL_KEYS.get(self.builder.name, 'label')
-    self.num_classes = self.builder.info.features[label_key].num_classes
-    self.label_names = list(self.builder.info.features[label_key].names)
+    self._label_key = _LABEL_KEYS.get(self.builder.name, 'label')
+    label = self.builder.info.features[self._label_key]
+    self.num_classes, self.label_names = label.num_classes, list(label.names)
     try:
       self.num_examples = self.builder.info.splits[split].num_examples
       self.subsplits = tfds.even_splits(split, n=process_count)
@@ -160,17 +136,29 @@ class _Source:
         f'Bad split {split!r} for dataset {dataset!r} '
         f'(splits: {list(self.builder.info.splits)}): {e}'
       ) from e
-    keys = {'image': True, label_key: True}
+    keys = {'image': True, self._label_key: True}
     if self.builder.name == 'imagenet2012_real':
       keys['real_label'] = True
     self._decoders = tfds.decode.PartialDecoding(
       keys, decoders={'image': tfds.decode.SkipDecoding()}
     )
-    self._label_key = label_key
-    # tf.io.parse_single_example on just the image bytes and the label where both are plain
-    # scalars (Image, ClassLabel): ~40 us of CPU less per record than TFDS's general parser.
+    instructions = self.builder.info.splits[self.subsplits[process_index]].file_instructions
+    if (
+      self.builder.info.file_format == tfds.core.FileFormat.TFRECORD
+      and instructions
+      and tf.io.gfile.exists(instructions[0].filename)  # Not so under tfds.testing.mock_data.
+    ):
+      takes = [f.take for f in instructions]
+      self._files = (
+        tf.constant([f.filename for f in instructions]),
+        tf.constant([f.skip for f in instructions], tf.int64),
+        tf.constant(takes, tf.int64),
+        tf.constant(np.cumsum([0] + takes[:-1]), tf.int64),  # Index of each file's first record.
+      )
+    # tf.io.parse_example on just the image bytes and the label where both are plain scalars
+    # (Image, ClassLabel): ~40 us of CPU less per record than TFDS's general parser.
     info = self.builder.info.features.get_serialized_info()
-    if set(keys) == {'image', label_key} and all(
+    if set(keys) == {'image', self._label_key} and all(
       k in info and info[k].shape == () and info[k].dtype in (tf.string, tf.int64) for k in keys
     ):
       self._specs = {k: tf.io.FixedLenFeature([], info[k].dtype) for k in keys}
@@ -185,70 +173,57 @@ class _Source:
   def local_size(self) -> int:
     return self.local_sizes[self.process_index]
 
-  def _files(self):
-    """(filenames, skips, takes) of this process's TFRecord shards, or None if unavailable."""
-    sub = self.subsplits[self.process_index]
-    if self.builder.info.file_format != tfds.core.FileFormat.TFRECORD:
-      return None
-    instructions = self.builder.info.splits[sub].file_instructions
-    if not instructions or not tf.io.gfile.exists(instructions[0].filename):
-      return None  # E.g. under tfds.testing.mock_data: read through builder.as_dataset.
-    names = tf.constant([f.filename for f in instructions])
-    skips = tf.constant([f.skip for f in instructions], tf.int64)
-    return names, skips, tf.constant([f.take for f in instructions], tf.int64)
+  def records(self, epoch=None, *, seed=0, shuffle_buffer=0, num_threads=None, indices=False):
+    """This process's records (their indices in `records()` if `indices`), in a fixed order.
 
-  def epoch_fn(self, *, shuffle: bool, seed: int, shuffle_buffer: int, num_threads: int):
-    """Returns `fn(epoch) -> Dataset of records` in a fixed (shuffled per epoch) order."""
-    if self._synthetic:
-      return lambda epoch: tf.data.Dataset.range(self.local_size)
-    files = self._files()
-    if files is None:
-      base = self.builder.as_dataset(
-        split=self.subsplits[self.process_index],
-        shuffle_files=False,
-        decoders=self._decoders,
+    epoch=None: in storage order (record i is index i). Else that epoch's order: shards (shuffled
+    if `shuffle_buffer`) interleaved, then records shuffled (a buffer of `shuffle_buffer`), seeds
+    from (seed, process, epoch). The order depends on counts only: records and indices agree.
+    """
+    if self._synthetic:  # Records are indices already; never shuffled.
+      return tf.data.Dataset.range(self.local_size)
+    shuffle = epoch is not None and shuffle_buffer > 0
+    rng = _seed(seed, self.process_index, epoch) if shuffle else None
+    if self._files is None and indices:
+      records = tf.data.Dataset.range(self.local_size)
+    elif self._files is None:
+      records = self.builder.as_dataset(
+        split=self.subsplits[self.process_index], shuffle_files=False, decoders=self._decoders
       )
-    p = self.process_index
-
-    def fn(epoch):
-      rng = _seed(seed, p, epoch)
-      if files is None:
-        records = base
-      else:
-        names, skips, takes = files
-        order = tf.range(tf.size(names))
-        if shuffle:
-          order = tf.random.experimental.stateless_shuffle(order, rng)
-        shards = tf.data.Dataset.from_tensor_slices(
-          (tf.gather(names, order), tf.gather(skips, order), tf.gather(takes, order))
-        )
-        # Parallel reads hide remote storage's latency (gs://); on local files the hand-off between
-        # threads costs more per record (~5% of a decode, measured) than the read itself.
-        parallel = {}
-        if '://' in self.builder.data_dir:
-          parallel = dict(num_parallel_calls=min(16, int(names.shape[0]), num_threads or 16))
-        records = shards.interleave(
-          lambda f, s, t: tf.data.TFRecordDataset(f, buffer_size=1 << 20).skip(s).take(t),
-          cycle_length=min(16, int(names.shape[0])),
-          deterministic=True if parallel else None,
-          **parallel,
-        )
+    else:
+      names = self._files[0]
+      order = tf.range(tf.size(names))
       if shuffle:
-        shuffle_seed = tf.random.stateless_uniform([], rng, 0, 2**62, tf.int64)
-        records = records.shuffle(shuffle_buffer, seed=shuffle_seed)
-      return records
+        order = tf.random.experimental.stateless_shuffle(order, rng)
+      shards = tf.data.Dataset.from_tensor_slices(tuple(tf.gather(x, order) for x in self._files))
+      if indices:
+        read = lambda f, s, t, start: tf.data.Dataset.range(start, start + t)
+      else:
+        read = lambda f, s, t, start: (
+          tf.data.TFRecordDataset(f, buffer_size=1 << 20).skip(s).take(t)
+        )
+      # Parallel reads hide remote storage's latency (gs://); on local files the hand-off between
+      # threads costs more per record (~5% of a decode, measured) than the read itself.
+      cycle = 1 if epoch is None else min(16, int(names.shape[0]))
+      parallel = {}
+      if '://' in self.builder.data_dir and not indices and cycle > 1:
+        parallel = dict(num_parallel_calls=min(cycle, num_threads or 16))
+      records = shards.interleave(
+        read, cycle_length=cycle, deterministic=True if parallel else None, **parallel
+      )
+    if shuffle:
+      shuffle_seed = tf.random.stateless_uniform([], rng, 0, 2**62, tf.int64)
+      records = records.shuffle(shuffle_buffer, seed=shuffle_seed)
+    return records
 
-    return fn
+  def parse(self, ds: tf.data.Dataset) -> tf.data.Dataset:
+    """(key, record): one parse op per 256 records (not per record) where `_specs` allow it."""
+    if not self._specs or self._files is None:
+      return ds
+    return ds.batch(256).map(lambda key, r: (key, tf.io.parse_example(r, self._specs))).unbatch()
 
-  @property
-  def parses_batches(self) -> bool:
-    return self._synthetic is None and self._specs is not None and self._files() is not None
-
-  def parse_batch(self, records) -> dict:
-    return tf.io.parse_example(records, self._specs)
-
-  def parse(self, record) -> dict:
-    """Record -> {'image': encoded bytes or uint8, 'label': int32, ...}; cheap, no decoding."""
+  def example(self, record) -> dict:
+    """A (parsed) record -> {'image': bytes or uint8, 'label': int32, ...}; no decoding."""
     if self._synthetic:
       # Global example index k -> deterministic image and label, whatever the process count.
       k = self.process_index + self.process_count * record
@@ -258,9 +233,7 @@ class _Source:
       label_rng = tf.random.experimental.stateless_fold_in(rng, 1)
       label = tf.random.stateless_uniform([], label_rng, 0, self.num_classes, tf.int32)
       return {'image': tf.cast(image, tf.uint8), 'label': label}
-    if not isinstance(record, dict) and self._specs:
-      record = tf.io.parse_single_example(record, self._specs)
-    elif not isinstance(record, dict):  # Serialized; as_dataset (fallback) gives dicts.
+    if not isinstance(record, dict):  # Serialized; as_dataset (mock data) gives dicts.
       features = self._decoders.extract_features(self.builder.info.features)
       record = features.deserialize_example(record, decoders=self._decoders.decoders)
     out = {'image': record['image'], 'label': tf.cast(record[self._label_key], tf.int32)}
@@ -270,6 +243,38 @@ class _Source:
         tf.minimum(tf.reduce_sum(real, 0), 1.0), [self.num_classes]
       )
     return out
+
+
+def _cache(examples: tf.data.Dataset, what: str) -> Callable[[tf.Tensor], dict]:
+  """Holds `examples` (dicts) in host memory; returns `lookup(index) -> example`. A key whose
+  values differ in shape is stored flat, with each value's end and shape."""
+  rows = list(examples.prefetch(AUTOTUNE).as_numpy_iterator())
+  tables = {}
+  for key in rows[0]:
+    values = [r[key] for r in rows]
+    if all(v.shape == values[0].shape for v in values):
+      tables[key] = (tf.constant(np.stack(values)),)
+    else:
+      shapes = np.array([v.shape for v in values], np.int64)
+      static = [d if (shapes[:, i] == d).all() else None for i, d in enumerate(shapes[0])]
+      ends = tf.constant(np.cumsum([v.size for v in values]))
+      flat = tf.constant(np.concatenate([v.ravel() for v in values]))
+      tables[key] = (flat, ends, tf.constant(shapes), static)
+  size = sum(t[0].numpy().nbytes for t in tables.values())
+  logging.info('Cached %d examples of %s: %.1f MB', len(rows), what, size / 1e6)
+
+  def lookup(i):
+    out = {}
+    for key, (values, *ragged) in tables.items():
+      if ragged:
+        end, shape = tf.gather(ragged[0], i), tf.gather(ragged[1], i)
+        out[key] = tf.reshape(values[end - tf.reduce_prod(shape) : end], shape)
+        out[key].set_shape(ragged[2])
+      else:
+        out[key] = tf.gather(values, i)
+    return out
+
+  return lookup
 
 
 def get_dataset(
@@ -287,31 +292,33 @@ def get_dataset(
   process_count: int | None = None,
   num_threads: int | None = None,
   prefetch: int = 2,
+  cache: bool = False,
 ) -> Dataset:
   """Returns this process's batches of `split` of `dataset`, preprocessed by `preprocess`.
 
   Args:
-    dataset: 'digits', 'folder:/path/to/images', 'imagenet21k' (prepared beforehand with
-      `prepare_imagenet21k`), a TFDS name ('cifar10', 'imagenet2012', ...) or
+    dataset: 'digits', 'folder:/path/to/images', 'imagenet21k', a TFDS name or
       'synthetic[:image_size=224,num_classes=1000,num_examples=10000,num_test=1000]'.
     split: a TFDS split string ('train', 'test', 'train[:90%]').
-    preprocess: ops separated by '|' (preprocess.py), e.g. 'decode|resize(32)|value_range(-1,1)';
-      its trailing `value_range` ops are left to the device (`device_preprocess`) when the rest
-      yields uint8 images, else applied here too.
-    train: True: shuffle and repeat forever, full batches only. False: one pass, the last batch
-      padded with mask=False, `num_batches` equal on all processes.
+    preprocess: ops separated by '|' (preprocess.py); its trailing `value_range` ops are left to
+      the device (`device_preprocess`) when the rest yields uint8 images, else applied here.
+    train: True: shuffled, repeated forever, full batches. False: one pass, the last batches
+      padded (zeros, mask=False) to `num_batches`, equal on all processes.
     global_batch_size: examples per step over all processes.
     data_dir: TFDS data directory (default: TFDS's, ~/tensorflow_datasets).
     seed: the data seed (shuffling, augmentation).
     start_batch: train only: start at this batch of the uninterrupted stream (resume).
     shuffle_buffer: example shuffle buffer size.
     process_index, process_count: default jax.process_index() / jax.process_count().
-    num_threads: tf.data private thread pool size (default: env VIT_JAX_DATA_THREADS, else TF's).
+    num_threads: tf.data's thread pool size (default: env VIT_JAX_DATA_THREADS, else half the
+      cores when JAX computes on the CPU, else TF's: all cores).
     prefetch: batches prefetched on the host.
+    cache: hold this process's examples in host memory after the string's deterministic start
+      (its ops before the first random one), computed at the first `iter()`; the same batches.
 
   Returns:
-    A `Dataset`; its batches hold 'image' (uint8 unless the host applied the whole string), 'label'
-    (int32), 'mask' (bool) and, when the string has `onehot(...)`, 'labels' (float32 [b, classes]).
+    A `Dataset` of {'image': uint8 (unless the host applied the whole string), 'label': int32,
+    'mask': bool, and 'labels' (with `onehot`) or 'real_labels' (ImageNet ReaL): float32}.
 
   Raises:
     ValueError: bad batch size, split or preprocessing string; a train split under one batch.
@@ -332,10 +339,14 @@ def get_dataset(
   if start_batch and not train:
     raise ValueError('start_batch is for training streams; evaluation always starts at 0.')
   b = global_batch_size // process_count
-  num_threads = num_threads or int(os.environ.get('VIT_JAX_DATA_THREADS', 0)) or None
+  if not num_threads:
+    import jax
+
+    # A model on the CPU needs cores too: tf.data gets half (measured: less data wait, docs).
+    half = max(1, (os.cpu_count() or 2) // 2) if jax.default_backend() == 'cpu' else None
+    num_threads = int(os.environ.get('VIT_JAX_DATA_THREADS', 0)) or half
   source = _Source(dataset, split, data_dir, process_index, process_count)
   host_pp, device_pp = preprocess_lib.split(preprocess)
-  host_fn = preprocess_lib.get_preprocess_fn(host_pp)
   device_fn = preprocess_lib.get_preprocess_fn(device_pp)
   if train and min(source.local_sizes) < b:
     raise ValueError(
@@ -350,49 +361,54 @@ def get_dataset(
     )
   example_seed = _seed(seed, process_index)[0]  # Eager: a constant in the graph.
   n = source.local_size
+  num_batches = None if train else max(math.ceil(max(source.local_sizes) / b), 1)
+  cached = preprocess_lib.num_deterministic(host_pp) if cache else 0
+  cached_fn = preprocess_lib.get_preprocess_fn(host_pp, stop=cached)
+  host_fn = preprocess_lib.get_preprocess_fn(host_pp, start=cached)
+  lookup = []
 
-  def zero_padding(batch):
-    # One test per batch rather than a conditional per example: only the last batches pad.
-    mask = batch['mask']
-    zeroed = lambda: _zero_rows(batch, mask, skip=('mask',))
-    return tf.cond(tf.reduce_all(mask), lambda: dict(batch), zeroed)
-
-  def prepare(pos, record):
-    data = source.parse(record)
+  def prepare(pos, item):
+    data = lookup[0](item) if cache else source.example(item)
     data['_rng'] = tf.stack([example_seed, pos])  # Stateless: (hash of seed and process, pos).
     data = host_fn(data)
     if data['image'].dtype != tf.uint8:  # The device part expects uint8: apply it here.
       data = device_fn(data)
-    out = {k: data[k] for k in ('image', 'label', 'labels', 'real_labels') if k in data}
-    # Eval: positions from n on are padding (a real example's shapes, mask=False), zeroed per batch.
-    out['mask'] = tf.constant(True) if train else pos < n
-    return out
+    return {k: data[k] for k in ('image', 'label', 'labels', 'real_labels') if k in data}
+
+  def pad(batch):  # To b rows: eval's last batch; padding is zeros with mask=False.
+    k = tf.shape(batch['label'])[0]
+    batch = {
+      key: tf.pad(v, [[0, b - k]] + [[0, 0]] * (v.shape.rank - 1)) for key, v in batch.items()
+    }
+    return {**batch, 'mask': tf.range(b) < k}
 
   def make() -> tf.data.Dataset:
-    epoch_fn = source.epoch_fn(
-      shuffle=train, seed=seed, shuffle_buffer=shuffle_buffer, num_threads=num_threads
-    )
+    if cache and not lookup:
+      examples = source.parse(source.records().enumerate())
+      examples = examples.map(
+        lambda _, r: cached_fn(source.example(r)), num_parallel_calls=AUTOTUNE
+      )
+      lookup.append(_cache(examples, f'{dataset} {split} (process {process_index})'))
+    kw = dict(seed=seed, num_threads=num_threads, indices=cache)
     # (Small sequential maps cost more per element than reading a record, so positions come
     # from `enumerate` alone and everything else happens in the parallel `prepare`.)
     if train:
       first_epoch, skip = divmod(start_batch * b, n)
 
       def epoch(e):
-        records = epoch_fn(e).enumerate(start=e * n)
+        records = source.records(e, shuffle_buffer=shuffle_buffer, **kw).enumerate(start=e * n)
         return records.skip(tf.where(e == first_epoch, tf.constant(skip, tf.int64), 0))
 
       ds = tf.data.Dataset.range(first_epoch, 2**62).flat_map(epoch)
     else:
-      # Padding repeats this process's first record, so that it has the shapes the
-      # preprocessing gives, static or not.
-      records = epoch_fn(0)
-      ds = records.concatenate(records.take(1).repeat()).take(num_batches * b).enumerate()
-    if source.parses_batches:  # One parse op per 256 records instead of one per record.
-      ds = ds.batch(256).map(lambda pos, r: (pos, source.parse_batch(r))).unbatch()
+      ds = source.records(0, **kw).enumerate()  # Interleaved as in training, not shuffled.
+    if not cache:
+      ds = source.parse(ds)
     ds = ds.map(prepare, num_parallel_calls=AUTOTUNE, deterministic=True)
-    ds = ds.batch(b, drop_remainder=train)
-    if not train:
-      ds = ds.map(zero_padding)
+    ds = ds.batch(b, drop_remainder=train).map(pad)
+    if not train and num_batches > math.ceil(n / b):  # Whole batches of padding.
+      zeros = ds.take(1).map(lambda x: {k: tf.zeros_like(v) for k, v in x.items()}).cache()
+      ds = ds.concatenate(zeros.repeat(num_batches - math.ceil(n / b)))
     options = tf.data.Options()
     options.deterministic = True
     options.threading.max_intra_op_parallelism = 1
@@ -400,7 +416,6 @@ def get_dataset(
       options.threading.private_threadpool_size = num_threads
     return ds.prefetch(prefetch).with_options(options)
 
-  num_batches = None if train else max(math.ceil(max(source.local_sizes) / b), 1)
   return Dataset(
     num_classes=source.num_classes,
     label_names=source.label_names,

@@ -68,6 +68,7 @@ def get_dataset(config: Mapping, dataset: str, split: str, pp: str, batch_size: 
     train=False,
     global_batch_size=batch_size,
     data_dir=config['data_dir'] or None,
+    cache=bool(config.get('cache_data', False)),
   )
 
 
