@@ -78,6 +78,37 @@ def _fail(message: str, code: int, argv=()) -> None:
   sys.exit(code)
 
 
+def _lost_peer(e: BaseException) -> None:
+  """Reports a failed cross-process collective in one line and exits 1 at once.
+
+  Not `sys.exit`: its exit handlers include `jax.distributed.shutdown`, whose barrier waits for
+  the dead peer until JAX's heartbeat timeout and then aborts the process with a C++ dump.
+  """
+  if _verbose():
+    traceback.print_exc()
+  cause = ' '.join(str(e).split())[:200]
+  print(
+    f'ERROR: lost a peer: a collective failed ({cause}); restart every process with the same '
+    'command to resume from the last checkpoint',
+    file=sys.stderr,
+    flush=True,
+  )
+  logging.flush()
+  sys.stdout.flush()
+  os._exit(1)
+
+
+def _runtime_error_in(e: BaseException | None) -> BaseException | None:
+  """The JAX runtime error (a collective or coordination-service call) in `e`'s chain, if any."""
+  seen = set()
+  while e is not None and id(e) not in seen:
+    seen.add(id(e))
+    if type(e).__name__ in ('JaxRuntimeError', 'XlaRuntimeError'):
+      return e
+    e = e.__cause__ or e.__context__
+  return None
+
+
 def _parse_flags(argv):
   """absl's parsing, with each mistake explained in one line (unknown field, wrong type...)."""
   try:
@@ -241,16 +272,17 @@ def main(argv):
   )
   try:
     result = train.train_and_evaluate(config, workdir)
-  except (train.TrainingDivergedError, train_state.CheckpointError, preflight.UserError) as e:
-    logging.error('%s', e)
-    _fail(str(e), 1)
-  except (ValueError, TypeError, OSError) as e:  # Bad input met while running: data, files.
-    _fail(f'{type(e).__name__}: {e}', 1)
   except Exception as e:
-    if jax.process_count() > 1 and type(e).__name__ in ('JaxRuntimeError', 'XlaRuntimeError'):
-      # A collective whose peer is gone fails before the watchdog notices.
-      _fail(f'lost a peer: a collective failed ({" ".join(str(e).split())[:200]}); restart every '
-            'process with the same command to resume from the last checkpoint', 1)  # fmt: skip
+    if jax.process_count() > 1 and (lost := _runtime_error_in(e)) is not None:
+      # A collective (or a checkpoint barrier) whose peer is gone fails before the watchdog sees.
+      _lost_peer(lost)
+    if isinstance(
+      e, (train.TrainingDivergedError, train_state.CheckpointError, preflight.UserError)
+    ):
+      logging.error('%s', e)
+      _fail(str(e), 1)
+    if isinstance(e, (ValueError, TypeError, OSError)):  # Bad input met while running: data, files.
+      _fail(f'{type(e).__name__}: {e}', 1)
     if not _is_input_error(e):
       raise
     _fail(f'{type(e).__name__}: {e}', 1)

@@ -223,7 +223,8 @@ class MetricWriter:
     if tensorboard:
       import tensorflow as tf
 
-      self._tb = tf.summary.create_file_writer(os.path.join(workdir, 'tensorboard'))
+      self._tb_dir = os.path.join(workdir, 'tensorboard')
+      self._tb = tf.summary.create_file_writer(self._tb_dir)
 
   def write(self, step: int, scalars: Mapping[str, Any]) -> None:
     if not self.enabled:
@@ -232,8 +233,9 @@ class MetricWriter:
     data = (json.dumps(record) + '\n').encode()
     end = os.fstat(self._file).st_size
     try:
-      if os.write(self._file, data) != len(data):
-        raise OSError(28, os.strerror(28))  # A short write: the disk filled up mid-line.
+      written = 0
+      while written < len(data):  # After a short write (disk full, file size limit) the next
+        written += os.write(self._file, data[written:])  # one raises, with the real cause.
     except OSError as e:
       with contextlib.suppress(OSError):
         os.ftruncate(self._file, end)  # Keeps the file whole: every line parses.
@@ -255,7 +257,9 @@ class MetricWriter:
         self._tb.flush()
       except tf.errors.OpError as e:  # E.g. a full disk: reported in one line like the above.
         raise OSError(
-          5, f'writing the TensorBoard events of step {step} failed: {" ".join(e.message.split())}'
+          5,
+          f'writing the TensorBoard events of step {step} to {self._tb_dir} failed: '
+          f'{" ".join(e.message.split())}',
         ) from e
 
   def close(self) -> None:

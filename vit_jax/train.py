@@ -483,9 +483,16 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices
     if last_saved != step:
       save(step)
     ckpt.wait()
-  finally:
-    watcher.restore()
-    writer.close()
-    ckpt.close()
+  except BaseException as e:
+    failure = e
+  else:
+    failure = None
+  # Closed outside the handler: a pending save that fails too is logged (by orbax) without this
+  # failure's traceback chained to it; the run's own error is reported once, in one line.
+  watcher.restore()
+  writer.close()
+  ckpt.close()
+  if failure is not None:
+    raise failure
   result.update(step=step, checkpoint_dir=os.path.join(ckpt_dir, str(step)), workdir=workdir)
   return result
