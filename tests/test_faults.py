@@ -115,11 +115,30 @@ def _strict_records(workdir):
     return [json.loads(line) for line in f]  # Every line must parse.
 
 
+def _tensorboard_losses(workdir):
+  """[(step, loss)] as TensorBoard's own reader loads them from the workdir's event files."""
+  from tensorboard.backend.event_processing import event_accumulator
+
+  accumulator = event_accumulator.EventAccumulator(
+    f'{workdir}/tensorboard',
+    size_guidance={event_accumulator.TENSORS: 0},  # 0: keep all.
+  )
+  accumulator.Reload()
+  return [
+    (e.step, float(np.frombuffer(e.tensor_proto.tensor_content, np.float32)[0])
+     if e.tensor_proto.tensor_content else e.tensor_proto.float_val[0])
+    for e in accumulator.Tensors('train/loss')
+  ]  # fmt: skip
+
+
 def _assert_same_run(workdir, reference):
-  """The same per-step losses (each step once) and bit-identical final params."""
+  """The same per-step losses (each step once, in metrics.jsonl and TensorBoard), same params."""
   records = _strict_records(workdir)
   assert [r['step'] for r in records] == list(range(1, STEPS + 1))
   assert {r['step']: r['train/loss'] for r in records} == _losses(reference)
+  board = _tensorboard_losses(workdir)
+  assert [s for s, _ in board] == list(range(1, STEPS + 1))  # No step twice after a restart.
+  assert board == [(s, float(np.float32(_losses(reference)[s]))) for s, _ in board]
   got = train_state.restore_params(f'{workdir}/checkpoints')
   want = train_state.restore_params(f'{reference}/checkpoints', STEPS)
   jax.tree.map(np.testing.assert_array_equal, got, want)
@@ -468,3 +487,48 @@ def test_lost_peer_stops_the_survivor_in_one_line_and_the_pair_resumes(tmp_path,
   for p in second:
     assert p.finish() == 0, _essentials(p)
   assert f'resuming from step {step}' in second[0].output()
+
+
+def test_a_corrupt_image_is_named_in_one_line_at_preparation_and_while_training(tmp_path):
+  from PIL import Image
+
+  from vit_jax import data
+
+  root, tfds_dir = tmp_path / 'images', tmp_path / 'tfds'
+  for label in ('a', 'b'):
+    (root / label).mkdir(parents=True)
+    for i in range(12):  # 22 train images: more than one batch of 16.
+      Image.fromarray(np.full((16, 16, 3), 20 * i, np.uint8)).save(root / label / f'{i}.png')
+  tfds_dir.mkdir()
+
+  def argv(workdir):
+    return [
+      *_command(str(tmp_path / workdir), 2),
+      f'--config.dataset=folder:{root}',
+      f'--config.data_dir={tfds_dir}',
+      '--config.eval_splits=validation',
+      '--config.pp_train=decode|value_range(-1,1)',
+      '--config.pp_eval=decode',
+    ]
+
+  bad = root / 'b' / 'bad.jpg'
+  bad.write_bytes(b'\xff\xd8\xff\xe0 not a jpeg')
+  p = _run(argv('w1'), expect=1)  # Caught while preparing the dataset, before any compilation.
+  (error,) = p.errors()
+  assert f'1 corrupt or unreadable image file(s) in {root}' in error and str(bad) in error, error
+  assert 'compiled train step' not in p.output() and 'Traceback' not in p.output()
+  bad.unlink()
+  builder = data.prepare_folder(str(root), str(tfds_dir))
+  (record,) = [  # Damaged after preparation (a bad disk): TensorFlow's checksum catches it.
+    os.path.join(d, f) for d, _, fs in os.walk(builder.data_dir) for f in fs if '-train.' in f
+  ]
+  with open(record, 'r+b') as f:
+    f.seek(os.path.getsize(record) // 2)
+    byte = f.read(1)
+    f.seek(-1, 1)
+    f.write(bytes([byte[0] ^ 0xFF]))
+  p = _run(argv('w2'), expect=1)
+  (error,) = p.errors()
+  assert error.startswith(f"ERROR: reading dataset 'folder:{root}' failed: DataLossError: "), error
+  assert 'corrupted record at ' in error and f'prepared files (under {tfds_dir})' in error, error
+  assert 'Traceback' not in p.output()

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging as pylogging
 import os
+import re
 import shlex
 import sys
 import traceback
@@ -285,10 +286,21 @@ def main(argv):
       _fail(f'{type(e).__name__}: {e}', 1)
     if not _is_input_error(e):
       raise
-    _fail(f'{type(e).__name__}: {e}', 1)
+    _fail(_input_error_message(e, config), 1)
   watchdog.stop()  # Peers that finish first stop answering: that is no longer a loss.
   if jax.process_index() == 0:
     print(_summary(result, workdir), flush=True)
+
+
+def _input_error_message(e: Exception, config) -> str:
+  """A data error raised by TensorFlow while training, with the dataset named and the fix."""
+  text = re.sub(r'\{\{function_node [^}]*\}\}|\[Op:\w+\]( name: \S*)?', '', str(e))
+  where = config.get('data_dir') or '~/tensorflow_datasets'
+  return (
+    f'reading dataset {config.get("dataset")!r} failed: {type(e).__name__}: {text.strip()}. A '
+    f'record or image in its prepared files (under {where}) is damaged: prepare the dataset '
+    'again (delete its directory there first) or restore the files, then rerun to resume'
+  )
 
 
 def _is_input_error(e: Exception) -> bool:

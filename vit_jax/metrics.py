@@ -198,7 +198,8 @@ class MetricWriter:
     tensorboard: also write event files.
     resume_step: the step the run resumes from: records past it (written before a kill, and
       about to be written again) and a torn last line (a crash or full disk mid-write) are dropped
-      first, so the file holds each step once and always parses.
+      first, so the file holds each step once and always parses. The TensorBoard event files drop
+      their events past it too (and a torn last record), so every reader shows each step once.
   """
 
   def __init__(
@@ -224,6 +225,8 @@ class MetricWriter:
       import tensorflow as tf
 
       self._tb_dir = os.path.join(workdir, 'tensorboard')
+      if resume_step is not None:
+        _truncate_events(self._tb_dir, resume_step)
       self._tb = tf.summary.create_file_writer(self._tb_dir)
 
   def write(self, step: int, scalars: Mapping[str, Any]) -> None:
@@ -294,6 +297,38 @@ def _truncate_jsonl(path: str, step: int) -> None:
   with open(tmp, 'w') as f:
     f.writelines(json.dumps(r) + '\n' for r in records)
   os.replace(tmp, path)
+
+
+def _truncate_events(directory: str, step: int) -> None:
+  """Drops the events past `step` from the TensorBoard event files in `directory`.
+
+  Dropped rather than hidden behind a `SessionLog.START` event (on which TensorBoard's Python
+  reader purges later steps): then any reader sees each step once. Each file that changes is
+  rewritten whole and renamed over itself.
+  """
+  import tensorflow as tf
+  from tensorflow.core.util import event_pb2
+
+  for path in sorted(tf.io.gfile.glob(os.path.join(directory, 'events.out.tfevents.*'))):
+    kept, dropped = [], 0
+    try:
+      for record in tf.data.TFRecordDataset(path).as_numpy_iterator():
+        if event_pb2.Event.FromString(record).step <= step:
+          kept.append(record)
+        else:
+          dropped += 1
+    except tf.errors.DataLossError:  # A record torn by a kill mid-write: drop it.
+      dropped += 1
+    if not dropped:
+      continue
+    tmp = f'{path}.tmp'
+    with tf.io.TFRecordWriter(tmp) as writer:
+      for record in kept:
+        writer.write(record)
+    tf.io.gfile.rename(tmp, path, overwrite=True)
+    logging.info(
+      '%s: dropped %d events past step %d (written before a restart)', path, dropped, step
+    )
 
 
 def read_jsonl(path: str) -> list[dict]:
