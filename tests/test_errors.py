@@ -188,6 +188,32 @@ def test_metrics_drop_torn_lines_and_records_past_the_restored_step(tmp_path):
   assert [json.loads(line)['step'] for line in lines] == [1, 2, 3, 4, 5]  # Every line parses.
 
 
+def _board_steps(directory):
+  from tensorboard.backend.event_processing import event_accumulator
+
+  accumulator = event_accumulator.EventAccumulator(
+    str(directory), size_guidance={event_accumulator.TENSORS: 0}
+  )
+  accumulator.Reload()
+  return [e.step for e in accumulator.Tensors('x')]
+
+
+def test_tensorboard_shows_each_step_once_after_a_restart(tmp_path):
+  def run(workdir, steps, resume_step=None):
+    writer = metrics.MetricWriter(str(workdir), enabled=True, resume_step=resume_step)
+    for step in steps:
+      writer.write(step, {'x': float(step)})
+    writer.close()
+
+  run(tmp_path / 'a', range(1, 11))  # Killed after step 10; its newest checkpoint is step 4.
+  run(tmp_path / 'a', range(5, 13), resume_step=4)
+  assert _board_steps(tmp_path / 'a' / 'tensorboard') == list(range(1, 13))
+  # The same without dropping: TensorBoard's reader shows steps 5-10 twice.
+  run(tmp_path / 'b', range(1, 11))
+  run(tmp_path / 'b', range(5, 13))
+  assert _board_steps(tmp_path / 'b' / 'tensorboard') == [*range(1, 11), *range(5, 13)]
+
+
 def test_continue_command_repeats_the_users_command():
   argv = ['vit_jax/main.py', f'--config={Q}', '--workdir=w', '--config.total_steps=12', '--x=a b']
   assert main_lib.continue_command(argv, 24) == (

@@ -447,25 +447,29 @@ def _free_port():
     return s.getsockname()[1]
 
 
+def _pair(procs, workdir, steps, *extra):
+  """Two processes (jax.distributed on localhost, gloo, 2 CPU devices each) on one workdir."""
+  port = _free_port()
+  return [
+    procs(
+      [
+        *_command(workdir, steps),
+        '--config.optimizer=sgd',
+        '--config.distributed_heartbeat_seconds=15',
+        f'--coordinator_address=127.0.0.1:{port}',
+        '--num_processes=2',
+        f'--process_id={i}',
+        *extra,
+      ],
+      devices=2,  # One device per process fails orbax's save (also on main; not ours).
+    )
+    for i in range(2)
+  ]
+
+
 def test_lost_peer_stops_the_survivor_in_one_line_and_the_pair_resumes(tmp_path, procs):
   workdir = str(tmp_path / 'w')
-
-  def pair(steps):
-    port = _free_port()
-    return [
-      procs(
-        [
-          *_command(workdir, steps),
-          '--config.optimizer=sgd',
-          '--config.distributed_heartbeat_seconds=15',
-          f'--coordinator_address=127.0.0.1:{port}',
-          '--num_processes=2',
-          f'--process_id={i}',
-        ],
-        devices=2,  # One device per process fails orbax's save (also on main; not ours).
-      )
-      for i in range(2)
-    ]
+  pair = lambda steps: _pair(procs, workdir, steps)  # noqa: E731
 
   first = pair(5000)
   first[0].wait_for(lambda: _steps_seen(workdir) >= 10)
@@ -532,3 +536,33 @@ def test_a_corrupt_image_is_named_in_one_line_at_preparation_and_while_training(
   assert error.startswith(f"ERROR: reading dataset 'folder:{root}' failed: DataLossError: "), error
   assert 'corrupted record at ' in error and f'prepared files (under {tfds_dir})' in error, error
   assert 'Traceback' not in p.output()
+
+
+@pytest.fixture(scope='module')
+def pair_reference(tmp_path_factory):
+  """An uninterrupted two-process run (checkpoints 4, 8, 12, 16)."""
+  workdir = str(tmp_path_factory.mktemp('pair_reference'))
+  started = []
+  try:
+    for p in _pair(lambda *a, **k: started.append(Proc(*a, **k)) or started[-1], workdir, STEPS):
+      assert p.finish() == 0, _essentials(p)
+  finally:
+    for p in started:
+      p.kill()
+  return workdir
+
+
+@pytest.mark.parametrize('how', ['removed', 'bit-flipped'])
+def test_two_processes_agree_on_a_damaged_checkpoint_and_resume_from_the_previous_one(
+  how, pair_reference, tmp_path, procs
+):
+  workdir = str(tmp_path / 'w')
+  shutil.copytree(pair_reference, workdir)
+  _damage(f'{workdir}/checkpoints/{STEPS}', how)
+  for p in _pair(procs, workdir, STEPS):
+    assert p.finish() == 0, _essentials(p)
+    assert f'resuming from step {STEPS - 4}' in p.output()  # Both: the previous checkpoint.
+    assert p.output().count(f'checkpoint step {STEPS} in {workdir}/checkpoints is damaged') == 1
+  (moved,) = os.listdir(f'{workdir}/checkpoints.corrupt')  # Moved aside once.
+  assert moved.startswith(f'{STEPS}-')
+  _assert_same_run(workdir, pair_reference)
