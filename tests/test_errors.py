@@ -14,8 +14,8 @@ import pytest
 from subprocess_env import cpu_env
 
 from configs import quickstart
+from vit_jax import guards, metrics, models, npz, preflight, resume, train_state
 from vit_jax import main as main_lib
-from vit_jax import metrics, models, npz, preflight, resume, train_state
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 Q = 'configs/quickstart.py:runlocal'
@@ -145,12 +145,12 @@ def test_fingerprint_catches_one_flipped_bit_and_ignores_the_sharding():
 
 
 def test_spike_guard():
-  guard = train_state.SpikeGuard(1000.0, min_history=3)
+  guard = guards.SpikeGuard(1000.0, min_history=3)
   for loss in (2.3, 2.2, 2.1, 2.0):
     assert guard.check({'train/loss': loss, 'train/grad_norm': 1.0}) == []
   (bad,) = guard.check({'train/loss': 4.8e11, 'train/grad_norm': 1.0})
   assert bad.startswith('train/loss=4.8e+11 spiked over 1000x its running median 2.15')
-  assert train_state.SpikeGuard(0).check({'train/loss': 1e30, 'train/grad_norm': 1e30}) == []
+  assert guards.SpikeGuard(0).check({'train/loss': 1e30, 'train/grad_norm': 1e30}) == []
 
 
 def test_workdir_lock_refuses_a_live_run_and_takes_over_a_dead_one(tmp_path):
@@ -162,17 +162,17 @@ def test_workdir_lock_refuses_a_live_run_and_takes_over_a_dead_one(tmp_path):
 
   held_by(os.getppid())  # A live process on this host.
   with pytest.raises(train_state.WorkdirLockedError, match=f'in use by pid {os.getppid()} on host'):
-    train_state.WorkdirLock(str(tmp_path)).acquire()
+    guards.WorkdirLock(str(tmp_path)).acquire()
   held_by(os.getppid(), host='other-host')  # Another host, lease still running.
   with pytest.raises(train_state.WorkdirLockedError, match='other-host'):
-    train_state.WorkdirLock(str(tmp_path)).acquire()
+    guards.WorkdirLock(str(tmp_path)).acquire()
   for stale in (
     lambda: held_by(2**22 + 12345),  # No such process here: killed.
     lambda: held_by(os.getppid(), host='other-host', lease=-1),  # Expired lease.
     lambda: path.write_text('{"host": "x", "pi'),  # Torn by a crash.
   ):
     stale()
-    with train_state.WorkdirLock(str(tmp_path)):
+    with guards.WorkdirLock(str(tmp_path)):
       assert json.loads(path.read_text())['pid'] == os.getpid()
     assert not path.exists()  # Released.
 

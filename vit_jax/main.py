@@ -142,7 +142,7 @@ def initialize_distributed() -> None:
     FLAGS.distributed == 'auto' and not explicit and not _cluster_detected()
   ):
     return
-  # `train_state.PeerWatchdog` notices a lost peer within the config's heartbeat and exits in one
+  # `guards.PeerWatchdog` notices a lost peer within the config's heartbeat and exits in one
   # line; JAX's own heartbeat (it aborts with a C++ dump) is the backstop at twice that.
   heartbeat = int(FLAGS.config.get('distributed_heartbeat_seconds', 50))
   kwargs = {'heartbeat_timeout_seconds': 2 * heartbeat}
@@ -251,7 +251,7 @@ def main(argv):
   initialize_distributed()
   import jax
 
-  from vit_jax import preflight, train, train_state
+  from vit_jax import guards, preflight, train, train_state
 
   config = FLAGS.config
   workdir = FLAGS.workdir
@@ -259,7 +259,7 @@ def main(argv):
     preflight.check_config(config, workdir)
   except preflight.UserError as e:
     _fail(str(e), 2)
-  watchdog = train_state.PeerWatchdog(
+  watchdog = guards.PeerWatchdog(
     float(config.get('distributed_heartbeat_seconds', 0)), workdir
   ).start()
   logging.info(

@@ -24,8 +24,8 @@ import ml_collections
 import numpy as np
 import optax
 
+from vit_jax import guards, models, npz, optim, resume, sharding, train_state
 from vit_jax import metrics as metrics_lib
-from vit_jax import models, npz, optim, resume, sharding, train_state
 from vit_jax.export import load as checkpoint_load
 
 LOSSES = ('softmax_xent', 'sigmoid_xent')
@@ -307,7 +307,7 @@ def train_and_evaluate(
 ) -> dict[str, Any]:
   """Trains (resuming from `workdir` if it holds a checkpoint), evaluates, checkpoints.
 
-  Holds the workdir's lock (`train_state.WorkdirLock`) for the whole run.
+  Holds the workdir's lock (`guards.WorkdirLock`) for the whole run.
 
   Args:
     config: a recipe config (see configs/common.py for the fields).
@@ -326,7 +326,7 @@ def train_and_evaluate(
   from configs import common as recipes  # The recipes' cross-field checks, after any overrides.
 
   recipes.check(config)
-  with train_state.WorkdirLock(workdir):
+  with guards.WorkdirLock(workdir):
     return _train_and_evaluate(config, workdir, devices)
 
 
@@ -394,7 +394,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices
   result: dict[str, Any] = {'preempted': False}
   first = True
 
-  spikes = train_state.SpikeGuard(float(config.get('spike_factor', 0.0)))
+  spikes = guards.SpikeGuard(float(config.get('spike_factor', 0.0)))
 
   def flush() -> dict[str, float]:
     """Fetches pending step metrics; raises on the first non-finite or spiking one."""
