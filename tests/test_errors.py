@@ -208,10 +208,36 @@ def test_tensorboard_shows_each_step_once_after_a_restart(tmp_path):
   run(tmp_path / 'a', range(1, 11))  # Killed after step 10; its newest checkpoint is step 4.
   run(tmp_path / 'a', range(5, 13), resume_step=4)
   assert _board_steps(tmp_path / 'a' / 'tensorboard') == list(range(1, 13))
+  import tensorflow as tf
+
+  events = sorted((tmp_path / 'a' / 'tensorboard').glob('events.out.tfevents.*'))[-1]
+  os.truncate(events, os.path.getsize(events) - 10)  # Its last record torn by a kill mid-write.
+  with pytest.raises(tf.errors.DataLossError):
+    list(tf.data.TFRecordDataset(str(events)).as_numpy_iterator())
+  run(tmp_path / 'a', range(12, 15), resume_step=11)  # Dropped on resume; the file reads again.
+  list(tf.data.TFRecordDataset(str(events)).as_numpy_iterator())
+  assert _board_steps(tmp_path / 'a' / 'tensorboard') == list(range(1, 15))
   # The same without dropping: TensorBoard's reader shows steps 5-10 twice.
   run(tmp_path / 'b', range(1, 11))
   run(tmp_path / 'b', range(5, 13))
   assert _board_steps(tmp_path / 'b' / 'tensorboard') == [*range(1, 11), *range(5, 13)]
+
+
+def test_a_lost_peer_seen_by_two_threads_is_one_line():
+  code = (
+    'import threading\n'
+    'from vit_jax import guards\n'
+    "t = threading.Thread(target=guards.exit_lost_peer, args=('lost a peer: thread',))\n"
+    't.start()\n'
+    "guards.exit_lost_peer('lost a peer: main')\n"
+  )
+  proc = subprocess.run([sys.executable, '-c', code], cwd=REPO, env=cpu_env(1), capture_output=True,
+                        text=True, timeout=120)  # fmt: skip
+  assert proc.returncode == 1
+  assert [line for line in proc.stderr.splitlines() if line.startswith('ERROR: ')] in (
+    ['ERROR: lost a peer: thread'],
+    ['ERROR: lost a peer: main'],
+  ), proc.stderr
 
 
 def test_continue_command_repeats_the_users_command():

@@ -223,9 +223,28 @@ class PeerWatchdog:
       f'{jax.process_index()} too. Restart every process with the same command: they resume from '
       f'the last checkpoint in {os.path.join(self.workdir, "checkpoints")}.'
     )
-    logging.error('%s', message)
-    print(f'ERROR: {message}', file=sys.stderr, flush=True)
-    os._exit(1)  # Not sys.exit: the main thread may be blocked in a collective forever.
+    exit_lost_peer(message)
 
   def stop(self) -> None:
     self._stop.set()
+
+
+_LOST_PEER = threading.Lock()
+
+
+def exit_lost_peer(message: str) -> None:
+  """Prints `ERROR: <message>` and exits 1 at once (`os._exit`), once per process.
+
+  The watchdog thread and the main thread (a failed collective) may both see the loss: the second
+  waits for the first to end the process. Not `sys.exit`: the main thread may be blocked in a
+  collective forever, and its exit handlers include `jax.distributed.shutdown`, whose barrier waits
+  for the dead peer until JAX's heartbeat timeout and then aborts with a C++ dump.
+  """
+  if not _LOST_PEER.acquire(blocking=False):
+    threading.Event().wait()  # The other reporter is ending the process.
+  logging.error('%s', message)
+  print(f'ERROR: {message}', file=sys.stderr, flush=True)
+  for handler in logging.getLogger().handlers:
+    handler.flush()
+  sys.stdout.flush()
+  os._exit(1)

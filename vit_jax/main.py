@@ -80,23 +80,16 @@ def _fail(message: str, code: int, argv=()) -> None:
 
 
 def _lost_peer(e: BaseException) -> None:
-  """Reports a failed cross-process collective in one line and exits 1 at once.
+  """Reports a failed cross-process collective in one line and exits 1 at once."""
+  from vit_jax import guards
 
-  Not `sys.exit`: its exit handlers include `jax.distributed.shutdown`, whose barrier waits for
-  the dead peer until JAX's heartbeat timeout and then aborts the process with a C++ dump.
-  """
   if _verbose():
     traceback.print_exc()
   cause = ' '.join(str(e).split())[:200]
-  print(
-    f'ERROR: lost a peer: a collective failed ({cause}); restart every process with the same '
-    'command to resume from the last checkpoint',
-    file=sys.stderr,
-    flush=True,
+  guards.exit_lost_peer(
+    f'lost a peer: a collective failed ({cause}); restart every process with the same command to '
+    'resume from the last checkpoint'
   )
-  logging.flush()
-  sys.stdout.flush()
-  os._exit(1)
 
 
 def _runtime_error_in(e: BaseException | None) -> BaseException | None:
