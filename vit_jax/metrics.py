@@ -321,7 +321,7 @@ def _truncate_events(directory: str, step: int) -> None:
       dropped += 1
     if not dropped:
       continue
-    tmp = f'{path}.tmp'
+    tmp = os.path.join(directory, 'rewrite.tmp')  # No 'tfevents' in it: no reader picks it up.
     with tf.io.TFRecordWriter(tmp) as writer:
       for record in kept:
         writer.write(record)
