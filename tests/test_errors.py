@@ -14,8 +14,8 @@ import pytest
 from subprocess_env import cpu_env
 
 from configs import quickstart
+from vit_jax import guards, metrics, models, npz, preflight, resume, train_state
 from vit_jax import main as main_lib
-from vit_jax import metrics, models, npz, preflight, resume, train_state
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 Q = 'configs/quickstart.py:runlocal'
@@ -145,12 +145,12 @@ def test_fingerprint_catches_one_flipped_bit_and_ignores_the_sharding():
 
 
 def test_spike_guard():
-  guard = train_state.SpikeGuard(1000.0, min_history=3)
+  guard = guards.SpikeGuard(1000.0, min_history=3)
   for loss in (2.3, 2.2, 2.1, 2.0):
     assert guard.check({'train/loss': loss, 'train/grad_norm': 1.0}) == []
   (bad,) = guard.check({'train/loss': 4.8e11, 'train/grad_norm': 1.0})
   assert bad.startswith('train/loss=4.8e+11 spiked over 1000x its running median 2.15')
-  assert train_state.SpikeGuard(0).check({'train/loss': 1e30, 'train/grad_norm': 1e30}) == []
+  assert guards.SpikeGuard(0).check({'train/loss': 1e30, 'train/grad_norm': 1e30}) == []
 
 
 def test_workdir_lock_refuses_a_live_run_and_takes_over_a_dead_one(tmp_path):
@@ -162,17 +162,17 @@ def test_workdir_lock_refuses_a_live_run_and_takes_over_a_dead_one(tmp_path):
 
   held_by(os.getppid())  # A live process on this host.
   with pytest.raises(train_state.WorkdirLockedError, match=f'in use by pid {os.getppid()} on host'):
-    train_state.WorkdirLock(str(tmp_path)).acquire()
+    guards.WorkdirLock(str(tmp_path)).acquire()
   held_by(os.getppid(), host='other-host')  # Another host, lease still running.
   with pytest.raises(train_state.WorkdirLockedError, match='other-host'):
-    train_state.WorkdirLock(str(tmp_path)).acquire()
+    guards.WorkdirLock(str(tmp_path)).acquire()
   for stale in (
     lambda: held_by(2**22 + 12345),  # No such process here: killed.
     lambda: held_by(os.getppid(), host='other-host', lease=-1),  # Expired lease.
     lambda: path.write_text('{"host": "x", "pi'),  # Torn by a crash.
   ):
     stale()
-    with train_state.WorkdirLock(str(tmp_path)):
+    with guards.WorkdirLock(str(tmp_path)):
       assert json.loads(path.read_text())['pid'] == os.getpid()
     assert not path.exists()  # Released.
 
@@ -186,6 +186,58 @@ def test_metrics_drop_torn_lines_and_records_past_the_restored_step(tmp_path):
   writer.close()
   lines = path.read_text().splitlines()
   assert [json.loads(line)['step'] for line in lines] == [1, 2, 3, 4, 5]  # Every line parses.
+
+
+def _board_steps(directory):
+  from tensorboard.backend.event_processing import event_accumulator
+
+  accumulator = event_accumulator.EventAccumulator(
+    str(directory), size_guidance={event_accumulator.TENSORS: 0}
+  )
+  accumulator.Reload()
+  return [e.step for e in accumulator.Tensors('x')]
+
+
+def test_tensorboard_shows_each_step_once_after_a_restart(tmp_path):
+  def run(workdir, steps, resume_step=None):
+    writer = metrics.MetricWriter(str(workdir), enabled=True, resume_step=resume_step)
+    for step in steps:
+      writer.write(step, {'x': float(step)})
+    writer.close()
+
+  run(tmp_path / 'a', range(1, 11))  # Killed after step 10; its newest checkpoint is step 4.
+  run(tmp_path / 'a', range(5, 13), resume_step=4)
+  assert _board_steps(tmp_path / 'a' / 'tensorboard') == list(range(1, 13))
+  import tensorflow as tf
+
+  events = sorted((tmp_path / 'a' / 'tensorboard').glob('events.out.tfevents.*'))[-1]
+  os.truncate(events, os.path.getsize(events) - 10)  # Its last record torn by a kill mid-write.
+  with pytest.raises(tf.errors.DataLossError):
+    list(tf.data.TFRecordDataset(str(events)).as_numpy_iterator())
+  run(tmp_path / 'a', range(12, 15), resume_step=11)  # Dropped on resume; the file reads again.
+  list(tf.data.TFRecordDataset(str(events)).as_numpy_iterator())
+  assert _board_steps(tmp_path / 'a' / 'tensorboard') == list(range(1, 15))
+  # The same without dropping: TensorBoard's reader shows steps 5-10 twice.
+  run(tmp_path / 'b', range(1, 11))
+  run(tmp_path / 'b', range(5, 13))
+  assert _board_steps(tmp_path / 'b' / 'tensorboard') == [*range(1, 11), *range(5, 13)]
+
+
+def test_a_lost_peer_seen_by_two_threads_is_one_line():
+  code = (
+    'import threading\n'
+    'from vit_jax import guards\n'
+    "t = threading.Thread(target=guards.exit_lost_peer, args=('lost a peer: thread',))\n"
+    't.start()\n'
+    "guards.exit_lost_peer('lost a peer: main')\n"
+  )
+  proc = subprocess.run([sys.executable, '-c', code], cwd=REPO, env=cpu_env(1), capture_output=True,
+                        text=True, timeout=120)  # fmt: skip
+  assert proc.returncode == 1
+  assert [line for line in proc.stderr.splitlines() if line.startswith('ERROR: ')] in (
+    ['ERROR: lost a peer: thread'],
+    ['ERROR: lost a peer: main'],
+  ), proc.stderr
 
 
 def test_continue_command_repeats_the_users_command():

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging as pylogging
 import os
+import re
 import shlex
 import sys
 import traceback
@@ -78,6 +79,30 @@ def _fail(message: str, code: int, argv=()) -> None:
   sys.exit(code)
 
 
+def _lost_peer(e: BaseException) -> None:
+  """Reports a failed cross-process collective in one line and exits 1 at once."""
+  from vit_jax import guards
+
+  if _verbose():
+    traceback.print_exc()
+  cause = ' '.join(str(e).split())[:200]
+  guards.exit_lost_peer(
+    f'lost a peer: a collective failed ({cause}); restart every process with the same command to '
+    'resume from the last checkpoint'
+  )
+
+
+def _runtime_error_in(e: BaseException | None) -> BaseException | None:
+  """The JAX runtime error (a collective or coordination-service call) in `e`'s chain, if any."""
+  seen = set()
+  while e is not None and id(e) not in seen:
+    seen.add(id(e))
+    if type(e).__name__ in ('JaxRuntimeError', 'XlaRuntimeError'):
+      return e
+    e = e.__cause__ or e.__context__
+  return None
+
+
 def _parse_flags(argv):
   """absl's parsing, with each mistake explained in one line (unknown field, wrong type...)."""
   try:
@@ -110,7 +135,7 @@ def initialize_distributed() -> None:
     FLAGS.distributed == 'auto' and not explicit and not _cluster_detected()
   ):
     return
-  # `train_state.PeerWatchdog` notices a lost peer within the config's heartbeat and exits in one
+  # `guards.PeerWatchdog` notices a lost peer within the config's heartbeat and exits in one
   # line; JAX's own heartbeat (it aborts with a C++ dump) is the backstop at twice that.
   heartbeat = int(FLAGS.config.get('distributed_heartbeat_seconds', 50))
   kwargs = {'heartbeat_timeout_seconds': 2 * heartbeat}
@@ -219,7 +244,7 @@ def main(argv):
   initialize_distributed()
   import jax
 
-  from vit_jax import preflight, train, train_state
+  from vit_jax import guards, preflight, train, train_state
 
   config = FLAGS.config
   workdir = FLAGS.workdir
@@ -227,7 +252,7 @@ def main(argv):
     preflight.check_config(config, workdir)
   except preflight.UserError as e:
     _fail(str(e), 2)
-  watchdog = train_state.PeerWatchdog(
+  watchdog = guards.PeerWatchdog(
     float(config.get('distributed_heartbeat_seconds', 0)), workdir
   ).start()
   logging.info(
@@ -241,22 +266,34 @@ def main(argv):
   )
   try:
     result = train.train_and_evaluate(config, workdir)
-  except (train.TrainingDivergedError, train_state.CheckpointError, preflight.UserError) as e:
-    logging.error('%s', e)
-    _fail(str(e), 1)
-  except (ValueError, TypeError, OSError) as e:  # Bad input met while running: data, files.
-    _fail(f'{type(e).__name__}: {e}', 1)
   except Exception as e:
-    if jax.process_count() > 1 and type(e).__name__ in ('JaxRuntimeError', 'XlaRuntimeError'):
-      # A collective whose peer is gone fails before the watchdog notices.
-      _fail(f'lost a peer: a collective failed ({" ".join(str(e).split())[:200]}); restart every '
-            'process with the same command to resume from the last checkpoint', 1)  # fmt: skip
+    if jax.process_count() > 1 and (lost := _runtime_error_in(e)) is not None:
+      # A collective (or a checkpoint barrier) whose peer is gone fails before the watchdog sees.
+      _lost_peer(lost)
+    if isinstance(
+      e, (train.TrainingDivergedError, train_state.CheckpointError, preflight.UserError)
+    ):
+      logging.error('%s', e)
+      _fail(str(e), 1)
+    if isinstance(e, (ValueError, TypeError, OSError)):  # Bad input met while running: data, files.
+      _fail(f'{type(e).__name__}: {e}', 1)
     if not _is_input_error(e):
       raise
-    _fail(f'{type(e).__name__}: {e}', 1)
+    _fail(_input_error_message(e, config), 1)
   watchdog.stop()  # Peers that finish first stop answering: that is no longer a loss.
   if jax.process_index() == 0:
     print(_summary(result, workdir), flush=True)
+
+
+def _input_error_message(e: Exception, config) -> str:
+  """A data error raised by TensorFlow while training, with the dataset named and the fix."""
+  text = re.sub(r'\{\{function_node [^}]*\}\}|\[Op:\w+\]( name: \S*)?', '', str(e))
+  where = config.get('data_dir') or '~/tensorflow_datasets'
+  return (
+    f'reading dataset {config.get("dataset")!r} failed: {type(e).__name__}: {text.strip()}. A '
+    f'record or image in its prepared files (under {where}) is damaged: prepare the dataset '
+    'again (delete its directory there first) or restore the files, then rerun to resume'
+  )
 
 
 def _is_input_error(e: Exception) -> bool:

@@ -198,7 +198,8 @@ class MetricWriter:
     tensorboard: also write event files.
     resume_step: the step the run resumes from: records past it (written before a kill, and
       about to be written again) and a torn last line (a crash or full disk mid-write) are dropped
-      first, so the file holds each step once and always parses.
+      first, so the file holds each step once and always parses. The TensorBoard event files drop
+      their events past it too (and a torn last record), so every reader shows each step once.
   """
 
   def __init__(
@@ -223,7 +224,10 @@ class MetricWriter:
     if tensorboard:
       import tensorflow as tf
 
-      self._tb = tf.summary.create_file_writer(os.path.join(workdir, 'tensorboard'))
+      self._tb_dir = os.path.join(workdir, 'tensorboard')
+      if resume_step is not None:
+        _truncate_events(self._tb_dir, resume_step)
+      self._tb = tf.summary.create_file_writer(self._tb_dir)
 
   def write(self, step: int, scalars: Mapping[str, Any]) -> None:
     if not self.enabled:
@@ -232,8 +236,9 @@ class MetricWriter:
     data = (json.dumps(record) + '\n').encode()
     end = os.fstat(self._file).st_size
     try:
-      if os.write(self._file, data) != len(data):
-        raise OSError(28, os.strerror(28))  # A short write: the disk filled up mid-line.
+      written = 0
+      while written < len(data):  # After a short write (disk full, file size limit) the next
+        written += os.write(self._file, data[written:])  # one raises, with the real cause.
     except OSError as e:
       with contextlib.suppress(OSError):
         os.ftruncate(self._file, end)  # Keeps the file whole: every line parses.
@@ -255,7 +260,9 @@ class MetricWriter:
         self._tb.flush()
       except tf.errors.OpError as e:  # E.g. a full disk: reported in one line like the above.
         raise OSError(
-          5, f'writing the TensorBoard events of step {step} failed: {" ".join(e.message.split())}'
+          5,
+          f'writing the TensorBoard events of step {step} to {self._tb_dir} failed: '
+          f'{" ".join(e.message.split())}',
         ) from e
 
   def close(self) -> None:
@@ -290,6 +297,38 @@ def _truncate_jsonl(path: str, step: int) -> None:
   with open(tmp, 'w') as f:
     f.writelines(json.dumps(r) + '\n' for r in records)
   os.replace(tmp, path)
+
+
+def _truncate_events(directory: str, step: int) -> None:
+  """Drops the events past `step` from the TensorBoard event files in `directory`.
+
+  Dropped rather than hidden behind a `SessionLog.START` event (on which TensorBoard's Python
+  reader purges later steps): then any reader sees each step once. Each file that changes is
+  rewritten whole and renamed over itself.
+  """
+  import tensorflow as tf
+  from tensorflow.core.util import event_pb2
+
+  for path in sorted(tf.io.gfile.glob(os.path.join(directory, 'events.out.tfevents.*'))):
+    kept, dropped = [], 0
+    try:
+      for record in tf.data.TFRecordDataset(path).as_numpy_iterator():
+        if event_pb2.Event.FromString(record).step <= step:
+          kept.append(record)
+        else:
+          dropped += 1
+    except tf.errors.DataLossError:  # A record torn by a kill mid-write: drop it.
+      dropped += 1
+    if not dropped:
+      continue
+    tmp = os.path.join(directory, 'rewrite.tmp')  # No 'tfevents' in it: no reader picks it up.
+    with tf.io.TFRecordWriter(tmp) as writer:
+      for record in kept:
+        writer.write(record)
+    tf.io.gfile.rename(tmp, path, overwrite=True)
+    logging.info(
+      '%s: dropped %d events past step %d (written before a restart)', path, dropped, step
+    )
 
 
 def read_jsonl(path: str) -> list[dict]:

@@ -24,8 +24,8 @@ import ml_collections
 import numpy as np
 import optax
 
+from vit_jax import guards, models, npz, optim, resume, sharding, train_state
 from vit_jax import metrics as metrics_lib
-from vit_jax import models, npz, optim, resume, sharding, train_state
 from vit_jax.export import load as checkpoint_load
 
 LOSSES = ('softmax_xent', 'sigmoid_xent')
@@ -308,7 +308,7 @@ def train_and_evaluate(
 ) -> dict[str, Any]:
   """Trains (resuming from `workdir` if it holds a checkpoint), evaluates, checkpoints.
 
-  Holds the workdir's lock (`train_state.WorkdirLock`) for the whole run.
+  Holds the workdir's lock (`guards.WorkdirLock`) for the whole run.
 
   Args:
     config: a recipe config (see configs/common.py for the fields).
@@ -327,7 +327,7 @@ def train_and_evaluate(
   from configs import common as recipes  # The recipes' cross-field checks, after any overrides.
 
   recipes.check(config)
-  with train_state.WorkdirLock(workdir):
+  with guards.WorkdirLock(workdir):
     return _train_and_evaluate(config, workdir, devices)
 
 
@@ -395,7 +395,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices
   result: dict[str, Any] = {'preempted': False}
   first = True
 
-  spikes = train_state.SpikeGuard(float(config.get('spike_factor', 0.0)))
+  spikes = guards.SpikeGuard(float(config.get('spike_factor', 0.0)))
 
   def flush() -> dict[str, float]:
     """Fetches pending step metrics; raises on the first non-finite or spiking one."""
@@ -484,9 +484,16 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices
     if last_saved != step:
       save(step)
     ckpt.wait()
-  finally:
-    watcher.restore()
-    writer.close()
-    ckpt.close()
+  except BaseException as e:
+    failure = e
+  else:
+    failure = None
+  # Closed outside the handler: a pending save that fails too is logged (by orbax) without this
+  # failure's traceback chained to it; the run's own error is reported once, in one line.
+  watcher.restore()
+  writer.close()
+  ckpt.close()
+  if failure is not None:
+    raise failure
   result.update(step=step, checkpoint_dir=os.path.join(ckpt_dir, str(step)), workdir=workdir)
   return result
