@@ -321,3 +321,57 @@ def test_fused_attention_padding_equals_unpadded_values_and_grads():
     jax.grad(loss(padded), (0, 1, 2))(q, k, v), jax.grad(loss(plain), (0, 1, 2))(q, k, v)
   ):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize('classifier', ['token', 'map'])
+def test_cpu_layouts_equal_the_convolution_and_dot_product_attention_path(monkeypatch, classifier):
+  """The CPU layouts (patches by one matmul, fused Q/K/V, heads-first attention) are the same
+  function of the same parameters as the convolution and `jax.nn.dot_product_attention` path
+  (used off CPU): logits, gradients of every parameter and of the images, to float noise.
+  """  # fmt: skip
+  from vit_jax.models import vit
+
+  model = _small(classifier=classifier)
+  x = jax.random.uniform(jax.random.key(1), (2, 32, 32, 3), minval=-1, maxval=1)
+  params = model.init(jax.random.key(0), x[:1], train=False)['params']
+
+  def logits_and_grads():
+    loss = lambda p, x: jnp.sum(jnp.sin(model.apply({'params': p}, x, train=True)))
+    logits = model.apply({'params': params}, x, train=False)
+    return logits, jax.grad(loss, (0, 1))(params, x)
+
+  assert vit._cpu_layouts()
+  fast = logits_and_grads()
+  monkeypatch.setattr(vit, '_cpu_layouts', lambda: False)
+  reference = logits_and_grads()
+  assert float(jnp.abs(reference[0]).max()) > 0.1  # A head that is not zero: a real comparison.
+  # Float32 rounding: ~1e-7 relative per operation. The key bias's gradient is zero in exact
+  # arithmetic (it shifts each query's logits by a constant): both sides are rounding there.
+  errors = {}
+  for (path, a), b in zip(
+    jax.tree_util.tree_leaves_with_path(fast), jax.tree_util.tree_leaves(reference)
+  ):
+    if "'key']['bias']" in jax.tree_util.keystr(path):
+      assert float(jnp.abs(a).max()) < 1e-5 and float(jnp.abs(b).max()) < 1e-5
+    else:
+      errors[jax.tree_util.keystr(path)] = float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b))
+  assert len(errors) > 20 and max(errors.values()) < 1e-5, errors
+
+
+def test_heads_first_attention_equals_dot_product_attention():
+  """softmax(q k^T / sqrt(d)) v over [batch, heads, seq, dim] is `dot_product_attention`'s
+  [batch, seq, heads, dim] result, transposed, for values and gradients.
+  """  # fmt: skip
+  from vit_jax.models.vit import heads_first_attention
+
+  rng = np.random.default_rng(0)
+  q, k, v = (jnp.asarray(rng.normal(size=(2, 197, 3, 16)), jnp.float32) for _ in range(3))
+  t = lambda a: a.transpose(0, 2, 1, 3)
+  ours = lambda q, k, v: t(heads_first_attention(t(q), t(k), t(v)))
+  reference = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, implementation='xla')
+  np.testing.assert_allclose(ours(q, k, v), reference(q, k, v), rtol=1e-5, atol=1e-6)
+  loss = lambda f: lambda *a: jnp.sum(jnp.sin(f(*a)))
+  for a, b in zip(
+    jax.grad(loss(ours), (0, 1, 2))(q, k, v), jax.grad(loss(reference), (0, 1, 2))(q, k, v)
+  ):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)

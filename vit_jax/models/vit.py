@@ -33,6 +33,14 @@ def _constrain(x: jax.Array, names: tuple[str | None, ...]) -> jax.Array:
   return nn.with_logical_constraint(x, names)
 
 
+def _cpu_layouts() -> bool:
+  """Whether to use the layouts measured fastest on XLA:CPU (heads-first attention with the
+  Q/K/V projections fused into one matmul, patch embedding as one matmul); elsewhere the
+  `dot_product_attention` (cuDNN) and convolution paths. Same parameters, same math.
+  """  # fmt: skip
+  return jax.default_backend() == 'cpu'
+
+
 class AddPositionEmbs(nn.Module):
   """Adds learned position embeddings (one per token, class token included)."""
 
@@ -88,7 +96,9 @@ class _HeadsDense(nn.Module):
   Kernels are created in their 3-D checkpoint shape, (embed, heads, head_dim) or
   (heads, head_dim, embed), so their logical names hold under a mesh (flax's DenseGeneral
   initializes a flattened 2-D kernel). Xavier fans are those of the flattened matrix, as
-  DenseGeneral computes them, so initialization is unchanged.
+  DenseGeneral computes them, so initialization is unchanged. `heads_first`: the per-head side
+  is [batch, heads, seq, head_dim] instead of [batch, seq, heads, head_dim]. `weights_only`:
+  return (kernel, bias) in the compute dtype instead of projecting (fused projections).
   """
 
   features: tuple[int, ...]
@@ -96,17 +106,21 @@ class _HeadsDense(nn.Module):
   kernel_init: Initializer
   dtype: Dtype
   param_dtype: Dtype
+  heads_first: bool = False
 
   @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, *, weights_only: bool = False):
     if self.direction == 'in':
       shape, names = (x.shape[-1], *self.features), ('embed', 'heads', 'kv')
       fans = dict(in_axis=0, out_axis=(1, 2))
-      bias_names, equation = ('heads', 'kv'), '...d,dhk->...hk'
+      bias_names = ('heads', 'kv')
+      equation = 'btd,dhk->bhtk' if self.heads_first else '...d,dhk->...hk'
     else:
-      shape, names = (*x.shape[-2:], *self.features), ('heads', 'kv', 'embed')
+      per_head = (x.shape[1], x.shape[3]) if self.heads_first else x.shape[-2:]
+      shape, names = (*per_head, *self.features), ('heads', 'kv', 'embed')
       fans = dict(in_axis=(0, 1), out_axis=2)
-      bias_names, equation = ('embed',), '...hk,hkd->...d'
+      bias_names = ('embed',)
+      equation = 'bhtk,hkd->btd' if self.heads_first else '...hk,hkd->...d'
     init = self.kernel_init
     if init is _XAVIER:
       init = nn.initializers.xavier_uniform(**fans)
@@ -118,7 +132,27 @@ class _HeadsDense(nn.Module):
       self.param_dtype,
     )
     x, kernel, bias = x.astype(self.dtype), kernel.astype(self.dtype), bias.astype(self.dtype)
+    if weights_only:
+      return kernel, bias
+    if self.heads_first and self.direction == 'in':
+      bias = bias[:, None]
     return jnp.einsum(equation, x, kernel) + bias
+
+
+def heads_first_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+  """softmax(q k^T / sqrt(head_dim)) v over [batch, heads, seq, head_dim], softmax in float32.
+
+  The heads are folded into the one batch dimension of both matmuls, whose contractions run
+  over contiguous axes: on XLA:CPU this trains and infers faster than
+  `jax.nn.dot_product_attention`'s grouped [batch, seq, heads, group, head_dim] layout, whose
+  transposes and copies cost more than the attention matmuls themselves (benchmarks/README.md).
+  """
+  b, n, t, h = q.shape
+  s = k.shape[2]
+  q = (q / jnp.sqrt(h).astype(q.dtype)).reshape(b * n, t, h)
+  logits = jnp.einsum('bqd,bkd->bqk', q, k.reshape(b * n, s, h))
+  weights = jax.nn.softmax(logits.astype(jnp.float32)).astype(q.dtype)
+  return jnp.einsum('bqk,bkd->bqd', weights, v.reshape(b * n, s, h)).reshape(b, n, t, h)
 
 
 def fused_attention(q, k, v, implementation: str | None = None, pad_to: int | None = None):
@@ -158,8 +192,10 @@ class MultiHeadDotProductAttention(nn.Module):
   """Multi-head attention with the released parameter layout.
 
   `query`/`key`/`value` kernels are (embed, heads, head_dim) and `out` is (heads, head_dim, embed),
-  as in the published checkpoints. Without attention dropout the fused
-  `jax.nn.dot_product_attention` is used (cuDNN flash attention on GPUs that support it).
+  as in the published checkpoints. Without attention dropout: on CPU (and `attention_impl` unset)
+  the Q/K/V projections of self-attention are one matmul into a heads-first layout and
+  `heads_first_attention` runs; elsewhere `jax.nn.dot_product_attention` (cuDNN flash attention
+  on GPUs that support it). With dropout or sown weights, the explicit einsum form.
   """
 
   num_heads: int
@@ -176,10 +212,46 @@ class MultiHeadDotProductAttention(nn.Module):
       raise ValueError(f'hidden size {features} is not divisible by num_heads {self.num_heads}')
     head_dim = features // self.num_heads
 
-    def proj(name, x):
+    explicit = self.is_mutable_collection('intermediates') or not (
+      deterministic or self.dropout_rate == 0.0
+    )
+    heads_first = not explicit and self.attention_impl is None and _cpu_layouts()
+
+    def dense(name, direction, features):
       return _HeadsDense(
-        (self.num_heads, head_dim), 'in', self.kernel_init, self.dtype, self.param_dtype, name=name
-      )(x)
+        features,
+        direction,
+        self.kernel_init,
+        self.dtype,
+        self.param_dtype,
+        heads_first=heads_first,
+        name=name,
+      )
+
+    if heads_first:
+      n = self.num_heads
+      if inputs_q is inputs_kv:  # Self-attention: one matmul over the three kernels side by side.
+        kernels, biases = zip(
+          *(
+            dense(name, 'in', (n, head_dim))(inputs_q, weights_only=True)
+            for name in ('query', 'key', 'value')
+          )
+        )
+        qkv = jnp.einsum(
+          'btd,dhk->bhtk', inputs_q.astype(self.dtype), jnp.concatenate(kernels, axis=1)
+        )
+        qkv = qkv + jnp.concatenate(biases, axis=0)[:, None]
+        q, k, v = qkv[:, :n], qkv[:, n : 2 * n], qkv[:, 2 * n :]
+      else:
+        q = dense('query', 'in', (n, head_dim))(inputs_q)
+        k, v = (dense(name, 'in', (n, head_dim))(inputs_kv) for name in ('key', 'value'))
+      names = ('batch', 'heads', 'seq', 'kv')
+      q, k, v = (_constrain(t, names) for t in (q, k, v))
+      x = _constrain(heads_first_attention(q, k, v), names)
+      return dense('out', 'out', (features,))(x)
+
+    def proj(name, x):
+      return dense(name, 'in', (self.num_heads, head_dim))(x)
 
     q, k, v = proj('query', inputs_q), proj('key', inputs_kv), proj('value', inputs_kv)
     names = ('batch', 'seq', 'heads', 'kv')
@@ -197,9 +269,7 @@ class MultiHeadDotProductAttention(nn.Module):
       weights = jnp.where(keep, weights / (1.0 - self.dropout_rate), 0).astype(self.dtype)
       x = jnp.einsum('bhqk,bkhd->bqhd', weights, v)
     x = _constrain(x, names)
-    return _HeadsDense(
-      (features,), 'out', self.kernel_init, self.dtype, self.param_dtype, name='out'
-    )(x)
+    return dense('out', 'out', (features,))(x)
 
 
 def _layer_norm(name: str, dtype: Dtype, param_dtype: Dtype) -> nn.LayerNorm:
@@ -371,6 +441,40 @@ class MAPHead(nn.Module):
     return x[:, 0]
 
 
+class PatchEmbedding(nn.Module):
+  """Non-overlapping patches -> `features`: nn.Conv's parameters (kernel [ph, pw, c, features],
+  bias) and math. On XLA:CPU the patches are cut out and projected by one matmul, faster than
+  the strided convolution and its kernel gradient; elsewhere the convolution.
+  """  # fmt: skip
+
+  features: int
+  patch_size: tuple[int, int]
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    ph, pw = self.patch_size
+    n, height, width, c = x.shape
+    kernel = self.param(
+      'kernel',
+      _logical(nn.initializers.lecun_normal(), (None, None, None, 'embed')),
+      (ph, pw, c, self.features),
+      self.param_dtype,
+    )
+    bias = self.param(
+      'bias', _logical(nn.initializers.zeros, ('embed',)), (self.features,), self.param_dtype
+    )
+    x, kernel, bias = x.astype(self.dtype), kernel.astype(self.dtype), bias.astype(self.dtype)
+    if not _cpu_layouts():
+      dims = ('NHWC', 'HWIO', 'NHWC')
+      y = jax.lax.conv_general_dilated(x, kernel, (ph, pw), 'VALID', dimension_numbers=dims)
+      return y + bias
+    h, w = height // ph, width // pw
+    x = x.reshape(n, h, ph, w, pw, c).transpose(0, 1, 3, 2, 4, 5).reshape(n, h, w, ph * pw * c)
+    return jnp.dot(x, kernel.reshape(ph * pw * c, self.features)) + bias
+
+
 class VisionTransformer(nn.Module):
   """ViT classifier; with `resnet` set, the hybrid R+ViT (a BiT ResNet stem before the patches).
 
@@ -414,17 +518,9 @@ class VisionTransformer(nn.Module):
         f'feature map {x.shape[1:3]} is not divisible by the patch size {(ph, pw)}; '
         'resize the images to a multiple of the patch size'
       )
-    x = nn.Conv(
-      self.hidden_size,
-      (ph, pw),
-      strides=(ph, pw),
-      padding='VALID',
-      dtype=self.dtype,
-      param_dtype=self.param_dtype,
-      kernel_init=_logical(nn.initializers.lecun_normal(), (None, None, None, 'embed')),
-      bias_init=_logical(nn.initializers.zeros, ('embed',)),
-      name='embedding',
-    )(x)
+    x = PatchEmbedding(self.hidden_size, (ph, pw), self.dtype, self.param_dtype, name='embedding')(
+      x
+    )
     n, h, w, c = x.shape
     x = jnp.reshape(x, (n, h * w, c))
 
