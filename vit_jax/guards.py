@@ -170,7 +170,7 @@ class PeerWatchdog:
   background thread watches the others' counters and, when one has not moved for `timeout`
   seconds (a host died, the network split) or the service itself is gone (process 0 died),
   prints `ERROR: lost peer ...` and exits 1 at once: the collectives it would wait in never return,
-  and JAX's own heartbeat (set to twice `timeout` as a backstop) would abort with a C++ dump.
+  and JAX's own heartbeat (set to four times `timeout` as a backstop) would abort with a C++ dump.
   Restarting every process with the same command resumes from the last checkpoint.
   """
 

@@ -20,6 +20,7 @@ from vit_jax.data.builders import (  # noqa: E402
   Digits,
   ImageFolder,
   Imagenet21k,
+  get_dataset_info,
   prepare_digits,
   prepare_folder,
   prepare_imagenet21k,
@@ -28,7 +29,6 @@ from vit_jax.data.device import device_preprocess, mixup, prefetch  # noqa: E402
 from vit_jax.data.pipeline import (  # noqa: E402
   Dataset,
   get_dataset,
-  get_dataset_info,
 )
 from vit_jax.data.preprocess import get_preprocess_fn  # noqa: E402
 

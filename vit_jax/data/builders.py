@@ -418,3 +418,67 @@ def load_imagenet21k(data_dir: str | None = None) -> tfds.core.DatasetBuilder:
     'Prepare it once, before training (not from every host): '
     + IMAGENET21K_PREPARE.format(data_dir=data_dir, manual_dir=manual_dir)
   )
+
+
+# Which builder a dataset name resolves to, and its classes and split sizes.
+LABEL_KEYS = {'imagenet2012_real': 'original_label'}
+SYNTHETIC_DEFAULTS = {'image_size': 224, 'num_classes': 1000, 'num_examples': 10_000}
+
+
+def synthetic(dataset: str) -> tuple[dict, list[str], dict[str, int]]:
+  """(options, label names, split sizes) of 'synthetic[:key=value,...]'."""
+  kwargs = dict(SYNTHETIC_DEFAULTS)
+  for item in filter(None, dataset.partition(':')[2].split(',')):
+    key, _, value = item.partition('=')
+    if key not in kwargs and key != 'num_test':
+      raise ValueError(f'Unknown synthetic option {key!r} in {dataset!r}; known: {list(kwargs)}')
+    kwargs[key.strip()] = int(value)
+  test = kwargs.get('num_test', max(kwargs['num_examples'] // 10, 1))
+  sizes = {'train': kwargs['num_examples'], 'test': test, 'validation': test}
+  return kwargs, [str(i) for i in range(kwargs['num_classes'])], sizes
+
+
+def dataset_builder(dataset: str, data_dir: str | None):
+  """Returns a prepared TFDS builder or raises an error saying how to prepare it."""
+  if dataset == 'digits':
+    return prepare_digits(data_dir)
+  if dataset.startswith('folder:'):
+    return prepare_folder(dataset[len('folder:') :], data_dir)
+  if dataset == 'imagenet21k':  # Never prepared on first use: that takes many hours.
+    return load_imagenet21k(data_dir)
+  name = dataset.split(':')[0].split('/')[0]
+  if name not in tfds.list_builders(with_community_datasets=False):
+    raise ValueError(
+      f'Unknown dataset {dataset!r}: use "digits", "imagenet21k", '
+      '"synthetic[:image_size=..,num_classes=..,num_examples=..]", "folder:/path/to/images" '
+      'or a TFDS name (tfds.list_builders()).'
+    )
+  if data_dir and '://' not in data_dir and not os.path.isdir(os.path.expanduser(data_dir)):
+    raise FileNotFoundError(f'data_dir {data_dir!r} for dataset {dataset!r} does not exist.')
+  builder = tfds.builder(dataset, data_dir=data_dir and os.path.expanduser(data_dir))
+  if not builder.is_prepared():
+    where = builder._data_dir_root  # noqa: SLF001 (the root the user passed or the default)
+    if builder.MANUAL_DOWNLOAD_INSTRUCTIONS:
+      manual = os.path.join(where, 'downloads', 'manual')
+      raise FileNotFoundError(
+        f'Dataset {dataset!r} is not prepared in {where!r} and needs a manual download. '
+        f'Put the files in {manual}/ '
+        f'({builder.MANUAL_DOWNLOAD_INSTRUCTIONS.strip()}), then run once: '
+        f'tfds build {name} --data_dir={where} --manual_dir={manual}'
+      )
+    raise FileNotFoundError(
+      f'Dataset {dataset!r} is not prepared in {where!r}. Prepare it once (needs network): '
+      f'tfds build {name} --data_dir={where}'
+    )
+  return builder
+
+
+def get_dataset_info(dataset: str, data_dir: str | None = None):
+  """Returns (num_classes, label_names, {split: num_examples}) of a dataset (may prepare it)."""
+  if dataset.split(':')[0] == 'synthetic':
+    _, names, sizes = synthetic(dataset)
+    return len(names), names, sizes
+  builder = dataset_builder(dataset, data_dir)
+  label = builder.info.features[LABEL_KEYS.get(builder.name, 'label')]
+  sizes = {name: split.num_examples for name, split in builder.info.splits.items()}
+  return label.num_classes, list(label.names), sizes

@@ -18,8 +18,6 @@ from vit_jax.data import builders
 from vit_jax.data import preprocess as preprocess_lib
 
 AUTOTUNE = tf.data.AUTOTUNE
-_LABEL_KEYS = {'imagenet2012_real': 'original_label'}
-_SYNTHETIC_DEFAULTS = {'image_size': 224, 'num_classes': 1000, 'num_examples': 10_000}
 
 
 @dataclasses.dataclass
@@ -42,65 +40,6 @@ class Dataset:
     return iter(self.make_tf_dataset().as_numpy_iterator())
 
 
-def _synthetic(dataset: str) -> tuple[dict, list[str], dict[str, int]]:
-  """(options, label names, split sizes) of 'synthetic[:key=value,...]'."""
-  kwargs = dict(_SYNTHETIC_DEFAULTS)
-  for item in filter(None, dataset.partition(':')[2].split(',')):
-    key, _, value = item.partition('=')
-    if key not in kwargs and key != 'num_test':
-      raise ValueError(f'Unknown synthetic option {key!r} in {dataset!r}; known: {list(kwargs)}')
-    kwargs[key.strip()] = int(value)
-  test = kwargs.get('num_test', max(kwargs['num_examples'] // 10, 1))
-  sizes = {'train': kwargs['num_examples'], 'test': test, 'validation': test}
-  return kwargs, [str(i) for i in range(kwargs['num_classes'])], sizes
-
-
-def _tfds_builder(dataset: str, data_dir: str | None):
-  """Returns a prepared TFDS builder or raises an error saying how to prepare it."""
-  if dataset == 'digits':
-    return builders.prepare_digits(data_dir)
-  if dataset.startswith('folder:'):
-    return builders.prepare_folder(dataset[len('folder:') :], data_dir)
-  if dataset == 'imagenet21k':  # Never prepared on first use: that takes many hours.
-    return builders.load_imagenet21k(data_dir)
-  name = dataset.split(':')[0].split('/')[0]
-  if name not in tfds.list_builders(with_community_datasets=False):
-    raise ValueError(
-      f'Unknown dataset {dataset!r}: use "digits", "imagenet21k", '
-      '"synthetic[:image_size=..,num_classes=..,num_examples=..]", "folder:/path/to/images" '
-      'or a TFDS name (tfds.list_builders()).'
-    )
-  if data_dir and '://' not in data_dir and not os.path.isdir(os.path.expanduser(data_dir)):
-    raise FileNotFoundError(f'data_dir {data_dir!r} for dataset {dataset!r} does not exist.')
-  builder = tfds.builder(dataset, data_dir=data_dir and os.path.expanduser(data_dir))
-  if not builder.is_prepared():
-    where = builder._data_dir_root  # noqa: SLF001 (the root the user passed or the default)
-    if builder.MANUAL_DOWNLOAD_INSTRUCTIONS:
-      manual = os.path.join(where, 'downloads', 'manual')
-      raise FileNotFoundError(
-        f'Dataset {dataset!r} is not prepared in {where!r} and needs a manual download. '
-        f'Put the files in {manual}/ '
-        f'({builder.MANUAL_DOWNLOAD_INSTRUCTIONS.strip()}), then run once: '
-        f'tfds build {name} --data_dir={where} --manual_dir={manual}'
-      )
-    raise FileNotFoundError(
-      f'Dataset {dataset!r} is not prepared in {where!r}. Prepare it once (needs network): '
-      f'tfds build {name} --data_dir={where}'
-    )
-  return builder
-
-
-def get_dataset_info(dataset: str, data_dir: str | None = None):
-  """Returns (num_classes, label_names, {split: num_examples}) of a dataset (may prepare it)."""
-  if dataset.split(':')[0] == 'synthetic':
-    _, names, sizes = _synthetic(dataset)
-    return len(names), names, sizes
-  builder = _tfds_builder(dataset, data_dir)
-  label = builder.info.features[_LABEL_KEYS.get(builder.name, 'label')]
-  sizes = {name: split.num_examples for name, split in builder.info.splits.items()}
-  return label.num_classes, list(label.names), sizes
-
-
 def _seed(*parts) -> tf.Tensor:
   """An int64 [2] stateless seed from integers/scalar tensors."""
   out = tf.constant([0x5EED, 0], tf.int64)
@@ -116,15 +55,15 @@ class _Source:
     self.split, self.process_index, self.process_count = split, process_index, process_count
     self._synthetic = self._specs = self._files = None
     if dataset.split(':')[0] == 'synthetic':
-      self._synthetic, self.label_names, sizes = _synthetic(dataset)
+      self._synthetic, self.label_names, sizes = builders.synthetic(dataset)
       self.num_classes = len(self.label_names)
       if split not in sizes:
         raise ValueError(f'Synthetic data has splits {list(sizes)}, not {split!r}.')
       self.num_examples = sizes[split]
       self.local_sizes = [len(range(p, sizes[split], process_count)) for p in range(process_count)]
       return
-    self.builder = _tfds_builder(dataset, data_dir)
-    self._label_key = _LABEL_KEYS.get(self.builder.name, 'label')
+    self.builder = builders.dataset_builder(dataset, data_dir)
+    self._label_key = builders.LABEL_KEYS.get(self.builder.name, 'label')
     label = self.builder.info.features[self._label_key]
     self.num_classes, self.label_names = label.num_classes, list(label.names)
     try:
