@@ -10,6 +10,8 @@ is locked, so a misspelt field is an error. A workdir holding a checkpoint resum
 Multi-host: on Cloud TPU pod slices and under SLURM (`srun`), `jax.distributed.initialize()` detects
 the cluster by itself; `--coordinator_address`, `--num_processes` and `--process_id` set it
 explicitly (e.g. several CPU processes on one machine). `--distributed=off` never initializes it.
+Each process of a multi-process run trains in a child of a supervising parent (`supervise.py`),
+so that a lost coordinator (process 0) ends the others with one `ERROR:` line, not a C++ dump.
 Exit status: 0 on success and on preemption (SIGTERM: checkpointed), 1 on divergence (NaN/Inf,
 loss spike), a failed save, a lost peer or a refused resume, 2 on a mistake in the command line or
 config. Errors are one line (`ERROR: ...`); `--verbose` or VIT_JAX_VERBOSE=1 adds the traceback.
@@ -116,23 +118,15 @@ def _parse_flags(argv):
     _fail(preflight.explain_flags_error(argv[1:], e), 2, argv)
 
 
-def _cluster_detected() -> bool:
-  """A multi-process environment that `jax.distributed.initialize()` can configure by itself."""
-  if int(os.environ.get('SLURM_NTASKS', '1') or 1) > 1 and 'SLURM_STEP_ID' in os.environ:
-    return True
-  hosts = os.environ.get('TPU_WORKER_HOSTNAMES', '')
-  if ',' in hosts or os.environ.get('MEGASCALE_COORDINATOR_ADDRESS'):
-    return True
-  return bool(os.environ.get('JAX_COORDINATOR_ADDRESS'))
-
-
 def initialize_distributed() -> None:
   """Calls `jax.distributed.initialize` when asked to or when a cluster is detected."""
   import jax
 
+  from vit_jax import supervise
+
   explicit = FLAGS.coordinator_address or FLAGS.num_processes or FLAGS.process_id is not None
   if FLAGS.distributed == 'off' or (
-    FLAGS.distributed == 'auto' and not explicit and not _cluster_detected()
+    FLAGS.distributed == 'auto' and not explicit and not supervise.cluster_detected()
   ):
     return
   # `guards.PeerWatchdog` notices a lost peer within the config's heartbeat and exits in one
@@ -309,4 +303,11 @@ def _is_input_error(e: Exception) -> bool:
 
 
 if __name__ == '__main__':
+  from vit_jax import supervise
+
+  # One process of several runs under a supervising parent (vit_jax/supervise.py), which turns
+  # JAX's abort on a lost coordinator into one line; the child trains.
+  if supervise.wanted(sys.argv[1:]):
+    sys.exit(supervise.run(sys.argv[1:]))
+  supervise.exit_when_orphaned()
   app.run(main, flags_parser=_parse_flags)
