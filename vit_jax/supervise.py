@@ -238,9 +238,7 @@ def run(argv, *, command=None, environ=os.environ) -> int:
     relay.crash.close()
     if rc < 0 and relay.coordination:
       if me == '0':
-        why = (
-          'lost a peer: the JAX distributed service reported a fatal error and stopped process 0'
-        )
+        why = 'lost a peer: the JAX distributed service found a fatal error and stopped process 0'
       else:
         who = f'process {me}' if me is not None else 'this process'
         why = f'lost the coordinator (process 0): the JAX distributed service stopped {who}'
