@@ -467,30 +467,105 @@ def _pair(procs, workdir, steps, *extra):
   ]
 
 
+def _kill_host(p):
+  """SIGKILLs a supervised process and its training child at once, as a host going down would."""
+  pid = p.proc.pid
+  with open(f'/proc/{pid}/task/{pid}/children') as f:
+    children = [int(c) for c in f.read().split()]
+  assert children, 'the supervisor has no training child'
+  for child in children:
+    os.kill(child, signal.SIGKILL)
+  p.kill()
+
+
+def _latest_checkpoint(workdir):
+  ckpt = train_state.Checkpointer(f'{workdir}/checkpoints')
+  step = ckpt.latest_step()
+  ckpt.close()
+  return step
+
+
+def _assert_one_clean_line(p, start):
+  """The run's only `ERROR:` line starts with `start`; no C++ dump, no traceback in its output."""
+  (error,) = p.errors()
+  assert error.startswith(start), error
+  assert 'restart every process with the same command' in error.lower(), error
+  for dump in ('Check failure', 'Fatal Python error', 'Traceback', 'client.h:'):
+    assert dump not in p.output(), _essentials(p)
+  return error
+
+
 def test_lost_peer_stops_the_survivor_in_one_line_and_the_pair_resumes(tmp_path, procs):
   workdir = str(tmp_path / 'w')
   pair = lambda steps: _pair(procs, workdir, steps)  # noqa: E731
 
   first = pair(5000)
   first[0].wait_for(lambda: _steps_seen(workdir) >= 10)
-  first[1].kill()
+  _kill_host(first[1])
   start = time.time()
   rc = first[0].finish(timeout=120)
   elapsed = time.time() - start
   assert elapsed < 30, (elapsed, first[0].output()[-3000:])
   assert rc == 1, _essentials(first[0])
-  (error,) = first[0].errors()
-  assert error.startswith('ERROR: lost a peer: '), error
-  assert 'restart every process with the same command' in error.lower(), error
-  for dump in ('Check failure', 'Fatal Python error', 'Traceback', 'client.h:'):
-    assert dump not in first[0].output(), _essentials(first[0])  # No C++ dump, no traceback.
-  last_good = train_state.Checkpointer(f'{workdir}/checkpoints')
-  step = last_good.latest_step()
-  last_good.close()
+  _assert_one_clean_line(first[0], 'ERROR: lost a peer: ')
+  step = _latest_checkpoint(workdir)
   second = pair(step + 4)
   for p in second:
     assert p.finish() == 0, _essentials(p)
   assert f'resuming from step {step}' in second[0].output()
+
+
+def test_lost_coordinator_stops_the_survivor_in_one_line_and_the_pair_resumes(tmp_path, procs):
+  """Process 0 (and the coordination service in it) dies with its host.
+
+  Usually JAX's error poller aborts process 1's training child at once; its supervising parent
+  turns that into one line and keeps the dump in a crash log. When a collective fails first, the
+  child finds the service gone and says the same in its own line.
+  """
+  workdir = str(tmp_path / 'w')
+  pair = lambda steps: _pair(procs, workdir, steps)  # noqa: E731
+
+  first = pair(5000)
+  first[1].wait_for(lambda: _steps_seen(workdir) >= 10)
+  _kill_host(first[0])
+  start = time.time()
+  rc = first[1].finish(timeout=120)
+  elapsed = time.time() - start
+  assert elapsed < 30, (elapsed, first[1].output()[-3000:])
+  assert rc == 1, _essentials(first[1])
+  error = _assert_one_clean_line(first[1], 'ERROR: lost the coordinator (process 0): ')
+  if '(details: ' in error:  # The supervisor's line: JAX's abort came first.
+    crash_log = error.split('(details: ')[1].rstrip(')\n')
+    assert os.path.dirname(crash_log) == workdir, error
+    with open(crash_log) as f:
+      assert 'JAX distributed service detected fatal errors' in f.read()  # The dump, kept.
+  else:  # The child's own line: a collective failed first, and the service did not answer.
+    assert 'a collective failed' in error, error
+  step = _latest_checkpoint(workdir)
+  second = pair(step + 4)
+  for p in second:
+    assert p.finish() == 0, _essentials(p)
+    assert f'resuming from step {step}' in p.output()
+
+
+def test_sigterm_to_both_supervisors_checkpoints_exits_0_and_the_pair_resumes(tmp_path, procs):
+  """Preemption of a multi-process run: each supervising parent forwards SIGTERM to its child."""
+  workdir = str(tmp_path / 'w')
+  first = _pair(procs, workdir, 5000, '--config.log_every=1')
+  first[0].wait_for(lambda: _steps_seen(workdir) >= 10)
+  start = time.time()
+  for p in first:
+    p.proc.send_signal(signal.SIGTERM)
+  for p in first:
+    assert p.finish(timeout=60) == 0, _essentials(p)
+  assert time.time() - start < 30
+  last = metrics.read_jsonl(f'{workdir}/metrics.jsonl')[-1]['step']
+  assert _latest_checkpoint(workdir) == last  # The step they agreed to stop at.
+  second = _pair(procs, workdir, last + 3, '--config.log_every=1')
+  for p in second:
+    assert p.finish() == 0, _essentials(p)
+    assert f'resuming from step {last}' in p.output()
+  assert [r['step'] for r in _strict_records(workdir)] == list(range(1, last + 4))
 
 
 def test_a_corrupt_image_is_named_in_one_line_at_preparation_and_while_training(tmp_path):

@@ -215,11 +215,12 @@ class PeerWatchdog:
       except Exception as e:  # The coordination service (process 0) is gone, if it persists.
         failures += 1
         if failures >= 3 and not self._stop.is_set():
-          self._lost(f'the coordinator stopped answering ({type(e).__name__})')
+          self._lost(f'it stopped answering ({type(e).__name__})', coordinator=True)
 
-  def _lost(self, why: str) -> None:
+  def _lost(self, why: str, *, coordinator: bool = False) -> None:
+    lost = 'the coordinator (process 0)' if coordinator else 'a peer'
     message = (
-      f'lost a peer: {why} (host down or network split); stopping process '
+      f'lost {lost}: {why} (host down or network split); stopping process '
       f'{jax.process_index()} too. Restart every process with the same command: they resume from '
       f'the last checkpoint in {os.path.join(self.workdir, "checkpoints")}.'
     )
@@ -227,6 +228,32 @@ class PeerWatchdog:
 
   def stop(self) -> None:
     self._stop.set()
+
+
+def coordinator_lost(timeout: float = 2.0) -> bool:
+  """Whether JAX's coordination service, in process 0, has stopped answering this process.
+
+  Asked after a collective failed, to name the peer that is gone: process 0's death takes the
+  service with it. False in process 0, and when the answer takes longer than `timeout` seconds.
+  """
+  if jax.process_count() == 1 or jax.process_index() == 0:
+    return False
+  from jax._src import distributed
+
+  client = distributed.global_state.client
+  answer = []
+
+  def probe():
+    try:
+      client.key_value_set(f'vit_jax/probe/{jax.process_index()}', '1', allow_overwrite=True)
+      answer.append(False)
+    except Exception:  # UNAVAILABLE: the service is gone.
+      answer.append(True)
+
+  thread = threading.Thread(target=probe, daemon=True, name='coordinator-probe')
+  thread.start()
+  thread.join(timeout)
+  return bool(answer and answer[0])
 
 
 _LOST_PEER = threading.Lock()

@@ -88,8 +88,9 @@ def _lost_peer(e: BaseException) -> None:
   if _verbose():
     traceback.print_exc()
   cause = ' '.join(str(e).split())[:200]
+  lost = 'the coordinator (process 0)' if guards.coordinator_lost() else 'a peer'
   guards.exit_lost_peer(
-    f'lost a peer: a collective failed ({cause}); restart every process with the same command to '
+    f'lost {lost}: a collective failed ({cause}); restart every process with the same command to '
     'resume from the last checkpoint'
   )
 

@@ -40,8 +40,10 @@ _DUMP = re.compile(
   r'^F\d{4} \d\d:\d\d:\d\d|client\.h:\d+\]|Check fail|\*\*\* (Begin stack trace|SIG\w+|Aborted at)'
   r'|^terminate called|^Fatal Python error'
 )
-# An error line of the C++ runtime (absl format, a C++ source): it often comes just before an abort.
-_NATIVE_ERROR = re.compile(r'^E\d{4} \d\d:\d\d:\d\d\.\d+ +\d+ [\w./-]+\.(cc|h|cpp):\d+\]')
+# Held a moment, as they often come just before an abort: an error line of the C++ runtime (absl
+# format, a C++ source), and the child's own report of a lost peer (the abort, when it follows,
+# names the coordinator, and the parent reports that instead).
+_HOLD = re.compile(r'^E\d{4} \d\d:\d\d:\d\d\.\d+ +\d+ [\w./-]+\.(cc|h|cpp):\d+\]|^ERROR: lost ')
 _COORDINATION = re.compile(r'distributed service|coordination.?service', re.IGNORECASE)
 
 
@@ -123,7 +125,7 @@ class _Relay:
     self.crash_path = crash_path
     self.crash = None  # The crash log, opened at the first held line.
     self.lock = threading.Lock()
-    self.pending: list[tuple[object, bytes]] = []  # Native error lines, until `deadline`.
+    self.pending: list[tuple[object, bytes]] = []  # `_HOLD` lines and after, until `deadline`.
     self.deadline = 0.0
     self.dumping = False
     self.coordination = False  # A held line names the coordination service.
@@ -138,7 +140,7 @@ class _Relay:
         self.pending = []
       if self.dumping:
         self._hold(line)
-      elif self.pending or _NATIVE_ERROR.match(text):
+      elif self.pending or _HOLD.match(text):
         if not self.pending:
           self.deadline = time.monotonic() + HOLD_SECONDS
         self.pending.append((out, line))
@@ -236,7 +238,9 @@ def run(argv, *, command=None, environ=os.environ) -> int:
   relay.release('crash log' if rc < 0 else 'console')  # A signal: they preceded the death.
   if relay.crash is not None:
     relay.crash.close()
-    if rc < 0 and relay.coordination:
+    # The abort of JAX's error poller, or a death by a signal after the service's errors. Checked
+    # whatever the status: a child that exits on its own while the abort is under way counts too.
+    if relay.coordination and (relay.dumping or rc < 0):
       if me == '0':
         why = 'lost a peer: the JAX distributed service found a fatal error and stopped process 0'
       else:
