@@ -44,4 +44,5 @@ notebook: setup
 # The fault-injection suite (docs/reliability.md): the subprocess cases behind the `faults` marker,
 # plus the fast ones that `make test` also runs.
 faults: setup
-	$(PY) -m pytest -q -n 2 --dist load tests/test_faults.py tests/test_errors.py tests/test_launch.py
+	$(PY) -m pytest -q -n 2 --dist load tests/test_faults.py tests/test_errors.py tests/test_launch.py \
+	  tests/test_supervise.py
