@@ -253,6 +253,7 @@ def test_cluster_detection(env, detected):
     (['-num_processes=4'], {}, True),
     (['--num_processes=1', '--coordinator_address=h:1'], {}, False),
     (['--coordinator_address=h:1'], {}, True),
+    (['--process_id=3'], {}, True),
     (['--distributed=on'], {}, True),
     (['--distributed', 'off', '--num_processes=2'], {}, False),
     ([], {'SLURM_NTASKS': '2', 'SLURM_STEP_ID': '0'}, True),

@@ -103,11 +103,8 @@ def wanted(argv, environ=os.environ) -> bool:
     return False
   if flags.get('num_processes', '').isdigit():
     return int(flags['num_processes']) > 1
-  return (
-    bool(flags.get('coordinator_address'))
-    or flags.get('distributed') == 'on'
-    or (cluster_detected(environ))
-  )
+  explicit = flags.get('coordinator_address') or 'process_id' in flags  # As main.py decides.
+  return bool(explicit) or flags.get('distributed') == 'on' or cluster_detected(environ)
 
 
 def process_id(flags: dict[str, str], environ=os.environ) -> str | None:
