@@ -157,7 +157,8 @@ def test_a_native_error_line_without_a_crash_reaches_the_console_while_the_child
     import os, sys, time
     print('E1203 07:36:20.131606 7798 gloo.cc:9] a recoverable error', file=sys.stderr, flush=True)
     print('more', file=sys.stderr, flush=True)
-    while not os.path.exists({str(go)!r}):
+    end = time.time() + 30
+    while not os.path.exists({str(go)!r}) and time.time() < end:
       time.sleep(0.05)
   """
   p = _start(child)
@@ -207,6 +208,7 @@ def test_a_child_whose_supervisor_is_killed_exits_within_a_second():
     time.sleep(60)
   """
   p = _start(child)
+  pid = None
   try:
     pid = int(p.stdout.readline())
     time.sleep(1)
@@ -219,7 +221,7 @@ def test_a_child_whose_supervisor_is_killed_exits_within_a_second():
     assert _gone(pid) and time.time() - start < 1 + supervise.ORPHAN_POLL_SECONDS
   finally:
     p.kill()
-    if not _gone(pid):
+    if pid is not None and not _gone(pid):
       os.kill(pid, signal.SIGKILL)
 
 
