@@ -6,8 +6,8 @@ process because the JAX distributed service detected fatal errors`), which no Py
 process can intercept. So `python -m vit_jax.main`, when it is one process of several, re-runs
 itself as a child (`VIT_JAX_SUPERVISOR_PID` set, so the child trains) and stays as its parent:
 
-- the child's stdout and stderr pass through line by line, except native crash output (the abort,
-  CHECK failures, faulthandler's thread dumps), which goes to
+- the child's stdout and stderr pass through line by line, except native crash output on stderr
+  (the abort, CHECK failures, faulthandler's thread dumps), which goes to
   `<workdir>/crash-process<P>-<UTC time>.log`;
 - when the child dies of such an abort caused by the coordination service, the parent prints
   `ERROR: lost the coordinator (process 0) ...` and exits 1; otherwise it exits with the child's
@@ -116,7 +116,11 @@ def process_id(flags: dict[str, str], environ=os.environ) -> str | None:
 
 
 class _Relay:
-  """Passes the child's lines on, holding native crash output back into the crash log."""
+  """Passes the child's stderr on, holding native crash output back into the crash log.
+
+  Only stderr: that is where absl, faulthandler and the C++ runtime write, and a dump seen there
+  must not catch stdout lines printed before it but read after it.
+  """
 
   def __init__(self, crash_path: str):
     self.crash_path = crash_path
@@ -179,9 +183,12 @@ def _write(out, line: bytes) -> None:
     pass
 
 
-def _pump(pipe, out, relay: _Relay) -> None:
+def _pump(pipe, out, relay: _Relay | None) -> None:
   for line in iter(pipe.readline, b''):
-    relay.feed(out, line)
+    if relay is None:
+      _write(out, line)
+    else:
+      relay.feed(out, line)
 
 
 def run(argv, *, command=None, environ=os.environ) -> int:
@@ -211,8 +218,11 @@ def run(argv, *, command=None, environ=os.environ) -> int:
       command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, process_group=0
     )
     pumps = [
-      threading.Thread(target=_pump, args=(pipe, out, relay), daemon=True)
-      for pipe, out in ((child.stdout, sys.stdout.buffer), (child.stderr, sys.stderr.buffer))
+      threading.Thread(target=_pump, args=args, daemon=True)
+      for args in (
+        (child.stdout, sys.stdout.buffer, None),
+        (child.stderr, sys.stderr.buffer, relay),
+      )
     ]
     for pump in pumps:
       pump.start()
