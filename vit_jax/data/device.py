@@ -59,7 +59,7 @@ def mixup_params(rng: jax.Array, p: float, cutmix_p: float, height: int, width: 
   }
 
 
-@jax.jit
+@jax.jit  # Eager calls then compute exactly what a jitted step does.
 def mix(images: jax.Array, labels: jax.Array, *, ratio, cy, cx, cut) -> tuple:
   """Mixes each example with its neighbour in the batch (roll by one), as big_vision does.
 

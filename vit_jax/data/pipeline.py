@@ -10,6 +10,7 @@ import math
 import os
 from collections.abc import Callable, Iterator
 
+import jax
 import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
@@ -24,8 +25,7 @@ AUTOTUNE = tf.data.AUTOTUNE
 class Dataset:
   """Iterable of per-process numpy batches; `iter()` starts a fresh, identical iterator.
 
-  `num_examples`: of the whole split; `num_batches`: eval only, batches per pass on every process;
-  `steps_per_epoch`: train only, global batches per pass over the split (informational).
+  `num_examples`: of the whole split; `num_batches`: eval only, batches per pass on every process.
   """
 
   num_classes: int
@@ -33,7 +33,6 @@ class Dataset:
   num_examples: int
   local_batch_size: int
   num_batches: int | None
-  steps_per_epoch: float | None
   make_tf_dataset: Callable[[], tf.data.Dataset] = dataclasses.field(repr=False)
 
   def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
@@ -108,10 +107,6 @@ class _Source:
     except ValueError:  # TFDS: 'Instruction [] corresponds to no data!'
       return 0
 
-  @property
-  def local_size(self) -> int:
-    return self.local_sizes[self.process_index]
-
   def records(self, epoch=None, *, seed=0, shuffle_buffer=0, num_threads=None, indices=False):
     """This process's records (their indices in `records()` if `indices`), in a fixed order.
 
@@ -119,37 +114,30 @@ class _Source:
     if `shuffle_buffer`) interleaved, then records shuffled (a buffer of `shuffle_buffer`), seeds
     from (seed, process, epoch). The order depends on counts only: records and indices agree.
     """
-    if self._synthetic:  # Records are indices already; never shuffled.
-      return tf.data.Dataset.range(self.local_size)
-    shuffle = epoch is not None and shuffle_buffer > 0
+    shuffle = epoch is not None and shuffle_buffer > 0 and not self._synthetic
     rng = _seed(seed, self.process_index, epoch) if shuffle else None
-    if self._files is None and indices:
-      records = tf.data.Dataset.range(self.local_size)
+    if self._synthetic or (self._files is None and indices):  # Synthetic records are indices.
+      records = tf.data.Dataset.range(self.local_sizes[self.process_index])
     elif self._files is None:
       records = self.builder.as_dataset(
         split=self.subsplits[self.process_index], shuffle_files=False, decoders=self._decoders
       )
     else:
-      names = self._files[0]
-      order = tf.range(tf.size(names))
+      order = tf.range(tf.size(self._files[0]))
       if shuffle:
         order = tf.random.experimental.stateless_shuffle(order, rng)
       shards = tf.data.Dataset.from_tensor_slices(tuple(tf.gather(x, order) for x in self._files))
-      if indices:
-        read = lambda f, s, t, start: tf.data.Dataset.range(start, start + t)
-      else:
-        read = lambda f, s, t, start: (
-          tf.data.TFRecordDataset(f, buffer_size=1 << 20).skip(s).take(t)
-        )
+      read = lambda file, skip, take, start: (
+        tf.data.Dataset.range(start, start + take)
+        if indices
+        else tf.data.TFRecordDataset(file, buffer_size=1 << 20).skip(skip).take(take)
+      )
       # Parallel reads hide remote storage's latency (gs://); on local files the hand-off between
       # threads costs more per record (~5% of a decode, measured) than the read itself.
-      cycle = 1 if epoch is None else min(16, int(names.shape[0]))
-      parallel = {}
-      if '://' in self.builder.data_dir and not indices and cycle > 1:
-        parallel = dict(num_parallel_calls=min(cycle, num_threads or 16))
-      records = shards.interleave(
-        read, cycle_length=cycle, deterministic=True if parallel else None, **parallel
-      )
+      cycle = 1 if epoch is None else min(16, int(self._files[0].shape[0]))
+      remote = '://' in self.builder.data_dir and not indices and cycle > 1
+      parallel = min(cycle, num_threads or 16) if remote else None
+      records = shards.interleave(read, cycle, num_parallel_calls=parallel)
     if shuffle:
       shuffle_seed = tf.random.stateless_uniform([], rng, 0, 2**62, tf.int64)
       records = records.shuffle(shuffle_buffer, seed=shuffle_seed)
@@ -185,35 +173,23 @@ class _Source:
 
 
 def _cache(examples: tf.data.Dataset, what: str) -> Callable[[tf.Tensor], dict]:
-  """Holds `examples` (dicts) in host memory; returns `lookup(index) -> example`. A key whose
-  values differ in shape is stored flat, with each value's end and shape."""
+  """Holds `examples` (dicts) in host memory; returns `lookup(index) -> example`. Each key's values
+  are stored flat, one row per example, with their shapes (which may differ between examples)."""
   rows = list(examples.prefetch(AUTOTUNE).as_numpy_iterator())
-  tables = {}
+  tables, size = {}, 0
   for key in rows[0]:
-    values = [r[key] for r in rows]
-    if all(v.shape == values[0].shape for v in values):
-      tables[key] = (tf.constant(np.stack(values)),)
-    else:
-      shapes = np.array([v.shape for v in values], np.int64)
-      static = [d if (shapes[:, i] == d).all() else None for i, d in enumerate(shapes[0])]
-      ends = tf.constant(np.cumsum([v.size for v in values]))
-      flat = tf.constant(np.concatenate([v.ravel() for v in values]))
-      tables[key] = (flat, ends, tf.constant(shapes), static)
-  size = sum(t[0].numpy().nbytes for t in tables.values())
+    values = [np.array(r[key], object) if isinstance(r[key], bytes) else r[key] for r in rows]
+    shapes = np.array([v.shape for v in values], np.int64)
+    static = [d if (shapes[:, i] == d).all() else None for i, d in enumerate(shapes[0])]
+    flat = np.concatenate([v.ravel() for v in values])
+    size += sum(map(len, flat)) if flat.dtype == object else flat.nbytes
+    rows_of = tf.RaggedTensor.from_row_lengths(flat, [v.size for v in values])
+    tables[key] = (rows_of, tf.constant(shapes), static)
   logging.info('Cached %d examples of %s: %.1f MB', len(rows), what, size / 1e6)
-
-  def lookup(i):
-    out = {}
-    for key, (values, *ragged) in tables.items():
-      if ragged:
-        end, shape = tf.gather(ragged[0], i), tf.gather(ragged[1], i)
-        out[key] = tf.reshape(values[end - tf.reduce_prod(shape) : end], shape)
-        out[key].set_shape(ragged[2])
-      else:
-        out[key] = tf.gather(values, i)
-    return out
-
-  return lookup
+  return lambda i: {
+    key: tf.ensure_shape(tf.reshape(flat[i], shapes[i]), static)
+    for key, (flat, shapes, static) in tables.items()
+  }
 
 
 def get_dataset(
@@ -263,11 +239,8 @@ def get_dataset(
     ValueError: bad batch size, split or preprocessing string; a train split under one batch.
     FileNotFoundError: missing data_dir or unprepared dataset (says how to prepare it).
   """
-  if process_index is None or process_count is None:
-    import jax
-
-    process_index = jax.process_index() if process_index is None else process_index
-    process_count = jax.process_count() if process_count is None else process_count
+  process_index = jax.process_index() if process_index is None else process_index
+  process_count = jax.process_count() if process_count is None else process_count
   if global_batch_size <= 0 or global_batch_size % process_count:
     raise ValueError(
       f'global_batch_size={global_batch_size} must be a positive multiple of the process '
@@ -279,8 +252,6 @@ def get_dataset(
     raise ValueError('start_batch is for training streams; evaluation always starts at 0.')
   b = global_batch_size // process_count
   if not num_threads:
-    import jax
-
     # A model on the CPU needs cores too: tf.data gets half (measured: less data wait, docs).
     half = max(1, (os.cpu_count() or 2) // 2) if jax.default_backend() == 'cpu' else None
     num_threads = int(os.environ.get('VIT_JAX_DATA_THREADS', 0)) or half
@@ -293,14 +264,14 @@ def get_dataset(
       f'({min(source.local_sizes)} on the smallest of {process_count} processes), fewer than '
       f'one batch of {global_batch_size}; use a smaller global_batch_size or a larger split.'
     )
-  if source.local_size == 0:
+  n = source.local_sizes[process_index]
+  if n == 0:
     raise ValueError(
       f'Process {process_index} of {process_count} has no examples of split {split!r} of '
       f'{dataset!r} ({source.num_examples} in all); evaluate it with fewer processes.'
     )
   example_seed = _seed(seed, process_index)[0]  # Eager: a constant in the graph.
-  n = source.local_size
-  num_batches = None if train else max(math.ceil(max(source.local_sizes) / b), 1)
+  num_batches = None if train else math.ceil(max(source.local_sizes) / b)
   cached = preprocess_lib.num_deterministic(host_pp) if cache else 0
   cached_fn = preprocess_lib.get_preprocess_fn(host_pp, stop=cached)
   host_fn = preprocess_lib.get_preprocess_fn(host_pp, start=cached)
@@ -361,6 +332,5 @@ def get_dataset(
     num_examples=source.num_examples,
     local_batch_size=b,
     num_batches=num_batches,
-    steps_per_epoch=source.num_examples / global_batch_size if train else None,
     make_tf_dataset=make,
   )

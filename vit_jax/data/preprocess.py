@@ -13,9 +13,7 @@ import tensorflow as tf
 
 from vit_jax.data import randaug
 
-Op = Callable[[dict], dict]
 _OPS: dict[str, tuple[Callable, str]] = {}  # name -> (factory, kind)
-DEVICE_OPS = ('value_range',)  # Ops that may run on the device when they end the string.
 
 
 def register(name: str, kind: str = 'image'):
@@ -53,7 +51,7 @@ def split(pp: str) -> tuple[str, str]:
   specs = [s.strip() for s in pp.split('|') if s.strip()]
   device = []
   for i in reversed(range(len(specs))):
-    if parse_op(specs[i])[0] in DEVICE_OPS:
+    if parse_op(specs[i])[0] == 'value_range':
       device.insert(0, i)
     elif _kinds([specs[i]])[0] != 'label':
       break
@@ -67,7 +65,7 @@ def num_deterministic(pp: str) -> int:
   return kinds.index('random') if None not in kinds else 0
 
 
-def get_preprocess_fn(pp: str, start: int = 0, stop: int | None = None) -> Op:
+def get_preprocess_fn(pp: str, start: int = 0, stop: int | None = None) -> Callable:
   """Returns `fn(data) -> data` applying the ops of `pp` (separated by `|`) in order; with
   `start`, `stop` only ops[start:stop], each random op with its seed from the whole string.
 
@@ -128,20 +126,6 @@ def decode(channels: int = 3):
   return fn
 
 
-def _inception_box(shape, seed, area_min, area_max, aspect):
-  """(y, x, h, w) of a stateless Inception crop of an image of `shape` [h, w, c]."""
-  begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
-    shape,
-    bounding_boxes=tf.zeros([0, 0, 4], tf.float32),
-    seed=seed,
-    min_object_covered=0.0,
-    aspect_ratio_range=aspect,
-    area_range=(area_min / 100, area_max / 100),
-    use_image_if_no_bounding_boxes=True,
-  )
-  return tf.stack([begin[0], begin[1], size[0], size[1]])
-
-
 def _decode_window(image, window_fn):
   """The window `window_fn(shape) -> (y, x, h, w)` of an image. Of a JPEG only the window is
   decoded (`decode_and_crop_jpeg`); other formats are decoded whole (`decode`), then cropped."""
@@ -170,7 +154,19 @@ def decode_jpeg_and_inception_crop(
   an encoded JPEG only the crop is decoded; `inception_crop` is the same op on a decoded image."""
 
   def fn(image, seed):
-    image = _decode_window(image, lambda s: _inception_box(s, seed, area_min, area_max, aspect))
+    def window(shape):
+      begin, box, _ = tf.image.stateless_sample_distorted_bounding_box(
+        shape,
+        bounding_boxes=tf.zeros([0, 0, 4], tf.float32),
+        seed=seed,
+        min_object_covered=0.0,
+        aspect_ratio_range=aspect,
+        area_range=(area_min / 100, area_max / 100),
+        use_image_if_no_bounding_boxes=True,
+      )
+      return tf.stack([begin[0], begin[1], box[0], box[1]])
+
+    image = _decode_window(image, window)
     return _resize(image, _size(size), method, antialias) if size else image
 
   return fn
