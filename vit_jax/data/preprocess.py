@@ -127,22 +127,20 @@ def decode(channels: int = 3):
 
 
 def _decode_window(image, window_fn):
-  """The window `window_fn(shape) -> (y, x, h, w)` of an image. Of a JPEG only the window is
-  decoded (`decode_and_crop_jpeg`); other formats are decoded whole (`decode`), then cropped."""
-
-  def crop(image):
-    y, x, h, w = tf.unstack(window_fn(tf.shape(image)))
-    out = tf.slice(image, tf.stack([y, x, 0]), tf.stack([h, w, -1]))
-    out.set_shape([None, None, image.shape[-1]])
-    return out
-
+  """The window `window_fn(shape) -> (begin, size)` of an image (tf.slice's: [y, x, 0], [h, w, -1]).
+  Of a JPEG only the window is decoded (`decode_and_crop_jpeg`); other formats are decoded whole
+  (`decode`), then cropped."""
+  crop = lambda x: tf.ensure_shape(tf.slice(x, *window_fn(tf.shape(x))), [None, None, x.shape[-1]])
   if image.dtype != tf.string:
     return crop(image)
-  shape = tf.image.extract_jpeg_shape
-  jpeg = lambda: tf.image.decode_and_crop_jpeg(image, window_fn(shape(image)), channels=3)
-  out = tf.cond(tf.io.is_jpeg(image), jpeg, lambda: crop(decode()(image)))
-  out.set_shape([None, None, 3])
-  return out
+
+  def jpeg():
+    begin, size = window_fn(tf.image.extract_jpeg_shape(image))
+    return tf.image.decode_and_crop_jpeg(image, tf.concat([begin[:2], size[:2]], 0), channels=3)
+
+  return tf.ensure_shape(
+    tf.cond(tf.io.is_jpeg(image), jpeg, lambda: crop(decode()(image))), [None, None, 3]
+  )
 
 
 @register('inception_crop', 'random')
@@ -154,18 +152,15 @@ def decode_jpeg_and_inception_crop(
   an encoded JPEG only the crop is decoded; `inception_crop` is the same op on a decoded image."""
 
   def fn(image, seed):
-    def window(shape):
-      begin, box, _ = tf.image.stateless_sample_distorted_bounding_box(
-        shape,
-        bounding_boxes=tf.zeros([0, 0, 4], tf.float32),
-        seed=seed,
-        min_object_covered=0.0,
-        aspect_ratio_range=aspect,
-        area_range=(area_min / 100, area_max / 100),
-        use_image_if_no_bounding_boxes=True,
-      )
-      return tf.stack([begin[0], begin[1], box[0], box[1]])
-
+    window = lambda shape: tf.image.stateless_sample_distorted_bounding_box(
+      shape,
+      bounding_boxes=tf.zeros([0, 0, 4], tf.float32),
+      seed=seed,
+      min_object_covered=0.0,
+      aspect_ratio_range=aspect,
+      area_range=(area_min / 100, area_max / 100),
+      use_image_if_no_bounding_boxes=True,
+    )[:2]
     image = _decode_window(image, window)
     return _resize(image, _size(size), method, antialias) if size else image
 
@@ -178,9 +173,9 @@ def decode_jpeg_and_central_crop(size: int, crop_fraction: float = 224 / 256, me
   `crop_fraction` of the shorter side, decoded alone, resized to `size`."""
 
   def window(shape):
-    h, w = shape[0], shape[1]
-    crop = tf.cast(crop_fraction * tf.cast(tf.minimum(h, w), tf.float32), tf.int32)
-    return tf.stack([(h - crop + 1) // 2, (w - crop + 1) // 2, crop, crop])
+    crop = tf.cast(crop_fraction * tf.cast(tf.minimum(shape[0], shape[1]), tf.float32), tf.int32)
+    begin = tf.stack([(shape[0] - crop + 1) // 2, (shape[1] - crop + 1) // 2, 0])
+    return begin, tf.stack([crop, crop, -1])
 
   return lambda image: _resize(_decode_window(image, window), _size(size), method, False)
 
