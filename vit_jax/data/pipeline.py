@@ -275,21 +275,17 @@ def get_dataset(
     data = host_fn(data)
     if data['image'].dtype != tf.uint8:  # The device part expects uint8: apply it here.
       data = device_fn(data)
-    return {k: data[k] for k in ('image', 'label', 'labels', 'real_labels') if k in data}
+    keys = ('image', 'label', 'labels', 'real_labels')
+    return {'mask': tf.constant(True), **{k: data[k] for k in keys if k in data}}
 
-  def pad(batch):  # To b rows: eval's last batch; padding is zeros with mask=False.
-    k = tf.shape(batch['label'])[0]
-    batch = {
-      key: tf.pad(v, [[0, b - k]] + [[0, 0]] * (v.shape.rank - 1)) for key, v in batch.items()
-    }
-    return {**batch, 'mask': tf.range(b) < k}
+  def pad(batch):  # To b rows (eval's last batch): zeros, so mask=False.
+    k = b - tf.shape(batch['label'])[0]
+    return {key: tf.pad(v, [[0, k]] + [[0, 0]] * (v.shape.rank - 1)) for key, v in batch.items()}
 
   def make() -> tf.data.Dataset:
     if cache and not lookup:
       examples = source.parse(source.records().enumerate())
-      examples = examples.map(
-        lambda _, r: cached_fn(source.example(r)), num_parallel_calls=AUTOTUNE
-      )
+      examples = examples.map(lambda _, r: cached_fn(source.example(r)), AUTOTUNE)
       lookup.append(_cache(examples, f'{dataset} {split} (process {process_index})'))
     kw = dict(seed=seed, num_threads=num_threads, indices=cache)
     # (Small sequential maps cost more per element than reading a record, so positions come

@@ -41,27 +41,25 @@ def parse_op(spec: str) -> tuple[str, tuple, dict]:
   return node.func.id, args, kwargs
 
 
-def _kinds(specs) -> list[str | None]:
-  return [_OPS.get(parse_op(s)[0], (None, None))[1] for s in specs]
+def _kind(spec: str) -> str | None:
+  name = parse_op(spec)[0]
+  return 'device' if name == 'value_range' else _OPS.get(name, (None, None))[1]
 
 
 def split(pp: str) -> tuple[str, str]:
   """(host part, device part) of `pp`: the device part is its trailing `value_range` ops; label
   ops after them stay on the host (they commute with image ops)."""
   specs = [s.strip() for s in pp.split('|') if s.strip()]
-  device = []
-  for i in reversed(range(len(specs))):
-    if parse_op(specs[i])[0] == 'value_range':
-      device.insert(0, i)
-    elif _kinds([specs[i]])[0] != 'label':
-      break
-  host = [s for i, s in enumerate(specs) if i not in device]
-  return '|'.join(host), '|'.join(specs[i] for i in device)
+  tail = len(specs)
+  while tail and _kind(specs[tail - 1]) in ('device', 'label'):
+    tail -= 1
+  host = specs[:tail] + [s for s in specs[tail:] if _kind(s) == 'label']
+  return '|'.join(host), '|'.join(s for s in specs[tail:] if _kind(s) == 'device')
 
 
 def num_deterministic(pp: str) -> int:
   """How many ops at the start of `pp` read no seed (their results may be cached)."""
-  kinds = _kinds(s for s in pp.split('|') if s.strip()) + ['random']
+  kinds = [_kind(s) for s in pp.split('|') if s.strip()] + ['random']
   return kinds.index('random') if None not in kinds else 0
 
 
@@ -202,12 +200,9 @@ def resize_small(size: int, method: str = 'area', antialias: bool = False):
 def central_crop(size):
   """Crops the central `size` window (int or (h, w))."""
   ch, cw = _size(size)
-
-  def fn(image):
-    dy, dx = (tf.shape(image)[0] - ch) // 2, (tf.shape(image)[1] - cw) // 2
-    return tf.image.crop_to_bounding_box(image, dy, dx, ch, cw)
-
-  return fn
+  return lambda image: tf.image.crop_to_bounding_box(
+    image, (tf.shape(image)[0] - ch) // 2, (tf.shape(image)[1] - cw) // 2, ch, cw
+  )
 
 
 @register('random_crop', 'random')
@@ -256,10 +251,5 @@ def value_range(*args, **kwargs):
 def onehot(depth: int, smoothing: float = 0.0, key: str = 'label', key_result: str = 'labels'):
   """Adds float32 soft targets: one-hot of `label` with label smoothing (sums to 1)."""
   on, off = 1.0 - smoothing + smoothing / depth, smoothing / depth
-
-  def fn(data):
-    label = tf.cast(data[key], tf.int32)
-    data[key_result] = tf.one_hot(label, depth, on_value=on, off_value=off, dtype=tf.float32)
-    return data
-
-  return fn
+  one_hot = lambda label: tf.one_hot(tf.cast(label, tf.int32), depth, on, off, dtype=tf.float32)
+  return lambda data: {**data, key_result: one_hot(data[key])}
