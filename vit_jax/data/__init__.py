@@ -17,9 +17,6 @@ for _kind in ('GPU', 'TPU'):
     pass
 
 from vit_jax.data.builders import (  # noqa: E402, F401
-  Digits,
-  ImageFolder,
-  Imagenet21k,
   get_dataset_info,
   prepare_digits,
   prepare_folder,

@@ -27,13 +27,10 @@ def device_preprocess(pp: str) -> Callable[[jax.Array], jax.Array]:
   Raises:
     ValueError: `pp` cannot be parsed, or bad arguments.
   """
-  ops = []
-  for spec in filter(None, preprocess.split(pp or '')[1].split('|')):
-    _, args, kwargs = preprocess.parse_op(spec)
-    try:
-      ops.append(preprocess.value_range_fn(*args, **kwargs, clip_fn=jnp.clip))
-    except TypeError as e:
-      raise ValueError(f'Bad arguments for preprocessing op {spec!r}: {e}') from e
+  device_pp = preprocess.split(pp or '')[1]
+  preprocess.get_preprocess_fn(device_pp)  # Raises on bad arguments.
+  specs = map(preprocess.parse_op, filter(None, device_pp.split('|')))
+  ops = [preprocess.value_range_fn(*args, **kw, clip_fn=jnp.clip) for _, args, kw in specs]
 
   def fn(image):
     if image.dtype != jnp.uint8:

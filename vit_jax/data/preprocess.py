@@ -224,7 +224,7 @@ def randaugment(num_layers: int = 2, magnitude: int = 10):
   return lambda image, seed: randaug.randaugment(image, num_layers, magnitude, seed)
 
 
-def value_range_fn(vmin=-1, vmax=1, in_min=0, in_max=255, clip=False, clip_fn=tf.clip_by_value):
+def value_range_fn(vmin=-1, vmax=1, in_min=0, in_max=255, clip=False, *, clip_fn=tf.clip_by_value):
   """`fn(x)` mapping float32 x linearly from [in_min, in_max] to [vmin, vmax], on tf or jnp arrays.
 
   ((x - in_min) * (vmax - vmin) + vmin * (in_max - in_min)) / (in_max - in_min): with integer
