@@ -160,23 +160,35 @@ class _Source:
 
 
 def _cache(examples: tf.data.Dataset, what: str) -> Callable[[tf.Tensor], dict]:
-  """Holds `examples` (dicts) in host memory; returns `lookup(index) -> example`. Each key's values
-  are stored flat, one row per example, with their shapes (which may differ between examples)."""
+  """Holds `examples` (dicts) in host memory; returns `lookup(index) -> example`. A key whose
+  values differ in shape is stored flat, with each value's end and shape."""
   rows = list(examples.prefetch(AUTOTUNE).as_numpy_iterator())
   tables, size = {}, 0
   for key in rows[0]:
     values = [np.array(r[key], object) if isinstance(r[key], bytes) else r[key] for r in rows]
+    size += sum(len(v.item()) if v.dtype == object else v.nbytes for v in values)
+    if all(v.shape == values[0].shape for v in values):  # One gather per lookup.
+      tables[key] = (tf.constant(np.stack(values)),)
+      continue
     shapes = np.array([v.shape for v in values], np.int64)
     static = [d if (shapes[:, i] == d).all() else None for i, d in enumerate(shapes[0])]
-    flat = np.concatenate([v.ravel() for v in values])
-    size += sum(map(len, flat)) if flat.dtype == object else flat.nbytes
-    rows_of = tf.RaggedTensor.from_row_lengths(flat, [v.size for v in values])
-    tables[key] = (rows_of, tf.constant(shapes), static)
+    ends = tf.constant(np.cumsum([v.size for v in values]))
+    flat = tf.constant(np.concatenate([v.ravel() for v in values]))
+    tables[key] = (flat, ends, tf.constant(shapes), static)
   logging.info('Cached %d examples of %s: %.1f MB', len(rows), what, size / 1e6)
-  return lambda i: {
-    key: tf.ensure_shape(tf.reshape(flat[i], shapes[i]), static)
-    for key, (flat, shapes, static) in tables.items()
-  }
+
+  def lookup(i):
+    out = {}
+    for key, (values, *ragged) in tables.items():
+      if ragged:
+        end, shape = tf.gather(ragged[0], i), tf.gather(ragged[1], i)
+        out[key] = tf.reshape(values[end - tf.reduce_prod(shape) : end], shape)
+        out[key].set_shape(ragged[2])
+      else:
+        out[key] = tf.gather(values, i)
+    return out
+
+  return lookup
 
 
 def get_dataset(
