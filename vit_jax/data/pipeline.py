@@ -152,10 +152,8 @@ class _Source:
       record = features.deserialize_example(record, decoders=self._decoders.decoders)
     out = {'image': record['image'], 'label': tf.cast(record[self._label_key], tf.int32)}
     if 'real_label' in record:  # ImageNet ReaL: multi-hot; all-zero rows are excluded by ReaL.
-      real = tf.one_hot(record['real_label'], self.num_classes, dtype=tf.float32)
-      out['real_labels'] = tf.ensure_shape(
-        tf.minimum(tf.reduce_sum(real, 0), 1.0), [self.num_classes]
-      )
+      real = tf.reduce_sum(tf.one_hot(record['real_label'], self.num_classes), 0)  # float32
+      out['real_labels'] = tf.ensure_shape(tf.minimum(real, 1.0), [self.num_classes])
     return out
 
 
@@ -321,11 +319,4 @@ def get_dataset(
       options.threading.private_threadpool_size = num_threads
     return ds.prefetch(prefetch).with_options(options)
 
-  return Dataset(
-    num_classes=source.num_classes,
-    label_names=source.label_names,
-    num_examples=source.num_examples,
-    local_batch_size=b,
-    num_batches=num_batches,
-    make_tf_dataset=make,
-  )
+  return Dataset(source.num_classes, source.label_names, source.num_examples, b, num_batches, make)
