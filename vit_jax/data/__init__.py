@@ -16,34 +16,12 @@ for _kind in ('GPU', 'TPU'):
   except (RuntimeError, ValueError):  # Already initialised, or no such device type.
     pass
 
-from vit_jax.data.builders import (  # noqa: E402
-  Digits,
-  ImageFolder,
-  Imagenet21k,
+from vit_jax.data.builders import (  # noqa: E402, F401
   get_dataset_info,
   prepare_digits,
   prepare_folder,
   prepare_imagenet21k,
 )
-from vit_jax.data.device import device_preprocess, mixup, prefetch  # noqa: E402
-from vit_jax.data.pipeline import (  # noqa: E402
-  Dataset,
-  get_dataset,
-)
-from vit_jax.data.preprocess import get_preprocess_fn  # noqa: E402
-
-__all__ = [
-  'Dataset',
-  'Digits',
-  'ImageFolder',
-  'Imagenet21k',
-  'device_preprocess',
-  'get_dataset',
-  'get_dataset_info',
-  'get_preprocess_fn',
-  'mixup',
-  'prefetch',
-  'prepare_digits',
-  'prepare_folder',
-  'prepare_imagenet21k',
-]
+from vit_jax.data.device import device_preprocess, mixup, prefetch  # noqa: E402, F401
+from vit_jax.data.pipeline import Dataset, get_dataset  # noqa: E402, F401
+from vit_jax.data.preprocess import get_preprocess_fn  # noqa: E402, F401

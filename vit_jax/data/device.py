@@ -5,8 +5,8 @@ trailing `value_range` ops, `preprocess.split`) in the step, and `mixup` mixes t
 moves the next global batches to the devices while the current step runs.
 """
 
-import queue
-import threading
+import collections
+import concurrent.futures
 from collections.abc import Callable, Iterator
 
 import jax
@@ -27,13 +27,10 @@ def device_preprocess(pp: str) -> Callable[[jax.Array], jax.Array]:
   Raises:
     ValueError: `pp` cannot be parsed, or bad arguments.
   """
-  ops = []
-  for spec in filter(None, preprocess.split(pp or '')[1].split('|')):
-    _, args, kwargs = preprocess.parse_op(spec)
-    try:
-      ops.append(preprocess.value_range_fn(*args, **kwargs, clip_fn=jnp.clip))
-    except TypeError as e:
-      raise ValueError(f'Bad arguments for preprocessing op {spec!r}: {e}') from e
+  device_pp = preprocess.split(pp or '')[1]
+  preprocess.get_preprocess_fn(device_pp)  # Raises on bad arguments.
+  specs = map(preprocess.parse_op, filter(None, device_pp.split('|')))
+  ops = [preprocess.value_range_fn(*args, **kw, clip_fn=jnp.clip) for _, args, kw in specs]
 
   def fn(image):
     if image.dtype != jnp.uint8:
@@ -59,6 +56,7 @@ def mixup_params(rng: jax.Array, p: float, cutmix_p: float, height: int, width: 
   }
 
 
+@jax.jit  # Eager calls then compute exactly what a jitted step does.
 def mix(images: jax.Array, labels: jax.Array, *, ratio, cy, cx, cut) -> tuple:
   """Mixes each example with its neighbour in the batch (roll by one), as big_vision does.
 
@@ -67,23 +65,16 @@ def mix(images: jax.Array, labels: jax.Array, *, ratio, cy, cx, cut) -> tuple:
   with the share of the own image that is kept. Returns (images, labels), float32.
   """
   images = images.astype(jnp.float32)
-  other = jnp.roll(images, 1, axis=0)
   h, w = images.shape[1], images.shape[2]
-
-  def blend():
-    return ratio * images + (1 - ratio) * other, ratio
-
-  def paste():
-    frac = jnp.sqrt(1.0 - ratio)
-    bh, bw = (frac * h).astype(jnp.int32), (frac * w).astype(jnp.int32)
-    y0, y1 = jnp.maximum(cy - bh // 2, 0), jnp.minimum(cy + bh - bh // 2, h)
-    x0, x1 = jnp.maximum(cx - bw // 2, 0), jnp.minimum(cx + bw - bw // 2, w)
-    ys, xs = jnp.arange(h)[:, None], jnp.arange(w)[None, :]
-    box = ((ys >= y0) & (ys < y1) & (xs >= x0) & (xs < x1)).astype(jnp.float32)[None, :, :, None]
-    kept = 1.0 - ((y1 - y0) * (x1 - x0)).astype(jnp.float32) / (h * w)
-    return images * (1 - box) + other * box, kept
-
-  images, share = jax.lax.cond(cut, paste, blend)
+  frac = jnp.sqrt(1.0 - ratio)
+  bh, bw = (frac * h).astype(jnp.int32), (frac * w).astype(jnp.int32)
+  y0, y1 = jnp.maximum(cy - bh // 2, 0), jnp.minimum(cy + bh - bh // 2, h)
+  x0, x1 = jnp.maximum(cx - bw // 2, 0), jnp.minimum(cx + bw - bw // 2, w)
+  ys, xs = jnp.arange(h)[:, None], jnp.arange(w)[None, :]
+  box = ((ys >= y0) & (ys < y1) & (xs >= x0) & (xs < x1)).astype(jnp.float32)[None, :, :, None]
+  own = jnp.where(cut, 1.0 - box, ratio)  # Each pixel's weight of its own image.
+  share = jnp.where(cut, 1.0 - ((y1 - y0) * (x1 - x0)).astype(jnp.float32) / (h * w), ratio)
+  images = own * images + (1 - own) * jnp.roll(images, 1, axis=0)
   labels = labels.astype(jnp.float32)
   return images, share * labels + (1 - share) * jnp.roll(labels, 1, axis=0)
 
@@ -101,45 +92,25 @@ def mixup(rng: jax.Array, images, labels, *, p: float, cutmix_p: float = 0.0) ->
 
 
 def prefetch(iterator: Iterator, put: Callable, size: int = 2) -> Iterator:
-  """Yields `put(x)` for x in `iterator`, computed up to `size` ahead in a background thread.
+  """Yields `put(x)` for x in `iterator`, computed up to `size` (>= 1) ahead in a background thread.
 
   With `put` placing a host batch on the devices (`Trainer.global_batch`), the next batches are
   read from tf.data and copied while the current step runs. Order is kept; an exception in the
   thread is raised here, at the batch it stopped. The thread ends with this generator (exhausted,
-  closed, or garbage collected), which waits for it.
+  closed, or garbage collected), which waits for it: a thread left inside TensorFlow at exit
+  aborts the interpreter.
   """
-  done = object()
-  out: queue.Queue = queue.Queue(maxsize=size)
-  stop = threading.Event()
+  done, iterator = object(), iter(iterator)
 
-  def offer(item) -> bool:
-    while not stop.is_set():
-      try:
-        out.put(item, timeout=0.1)
-        return True
-      except queue.Full:
-        pass
-    return False
+  def step():
+    x = next(iterator, done)
+    return x if x is done else put(x)
 
-  def work():
-    try:
-      for x in iterator:
-        if not offer(put(x)):
-          return
-      offer(done)
-    except BaseException as e:  # noqa: BLE001 (handed to the consumer)
-      offer(e)
-
-  thread = threading.Thread(target=work, daemon=True, name='vit_jax_prefetch')
-  thread.start()
+  pool = concurrent.futures.ThreadPoolExecutor(1, 'vit_jax_prefetch')
   try:
-    while True:
-      item = out.get()
-      if item is done:
-        return
-      if isinstance(item, BaseException):
-        raise item
+    ahead = collections.deque(pool.submit(step) for _ in range(size))
+    while (item := ahead.popleft().result()) is not done:
+      ahead.append(pool.submit(step))
       yield item
-  finally:  # Closed or collected: the thread stops within a poll (or after its current batch).
-    stop.set()
-    thread.join()  # Before the interpreter may exit: a thread inside TensorFlow then aborts it.
+  finally:
+    pool.shutdown(cancel_futures=True)

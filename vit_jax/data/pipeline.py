@@ -10,6 +10,7 @@ import math
 import os
 from collections.abc import Callable, Iterator
 
+import jax
 import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
@@ -23,17 +24,13 @@ AUTOTUNE = tf.data.AUTOTUNE
 @dataclasses.dataclass
 class Dataset:
   """Iterable of per-process numpy batches; `iter()` starts a fresh, identical iterator.
-
-  `num_examples`: of the whole split; `num_batches`: eval only, batches per pass on every process;
-  `steps_per_epoch`: train only, global batches per pass over the split (informational).
-  """
+  `num_examples`: of the whole split; `num_batches`: eval only, batches per pass on each process."""
 
   num_classes: int
   label_names: list[str]
   num_examples: int
   local_batch_size: int
   num_batches: int | None
-  steps_per_epoch: float | None
   make_tf_dataset: Callable[[], tf.data.Dataset] = dataclasses.field(repr=False)
 
   def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
@@ -69,17 +66,15 @@ class _Source:
     try:
       self.num_examples = self.builder.info.splits[split].num_examples
       self.subsplits = tfds.even_splits(split, n=process_count)
-      self.local_sizes = [self._num_examples(s) for s in self.subsplits]
+      self.local_sizes = [self.builder.info.splits[s].num_examples for s in self.subsplits]
     except (KeyError, ValueError) as e:
       raise ValueError(
         f'Bad split {split!r} for dataset {dataset!r} '
         f'(splits: {list(self.builder.info.splits)}): {e}'
       ) from e
-    keys = {'image': True, self._label_key: True}
-    if self.builder.name == 'imagenet2012_real':
-      keys['real_label'] = True
+    keys = ['image', self._label_key] + ['real_label'] * (self.builder.name == 'imagenet2012_real')
     self._decoders = tfds.decode.PartialDecoding(
-      keys, decoders={'image': tfds.decode.SkipDecoding()}
+      dict.fromkeys(keys, True), decoders={'image': tfds.decode.SkipDecoding()}
     )
     instructions = self.builder.info.splits[self.subsplits[process_index]].file_instructions
     if (
@@ -88,29 +83,16 @@ class _Source:
       and tf.io.gfile.exists(instructions[0].filename)  # Not so under tfds.testing.mock_data.
     ):
       takes = [f.take for f in instructions]
-      self._files = (
-        tf.constant([f.filename for f in instructions]),
-        tf.constant([f.skip for f in instructions], tf.int64),
-        tf.constant(takes, tf.int64),
-        tf.constant(np.cumsum([0] + takes[:-1]), tf.int64),  # Index of each file's first record.
-      )
+      starts = np.cumsum([0] + takes[:-1])  # Index of each file's first record.
+      numbers = [tf.constant(x, tf.int64) for x in ([f.skip for f in instructions], takes, starts)]
+      self._files = (tf.constant([f.filename for f in instructions]), *numbers)
     # tf.io.parse_example on just the image bytes and the label where both are plain scalars
     # (Image, ClassLabel): ~40 us of CPU less per record than TFDS's general parser.
     info = self.builder.info.features.get_serialized_info()
-    if set(keys) == {'image', self._label_key} and all(
+    if len(keys) == 2 and all(
       k in info and info[k].shape == () and info[k].dtype in (tf.string, tf.int64) for k in keys
     ):
       self._specs = {k: tf.io.FixedLenFeature([], info[k].dtype) for k in keys}
-
-  def _num_examples(self, subsplit) -> int:
-    try:
-      return self.builder.info.splits[subsplit].num_examples
-    except ValueError:  # TFDS: 'Instruction [] corresponds to no data!'
-      return 0
-
-  @property
-  def local_size(self) -> int:
-    return self.local_sizes[self.process_index]
 
   def records(self, epoch=None, *, seed=0, shuffle_buffer=0, num_threads=None, indices=False):
     """This process's records (their indices in `records()` if `indices`), in a fixed order.
@@ -119,37 +101,30 @@ class _Source:
     if `shuffle_buffer`) interleaved, then records shuffled (a buffer of `shuffle_buffer`), seeds
     from (seed, process, epoch). The order depends on counts only: records and indices agree.
     """
-    if self._synthetic:  # Records are indices already; never shuffled.
-      return tf.data.Dataset.range(self.local_size)
-    shuffle = epoch is not None and shuffle_buffer > 0
+    shuffle = epoch is not None and shuffle_buffer > 0 and not self._synthetic
     rng = _seed(seed, self.process_index, epoch) if shuffle else None
-    if self._files is None and indices:
-      records = tf.data.Dataset.range(self.local_size)
+    if self._synthetic or (self._files is None and indices):  # Synthetic records are indices.
+      records = tf.data.Dataset.range(self.local_sizes[self.process_index])
     elif self._files is None:
       records = self.builder.as_dataset(
         split=self.subsplits[self.process_index], shuffle_files=False, decoders=self._decoders
       )
     else:
-      names = self._files[0]
-      order = tf.range(tf.size(names))
+      order = tf.range(tf.size(self._files[0]))
       if shuffle:
         order = tf.random.experimental.stateless_shuffle(order, rng)
       shards = tf.data.Dataset.from_tensor_slices(tuple(tf.gather(x, order) for x in self._files))
-      if indices:
-        read = lambda f, s, t, start: tf.data.Dataset.range(start, start + t)
-      else:
-        read = lambda f, s, t, start: (
-          tf.data.TFRecordDataset(f, buffer_size=1 << 20).skip(s).take(t)
-        )
+      read = lambda file, skip, take, start: (
+        tf.data.Dataset.range(start, start + take)
+        if indices
+        else tf.data.TFRecordDataset(file, buffer_size=1 << 20).skip(skip).take(take)
+      )
       # Parallel reads hide remote storage's latency (gs://); on local files the hand-off between
       # threads costs more per record (~5% of a decode, measured) than the read itself.
-      cycle = 1 if epoch is None else min(16, int(names.shape[0]))
-      parallel = {}
-      if '://' in self.builder.data_dir and not indices and cycle > 1:
-        parallel = dict(num_parallel_calls=min(cycle, num_threads or 16))
-      records = shards.interleave(
-        read, cycle_length=cycle, deterministic=True if parallel else None, **parallel
-      )
+      cycle = 1 if epoch is None else min(16, int(self._files[0].shape[0]))
+      remote = '://' in self.builder.data_dir and not indices and cycle > 1
+      parallel = min(cycle, num_threads or 16) if remote else None
+      records = shards.interleave(read, cycle, num_parallel_calls=parallel)
     if shuffle:
       shuffle_seed = tf.random.stateless_uniform([], rng, 0, 2**62, tf.int64)
       records = records.shuffle(shuffle_buffer, seed=shuffle_seed)
@@ -177,10 +152,8 @@ class _Source:
       record = features.deserialize_example(record, decoders=self._decoders.decoders)
     out = {'image': record['image'], 'label': tf.cast(record[self._label_key], tf.int32)}
     if 'real_label' in record:  # ImageNet ReaL: multi-hot; all-zero rows are excluded by ReaL.
-      real = tf.one_hot(record['real_label'], self.num_classes, dtype=tf.float32)
-      out['real_labels'] = tf.ensure_shape(
-        tf.minimum(tf.reduce_sum(real, 0), 1.0), [self.num_classes]
-      )
+      real = tf.reduce_sum(tf.one_hot(record['real_label'], self.num_classes), 0)  # float32
+      out['real_labels'] = tf.ensure_shape(tf.minimum(real, 1.0), [self.num_classes])
     return out
 
 
@@ -188,18 +161,18 @@ def _cache(examples: tf.data.Dataset, what: str) -> Callable[[tf.Tensor], dict]:
   """Holds `examples` (dicts) in host memory; returns `lookup(index) -> example`. A key whose
   values differ in shape is stored flat, with each value's end and shape."""
   rows = list(examples.prefetch(AUTOTUNE).as_numpy_iterator())
-  tables = {}
+  tables, size = {}, 0
   for key in rows[0]:
-    values = [r[key] for r in rows]
-    if all(v.shape == values[0].shape for v in values):
+    values = [np.array(r[key], object) if isinstance(r[key], bytes) else r[key] for r in rows]
+    size += sum(len(v.item()) if v.dtype == object else v.nbytes for v in values)
+    if all(v.shape == values[0].shape for v in values):  # One gather per lookup.
       tables[key] = (tf.constant(np.stack(values)),)
-    else:
-      shapes = np.array([v.shape for v in values], np.int64)
-      static = [d if (shapes[:, i] == d).all() else None for i, d in enumerate(shapes[0])]
-      ends = tf.constant(np.cumsum([v.size for v in values]))
-      flat = tf.constant(np.concatenate([v.ravel() for v in values]))
-      tables[key] = (flat, ends, tf.constant(shapes), static)
-  size = sum(t[0].numpy().nbytes for t in tables.values())
+      continue
+    shapes = np.array([v.shape for v in values], np.int64)
+    static = [d if (shapes[:, i] == d).all() else None for i, d in enumerate(shapes[0])]
+    ends = tf.constant(np.cumsum([v.size for v in values]))
+    flat = tf.constant(np.concatenate([v.ravel() for v in values]))
+    tables[key] = (flat, ends, tf.constant(shapes), static)
   logging.info('Cached %d examples of %s: %.1f MB', len(rows), what, size / 1e6)
 
   def lookup(i):
@@ -263,11 +236,8 @@ def get_dataset(
     ValueError: bad batch size, split or preprocessing string; a train split under one batch.
     FileNotFoundError: missing data_dir or unprepared dataset (says how to prepare it).
   """
-  if process_index is None or process_count is None:
-    import jax
-
-    process_index = jax.process_index() if process_index is None else process_index
-    process_count = jax.process_count() if process_count is None else process_count
+  process_index = jax.process_index() if process_index is None else process_index
+  process_count = jax.process_count() if process_count is None else process_count
   if global_batch_size <= 0 or global_batch_size % process_count:
     raise ValueError(
       f'global_batch_size={global_batch_size} must be a positive multiple of the process '
@@ -279,8 +249,6 @@ def get_dataset(
     raise ValueError('start_batch is for training streams; evaluation always starts at 0.')
   b = global_batch_size // process_count
   if not num_threads:
-    import jax
-
     # A model on the CPU needs cores too: tf.data gets half (measured: less data wait, docs).
     half = max(1, (os.cpu_count() or 2) // 2) if jax.default_backend() == 'cpu' else None
     num_threads = int(os.environ.get('VIT_JAX_DATA_THREADS', 0)) or half
@@ -293,14 +261,14 @@ def get_dataset(
       f'({min(source.local_sizes)} on the smallest of {process_count} processes), fewer than '
       f'one batch of {global_batch_size}; use a smaller global_batch_size or a larger split.'
     )
-  if source.local_size == 0:
+  n = source.local_sizes[process_index]
+  if n == 0:
     raise ValueError(
       f'Process {process_index} of {process_count} has no examples of split {split!r} of '
       f'{dataset!r} ({source.num_examples} in all); evaluate it with fewer processes.'
     )
   example_seed = _seed(seed, process_index)[0]  # Eager: a constant in the graph.
-  n = source.local_size
-  num_batches = None if train else max(math.ceil(max(source.local_sizes) / b), 1)
+  num_batches = None if train else math.ceil(max(source.local_sizes) / b)
   cached = preprocess_lib.num_deterministic(host_pp) if cache else 0
   cached_fn = preprocess_lib.get_preprocess_fn(host_pp, stop=cached)
   host_fn = preprocess_lib.get_preprocess_fn(host_pp, start=cached)
@@ -312,21 +280,17 @@ def get_dataset(
     data = host_fn(data)
     if data['image'].dtype != tf.uint8:  # The device part expects uint8: apply it here.
       data = device_fn(data)
-    return {k: data[k] for k in ('image', 'label', 'labels', 'real_labels') if k in data}
+    keys = ('image', 'label', 'labels', 'real_labels')
+    return {'mask': tf.constant(True), **{k: data[k] for k in keys if k in data}}
 
-  def pad(batch):  # To b rows: eval's last batch; padding is zeros with mask=False.
-    k = tf.shape(batch['label'])[0]
-    batch = {
-      key: tf.pad(v, [[0, b - k]] + [[0, 0]] * (v.shape.rank - 1)) for key, v in batch.items()
-    }
-    return {**batch, 'mask': tf.range(b) < k}
+  def pad(batch):  # To b rows (eval's last batch): zeros, so mask=False.
+    k = b - tf.shape(batch['label'])[0]
+    return {key: tf.pad(v, [[0, k]] + [[0, 0]] * (v.shape.rank - 1)) for key, v in batch.items()}
 
   def make() -> tf.data.Dataset:
     if cache and not lookup:
       examples = source.parse(source.records().enumerate())
-      examples = examples.map(
-        lambda _, r: cached_fn(source.example(r)), num_parallel_calls=AUTOTUNE
-      )
+      examples = examples.map(lambda _, r: cached_fn(source.example(r)), AUTOTUNE)
       lookup.append(_cache(examples, f'{dataset} {split} (process {process_index})'))
     kw = dict(seed=seed, num_threads=num_threads, indices=cache)
     # (Small sequential maps cost more per element than reading a record, so positions come
@@ -355,12 +319,4 @@ def get_dataset(
       options.threading.private_threadpool_size = num_threads
     return ds.prefetch(prefetch).with_options(options)
 
-  return Dataset(
-    num_classes=source.num_classes,
-    label_names=source.label_names,
-    num_examples=source.num_examples,
-    local_batch_size=b,
-    num_batches=num_batches,
-    steps_per_epoch=source.num_examples / global_batch_size if train else None,
-    make_tf_dataset=make,
-  )
+  return Dataset(source.num_classes, source.label_names, source.num_examples, b, num_batches, make)

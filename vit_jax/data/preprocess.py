@@ -13,9 +13,7 @@ import tensorflow as tf
 
 from vit_jax.data import randaug
 
-Op = Callable[[dict], dict]
 _OPS: dict[str, tuple[Callable, str]] = {}  # name -> (factory, kind)
-DEVICE_OPS = ('value_range',)  # Ops that may run on the device when they end the string.
 
 
 def register(name: str, kind: str = 'image'):
@@ -43,31 +41,29 @@ def parse_op(spec: str) -> tuple[str, tuple, dict]:
   return node.func.id, args, kwargs
 
 
-def _kinds(specs) -> list[str | None]:
-  return [_OPS.get(parse_op(s)[0], (None, None))[1] for s in specs]
+def _kind(spec: str) -> str | None:
+  name = parse_op(spec)[0]
+  return 'device' if name == 'value_range' else _OPS.get(name, (None, None))[1]
 
 
 def split(pp: str) -> tuple[str, str]:
   """(host part, device part) of `pp`: the device part is its trailing `value_range` ops; label
   ops after them stay on the host (they commute with image ops)."""
   specs = [s.strip() for s in pp.split('|') if s.strip()]
-  device = []
-  for i in reversed(range(len(specs))):
-    if parse_op(specs[i])[0] in DEVICE_OPS:
-      device.insert(0, i)
-    elif _kinds([specs[i]])[0] != 'label':
-      break
-  host = [s for i, s in enumerate(specs) if i not in device]
-  return '|'.join(host), '|'.join(specs[i] for i in device)
+  tail = len(specs)
+  while tail and _kind(specs[tail - 1]) in ('device', 'label'):
+    tail -= 1
+  host = specs[:tail] + [s for s in specs[tail:] if _kind(s) == 'label']
+  return '|'.join(host), '|'.join(s for s in specs[tail:] if _kind(s) == 'device')
 
 
 def num_deterministic(pp: str) -> int:
   """How many ops at the start of `pp` read no seed (their results may be cached)."""
-  kinds = _kinds(s for s in pp.split('|') if s.strip()) + ['random']
+  kinds = [_kind(s) for s in pp.split('|') if s.strip()] + ['random']
   return kinds.index('random') if None not in kinds else 0
 
 
-def get_preprocess_fn(pp: str, start: int = 0, stop: int | None = None) -> Op:
+def get_preprocess_fn(pp: str, start: int = 0, stop: int | None = None) -> Callable:
   """Returns `fn(data) -> data` applying the ops of `pp` (separated by `|`) in order; with
   `start`, `stop` only ops[start:stop], each random op with its seed from the whole string.
 
@@ -128,37 +124,21 @@ def decode(channels: int = 3):
   return fn
 
 
-def _inception_box(shape, seed, area_min, area_max, aspect):
-  """(y, x, h, w) of a stateless Inception crop of an image of `shape` [h, w, c]."""
-  begin, size, _ = tf.image.stateless_sample_distorted_bounding_box(
-    shape,
-    bounding_boxes=tf.zeros([0, 0, 4], tf.float32),
-    seed=seed,
-    min_object_covered=0.0,
-    aspect_ratio_range=aspect,
-    area_range=(area_min / 100, area_max / 100),
-    use_image_if_no_bounding_boxes=True,
-  )
-  return tf.stack([begin[0], begin[1], size[0], size[1]])
-
-
 def _decode_window(image, window_fn):
-  """The window `window_fn(shape) -> (y, x, h, w)` of an image. Of a JPEG only the window is
-  decoded (`decode_and_crop_jpeg`); other formats are decoded whole (`decode`), then cropped."""
-
-  def crop(image):
-    y, x, h, w = tf.unstack(window_fn(tf.shape(image)))
-    out = tf.slice(image, tf.stack([y, x, 0]), tf.stack([h, w, -1]))
-    out.set_shape([None, None, image.shape[-1]])
-    return out
-
+  """The window `window_fn(shape) -> (begin, size)` of an image (tf.slice's: [y, x, 0], [h, w, -1]).
+  Of a JPEG only the window is decoded (`decode_and_crop_jpeg`); other formats are decoded whole
+  (`decode`), then cropped."""
+  crop = lambda x: tf.ensure_shape(tf.slice(x, *window_fn(tf.shape(x))), [None, None, x.shape[-1]])
   if image.dtype != tf.string:
     return crop(image)
-  shape = tf.image.extract_jpeg_shape
-  jpeg = lambda: tf.image.decode_and_crop_jpeg(image, window_fn(shape(image)), channels=3)
-  out = tf.cond(tf.io.is_jpeg(image), jpeg, lambda: crop(decode()(image)))
-  out.set_shape([None, None, 3])
-  return out
+
+  def jpeg():
+    begin, size = window_fn(tf.image.extract_jpeg_shape(image))
+    return tf.image.decode_and_crop_jpeg(image, tf.concat([begin[:2], size[:2]], 0), channels=3)
+
+  return tf.ensure_shape(
+    tf.cond(tf.io.is_jpeg(image), jpeg, lambda: crop(decode()(image))), [None, None, 3]
+  )
 
 
 @register('inception_crop', 'random')
@@ -170,7 +150,16 @@ def decode_jpeg_and_inception_crop(
   an encoded JPEG only the crop is decoded; `inception_crop` is the same op on a decoded image."""
 
   def fn(image, seed):
-    image = _decode_window(image, lambda s: _inception_box(s, seed, area_min, area_max, aspect))
+    window = lambda shape: tf.image.stateless_sample_distorted_bounding_box(
+      shape,
+      bounding_boxes=tf.zeros([0, 0, 4], tf.float32),
+      seed=seed,
+      min_object_covered=0.0,
+      aspect_ratio_range=aspect,
+      area_range=(area_min / 100, area_max / 100),
+      use_image_if_no_bounding_boxes=True,
+    )[:2]
+    image = _decode_window(image, window)
     return _resize(image, _size(size), method, antialias) if size else image
 
   return fn
@@ -182,9 +171,9 @@ def decode_jpeg_and_central_crop(size: int, crop_fraction: float = 224 / 256, me
   `crop_fraction` of the shorter side, decoded alone, resized to `size`."""
 
   def window(shape):
-    h, w = shape[0], shape[1]
-    crop = tf.cast(crop_fraction * tf.cast(tf.minimum(h, w), tf.float32), tf.int32)
-    return tf.stack([(h - crop + 1) // 2, (w - crop + 1) // 2, crop, crop])
+    crop = tf.cast(crop_fraction * tf.cast(tf.minimum(shape[0], shape[1]), tf.float32), tf.int32)
+    begin = tf.stack([(shape[0] - crop + 1) // 2, (shape[1] - crop + 1) // 2, 0])
+    return begin, tf.stack([crop, crop, -1])
 
   return lambda image: _resize(_decode_window(image, window), _size(size), method, False)
 
@@ -211,12 +200,9 @@ def resize_small(size: int, method: str = 'area', antialias: bool = False):
 def central_crop(size):
   """Crops the central `size` window (int or (h, w))."""
   ch, cw = _size(size)
-
-  def fn(image):
-    dy, dx = (tf.shape(image)[0] - ch) // 2, (tf.shape(image)[1] - cw) // 2
-    return tf.image.crop_to_bounding_box(image, dy, dx, ch, cw)
-
-  return fn
+  return lambda image: tf.image.crop_to_bounding_box(
+    image, (tf.shape(image)[0] - ch) // 2, (tf.shape(image)[1] - cw) // 2, ch, cw
+  )
 
 
 @register('random_crop', 'random')
@@ -238,7 +224,7 @@ def randaugment(num_layers: int = 2, magnitude: int = 10):
   return lambda image, seed: randaug.randaugment(image, num_layers, magnitude, seed)
 
 
-def value_range_fn(vmin=-1, vmax=1, in_min=0, in_max=255, clip=False, clip_fn=tf.clip_by_value):
+def value_range_fn(vmin=-1, vmax=1, in_min=0, in_max=255, clip=False, *, clip_fn=tf.clip_by_value):
   """`fn(x)` mapping float32 x linearly from [in_min, in_max] to [vmin, vmax], on tf or jnp arrays.
 
   ((x - in_min) * (vmax - vmin) + vmin * (in_max - in_min)) / (in_max - in_min): with integer
@@ -265,10 +251,5 @@ def value_range(*args, **kwargs):
 def onehot(depth: int, smoothing: float = 0.0, key: str = 'label', key_result: str = 'labels'):
   """Adds float32 soft targets: one-hot of `label` with label smoothing (sums to 1)."""
   on, off = 1.0 - smoothing + smoothing / depth, smoothing / depth
-
-  def fn(data):
-    label = tf.cast(data[key], tf.int32)
-    data[key_result] = tf.one_hot(label, depth, on_value=on, off_value=off, dtype=tf.float32)
-    return data
-
-  return fn
+  one_hot = lambda label: tf.one_hot(tf.cast(label, tf.int32), depth, on, off, dtype=tf.float32)
+  return lambda data: {**data, key_result: one_hot(data[key])}
