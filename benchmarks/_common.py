@@ -50,6 +50,18 @@ def interleaved(fns: dict[str, Callable[[], float]], rounds: int) -> dict[str, l
   return times
 
 
+def with_cpu_time(fn: Callable[[], float], cpu: list[float]) -> Callable[[], float]:
+  """`fn` that also appends the process CPU time (all threads) of each call to `cpu`."""
+
+  def call() -> float:
+    start = time.process_time()
+    seconds = fn()
+    cpu.append(time.process_time() - start)
+    return seconds
+
+  return call
+
+
 def median(xs: list[float]) -> float:
   return statistics.median(xs)
 

@@ -344,6 +344,11 @@ def test_cpu_layouts_equal_the_convolution_and_dot_product_attention_path(monkey
   fast = logits_and_grads()
   monkeypatch.setattr(vit, '_cpu_layouts', lambda: False)
   reference = logits_and_grads()
+  # Same parameters, drawn the same: checkpoints and initializations do not depend on the path.
+  reinit = model.init(jax.random.key(0), x[:1], train=False)['params']
+  assert jax.tree.structure(reinit) == jax.tree.structure(params)
+  for a, b in zip(jax.tree.leaves(reinit), jax.tree.leaves(params)):
+    np.testing.assert_array_equal(a, b)
   assert float(jnp.abs(reference[0]).max()) > 0.1  # A head that is not zero: a real comparison.
   # Float32 rounding: ~1e-7 relative per operation. The key bias's gradient is zero in exact
   # arithmetic (it shifts each query's logits by a constant): both sides are rounding there.
@@ -375,3 +380,47 @@ def test_heads_first_attention_equals_dot_product_attention():
     jax.grad(loss(ours), (0, 1, 2))(q, k, v), jax.grad(loss(reference), (0, 1, 2))(q, k, v)
   ):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
+def test_mlp_gelu_custom_gradient_equals_autodiff(dtype):
+  """`mlp_gelu`'s hand-written backward pass equals automatic differentiation of the same
+  dense -> GELU (tanh) -> dense, for the input, both kernels and both biases.
+  """  # fmt: skip
+  from vit_jax.models.cpu_ops import mlp_gelu
+
+  rng = np.random.default_rng(0)
+  shapes = [(2, 7, 16), (16, 24), (24,), (24, 16), (16,)]
+  args = [jnp.asarray(rng.normal(size=s), jnp.float32) for s in shapes]
+
+  def reference(x, k0, b0, k1, b1):
+    return jnp.dot(jax.nn.gelu(jnp.dot(x, k0) + b0, approximate=True), k1) + b1
+
+  loss = lambda f: lambda *a: jnp.sum(jnp.sin(f(*a).astype(jnp.float32)))
+  want = reference(*args), jax.grad(loss(reference), tuple(range(5)))(*args)
+  low = [a.astype(dtype) for a in args]
+  got = mlp_gelu(*low), jax.grad(loss(mlp_gelu), tuple(range(5)))(*low)
+  auto = reference(*low), jax.grad(loss(reference), tuple(range(5)))(*low)
+  assert got[0].dtype == dtype and all(g.dtype == dtype for g in got[1])
+  error = lambda a, b: np.linalg.norm(np.asarray(a, np.float32) - b) / np.linalg.norm(b)
+  for a, b, c in zip(jax.tree.leaves(got), jax.tree.leaves(want), jax.tree.leaves(auto)):
+    # float32: float noise; bfloat16: no worse than autodiff's own rounding in bfloat16.
+    assert error(a, b) < (1e-5 if dtype == jnp.float32 else 1.5 * error(c, b) + 1e-3)
+
+
+def test_cpu_layouts_fall_back_with_dropout_and_keep_the_parameters(monkeypatch):
+  """With dropout in training, the MLP runs nn.Dense (masks between the layers) on the same
+  parameters: the loss differs from the deterministic one only by the dropout.
+  """  # fmt: skip
+  from vit_jax.models import vit
+
+  block = vit.MlpBlock(mlp_dim=24, dropout_rate=0.5)
+  x = jax.random.normal(jax.random.key(1), (2, 5, 16))
+  params = nn.unbox(block.init(jax.random.key(0), x, deterministic=True))
+  assert set(params['params']) == {'Dense_0', 'Dense_1'}
+  assert params['params']['Dense_0']['kernel'].shape == (16, 24)
+  fast = block.apply(params, x, deterministic=True)
+  monkeypatch.setattr(vit, '_cpu_layouts', lambda: False)
+  np.testing.assert_allclose(fast, block.apply(params, x, deterministic=True), rtol=1e-5, atol=1e-6)
+  dropped = block.apply(params, x, deterministic=False, rngs={'dropout': jax.random.key(2)})
+  assert not np.allclose(dropped, fast)

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 
 from vit_jax.models import resnet
+from vit_jax.models.cpu_ops import heads_first_attention, mlp_gelu
 
 Dtype = Any
 Initializer = Callable[..., jax.Array]
@@ -60,8 +61,28 @@ class AddPositionEmbs(nn.Module):
     return inputs + posemb.astype(inputs.dtype)
 
 
+class _DenseWeights(nn.Module):
+  """nn.Dense's parameters (same names, shapes and initialization) in the compute dtype."""
+
+  features: int
+  kernel_init: Initializer
+  bias_init: Initializer
+  dtype: Dtype
+  param_dtype: Dtype
+
+  @nn.compact
+  def __call__(self, in_features: int) -> tuple[jax.Array, jax.Array]:
+    kernel = self.param('kernel', self.kernel_init, (in_features, self.features), self.param_dtype)
+    bias = self.param('bias', self.bias_init, (self.features,), self.param_dtype)
+    return kernel.astype(self.dtype), bias.astype(self.dtype)
+
+
 class MlpBlock(nn.Module):
-  """Dense -> GELU (tanh approximation, as the published models) -> Dense, with dropout."""
+  """Dense -> GELU (tanh approximation, as the published models) -> Dense, with dropout.
+
+  On CPU without dropout, one function with a hand-written backward pass (`cpu_ops.mlp_gelu`,
+  faster on XLA:CPU) over nn.Dense's parameters; otherwise nn.Dense layers.
+  """
 
   mlp_dim: int
   out_dim: int | None = None
@@ -74,6 +95,19 @@ class MlpBlock(nn.Module):
   @nn.compact
   def __call__(self, inputs: jax.Array, *, deterministic: bool) -> jax.Array:
     out_dim = inputs.shape[-1] if self.out_dim is None else self.out_dim
+    if _cpu_layouts() and (deterministic or self.dropout_rate == 0.0):
+      # nn.Dense's parameters, one custom-gradient function (cpu_ops.mlp_gelu).
+      weights = lambda features, names, name: _DenseWeights(
+        features,
+        _logical(self.kernel_init, names),
+        _logical(self.bias_init, names[-1:]),
+        self.dtype,
+        self.param_dtype,
+        name=name,
+      )
+      kernel_0, bias_0 = weights(self.mlp_dim, ('embed', 'mlp'), 'Dense_0')(inputs.shape[-1])
+      kernel_1, bias_1 = weights(out_dim, ('mlp', 'embed'), 'Dense_1')(self.mlp_dim)
+      return mlp_gelu(inputs.astype(self.dtype), kernel_0, bias_0, kernel_1, bias_1)
     dense = lambda features, names, name: nn.Dense(
       features,
       dtype=self.dtype,
@@ -137,22 +171,6 @@ class _HeadsDense(nn.Module):
     if self.heads_first and self.direction == 'in':
       bias = bias[:, None]
     return jnp.einsum(equation, x, kernel) + bias
-
-
-def heads_first_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
-  """softmax(q k^T / sqrt(head_dim)) v over [batch, heads, seq, head_dim], softmax in float32.
-
-  The heads are folded into the one batch dimension of both matmuls, whose contractions run
-  over contiguous axes: on XLA:CPU this trains and infers faster than
-  `jax.nn.dot_product_attention`'s grouped [batch, seq, heads, group, head_dim] layout, whose
-  transposes and copies cost more than the attention matmuls themselves (benchmarks/README.md).
-  """
-  b, n, t, h = q.shape
-  s = k.shape[2]
-  q = (q / jnp.sqrt(h).astype(q.dtype)).reshape(b * n, t, h)
-  logits = jnp.einsum('bqd,bkd->bqk', q, k.reshape(b * n, s, h))
-  weights = jax.nn.softmax(logits.astype(jnp.float32)).astype(q.dtype)
-  return jnp.einsum('bqk,bkd->bqd', weights, v.reshape(b * n, s, h)).reshape(b, n, t, h)
 
 
 def fused_attention(q, k, v, implementation: str | None = None, pad_to: int | None = None):
