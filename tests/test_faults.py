@@ -562,8 +562,9 @@ def test_sigterm_to_both_supervisors_checkpoints_exits_0_and_the_pair_resumes(tm
   last = metrics.read_jsonl(f'{workdir}/metrics.jsonl')[-1]['step']
   assert _latest_checkpoint(workdir) == last  # The step they agreed to stop at.
   second = _pair(procs, workdir, last + 3, '--config.log_every=1')
+  codes = [p.finish() for p in second]
+  assert codes == [0, 0], [_essentials(p) for p in second]  # Both outputs, to tell who failed.
   for p in second:
-    assert p.finish() == 0, _essentials(p)
     assert f'resuming from step {last}' in p.output()
   assert [r['step'] for r in _strict_records(workdir)] == list(range(1, last + 4))
 
