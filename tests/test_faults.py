@@ -278,7 +278,9 @@ def _stopped_in_one_line(p, workdir, cause):
   Returns the last good checkpoint's step (checked to restore).
   """
   assert p.finish() == 1, p.output()
-  (error,) = p.errors()
+  errors = p.errors()
+  assert len(errors) == 1, p.output()[-6000:]  # Seen once in make faults: exit 1, no line.
+  (error,) = errors
   assert cause in error, error
   assert f'File "{REPO}/vit_jax' not in p.output()  # No traceback of ours (orbax logs its own).
   if 'saving checkpoint step' in error:
