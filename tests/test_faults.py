@@ -497,19 +497,24 @@ def _assert_one_clean_line(p, start):
   return error
 
 
+def _kill_one_of_a_pair(first, workdir, victim, start):
+  """Kills process `victim`'s whole tree mid-run; the survivor exits 1 within 30 s in one line."""
+  survivor = first[1 - victim]
+  survivor.wait_for(lambda: _steps_seen(workdir) >= 10)
+  _kill_host(first[victim])
+  began = time.time()
+  rc = survivor.finish(timeout=120)
+  elapsed = time.time() - began
+  assert elapsed < 30, (elapsed, survivor.output()[-3000:])
+  assert rc == 1, _essentials(survivor)
+  return _assert_one_clean_line(survivor, start)
+
+
 def test_lost_peer_stops_the_survivor_in_one_line_and_the_pair_resumes(tmp_path, procs):
   workdir = str(tmp_path / 'w')
   pair = lambda steps: _pair(procs, workdir, steps)  # noqa: E731
 
-  first = pair(5000)
-  first[0].wait_for(lambda: _steps_seen(workdir) >= 10)
-  _kill_host(first[1])
-  start = time.time()
-  rc = first[0].finish(timeout=120)
-  elapsed = time.time() - start
-  assert elapsed < 30, (elapsed, first[0].output()[-3000:])
-  assert rc == 1, _essentials(first[0])
-  _assert_one_clean_line(first[0], 'ERROR: lost a peer: ')
+  _kill_one_of_a_pair(pair(5000), workdir, victim=1, start='ERROR: lost a peer: ')
   step = _latest_checkpoint(workdir)
   second = pair(step + 4)
   for p in second:
@@ -527,15 +532,8 @@ def test_lost_coordinator_stops_the_survivor_in_one_line_and_the_pair_resumes(tm
   workdir = str(tmp_path / 'w')
   pair = lambda steps: _pair(procs, workdir, steps)  # noqa: E731
 
-  first = pair(5000)
-  first[1].wait_for(lambda: _steps_seen(workdir) >= 10)
-  _kill_host(first[0])
-  start = time.time()
-  rc = first[1].finish(timeout=120)
-  elapsed = time.time() - start
-  assert elapsed < 30, (elapsed, first[1].output()[-3000:])
-  assert rc == 1, _essentials(first[1])
-  error = _assert_one_clean_line(first[1], 'ERROR: lost the coordinator (process 0): ')
+  start = 'ERROR: lost the coordinator (process 0): '
+  error = _kill_one_of_a_pair(pair(5000), workdir, victim=0, start=start)
   if '(details: ' in error:  # The supervisor's line: JAX's abort came first.
     crash_log = error.split('(details: ')[1].rstrip(')\n')
     assert os.path.dirname(crash_log) == workdir, error
