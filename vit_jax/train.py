@@ -450,7 +450,10 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices
     while step < total_steps:
       t = time.perf_counter()
       batch = next(batches)
-      meter.add_data_wait(time.perf_counter() - t)
+      # Steps run asynchronously: a wait while the devices still run the last dispatched step
+      # costs nothing. Only one that ends with them done can have idled them (counted whole).
+      if state['step'].is_ready():
+        meter.add_data_wait(time.perf_counter() - t)
       state, step_metrics = trainer.train_step(state, batch, rng)
       step += 1
       pending.append((step, step_metrics))
