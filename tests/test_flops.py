@@ -76,8 +76,13 @@ def test_hybrid_with_resnet_stages_forward():
 )
 def test_published_counts(name, image_size, gmacs):
   model = models.get_model(name, num_classes=1000)
-  ours = metrics.model_flops(model, image_size, train=False) / 2 / 1e9
+  ours = metrics.model_flops(model, image_size, train=False, all_tokens=True) / 2 / 1e9
   assert ours == pytest.approx(gmacs, abs=0.05 + 0.005 * gmacs)  # The table's rounding.
+  # What the class-token model computes: the last block for the class token only.
+  needed = metrics.model_flops(model, image_size, train=False) / 2 / 1e9
+  n, d = (image_size // 16) ** 2 + 1, 768 if name == 'ViT-B_16' else 192
+  skipped = (n - 1) * (2 * d * d + 2 * n * d + 8 * d * d) / 1e9  # Q, out, attention, MLP.
+  assert ours - needed == pytest.approx(skipped, rel=1e-6)
 
 
 def test_train_is_three_forwards_less_the_image_gradient():

@@ -363,6 +363,54 @@ def test_cpu_layouts_equal_the_convolution_and_dot_product_attention_path(monkey
   assert len(errors) > 20 and max(errors.values()) < 1e-5, errors
 
 
+@pytest.mark.parametrize('cpu_layouts', [True, False])
+def test_class_token_head_computes_only_the_first_token_in_the_last_block(monkeypatch, cpu_layouts):
+  """Under a class-token head the last block computes only the first token's output: the same
+  logits and gradients (parameters and images) as the encoder run over all tokens, to float
+  noise; fewer matmul FLOPs. Asking for intermediates (attention maps) runs all tokens.
+  """  # fmt: skip
+  from vit_jax.models import vit
+
+  monkeypatch.setattr(vit, '_cpu_layouts', lambda: cpu_layouts)
+  model = _small()
+  x = jax.random.uniform(jax.random.key(1), (2, 32, 32, 3), minval=-1, maxval=1)
+  params = model.init(jax.random.key(0), x[:1], train=False)['params']
+
+  class AllTokens(vit.Encoder):  # The encoder as before: every block over every token.
+    def __call__(self, x, *, train, first_token_only=False):
+      return super().__call__(x, train=train)
+
+  def run(first_token_only):
+    if not first_token_only:
+      monkeypatch.setattr(vit, 'Encoder', AllTokens)
+    loss = lambda p, x: jnp.sum(jnp.sin(model.apply({'params': p}, x, train=True)))
+    logits = model.apply({'params': params}, x, train=False)
+    grads = jax.grad(loss, (0, 1))(params, x)
+    flops = jax.jit(lambda p, x: model.apply({'params': p}, x, train=False)).lower(params, x)
+    return logits, grads, flops.compile().cost_analysis()['flops']
+
+  logits, grads, flops = run(True)
+  ref_logits, ref_grads, ref_flops = run(False)
+  assert flops < 0.95 * ref_flops  # The last block's other 4 tokens are not computed.
+  np.testing.assert_allclose(logits, ref_logits, rtol=1e-5, atol=1e-6)
+  for (path, a), b in zip(
+    jax.tree_util.tree_leaves_with_path(grads), jax.tree_util.tree_leaves(ref_grads)
+  ):
+    scale = float(jnp.abs(b).max())
+    if "'key']['bias']" in jax.tree_util.keystr(path):  # Zero in exact arithmetic.
+      assert float(jnp.abs(a).max()) < 1e-5 and scale < 1e-5
+    else:
+      assert scale > 0, jax.tree_util.keystr(path)
+      np.testing.assert_allclose(
+        a, b, rtol=1e-4, atol=1e-5 * scale, err_msg=jax.tree_util.keystr(path)
+      )
+  # Intermediates asked for: all tokens run, the last layer's attention covers every query.
+  _, state = model.apply({'params': params}, x, train=False, mutable=['intermediates'])
+  last = state['intermediates']['Transformer']['encoderblock_2']
+  (weights,) = last['MultiHeadDotProductAttention_1']['attention_weights']
+  assert weights.shape == (2, 2, 5, 5)  # 4 patches and the class token.
+
+
 def test_heads_first_attention_equals_dot_product_attention():
   """softmax(q k^T / sqrt(d)) v over [batch, heads, seq, dim] is `dot_product_attention`'s
   [batch, seq, heads, dim] result, transposed, for values and gradients.

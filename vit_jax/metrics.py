@@ -58,20 +58,27 @@ def _resnet_stem_flops(size: int, num_layers, width_factor: float) -> tuple[floa
   return flops, side, channels
 
 
-def model_flops(model: Any, image_size: int, *, train: bool = True) -> float:
+def model_flops(
+  model: Any, image_size: int, *, train: bool = True, all_tokens: bool = False
+) -> float:
   """Analytic FLOPs per image of a ViT, hybrid R+ViT or MLP-Mixer (2 per multiply-add).
 
-  Counts every matmul and convolution of the model as written: patch embedding, the ResNet stem of
+  Counts every matmul and convolution the model needs: patch embedding, the ResNet stem of
   hybrids, Q/K/V/out projections, attention's two token-by-token products (QK^T and weights x V),
-  MLPs, pooling heads and the classifier. Normalization, activations and softmax are left out (a
-  few percent), as is rematerialized work, so MFU is comparable whatever the remat policy or
-  `scan_layers`. `train`: forward + backward, i.e. 3x the forward, less the gradient with respect
-  to the images that no one computes (the first layer's backward is its weight gradient only).
+  MLPs, pooling heads and the classifier. Under a class-token head the last block is needed for
+  the class token only (its queries, attention output and MLP; keys and values of all tokens),
+  which is what the unscanned model computes. Normalization, activations and softmax are left
+  out (a few percent), as is rematerialized work and the scanned model's full last block, so MFU
+  is comparable whatever the remat policy or `scan_layers`. `train`: forward + backward, i.e. 3x
+  the forward, less the gradient with respect to the images that no one computes (the first
+  layer's backward is its weight gradient only).
 
   Args:
     model: a `VisionTransformer` or `MlpMixer` (unbound; only its fields are read).
     image_size: square input side in pixels.
     train: count a training step's forward and backward instead of the forward alone.
+    all_tokens: count the last block over every token, as published per-model counts (DeiT's
+      GMACs, fvcore) do.
 
   Returns:
     FLOPs per image.
@@ -105,6 +112,8 @@ def model_flops(model: Any, image_size: int, *, train: bool = True) -> float:
     # Q, K, V and out projections; attention's QK^T and weights x V; the MLP.
     per_layer = 8.0 * n * d * d + 4.0 * n * n * d + 4.0 * n * d * mlp
     rest += t['num_layers'] * per_layer
+    if model.classifier == 'token' and not all_tokens:  # The last block's class token only.
+      rest -= per_layer - (4.0 * n * d * d + 4.0 * d * d + 4.0 * n * d + 4.0 * d * mlp)
     if model.classifier == 'map':  # One probe attends over the n tokens.
       rest += 4.0 * d * d + 4.0 * n * d * d + 4.0 * n * d + 4.0 * d * mlp
     pooled = n if model.classifier in ('unpooled', 'token_unpooled') else 1

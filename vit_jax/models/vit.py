@@ -248,21 +248,20 @@ class MultiHeadDotProductAttention(nn.Module):
 
     if heads_first:
       n = self.num_heads
-      if inputs_q is inputs_kv:  # Self-attention: one matmul over the three kernels side by side.
+
+      def fused(x, names):  # One matmul over the kernels side by side, split after.
         kernels, biases = zip(
-          *(
-            dense(name, 'in', (n, head_dim))(inputs_q, weights_only=True)
-            for name in ('query', 'key', 'value')
-          )
+          *(dense(name, 'in', (n, head_dim))(x, weights_only=True) for name in names)
         )
-        qkv = jnp.einsum(
-          'btd,dhk->bhtk', inputs_q.astype(self.dtype), jnp.concatenate(kernels, axis=1)
-        )
-        qkv = qkv + jnp.concatenate(biases, axis=0)[:, None]
-        q, k, v = qkv[:, :n], qkv[:, n : 2 * n], qkv[:, 2 * n :]
-      else:
+        out = jnp.einsum('btd,dhk->bhtk', x.astype(self.dtype), jnp.concatenate(kernels, axis=1))
+        out = out + jnp.concatenate(biases, axis=0)[:, None]
+        return [out[:, i * n : (i + 1) * n] for i in range(len(names))]
+
+      if inputs_q is inputs_kv:  # Self-attention: Q, K and V from one matmul.
+        q, k, v = fused(inputs_q, ('query', 'key', 'value'))
+      else:  # Cross-attention (the last block's first token, the MAP probe): K and V fused.
         q = dense('query', 'in', (n, head_dim))(inputs_q)
-        k, v = (dense(name, 'in', (n, head_dim))(inputs_kv) for name in ('key', 'value'))
+        k, v = fused(inputs_kv, ('key', 'value'))
       names = ('batch', 'heads', 'seq', 'kv')
       q, k, v = (_constrain(t, names) for t in (q, k, v))
       x = _constrain(heads_first_attention(q, k, v), names)
@@ -308,7 +307,12 @@ def _drop_path(x: jax.Array, rate: float, rng: jax.Array) -> jax.Array:
 
 
 class Encoder1DBlock(nn.Module):
-  """Pre-LayerNorm transformer block: x + MHA(LN(x)), then x + MLP(LN(x))."""
+  """Pre-LayerNorm transformer block: x + MHA(LN(x)), then x + MLP(LN(x)).
+
+  `first_token_only`: return only the first token's output ([batch, 1, embed]), computed from
+  all tokens' keys and values; the other tokens' queries, attention outputs and MLPs are skipped
+  (the last block under a class-token head, whose other outputs nothing reads).
+  """
 
   mlp_dim: int
   num_heads: int
@@ -319,6 +323,7 @@ class Encoder1DBlock(nn.Module):
   param_dtype: Dtype = jnp.float32
   attention_impl: str | None = None
   deterministic: bool = True  # A field, not a call argument, so nn.remat/nn.scan see only arrays.
+  first_token_only: bool = False
 
   @nn.compact
   def __call__(self, inputs: jax.Array, droppath_rate: jax.Array | None = None) -> jax.Array:
@@ -328,6 +333,9 @@ class Encoder1DBlock(nn.Module):
     rate = self.droppath_rate if droppath_rate is None else droppath_rate
     inputs = _constrain(inputs, ('batch', 'seq', 'embed'))
     x = _layer_norm('LayerNorm_0', self.dtype, self.param_dtype)(inputs)
+    queries = x
+    if self.first_token_only:
+      queries, inputs = x[:, :1], inputs[:, :1]
     x = MultiHeadDotProductAttention(
       num_heads=self.num_heads,
       dropout_rate=self.attention_dropout_rate,
@@ -335,7 +343,7 @@ class Encoder1DBlock(nn.Module):
       param_dtype=self.param_dtype,
       attention_impl=self.attention_impl,
       name='MultiHeadDotProductAttention_1',
-    )(x, x, deterministic=deterministic)
+    )(queries, x, deterministic=deterministic)
     x = nn.Dropout(rate=self.dropout_rate)(x, deterministic=deterministic)
     droppath = not deterministic and self.droppath_rate > 0
     if droppath:
@@ -387,7 +395,10 @@ class Encoder(nn.Module):
   attention_impl: str | None = None
 
   @nn.compact
-  def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
+  def __call__(self, x: jax.Array, *, train: bool, first_token_only: bool = False) -> jax.Array:
+    """[batch, seq, embed] -> the same, or [batch, 1, embed] with `first_token_only`: the last
+    block then computes only the first token's output (unscanned; scanned stacks compute all).
+    """  # fmt: skip
     assert x.ndim == 3, f'expected [batch, seq, embed], got {x.shape}'
     if self.add_position_embedding:
       x = AddPositionEmbs(param_dtype=self.param_dtype, name='posembed_input')(x)
@@ -424,7 +435,12 @@ class Encoder(nn.Module):
       )(x, jnp.asarray(rates, jnp.float32))
     else:
       for i, rate in enumerate(rates):
-        x = block_cls(droppath_rate=rate, name=f'encoderblock_{i}', **block_kwargs)(x)
+        x = block_cls(
+          droppath_rate=rate,
+          first_token_only=first_token_only and i == self.num_layers - 1,
+          name=f'encoderblock_{i}',
+          **block_kwargs,
+        )(x)
     return _layer_norm('encoder_norm', self.dtype, self.param_dtype)(x)
 
 
@@ -552,12 +568,20 @@ class VisionTransformer(nn.Module):
       x = jnp.concatenate([jnp.tile(cls.astype(x.dtype), [n, 1, 1]), x], axis=1)
 
     transformer = dict(self.transformer)
+    # Under a class-token head only the first token leaves the encoder: its last block skips
+    # the other tokens' outputs (1/depth of the encoder's work). All tokens when intermediates
+    # are asked for (attention maps, captured features).
     x = Encoder(
       name='Transformer',
       dtype=self.dtype,
       param_dtype=self.param_dtype,
       **transformer,
-    )(x, train=train)
+    )(
+      x,
+      train=train,
+      first_token_only=self.classifier == 'token'
+      and not self.is_mutable_collection('intermediates'),
+    )
 
     if self.classifier == 'token':
       x = x[:, 0]
