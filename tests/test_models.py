@@ -456,6 +456,39 @@ def test_mlp_gelu_custom_gradient_equals_autodiff(dtype):
     assert error(a, b) < (1e-5 if dtype == jnp.float32 else 1.5 * error(c, b) + 1e-3)
 
 
+@pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
+def test_layer_norm_custom_gradient_equals_flax(dtype):
+  """`cpu_ops.layer_norm` computes flax's nn.LayerNorm (epsilon 1e-6) and its hand-written
+  backward pass equals automatic differentiation of nn.LayerNorm, measured against float64:
+  input, scale and bias gradients, on inputs with a large mean (the E[x^2] - E[x]^2 variance).
+  """  # fmt: skip
+  from vit_jax.models.cpu_ops import layer_norm
+
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(3, 11, 64)) * 3 + 2
+  scale, bias, d_out = rng.normal(size=64), rng.normal(size=64), rng.normal(size=(3, 11, 64))
+
+  def flax_ln(x, scale, bias):
+    variables = {'params': {'scale': scale, 'bias': bias}}
+    return nn.LayerNorm(epsilon=1e-6, dtype=x.dtype, param_dtype=scale.dtype).apply(variables, x)
+
+  def value_and_grads(f, arrays):
+    out, vjp = jax.vjp(f, *arrays)
+    return out, vjp(jnp.asarray(d_out, out.dtype))
+
+  with jax.enable_x64(True):
+    exact = value_and_grads(flax_ln, [jnp.asarray(a, jnp.float64) for a in (x, scale, bias)])
+    exact = jax.tree.map(np.asarray, exact)
+  low = [jnp.asarray(x, dtype), jnp.asarray(scale, jnp.float32), jnp.asarray(bias, jnp.float32)]
+  ours = value_and_grads(lambda x, s, b: layer_norm(x, s, b, 1e-6), low)
+  auto = value_and_grads(flax_ln, low)
+  assert ours[0].dtype == dtype and ours[1][0].dtype == dtype
+  error = lambda a, b: np.linalg.norm(np.asarray(a, np.float64) - b) / np.linalg.norm(b)
+  for a, b, c in zip(jax.tree.leaves(ours), jax.tree.leaves(exact), jax.tree.leaves(auto)):
+    # float32: float noise; bfloat16: no worse than autodiff's own rounding in bfloat16.
+    assert error(a, b) < (1e-6 if dtype == jnp.float32 else 1.5 * error(c, b) + 1e-3)
+
+
 def test_cpu_layouts_fall_back_with_dropout_and_keep_the_parameters(monkeypatch):
   """With dropout in training, the MLP runs nn.Dense (masks between the layers) on the same
   parameters: the loss differs from the deterministic one only by the dropout.

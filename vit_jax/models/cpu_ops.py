@@ -1,13 +1,17 @@
-"""Attention and the MLP with hand-written backward passes, for the CPU layouts of `vit.py`.
+"""Attention, the MLP and LayerNorm with hand-written backward passes, for the CPU layouts of
+`vit.py`.
 
 XLA's automatic differentiation of these blocks on CPU transposes and copies the big
-activations between the matmuls (the weight gradients contract over batch x sequence); the
-backward passes below are the same math written as matmuls over contiguous axes, reusing what
-the forward pass computed (the attention weights and output, the MLP's pre-activation). Values
-and gradients equal the automatic ones to float rounding (tests/test_models.py).
+activations between the matmuls (the weight gradients contract over batch x sequence) and
+splits LayerNorm's gradient into many small fusions; the backward passes below are the same
+math written as matmuls over contiguous axes and two row reductions, reusing what the forward
+pass computed (the attention weights and output, the MLP's pre-activation, the normalized
+input). Values and gradients equal the automatic ones to float rounding (tests/test_models.py).
 """
 
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -99,3 +103,41 @@ def mlp_gelu(x, kernel_0, bias_0, kernel_1, bias_1) -> jax.Array:
 
 
 mlp_gelu.defvjp(_mlp_fwd, _mlp_bwd)
+
+
+def _layer_norm_fwd(x, scale, bias, epsilon):
+  # Flax's nn.LayerNorm arithmetic: float32 statistics, variance as E[x^2] - E[x]^2.
+  xf = x.astype(jnp.float32)
+  mean = jnp.mean(xf, axis=-1, keepdims=True)
+  var = jnp.maximum(0.0, jnp.mean(xf * xf, axis=-1, keepdims=True) - mean * mean)
+  rstd = jax.lax.rsqrt(var + epsilon)
+  normalized = (xf - mean) * rstd
+  out = normalized * scale.astype(jnp.float32) + bias.astype(jnp.float32)
+  return out.astype(x.dtype), (normalized, rstd, scale)
+
+
+def _layer_norm_bwd(epsilon, residuals, d_out):
+  del epsilon
+  normalized, rstd, scale = residuals
+  d_out32 = d_out.astype(jnp.float32)
+  rows = d_out32.reshape(-1, d_out.shape[-1])
+  d_bias = rows.sum(0)
+  d_scale = (rows * normalized.reshape(rows.shape)).sum(0)
+  g = d_out32 * scale.astype(jnp.float32)
+  mean_g = jnp.mean(g, axis=-1, keepdims=True)
+  mean_gn = jnp.mean(g * normalized, axis=-1, keepdims=True)
+  d_x = rstd * (g - mean_g - normalized * mean_gn)
+  # The output, hence its cotangent, has the input's dtype.
+  return d_x.astype(d_out.dtype), d_scale.astype(scale.dtype), d_bias.astype(scale.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def layer_norm(x, scale, bias, epsilon: float = 1e-6) -> jax.Array:
+  """LayerNorm over the last axis, as flax's nn.LayerNorm computes it (float32 statistics,
+  output in x's dtype), with the backward pass written out: the input gradient from the saved
+  normalized input and two row means, the scale and bias gradients as column sums.
+  """  # fmt: skip
+  return _layer_norm_fwd(x, scale, bias, epsilon)[0]
+
+
+layer_norm.defvjp(_layer_norm_fwd, _layer_norm_bwd)

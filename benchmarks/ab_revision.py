@@ -1,0 +1,121 @@
+r"""A/B of this tree's model against a git revision's, in one process: is a change faster?
+
+  python benchmarks/ab_revision.py --rev HEAD --model ViT-B_16 --mode train --rounds 6
+
+The revision's `vit_jax` package is extracted (`git archive`) into a temporary directory and
+imported beside ours (the original project's trick in `peers.py`: the package is set aside in
+`sys.modules` while the other one imports). Both models get `peers.py`'s wrapper (cross-entropy,
+`value_and_grad`, SGD, parameters donated) and the same inputs. Each round times the two in
+A B B A order (B A A B on odd rounds), so that a drift of the machine's speed within a round
+cancels, and the round's ratio is the revision's time over ours (> 1: this tree is faster).
+One JSON line with the median of the per-round ratios in process CPU time and in wall time, and
+the per-round ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+import _common as common  # Puts this tree's root on sys.path.
+import jax
+import peers
+
+from vit_jax import models  # noqa: E402
+
+
+def load_revision_vit(rev: str, workdir: str):
+  """The `vit_jax.models.vit` module of git revision `rev`, imported from `workdir`."""
+  archive = subprocess.run(
+    ['git', '-C', common.ROOT, 'archive', '--format=tar', rev, 'vit_jax'],
+    check=True,
+    capture_output=True,
+  ).stdout
+  subprocess.run(['tar', '-x', '-C', workdir], input=archive, check=True)
+  is_ours = lambda k: k == 'vit_jax' or k.startswith('vit_jax.')
+  ours = {k: v for k, v in sys.modules.items() if is_ours(k)}
+  for k in ours:
+    del sys.modules[k]
+  sys.path.insert(0, workdir)
+  try:
+    return importlib.import_module('vit_jax.models.vit')
+  finally:
+    sys.path.remove(workdir)
+    for k in [k for k in sys.modules if is_ours(k)]:
+      del sys.modules[k]
+    sys.modules.update(ours)
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser.add_argument('--rev', default='HEAD', help='the git revision to compare against')
+  parser.add_argument('--model', default='ViT-Ti_16')
+  parser.add_argument('--mode', default='train', choices=['train', 'forward'])
+  parser.add_argument('--batch', type=int, default=8)
+  parser.add_argument('--image_size', type=int, default=224)
+  parser.add_argument('--rounds', type=int, default=10)
+  args = parser.parse_args()
+
+  ours = models.get_model(args.model, num_classes=1000, dropout_rate=0.0)
+  with tempfile.TemporaryDirectory() as workdir:
+    vit_rev = load_revision_vit(args.rev, workdir)
+  fields = {f: getattr(ours, f) for f in ours.__dataclass_fields__ if f not in ('parent', 'name')}
+  theirs = vit_rev.VisionTransformer(**fields)
+  s = args.image_size
+  images = jax.random.uniform(jax.random.key(1), (args.batch, s, s, 3), minval=-1)
+  labels = jax.random.randint(jax.random.key(2), (args.batch,), 0, 1000)
+  calls = {}
+  for key, model in (('rev', theirs), ('tree', ours)):
+    params = jax.jit(lambda r, m=model: m.init(r, images[:1], train=False)['params'])(
+      jax.random.key(0)
+    )
+    train_step, forward = peers.make_steps(model, lambda m, v, x, t: m.apply(v, x, train=t))
+    if args.mode == 'train':
+      compiled, box = train_step.lower(params, images, labels).compile(), [params]
+
+      def call(c=compiled, box=box):
+        box[0], loss = c(box[0], images, labels)
+        return loss
+    else:
+      compiled = forward.lower(params, images).compile()
+      call = lambda c=compiled, p=params: c(p, images)
+    jax.block_until_ready(call())  # Warm-up.
+    calls[key] = call
+
+  cpu_ratios, wall_ratios = [], []
+  for r in range(args.rounds):
+    cpu, wall = {'rev': 0.0, 'tree': 0.0}, {'rev': 0.0, 'tree': 0.0}
+    for key in ('rev', 'tree', 'tree', 'rev') if r % 2 == 0 else ('tree', 'rev', 'rev', 'tree'):
+      start_cpu, start = time.process_time(), time.perf_counter()
+      jax.block_until_ready(calls[key]())
+      cpu[key] += time.process_time() - start_cpu
+      wall[key] += time.perf_counter() - start
+    cpu_ratios.append(cpu['rev'] / cpu['tree'])
+    wall_ratios.append(wall['rev'] / wall['tree'])
+  record = {
+    'model': args.model,
+    'mode': args.mode,
+    'batch': args.batch,
+    'image_size': s,
+    'rev': args.rev,
+    'tree_vs_rev_cpu': common.rounded(common.median(cpu_ratios), 4),
+    'tree_vs_rev_wall': common.rounded(common.median(wall_ratios), 4),
+    'rounds': args.rounds,
+    'per_round_cpu': [round(x, 3) for x in cpu_ratios],
+    'per_round_wall': [round(x, 3) for x in wall_ratios],
+    'device_kind': jax.devices()[0].device_kind,
+  }
+  common.emit(
+    record,
+    f'{args.model} {args.mode}: this tree vs {args.rev}: CPU time {record["tree_vs_rev_cpu"]:.3f}x,'
+    f' wall {record["tree_vs_rev_wall"]:.3f}x (median of {args.rounds} A B B A rounds)',
+  )
+
+
+if __name__ == '__main__':
+  main()
