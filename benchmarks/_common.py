@@ -7,6 +7,7 @@ measured round-robin in one process and summarized by their median.
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import resource
@@ -166,3 +167,22 @@ def throughput_parser(doc: str, steps_help: str):
   parser.add_argument('--steps', type=int, default=1, help=steps_help)
   parser.add_argument('--matmul_size', type=int, default=2048)
   return parser
+
+
+def import_beside_ours(path: str, module: str):
+  """Imports `module` from the tree at `path`, whose package is also named `vit_jax` (the original
+  project, another revision of ours). Ours is set aside in `sys.modules` while it imports and put
+  back after; the module returned keeps references to its own package's modules.
+  """  # fmt: skip
+  is_ours = lambda k: k == 'vit_jax' or k.startswith('vit_jax.')
+  ours = {k: v for k, v in sys.modules.items() if is_ours(k)}
+  for k in ours:
+    del sys.modules[k]
+  sys.path.insert(0, path)
+  try:
+    return importlib.import_module(module)
+  finally:
+    sys.path.remove(path)
+    for k in [k for k in sys.modules if is_ours(k)]:
+      del sys.modules[k]
+    sys.modules.update(ours)

@@ -15,9 +15,7 @@ the per-round ratios.
 from __future__ import annotations
 
 import argparse
-import importlib
 import subprocess
-import sys
 import tempfile
 import time
 
@@ -36,18 +34,7 @@ def load_revision_vit(rev: str, workdir: str):
     capture_output=True,
   ).stdout
   subprocess.run(['tar', '-x', '-C', workdir], input=archive, check=True)
-  is_ours = lambda k: k == 'vit_jax' or k.startswith('vit_jax.')
-  ours = {k: v for k, v in sys.modules.items() if is_ours(k)}
-  for k in ours:
-    del sys.modules[k]
-  sys.path.insert(0, workdir)
-  try:
-    return importlib.import_module('vit_jax.models.vit')
-  finally:
-    sys.path.remove(workdir)
-    for k in [k for k in sys.modules if is_ours(k)]:
-      del sys.modules[k]
-    sys.modules.update(ours)
+  return common.import_beside_ours(workdir, 'vit_jax.models.vit')
 
 
 def main():

@@ -51,21 +51,11 @@ def load_original(path: str | None):
   if not path or not os.path.isfile(os.path.join(path, 'vit_jax', 'models_vit.py')):
     print(f'vision_transformer: no checkout at {path!r}; skipped', file=sys.stderr)
     return None
-  is_ours = lambda k: k == 'vit_jax' or k.startswith('vit_jax.')
-  ours = {k: v for k, v in sys.modules.items() if is_ours(k)}
-  for k in ours:
-    del sys.modules[k]
-  sys.path.insert(0, path)
   try:
-    return importlib.import_module('vit_jax.models_vit')
+    return common.import_beside_ours(path, 'vit_jax.models_vit')
   except ImportError as e:
     print(f'vision_transformer: import failed ({e}); skipped', file=sys.stderr)
     return None
-  finally:
-    sys.path.remove(path)
-    for k in [k for k in sys.modules if is_ours(k)]:
-      del sys.modules[k]
-    sys.modules.update(ours)
 
 
 def build(name: str, bv, orig, dtype):
