@@ -57,21 +57,9 @@ def main():
   labels = jax.random.randint(jax.random.key(2), (args.batch,), 0, 1000)
   calls = {}
   for key, model in (('rev', theirs), ('tree', ours)):
-    params = jax.jit(lambda r, m=model: m.init(r, images[:1], train=False)['params'])(
-      jax.random.key(0)
-    )
-    train_step, forward = peers.make_steps(model, lambda m, v, x, t: m.apply(v, x, train=t))
-    if args.mode == 'train':
-      compiled, box = train_step.lower(params, images, labels).compile(), [params]
-
-      def call(c=compiled, box=box):
-        box[0], loss = c(box[0], images, labels)
-        return loss
-    else:
-      compiled = forward.lower(params, images).compile()
-      call = lambda c=compiled, p=params: c(p, images)
-    jax.block_until_ready(call())  # Warm-up.
-    calls[key] = call
+    apply = lambda m, v, x, t: m.apply(v, x, train=t)
+    calls[key], _ = peers.compiled_call(model, apply, args.mode, images, labels)
+    jax.block_until_ready(calls[key]())  # Warm-up.
 
   cpu_ratios, wall_ratios = [], []
   for r in range(args.rounds):

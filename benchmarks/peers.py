@@ -103,6 +103,24 @@ def make_steps(model, apply):
   return jax.jit(train_step, donate_argnums=0), jax.jit(forward)
 
 
+def compiled_call(model, apply, mode: str, images, labels):
+  """(call, compiled): one `mode` ('train' or 'forward') step of `model` on fixed inputs, compiled
+  ahead of time on freshly initialized parameters; training updates them between calls.
+  """  # fmt: skip
+  params = jax.jit(lambda r: model.init(r, images[:1], train=False)['params'])(jax.random.key(0))
+  train_step, forward = make_steps(model, apply)
+  if mode == 'train':
+    compiled, box = train_step.lower(params, images, labels).compile(), [params]
+
+    def call():
+      box[0], loss = compiled(box[0], images, labels)
+      return loss
+
+    return call, compiled
+  compiled = forward.lower(params, images).compile()
+  return (lambda: compiled(params, images)), compiled
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--big_vision', default=None, help='a big_vision checkout (its root)')
@@ -132,28 +150,13 @@ def main():
     for mode in args.modes.split(','):
       timers = {'ceiling': ceiling_fn}
       for impl, (model, apply) in impls.items():
-        params = jax.jit(lambda r, m=model: m.init(r, images[:1], train=False)['params'])(
-          jax.random.key(0)
-        )
-        train_step, forward = make_steps(model, apply)
-        if mode == 'train':
-          compiled = train_step.lower(params, images, labels).compile()
-          box = [params]
-
-          def timer(c=compiled, box=box):
-            def call():
-              box[0], loss = c(box[0], images, labels)
-              return loss
-
-            return common.timed(call, calls=args.calls)
-        else:
-          compiled = forward.lower(params, images).compile()
-          timer = lambda c=compiled, p=params: common.timed(c, p, images, calls=args.calls)
+        call, compiled = compiled_call(model, apply, mode, images, labels)
         if args.dump_hlo:
           os.makedirs(args.dump_hlo, exist_ok=True)
           path = os.path.join(args.dump_hlo, f'{name}-{mode}-{impl}.hlo.txt')
           with open(path, 'w') as f:
             f.write(compiled.as_text())
+        timer = lambda c=call: common.timed(c, calls=args.calls)
         timer()  # Warm-up.
         timers[impl] = timer
       cpu = {k: [] for k in timers}  # Process CPU time per call: less hit by other jobs.
