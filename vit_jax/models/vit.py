@@ -417,7 +417,8 @@ class Encoder(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool, first_token_only: bool = False) -> jax.Array:
     """[batch, seq, embed] -> the same, or [batch, 1, embed] with `first_token_only`: the last
-    block then computes only the first token's output (unscanned; scanned stacks compute all).
+    block then computes only the first token's output (unscanned; a scanned stack runs every
+    token and only the first goes on to the final LayerNorm).
     """  # fmt: skip
     assert x.ndim == 3, f'expected [batch, seq, embed], got {x.shape}'
     if self.add_position_embedding:
@@ -453,6 +454,8 @@ class Encoder(nn.Module):
       )(
         droppath_rate=self.droppath_rate, name='encoderblock', **block_kwargs
       )(x, jnp.asarray(rates, jnp.float32))
+      if first_token_only:  # The stack ran every token; only the first is normalised and leaves.
+        x = x[:, :1]
     else:
       for i, rate in enumerate(rates):
         x = block_cls(
