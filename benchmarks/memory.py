@@ -105,6 +105,7 @@ def main():
       record = {
         'model': name,
         'remat': remat,
+        'scan': args.scan,
         'image_size': args.image_size,
         'dtype': args.dtype,
         'budget_gb': args.budget_gb,
@@ -124,6 +125,7 @@ def main():
       common.emit(
         {
           'model': name,
+          'scan': args.scan,
           'batch': batches[-1],
           'activation_ratio_full_vs_none': common.rounded(ratio, 3),
           'device_kind': jax.devices()[0].device_kind,
