@@ -97,8 +97,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.eps = 1e-8
   c.mu_dtype = ''  # '': same as params; 'bfloat16' halves momentum memory.
   c.grad_clip_norm = 1.0  # 0: no clipping.
+  # Per-step decay factor of a decayed parameter: 1 - weight_decay * m(t) ('decoupled',
+  # big_vision's `wd`) or 1 - weight_decay * lr(t) ('lr_scaled', torch/optax AdamW); m(t) is the
+  # schedule's multiplier (lr(t) / lr). vit_jax/optim.py make_optimizer; docs/training.md.
   c.weight_decay = 0.0
-  c.wd_mask = 'kernels'
+  c.weight_decay_mode = 'decoupled'
+  c.wd_mask = 'kernels'  # Parameters named `kernel` (big_vision's '.*/kernel$'); 'all'; 'none'.
   # Loss.
   c.loss = 'softmax_xent'  # Or 'sigmoid_xent'.
   c.label_smoothing = 0.0

@@ -8,7 +8,7 @@ r"""Pretraining from scratch: AugReg (Steiner et al., 2022) and the ViT paper's 
         --workdir ...
 
 `recipe=augreg` (default) is big_vision's `configs/vit_i1k.py` / `configs/vit_i21k.py` field by
-field (each field below cites its line): Adam (mu in bfloat16), decoupled weight decay 1e-4 on
+field (each field below cites its line): Adam (mu in bfloat16), weight decay 1e-4 per step on
 kernels, clipping at 1.0, batch 4096, 10k warmup steps then cosine, 300 epochs, sigmoid
 cross-entropy with the head bias at -6.9 (1k) / -10 (21k), inception crop + flip + RandAugment +
 mixup per `augreg` setting; evaluations on ImageNet val / v2 / ReaL and few-shot linear probes as in
@@ -19,11 +19,18 @@ medium2, about 79-80% top-1.
 Large models: `--config.model.scan_layers=True --config.model.remat_policy=full` and an FSDP mesh
 (`--config.mesh.fsdp=-1 --config.mesh.data=1`) or FSDP x tensor (`--config.mesh.tensor=4`).
 
-Weight decay semantics: `weight_decay` is added to the Adam update before the learning rate scales
-it (vit_jax/optim.py), as big_vision's `wd` (big_vision/optax.py:136), so big_vision's values carry
-over as they are; the papers' values are in units of the learning rate (big_vision
-configs/proj/gsam/vit_i1k_gsam_no_aug.py:86: "paper used 0.3, effective wd=0.3*lr"), so `recipe=vit`
-sets paper_wd * lr.
+Weight decay: `weight_decay` is big_vision's `wd` (`weight_decay_mode='decoupled'`): each step
+multiplies a kernel by `1 - weight_decay * m(t)`, m(t) the schedule's multiplier (0 -> 1 over the
+warmup, then the decay), independent of `lr` (big_vision/optax.py:132-149), so big_vision's
+values carry over as they are (1e-4: a decay of 1e-4 per step at the peak). The ViT paper's values
+are in units of the learning rate (its optimizer multiplied the decay by the lr; big_vision
+configs/proj/gsam/vit_i1k_gsam_no_aug.py:86: "paper used 0.3, effective wd=0.3*lr"), so
+`recipe=vit` sets paper_wd * lr (9e-4 per step at the peak on ImageNet-1k).
+
+Compute dtype: float32 as big_vision's `vit_i1k.py` (which sets none; its ViT's matmuls default
+to float32: big_vision/models/vit.py:61 `dtype_mm: str = "float32"`).
+`--config.model.dtype=bfloat16` computes in bfloat16 (params and the optimizer stay float32):
+faster and lighter on GPUs, not big_vision's numerics.
 
 Arguments: model=NAME, dataset=imagenet2012|imagenet21k|<any>, recipe=augreg|vit,
 augreg=none|light1|light2|medium1|medium2|strong1|strong2 ('': big_vision's default for the model),
@@ -134,7 +141,8 @@ def get_config(arg: str | None = None):
   c.mixup.p = mix  # vit_i1k.py:143
   c.batch_size = args.batch  # vit_i1k.py:91
   c.eval_batch_size = 1024
-  c.optimizer = 'adamw'  # scale_by_adam + decoupled wd: vit_i1k.py:129,140; big_vision/optax.py.
+  c.optimizer = 'adamw'  # scale_by_adam + wd: vit_i1k.py:129,140; big_vision/optax.py:110-149.
+  c.weight_decay_mode = 'decoupled'  # big_vision's wd: not scaled by lr (optax.py:136,143-149).
   c.b1, c.b2 = 0.9, 0.999  # optax.scale_by_adam defaults (big_vision passes none).
   c.mu_dtype = 'bfloat16'  # vit_i1k.py:130
   c.grad_clip_norm = 1.0  # vit_i1k.py:128
@@ -148,7 +156,7 @@ def get_config(arg: str | None = None):
   if args.recipe == 'augreg':
     epochs = 300  # vit_i1k.py:69, vit_i21k.py:43
     c.lr = 1e-3  # vit_i1k.py:139, vit_i21k.py:95
-    c.weight_decay = 1e-4  # vit_i1k.py:140, vit_i21k.py:96
+    c.weight_decay = 1e-4  # vit_i1k.py:140, vit_i21k.py:96 (per-step decay at the peak)
     c.decay_type = 'cosine'  # vit_i1k.py:141, vit_i21k.py:97
     c.loss = 'sigmoid_xent'  # vit_i1k.py:71, vit_i21k.py:46
     dropout, droppath = args.do, args.sd  # Off in big_vision (vit_i1k.py:18); AugReg sweeps 0/0.1.
@@ -156,7 +164,7 @@ def get_config(arg: str | None = None):
     epochs, c.lr, c.decay_type, paper_wd, dropout = VIT_PAPER.get(
       args.dataset, VIT_PAPER['imagenet2012']
     )
-    c.weight_decay = paper_wd * c.lr
+    c.weight_decay = paper_wd * c.lr  # The paper's decay was x lr: gsam_no_aug.py:86.
     droppath = args.sd
     # Not stated in the paper: softmax on single-label ImageNet-1k, sigmoid on multi-label 21k.
     c.loss = 'sigmoid_xent' if i21k else 'softmax_xent'
@@ -187,7 +195,7 @@ def get_config(arg: str | None = None):
   augreg = args.recipe == 'augreg'
   c.model = common.model_overrides(
     args.model,
-    dtype='bfloat16',
+    dtype='float32',  # big_vision models/vit.py:61 dtype_mm='float32'; vit_i1k.py sets none.
     param_dtype='float32',
     dropout_rate=dropout,
     attention_dropout_rate=0.0,

@@ -59,8 +59,11 @@ BIG_VISION_I1K = {
   'model.representation_size': 768,  # :123 rep_size=True (B/16 width)
   'grad_clip_norm': 1.0,  # :128
   'mu_dtype': 'bfloat16',  # :130
+  'model.dtype': 'float32',  # sets none: big_vision models/vit.py:61 dtype_mm='float32'
+  'weight_decay_mode': 'decoupled',  # big_vision/optax.py:143-149: wd x m(t), not x lr
+  'wd_mask': 'kernels',  # big_vision/optax.py:133 '.*/kernel$'
   'lr': 1e-3,  # :139
-  'weight_decay': 1e-4,  # :140 (wd added before the lr scale, big_vision/optax.py:136)
+  'weight_decay': 1e-4,  # :140 (per step, not x lr: test_recipe_updates.py shows the update)
   'warmup_steps': 10_000,  # :141
   'decay_type': 'cosine',  # :141
   'total_steps': 300 * 1_281_167 // 4096,  # :69 total_epochs=300

@@ -248,6 +248,39 @@ def test_randaug_op_facts():
   np.testing.assert_array_equal(randaug.solarize(x, 10.0, seed), PHOTO)
 
 
+def test_randaug_is_the_references_op_set_and_arguments():
+  """big_vision/pp/archive/autoaugment.py (the op big_vision's AugReg configs use): the 16 ops of
+  :680-683 (Cutout, no Identity); TranslateX/Y by level / 10 * 100 px (:499-501, :522-525,
+  translate_const=100 at :679) whatever the image size; Cutout a grey square of side
+  2 * int(level / 10 * 40) (:521, cutout_const=40; :132-177)."""
+  reference = [
+    'AutoContrast', 'Equalize', 'Invert', 'Rotate', 'Posterize', 'Solarize', 'Color', 'Contrast',
+    'Brightness', 'Sharpness', 'ShearX', 'ShearY', 'TranslateX', 'TranslateY', 'Cutout',
+    'SolarizeAdd',
+  ]  # fmt: skip
+  assert [op.__name__.replace('_', '') for op in randaug.OPS] == [r.lower() for r in reference]
+  big = np.zeros((300, 400, 3), np.uint8)
+  big[150, 200] = 255  # One white pixel in the middle.
+  for level, shift in ((10.0, 100), (5.0, 50), (15.0, 150)):
+    for seed in range(2):
+      moved = randaug.translate_x(tf.constant(big), level, tf.constant([seed, 0], tf.int64))
+      ys, xs = np.nonzero(moved.numpy()[..., 0] == 255)
+      assert list(ys) == [150] and abs(int(xs[0]) - 200) == shift, (level, xs)
+  flat = tf.constant(np.zeros((200, 200, 3), np.uint8))
+  for level, side in ((10.0, 80), (5.0, 40), (0.0, 0)):
+    out = randaug.cutout(flat, level, tf.constant([3, 4], tf.int64)).numpy()
+    grey = out[..., 0] == 128
+    rows, cols = np.nonzero(grey.any(1))[0], np.nonzero(grey.any(0))[0]
+    assert grey.sum() == len(rows) * len(cols) and len(rows) <= side and len(cols) <= side
+    assert (out[grey] == 128).all() and (out[~grey] == 0).all()
+  # Centred away from the borders, the square is whole.
+  sizes = [
+    int((randaug.cutout(flat, 10.0, tf.constant([s, 1], tf.int64)).numpy() == 128).sum() // 3)
+    for s in range(20)
+  ]
+  assert 80 * 80 in sizes
+
+
 # The recipes' strings (configs/*.py): every op and argument accepted; the host part ends in uint8.
 RECIPES = [
   'decode_jpeg_and_inception_crop(224)|flip_lr|randaug(2,15)|value_range(-1,1)',

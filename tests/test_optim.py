@@ -20,6 +20,7 @@ def _config(**kw):
       end_lr_factor=0.0,
       grad_clip_norm=0.0,
       weight_decay=0.0,
+      weight_decay_mode='decoupled',
       wd_mask='kernels',
       momentum=0.9,
       b1=0.9,
@@ -62,6 +63,7 @@ PARAMS = {
   'Transformer': {'posembed_input': {'pos_embedding': jnp.ones((1, 4, 2))}},
   'cls': jnp.ones((1, 1, 2)),
   'LayerNorm_0': {'scale': jnp.ones((2,))},
+  'query': {'kernel': jnp.ones((2, 1, 2)), 'bias': jnp.ones((1, 2))},
 }
 
 
@@ -72,19 +74,32 @@ def test_weight_decay_mask_kernels_only():
   assert not mask['Transformer']['posembed_input']['pos_embedding']
   assert not mask['cls']
   assert not mask['LayerNorm_0']['scale']
+  assert mask['query']['kernel'] and not mask['query']['bias']  # Names decide, not ranks.
 
 
-def test_adamw_first_step_matches_the_formula():
+@pytest.mark.parametrize('mode', ['decoupled', 'lr_scaled'])
+def test_adamw_first_step_matches_the_formula(mode):
   lr, wd = 0.01, 0.1
   tx, _ = optim.make_optimizer(
-    _config(optimizer='adamw', lr=lr, warmup_steps=0, weight_decay=wd, decay_type='constant')
+    _config(
+      optimizer='adamw',
+      lr=lr,
+      warmup_steps=0,
+      weight_decay=wd,
+      weight_decay_mode=mode,
+      decay_type='constant',
+    )
   )
   grads = jax.tree.map(lambda p: 0.5 * jnp.ones_like(p), PARAMS)
   updates, _ = tx.update(grads, tx.init(PARAMS), PARAMS)
-  # Adam's first step is lr * g / (|g| + eps) = lr; decoupled decay adds lr * wd * p on kernels.
-  np.testing.assert_allclose(updates['dense']['kernel'], -lr * (1 + wd), rtol=1e-5)
+  # Adam's first step is lr * g / (|g| + eps) = lr; the decay adds wd * p on kernels
+  # ('decoupled', big_vision's: not scaled by lr) or lr * wd * p ('lr_scaled', torch's AdamW).
+  decay = wd if mode == 'decoupled' else lr * wd
+  np.testing.assert_allclose(updates['dense']['kernel'], -(lr + decay), rtol=1e-5)
   np.testing.assert_allclose(updates['dense']['bias'], -lr, rtol=1e-5)
   np.testing.assert_allclose(updates['cls'], -lr, rtol=1e-5)
+  with pytest.raises(ValueError, match="unknown weight_decay_mode 'coupled'"):
+    optim.make_optimizer(_config(optimizer='adamw', weight_decay=wd, weight_decay_mode='coupled'))
 
 
 def test_sgd_momentum_with_global_norm_clipping():

@@ -1,8 +1,9 @@
 """Optimizers and learning-rate schedules from the config (optax).
 
 Recipes of the ViT papers: fine-tuning uses SGD with momentum 0.9 and global-norm clipping at 1.0;
-pretraining uses Adam(W) with decoupled weight decay applied to kernels only (`wd_mask='kernels'`).
-Every schedule is a linear warmup from 0 followed by a cosine, linear or constant decay.
+pretraining uses Adam with weight decay on kernels only (`wd_mask='kernels'`), decoupled from the
+learning rate as big_vision's (`make_optimizer` writes out the update rule). Every schedule is a
+linear warmup from 0 followed by a cosine, linear or constant decay.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import optax
 OPTIMIZERS = ('sgd', 'adamw', 'adam')
 DECAYS = ('cosine', 'linear', 'constant')
 WD_MASKS = ('kernels', 'all', 'none')
+WD_MODES = ('decoupled', 'lr_scaled')
 
 
 def make_schedule(config: Mapping) -> optax.Schedule:
@@ -50,19 +52,32 @@ def make_schedule(config: Mapping) -> optax.Schedule:
   return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), decay], [warmup])
 
 
+def _key_name(entry) -> str:
+  for attr in ('key', 'name', 'idx'):
+    if hasattr(entry, attr):
+      return str(getattr(entry, attr))
+  return str(entry)
+
+
 def weight_decay_mask(params: Any, kind: str) -> Any:
-  """Which parameters get weight decay: 'kernels' (ndim > 1: no biases, norms, posemb... ), 'all',
-  'none'. Position embeddings and the class token are 3-D but are not kernels: never decayed."""
+  """Which parameters get weight decay.
+
+  'kernels': the parameters named `kernel`, whatever their rank (big_vision/optax.py:133, default
+  `wd_mults=[('.*/kernel$', 1.0)]`): dense, attention (3-D), convolution (4-D) and head kernels;
+  never biases (the attention Q/K/V biases are 2-D), norms, position embeddings, class token,
+  MAP probe. 'all': every parameter. 'none': none. The scanned and unscanned layouts give the
+  same mask (names, not shapes, decide).
+  """
   if kind not in WD_MASKS:
     raise ValueError(f'unknown wd_mask {kind!r}; expected one of {WD_MASKS}')
 
-  def one(path, x):
-    name = jax.tree_util.keystr(path)
-    if kind == 'none':
-      return False
-    if kind == 'all':
-      return True
-    return jnp.ndim(x) > 1 and 'pos_embedding' not in name and "'cls'" not in name
+  def one(path, _):
+    if kind != 'kernels':
+      return kind == 'all'
+    names = [_key_name(entry) for entry in path]
+    while names and names[-1] in ('value', 'raw_value'):  # Variable wrappers around an array.
+      names.pop()
+    return bool(names) and names[-1] == 'kernel'
 
   return jax.tree_util.tree_map_with_path(one, params)
 
@@ -70,17 +85,31 @@ def weight_decay_mask(params: Any, kind: str) -> Any:
 def make_optimizer(config: Mapping) -> tuple[optax.GradientTransformation, optax.Schedule]:
   """Builds the optimizer (with clipping and weight decay) and its schedule from the config.
 
+  The update of a parameter `p` at optimizer step `t`, with `g` the (accumulated, then clipped)
+  gradient, `lr(t) = lr * m(t)` the schedule and `m(t)` its multiplier (warmup then decay, from 0
+  to 1 and back), `u = adam(g)` (or the SGD momentum trace of `g`), and `mask(p)` from `wd_mask`:
+
+    weight_decay_mode='decoupled' (default; big_vision/optax.py:143-149, Loshchilov & Hutter's
+      AdamW with a schedule multiplier):  p <- p - m(t) * (lr * u + weight_decay * mask(p) * p)
+    weight_decay_mode='lr_scaled' (optax.adamw, torch.optim.AdamW):
+                                          p <- p - lr(t) * (u + weight_decay * mask(p) * p)
+
+  So with 'decoupled' each step shrinks a decayed parameter by the factor
+  `1 - weight_decay * m(t)`, whatever `lr` is (1e-4 at the peak for big_vision's recipes); with
+  'lr_scaled' by `1 - weight_decay * lr(t)`. The two agree when the 'decoupled' value is the
+  'lr_scaled' one times `lr`.
+
   Args:
     config: the run config; reads `optimizer` ('sgd' | 'adamw' | 'adam'), `lr`, `warmup_steps`,
       `total_steps`, `decay_type`, `end_lr_factor`, `grad_clip_norm` (0/None: off),
-      `weight_decay`, `wd_mask`, `momentum`, `b1`, `b2`, `eps`, `mu_dtype` (optimizer-state
-      dtype for momentum/first moment, e.g. 'bfloat16' to halve its memory).
+      `weight_decay`, `weight_decay_mode`, `wd_mask`, `momentum`, `b1`, `b2`, `eps`, `mu_dtype`
+      (optimizer-state dtype for momentum/first moment, e.g. 'bfloat16' to halve its memory).
 
   Returns:
-    (tx, schedule).
+    (tx, schedule): `schedule(t)` is the learning rate `lr(t)` (logged as `train/lr`).
 
   Raises:
-    ValueError: unknown optimizer, decay type or mask.
+    ValueError: unknown optimizer, decay type, mask or weight-decay mode.
   """
   name = config['optimizer']
   if name not in OPTIMIZERS:
@@ -89,16 +118,18 @@ def make_optimizer(config: Mapping) -> tuple[optax.GradientTransformation, optax
   mu_dtype = config.get('mu_dtype') or None
   mu_dtype = jnp.dtype(mu_dtype) if mu_dtype else None
   wd = float(config.get('weight_decay', 0.0) or 0.0)
+  mode = config.get('weight_decay_mode', 'decoupled') or 'decoupled'
+  if mode not in WD_MODES:
+    raise ValueError(f'unknown weight_decay_mode {mode!r}; expected one of {WD_MODES}')
+  if name == 'adam' and wd:
+    raise ValueError('weight_decay with optimizer=adam is ambiguous; use optimizer=adamw')
   mask = lambda p: weight_decay_mask(p, config.get('wd_mask', 'kernels'))
   parts = []
   clip = config.get('grad_clip_norm')
   if clip:
     parts.append(optax.clip_by_global_norm(float(clip)))
   if name == 'sgd':
-    if wd:  # Coupled L2 (added to the gradient), as classic SGD weight decay.
-      parts.append(optax.add_decayed_weights(wd, mask))
     parts.append(optax.trace(decay=float(config.get('momentum', 0.9)), accumulator_dtype=mu_dtype))
-    parts.append(optax.scale_by_learning_rate(schedule))
   else:
     parts.append(
       optax.scale_by_adam(
@@ -108,9 +139,22 @@ def make_optimizer(config: Mapping) -> tuple[optax.GradientTransformation, optax
         mu_dtype=mu_dtype,
       )
     )
-    if name == 'adamw' and wd:  # Decoupled: decay scaled by the learning rate, not by Adam.
-      parts.append(optax.add_decayed_weights(wd, mask))
-    elif name == 'adam' and wd:
-      raise ValueError('weight_decay with optimizer=adam is ambiguous; use optimizer=adamw')
+  if wd and mode == 'lr_scaled':
+    parts.append(optax.add_decayed_weights(wd, mask))
+  if not wd or mode == 'lr_scaled':
     parts.append(optax.scale_by_learning_rate(schedule))
+    return optax.chain(*parts), schedule
+  # big_vision's order (optax.py:143-149): the lr, then the decay, then the schedule multiplier.
+  multiplier = make_schedule({**_as_dict(config), 'lr': 1.0})
+  parts += [
+    optax.scale(float(config['lr'])),
+    optax.add_decayed_weights(wd, mask),
+    optax.scale_by_schedule(multiplier),
+    optax.scale(-1.0),
+  ]
   return optax.chain(*parts), schedule
+
+
+def _as_dict(config: Mapping) -> dict:
+  keys = ('lr', 'warmup_steps', 'total_steps', 'decay_type', 'end_lr_factor')
+  return {k: config.get(k) for k in keys if k in config}

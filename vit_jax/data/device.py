@@ -44,15 +44,22 @@ def device_preprocess(pp: str) -> Callable[[jax.Array], jax.Array]:
 
 
 def mixup_params(rng: jax.Array, p: float, cutmix_p: float, height: int, width: int) -> dict:
-  """Draws one batch's mixing: `ratio` ~ Beta(p, p); `cut` with probability `cutmix_p`, then a box
-  covering (1 - ratio) of the area, centred at (cy, cx) uniform over the image, clipped."""
+  """Draws one batch's mixing: `r` ~ Beta(p, p); `cut` with probability `cutmix_p`.
+
+  Mixup keeps `ratio = max(r, 1 - r)` of each example's own image and label, as big_vision
+  (utils.py:1146-1150 `get_mixup`: `a = jnp.maximum(a, 1.0 - a)`). CutMix (Yun et al.) uses
+  `ratio = r`: a box covering (1 - r) of the area, centred at (cy, cx) uniform over the image,
+  clipped.
+  """
   k_ratio, k_y, k_x, k_cut = jax.random.split(rng, 4)
   alpha = max(p, 1e-6)
+  r = jax.random.beta(k_ratio, alpha, alpha).astype(jnp.float32)
+  cut = jax.random.uniform(k_cut) < cutmix_p
   return {
-    'ratio': jax.random.beta(k_ratio, alpha, alpha).astype(jnp.float32),
+    'ratio': jnp.where(cut, r, jnp.maximum(r, 1.0 - r)),
     'cy': jax.random.randint(k_y, (), 0, height),
     'cx': jax.random.randint(k_x, (), 0, width),
-    'cut': jax.random.uniform(k_cut) < cutmix_p,
+    'cut': cut,
   }
 
 

@@ -1,9 +1,12 @@
 """RandAugment (Cubuk et al., 2019) with stateless randomness, on [h, w, 3] images in 0..255.
 
-The op set and magnitude-to-argument mapping follow the TPU reference implementation
-(tensorflow/tpu models/official/efficientnet/autoaugment.py) used by ViT/AugReg, minus Cutout.
-Magnitudes are on the paper's 0..10 scale; larger values (AugReg uses 15) extrapolate linearly.
-Each layer applies one op drawn uniformly (Identity included).
+The op set and magnitude-to-argument mapping are those of the TPU reference implementation that
+big_vision's `randaug` op calls for ViT/AugReg (big_vision/pp/archive/autoaugment.py:662-700
+`distort_image_with_randaugment`, :506-527 `level_to_arg`): 16 ops (Cutout included, no Identity),
+each layer applies one drawn uniformly, always (the drawn probability is unused there), grey (128)
+fill, translations in pixels (100 at magnitude 10, `translate_const`), Cutout squares of side
+2 * 40 * magnitude / 10 (`cutout_const`). Magnitudes are on the paper's 0..10 scale; larger values
+(AugReg uses 15 and 20) extrapolate linearly, as there.
 """
 
 import math
@@ -38,8 +41,17 @@ def _signed(value, seed):
   return sign * value
 
 
-def identity(image, level, seed):
-  return image
+def cutout(image, level, seed):
+  """A square of side 2 * pad (pad = int(level / 10 * 40)) filled with grey, centred uniformly
+  over the image and clipped to it (autoaugment.py:132-177, :521)."""
+  pad = int(level / _MAX_LEVEL * 40)
+  h, w = tf.shape(image)[0], tf.shape(image)[1]
+  seed_y, seed_x = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
+  cy = tf.random.stateless_uniform([], seed_y, 0, h, tf.int32)
+  cx = tf.random.stateless_uniform([], seed_x, 0, w, tf.int32)
+  ys, xs = tf.range(h)[:, None], tf.range(w)[None, :]
+  inside = (ys >= cy - pad) & (ys < cy + pad) & (xs >= cx - pad) & (xs < cx + pad)
+  return tf.where(inside[:, :, None], tf.constant(_FILL, tf.uint8), image)
 
 
 def auto_contrast(image, level, seed):
@@ -136,18 +148,18 @@ def shear_y(image, level, seed):
 
 
 def translate_x(image, level, seed):
-  # The reference translates by up to 100 px at 224 px; here the same fraction of the width.
-  dx = _signed(level / _MAX_LEVEL * 0.45, seed) * tf.cast(tf.shape(image)[1], tf.float32)
+  # In pixels whatever the image size: level / 10 * translate_const (100), autoaugment.py:499-501.
+  dx = _signed(level / _MAX_LEVEL * 100.0, seed)
   return _transform(image, tf.stack([1.0, 0.0, -dx, 0.0, 1.0, 0.0, 0.0, 0.0]))
 
 
 def translate_y(image, level, seed):
-  dy = _signed(level / _MAX_LEVEL * 0.45, seed) * tf.cast(tf.shape(image)[0], tf.float32)
+  dy = _signed(level / _MAX_LEVEL * 100.0, seed)
   return _transform(image, tf.stack([1.0, 0.0, 0.0, 0.0, 1.0, -dy, 0.0, 0.0]))
 
 
+# In the reference's order (autoaugment.py:680-683).
 OPS = (
-  identity,
   auto_contrast,
   equalize,
   invert,
@@ -162,6 +174,7 @@ OPS = (
   shear_y,
   translate_x,
   translate_y,
+  cutout,
   solarize_add,
 )
 
