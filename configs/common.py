@@ -103,6 +103,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.weight_decay = 0.0
   c.weight_decay_mode = 'decoupled'
   c.wd_mask = 'kernels'  # Parameters named `kernel` (big_vision's '.*/kernel$'); 'all'; 'none'.
+  c.layer_decay = 0.0  # BEiT/timm layer-wise lr decay (e.g. 0.75 when fine-tuning); 0: off.
   # Loss.
   c.loss = 'softmax_xent'  # Or 'sigmoid_xent'.
   c.label_smoothing = 0.0

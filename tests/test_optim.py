@@ -22,6 +22,7 @@ def _config(**kw):
       weight_decay=0.0,
       weight_decay_mode='decoupled',
       wd_mask='kernels',
+      layer_decay=0.0,
       momentum=0.9,
       b1=0.9,
       b2=0.999,
@@ -120,3 +121,96 @@ def test_bfloat16_momentum_state():
   state = tx.init({'w': jnp.zeros((4, 4))})
   dtypes = {x.dtype for x in jax.tree.leaves(state) if getattr(x, 'ndim', 0) == 2}
   assert dtypes == {jnp.dtype('bfloat16'), jnp.dtype('float32')}  # mu in bf16, nu in f32.
+
+
+def _timm_layer_id(timm_name: str, depth: int) -> int:
+  """timm optim/_param_groups.py:136-162 with ViT's group_matcher (vision_transformer.py:973-976):
+  stem r'^cls_token|reg_token|pos_embed|patch_embed' -> 0, r'^blocks\\.(\\d+)' -> i + 1,
+  r'^norm' -> depth + 1, anything else (head, fc_norm, attn_pool) -> layer_max = depth + 1."""
+  import re
+
+  if re.match(r'^cls_token|reg_token|pos_embed|patch_embed', timm_name):
+    return 0
+  if match := re.match(r'^blocks\.(\d+)', timm_name):
+    return int(match.group(1)) + 1
+  return depth + 1
+
+
+def _timm_name(ours: str) -> str:
+  """Our (released-checkpoint) names -> timm's ViT names, as timm's npz loader maps them."""
+  import re
+
+  for pattern, repl in (
+    (r'^embedding/', 'patch_embed.proj.'),
+    (r'^cls$', 'cls_token'),
+    (r'^Transformer/posembed_input/', 'pos_embed.'),
+    (r'^Transformer/encoderblock_(\d+)/', r'blocks.\1.'),
+    (r'^Transformer/encoder_norm/', 'norm.'),
+    (r'^pre_logits/', 'head.pre_logits.'),
+    (r'^head/', 'head.'),
+  ):
+    if re.match(pattern, ours):
+      return re.sub(pattern, repl, ours)
+  raise AssertionError(f'no timm name for {ours}')
+
+
+def test_layer_decay_multipliers_are_timms():
+  """Every parameter's lr multiplier is decay ** (layer_max - layer_id) (timm _param_groups.py:144,
+  162-163), unscanned and scanned alike."""
+  from vit_jax import models
+
+  decay, depth = 0.75, 3
+  trees = {}
+  for scan in (False, True):
+    model = models.get_model(
+      'testing', num_classes=4, num_layers=depth, scan_layers=scan, representation_size=6
+    )
+    trees[scan] = jax.eval_shape(
+      lambda model=model: models.init_params(model, jax.random.key(0), image_size=32)
+    )
+  flat = jax.tree_util.tree_flatten_with_path(trees[False])[0]
+  mults = jax.tree.leaves(optim.layer_decay_multipliers(trees[False], decay))
+  names = ['/'.join(str(getattr(k, 'key', k)) for k in path) for path, _ in flat]
+  assert len(names) == len(mults)
+  for name, mult in zip(names, mults):
+    want = decay ** (depth + 1 - _timm_layer_id(_timm_name(name), depth))
+    assert float(mult) == pytest.approx(want, rel=1e-6), name
+  scanned = optim.layer_decay_multipliers(trees[True], decay)
+  block = scanned['Transformer']['encoderblock']['MlpBlock_3']['Dense_0']['kernel']
+  np.testing.assert_allclose(np.ravel(block), [decay**3, decay**2, decay**1], rtol=1e-6)
+  assert float(scanned['cls']) == pytest.approx(decay**4)
+
+
+@pytest.mark.parametrize('mode', ['decoupled', 'lr_scaled'])
+def test_layer_decay_scales_the_lr_part_of_the_update(mode):
+  """decoupled: p -= m(t) * (lr * mult * u + wd * p) (big_vision puts its lr_mults before the decay,
+  optax.py:115-138); lr_scaled: p -= lr(t) * mult * (u + wd * p) (timm's groups scale the lr)."""
+  params = {
+    'Transformer': {
+      'encoderblock_0': {'Dense_0': {'kernel': jnp.ones((2, 2))}},
+      'encoderblock_1': {'Dense_0': {'kernel': jnp.ones((2, 2))}},
+      'encoder_norm': {'scale': jnp.ones((2,))},
+    },
+    'embedding': {'kernel': jnp.ones((1, 1, 3, 2))},
+  }
+  base = dict(optimizer='adamw', warmup_steps=0, decay_type='constant', lr=0.01)
+  base.update(weight_decay=0.1, weight_decay_mode=mode)
+  grads = jax.tree.map(lambda p: 0.5 * jnp.ones_like(p), params)
+  plain_tx, _ = optim.make_optimizer(_config(**base))
+  tx, _ = optim.make_optimizer(_config(**base, layer_decay=0.5))
+  plain, _ = plain_tx.update(grads, plain_tx.init(params), params)
+  got, _ = tx.update(grads, tx.init(params), params)
+  mults = {'encoderblock_0': 0.25, 'encoderblock_1': 0.5}
+  for block, mult in mults.items():
+    u = float(got['Transformer'][block]['Dense_0']['kernel'][0, 0])
+    # Adam's first step is lr * 1; the decay adds wd * p (decoupled) or lr * wd * p (lr_scaled).
+    want = -(0.01 * mult + 0.1) if mode == 'decoupled' else -0.01 * mult * (1 + 0.1)
+    assert u == pytest.approx(want, rel=1e-5), block
+  assert float(got['embedding']['kernel'].ravel()[0]) == pytest.approx(
+    -(0.01 * 0.125 + 0.1) if mode == 'decoupled' else -0.01 * 0.125 * 1.1, rel=1e-5
+  )
+  np.testing.assert_allclose(
+    got['Transformer']['encoder_norm']['scale'], plain['Transformer']['encoder_norm']['scale']
+  )
+  with pytest.raises(ValueError, match='layer_decay=1.5 must be in'):
+    optim.make_optimizer(_config(**base, layer_decay=1.5))

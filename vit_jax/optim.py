@@ -8,6 +8,7 @@ linear warmup from 0 followed by a cosine, linear or constant decay.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -82,6 +83,66 @@ def weight_decay_mask(params: Any, kind: str) -> Any:
   return jax.tree_util.tree_map_with_path(one, params)
 
 
+_BLOCK = re.compile(r'(?:encoderblock|MixerBlock)_(\d+)$')
+_SCANNED_BLOCK = 'encoderblock'
+_TOP = ('encoder_norm', 'pre_logits', 'head', 'MAPHead_0', 'pre_head_layer_norm')
+
+
+def _names(path) -> list[str]:
+  names = [_key_name(entry) for entry in path]
+  while names and names[-1] in ('value', 'raw_value'):
+    names.pop()
+  return names
+
+
+def _num_layers(tree: Any) -> int:
+  """The encoder depth: numbered blocks, or the leading axis of a scanned stack."""
+  depth = 0
+  for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    for name in _names(path):
+      if match := _BLOCK.match(name):
+        depth = max(depth, int(match.group(1)) + 1)
+      elif name == _SCANNED_BLOCK:
+        depth = max(depth, int(jnp.shape(x)[0]))
+  return depth
+
+
+def layer_decay_multipliers(tree: Any, decay: float) -> Any:
+  """BEiT's layer-wise learning-rate decay, with timm's layer ids (timm optim/_param_groups.py
+  `param_groups_layer_decay`; ViT's `group_matcher`: stem, blocks, norm): layer 0 for the
+  embeddings (patch embedding, class token, position embedding, hybrid stem), block i for
+  `encoderblock_i`, L + 1 for the final norm and the head (pre-logits, MAP pooling); the multiplier
+  is `decay ** (L + 1 - layer)`. A scanned stack gets one multiplier per layer along its leading
+  axis. Returns a tree of multipliers broadcastable to the leaves of `tree`.
+  """
+  depth = _num_layers(tree)
+
+  def one(path, x):
+    names = _names(path)
+    for name in names:
+      if match := _BLOCK.match(name):
+        return decay ** (depth - int(match.group(1)))
+      if name == _SCANNED_BLOCK:
+        per_layer = decay ** (depth - jnp.arange(depth, dtype=jnp.float32))
+        return per_layer.reshape((depth,) + (1,) * (jnp.ndim(x) - 1))
+      if name in _TOP:
+        return 1.0
+    return decay ** (depth + 1)
+
+  return jax.tree_util.tree_map_with_path(one, tree)
+
+
+def scale_by_layer_decay(decay: float) -> optax.GradientTransformation:
+  """Multiplies each update by its layer's `layer_decay_multipliers`."""
+
+  def update(updates, state, params=None):
+    del params
+    mults = layer_decay_multipliers(updates, decay)
+    return jax.tree.map(lambda u, m: (u * m).astype(u.dtype), updates, mults), state
+
+  return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
 def make_optimizer(config: Mapping) -> tuple[optax.GradientTransformation, optax.Schedule]:
   """Builds the optimizer (with clipping and weight decay) and its schedule from the config.
 
@@ -102,14 +163,16 @@ def make_optimizer(config: Mapping) -> tuple[optax.GradientTransformation, optax
   Args:
     config: the run config; reads `optimizer` ('sgd' | 'adamw' | 'adam'), `lr`, `warmup_steps`,
       `total_steps`, `decay_type`, `end_lr_factor`, `grad_clip_norm` (0/None: off),
-      `weight_decay`, `weight_decay_mode`, `wd_mask`, `momentum`, `b1`, `b2`, `eps`, `mu_dtype`
+      `weight_decay`, `weight_decay_mode`, `wd_mask`, `layer_decay` (0: off; else each update's
+      lr is multiplied by `layer_decay_multipliers`), `momentum`, `b1`, `b2`, `eps`, `mu_dtype`
       (optimizer-state dtype for momentum/first moment, e.g. 'bfloat16' to halve its memory).
 
   Returns:
     (tx, schedule): `schedule(t)` is the learning rate `lr(t)` (logged as `train/lr`).
 
   Raises:
-    ValueError: unknown optimizer, decay type, mask or weight-decay mode.
+    ValueError: unknown optimizer, decay type, mask or weight-decay mode; layer_decay outside
+      (0, 1].
   """
   name = config['optimizer']
   if name not in OPTIMIZERS:
@@ -121,6 +184,11 @@ def make_optimizer(config: Mapping) -> tuple[optax.GradientTransformation, optax
   mode = config.get('weight_decay_mode', 'decoupled') or 'decoupled'
   if mode not in WD_MODES:
     raise ValueError(f'unknown weight_decay_mode {mode!r}; expected one of {WD_MODES}')
+  if not 0.0 <= float(config.get('layer_decay', 0.0) or 0.0) <= 1.0:
+    raise ValueError(
+      f'layer_decay={config.get("layer_decay")} must be in (0, 1] (0: off); '
+      'BEiT and timm fine-tune with 0.65-0.75'
+    )
   if name == 'adam' and wd:
     raise ValueError('weight_decay with optimizer=adam is ambiguous; use optimizer=adamw')
   mask = lambda p: weight_decay_mask(p, config.get('wd_mask', 'kernels'))
@@ -139,15 +207,19 @@ def make_optimizer(config: Mapping) -> tuple[optax.GradientTransformation, optax
         mu_dtype=mu_dtype,
       )
     )
+  layer_decay = float(config.get('layer_decay', 0.0) or 0.0)
+  layers = [scale_by_layer_decay(layer_decay)] if layer_decay else []
   if wd and mode == 'lr_scaled':
     parts.append(optax.add_decayed_weights(wd, mask))
-  if not wd or mode == 'lr_scaled':
-    parts.append(optax.scale_by_learning_rate(schedule))
+  if not wd or mode == 'lr_scaled':  # Layer decay scales the lr: the decay too (as timm's groups).
+    parts += [*layers, optax.scale_by_learning_rate(schedule)]
     return optax.chain(*parts), schedule
-  # big_vision's order (optax.py:143-149): the lr, then the decay, then the schedule multiplier.
+  # big_vision's order (optax.py:143-149): the lr (and per-layer lr multipliers, where big_vision
+  # puts its lr_mults, :115-123), then the decay, then the schedule multiplier.
   multiplier = make_schedule({**_as_dict(config), 'lr': 1.0})
   parts += [
     optax.scale(float(config['lr'])),
+    *layers,
     optax.add_decayed_weights(wd, mask),
     optax.scale_by_schedule(multiplier),
     optax.scale(-1.0),
