@@ -12,6 +12,7 @@ import fcntl
 import json
 import logging
 import os
+import signal
 import socket
 import sys
 import threading
@@ -245,15 +246,15 @@ class WorkdirLock:
           held = None  # Not ours to parse (damaged by hand or a disk fault): nobody holds it.
         if isinstance(held, dict) and held and not self._stale(held):
           raise WorkdirLockedError(_locked_message(workdir, held, self.lease_seconds))
-      mine = self._record()
-      new = self._file.swap(version, mine)
-      if new is None:
-        continue  # Another process changed it first: look again.
+      with _signals_deferred():  # The file and this object agree before a signal can stop us.
+        new = self._file.swap(version, self._record())
+        if new is None:
+          continue  # Another process changed it first: look again.
+        self._version = new
+        _HELD_HERE.add(self.token)
       if raw is not None:
         logging.warning('workdir lock %s: taking over a stale lock %s', self.path, raw.decode(
           errors='replace'))  # fmt: skip
-      self._version = new
-      _HELD_HERE.add(self.token)
       self._stop.clear()
       self._thread = threading.Thread(target=self._renew, daemon=True, name='workdir-lock')
       self._thread.start()
@@ -284,14 +285,37 @@ class WorkdirLock:
     return self.token in _HELD_HERE
 
   def release(self) -> None:
-    if not self.held:
-      return
+    """Removes the lock file if it is still this run's (by its token), whatever else happened.
+
+    Safe to call at any moment, also when `acquire` was interrupted (a signal) after the file was
+    written: the file, not this object's bookkeeping, decides. Signals wait until it is done.
+    """
     self._stop.set()
-    if self._thread is not None:
+    if self._thread is not None and self._thread is not threading.current_thread():
       self._thread.join()
-    with contextlib.suppress(OSError):
-      self._file.swap(self._version, None)  # Only if still ours.
-    _HELD_HERE.discard(self.token)
+    if self._file is None:
+      return
+    with _signals_deferred():
+      with contextlib.suppress(OSError, ValueError):
+        raw, version = self._file.read()
+        if raw is not None and json.loads(raw).get('token') == self.token:
+          self._file.swap(version, None)
+      _HELD_HERE.discard(self.token)
+
+
+@contextlib.contextmanager
+def _signals_deferred():
+  """SIGTERM and SIGINT are delivered after the block (main thread; elsewhere a no-op)."""
+  deferred = {signal.SIGTERM, signal.SIGINT}
+  try:
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, deferred)
+  except (AttributeError, OSError, ValueError):
+    previous = None
+  try:
+    yield
+  finally:
+    if previous is not None:
+      signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def _locked_message(workdir: str, held: dict, lease_seconds: float) -> str:
