@@ -271,6 +271,31 @@ def test_continue_command_repeats_the_users_command():
   )
 
 
+def test_the_hint_after_a_preemption_is_the_same_command_never_fewer_steps():
+  argv = ['vit_jax/main.py', f'--config={Q}', '--workdir=w', '--config.total_steps=40']
+  preempted = {'preempted': True, 'step': 17, 'checkpoint_dir': 'w/checkpoints/17'}
+  text = main_lib._summary(preempted, 'w', argv)
+  assert (
+    f'resume (the same command): python -m vit_jax.main --config={Q} --workdir=w '
+    '--config.total_steps=40\n'
+  ) in text
+  assert 'total_steps=34' not in text and 'train longer' not in text  # 2 x 17 would end it early.
+  finished = main_lib._summary(dict(preempted, preempted=False, step=40), 'w', argv)
+  assert 'train longer (a new schedule over 80 steps): ' in finished
+  assert finished.count('--config.total_steps=') == 1 and '--config.total_steps=80' in finished
+
+
+def test_tensorstore_errors_are_one_line_without_the_spec():
+  e = ValueError(
+    'DATA_LOSS: Error decoding manifest: CRC-32C checksum verification failed '
+    '[tensorstore_spec=\'{"context": {"cache_pool": {}},\n "driver": "zarr"}\'] '
+    "[source locations='tensorstore/kvstore/ocdbt/format/manifest.cc:120']"
+  )
+  assert train_state._one_line(e) == (
+    'DATA_LOSS: Error decoding manifest: CRC-32C checksum verification failed'
+  )
+
+
 def _cli(*args, timeout=120):
   return subprocess.run(
     [sys.executable, '-m', 'vit_jax.main', *args],

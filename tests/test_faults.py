@@ -188,7 +188,6 @@ def _damage(step_dir, how):
 DAMAGE_CAUSES = {
   'manifest-bit-flipped': ['ValueError: DATA_LOSS: ', 'state/manifest.ocdbt',
                            'CRC-32C checksum verification failed'],
-  'bit-flipped': ['fingerprint mismatch in 1 arrays'],
   'meta-truncated': ['meta unreadable: JSONDecodeError'],
   'metadata-removed': [f'/{STEPS}/state unreadable: '],
 }  # fmt: skip
@@ -320,7 +319,8 @@ def _stopped_in_one_line(p, workdir, cause):
   assert p.lines[-1].startswith('ERROR: '), p.output()[-6000:]
   for noise in ('Traceback', 'Task exception was never retrieved', 'Event loop is closed'):
     assert noise not in p.output(), p.output()[-6000:]
-  assert 'rerun the same command to resume: python -m vit_jax.main --config=' in error, error
+  command = error.split('rerun the same command to resume')[1]  # Last, after any notes.
+  assert ': python -m vit_jax.main --config=configs/quickstart.py:runlocal,' in command, error
   if ' library tracebacks in ' in error:
     assert os.path.exists(error.split(' library tracebacks in ')[1].rstrip(')\n'))
   if 'saving checkpoint step' in error:

@@ -78,17 +78,18 @@ def _fail(message: str, code: int, argv=()) -> None:
 
   Code 2: a mistake in the command line or config; 1: a failure while running.
   """
+  notes = []
   if _verbose(argv):
     traceback.print_exc()
   elif code != 2 and sys.exc_info()[0]:
-    message += ' (--verbose shows the traceback)'
-  if 'rerun the same command to resume.' in message:
-    message = message.replace(
-      'rerun the same command to resume.',
-      f'rerun the same command to resume: {rerun_command(sys.argv)}',
-    )
+    notes.append('--verbose shows the traceback')
   if _LIBRARY_ERRORS.count:
-    message += f' ({_LIBRARY_ERRORS.count} library tracebacks in {_LIBRARY_ERRORS.path})'
+    notes.append(f'{_LIBRARY_ERRORS.count} library tracebacks in {_LIBRARY_ERRORS.path}')
+  note = f' ({"; ".join(notes)})' if notes else ''
+  if message.endswith('rerun the same command to resume.'):  # The command comes last.
+    message = f'{message[:-1]}{note}: {rerun_command(sys.argv)}'
+  else:
+    message += note
   print(f'ERROR: {" ".join(message.split())}', file=sys.stderr, flush=True)
   sys.exit(code)
 
@@ -320,6 +321,9 @@ class _LibraryErrors:
     self._write(f'{unraisable.err_msg or "Exception ignored in"}: {unraisable.object!r}\n{text}')
 
   def _thread_exception(self, args) -> None:
+    if args.thread is not None and args.thread.name in _OUR_THREADS:
+      threading.__excepthook__(args)  # A bug of ours: on the console.
+      return
     if args.exc_type is SystemExit:
       return
     text = ''.join(traceback.format_exception(args.exc_type, args.exc_value, args.exc_traceback))
@@ -337,6 +341,7 @@ class _LibraryErrors:
 
 
 _LIBRARY_ERRORS = _LibraryErrors()
+_OUR_THREADS = ('workdir-lock', 'peer-watchdog', 'coordinator-probe')
 
 
 def main(argv):

@@ -503,7 +503,7 @@ def _train_and_evaluate(
   # Closed outside the handler: a pending save that fails too is logged (by orbax) without this
   # failure's traceback chained to it; the run's own error is reported once, in one line.
   writer.close()
-  save_error = ckpt.close()
+  save_error = ckpt.close(at=step)
   if failure is not None:
     if save_error is not None:  # E.g. a full disk failed the save, then a metrics write: the
       raise save_error from None  # checkpoint is what the rerun needs to know about.

@@ -286,11 +286,15 @@ class Checkpointer:
     """Blocks until pending saves are committed; raises `CheckpointSaveError` if one failed."""
     self.check(wait=True)
 
-  def close(self) -> CheckpointSaveError | None:
-    """Waits for pending saves and closes; returns the error of a pending save that failed."""
+  def close(self, at: int | None = None) -> CheckpointSaveError | None:
+    """Waits for pending saves and closes; returns the error of a pending save that failed.
+
+    Args:
+      at: the run's current step, for the message.
+    """
     error = None
     try:
-      self.check(wait=True)
+      self.check(at, wait=True)
     except CheckpointSaveError as e:
       error = e
     try:
