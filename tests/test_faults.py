@@ -322,7 +322,7 @@ def _stopped_in_one_line(p, workdir, cause):
   command = error.split('rerun the same command to resume')[1]  # Last, after any notes.
   assert ': python -m vit_jax.main --config=configs/quickstart.py:runlocal,' in command, error
   if ' library tracebacks in ' in error:
-    assert os.path.exists(error.split(' library tracebacks in ')[1].rstrip(')\n'))
+    assert os.path.exists(error.split(' library tracebacks in ')[1].split(')')[0]), error
   if 'saving checkpoint step' in error:
     failed = int(error.split('saving checkpoint step ')[1].split()[0])
     assert f'to {workdir}/checkpoints/{failed} failed (noticed at step ' in error

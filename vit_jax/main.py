@@ -33,6 +33,7 @@ import tempfile
 import threading
 import time
 import traceback
+import warnings
 
 # TensorFlow only feeds the input pipeline. Before it is imported: no INFO lines from its C++
 # runtime (oneDNN's "custom operations are on" note), and TensorFlow's own kernels rather than
@@ -287,6 +288,8 @@ class _LibraryErrors:
     self.workdir = workdir
     sys.unraisablehook = self._unraisable
     threading.excepthook = self._thread_exception
+    self._showwarning = warnings.showwarning
+    warnings.showwarning = self._warning
     handler.addFilter(self)
 
   def _write(self, text: str) -> None:
@@ -319,6 +322,13 @@ class _LibraryErrors:
       )
     )
     self._write(f'{unraisable.err_msg or "Exception ignored in"}: {unraisable.object!r}\n{text}')
+
+  def _warning(self, message, category, filename, lineno, file=None, line=None) -> None:
+    # Orbax's write coroutines left behind by a failed save, reported at exit.
+    if issubclass(category, RuntimeWarning) and 'was never awaited' in str(message):
+      self._write(warnings.formatwarning(message, category, filename, lineno, line))
+    else:
+      self._showwarning(message, category, filename, lineno, file, line)
 
   def _thread_exception(self, args) -> None:
     if args.thread is not None and args.thread.name in _OUR_THREADS:
