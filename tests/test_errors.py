@@ -160,21 +160,45 @@ def test_workdir_lock_refuses_a_live_run_and_takes_over_a_dead_one(tmp_path):
     host = host or socket.gethostname()
     path.write_text(json.dumps({'host': host, 'pid': pid, 'lease_until': time.time() + lease}))
 
-  held_by(os.getppid())  # A live process on this host.
-  with pytest.raises(train_state.WorkdirLockedError, match=f'in use by pid {os.getppid()} on host'):
+  held_by(os.getppid(), lease=-1)  # A live process on this host: its lease does not matter here.
+  with pytest.raises(train_state.WorkdirLockedError) as refused:
     guards.WorkdirLock(str(tmp_path)).acquire()
+  assert f'in use by pid {os.getppid()} on host {socket.gethostname()}' in str(refused.value)
+  assert 'taken over as soon as that process is gone' in str(refused.value)
   held_by(os.getppid(), host='other-host')  # Another host, lease still running.
-  with pytest.raises(train_state.WorkdirLockedError, match='other-host'):
+  with pytest.raises(train_state.WorkdirLockedError, match='other-host') as refused:
     guards.WorkdirLock(str(tmp_path)).acquire()
+  assert 'taken over 60 s after its last renewal' in str(refused.value)
   for stale in (
     lambda: held_by(2**22 + 12345),  # No such process here: killed.
     lambda: held_by(os.getppid(), host='other-host', lease=-1),  # Expired lease.
-    lambda: path.write_text('{"host": "x", "pi'),  # Torn by a crash.
+    lambda: path.write_text('{"host": "x", "pi'),  # Damaged.
+    lambda: path.write_text(''),  # Left empty by an older version killed mid-write.
   ):
     stale()
     with guards.WorkdirLock(str(tmp_path)):
       assert json.loads(path.read_text())['pid'] == os.getpid()
+      with pytest.raises(train_state.WorkdirLockedError):  # A second run in this process.
+        guards.WorkdirLock(str(tmp_path)).acquire()
     assert not path.exists()  # Released.
+
+
+def test_workdir_lock_is_never_held_twice_by_racing_processes():
+  """4 processes race `acquire()` 200 times (a third from a stale lock); the faults suite: 2000."""
+  import lock_race
+
+  out = lock_race.race(trials=200, processes=4)
+  assert out['double_holders'] == 0 and out['one_holder'] == 200, out
+  assert out['locks_left'] == 0 and out['exitcodes'] == [0], out
+
+
+def test_a_lock_taken_over_is_not_removed_by_its_old_holder(tmp_path):
+  first = guards.WorkdirLock(str(tmp_path)).acquire()
+  path = tmp_path / 'lock.json'
+  record = json.loads(path.read_text())
+  path.write_text(json.dumps(dict(record, pid=os.getppid(), token='another run')))
+  first.release()  # Not ours any more: left in place.
+  assert json.loads(path.read_text())['token'] == 'another run'
 
 
 def test_metrics_drop_torn_lines_and_records_past_the_restored_step(tmp_path):
@@ -244,6 +268,31 @@ def test_continue_command_repeats_the_users_command():
   argv = ['vit_jax/main.py', f'--config={Q}', '--workdir=w', '--config.total_steps=12', '--x=a b']
   assert main_lib.continue_command(argv, 24) == (
     f"python -m vit_jax.main --config={Q} --workdir=w '--x=a b' --config.total_steps=24"
+  )
+
+
+def test_the_hint_after_a_preemption_is_the_same_command_never_fewer_steps():
+  argv = ['vit_jax/main.py', f'--config={Q}', '--workdir=w', '--config.total_steps=40']
+  preempted = {'preempted': True, 'step': 17, 'checkpoint_dir': 'w/checkpoints/17'}
+  text = main_lib._summary(preempted, 'w', argv)
+  assert (
+    f'resume (the same command): python -m vit_jax.main --config={Q} --workdir=w '
+    '--config.total_steps=40\n'
+  ) in text
+  assert 'total_steps=34' not in text and 'train longer' not in text  # 2 x 17 would end it early.
+  finished = main_lib._summary(dict(preempted, preempted=False, step=40), 'w', argv)
+  assert 'train longer (a new schedule over 80 steps): ' in finished
+  assert finished.count('--config.total_steps=') == 1 and '--config.total_steps=80' in finished
+
+
+def test_tensorstore_errors_are_one_line_without_the_spec():
+  e = ValueError(
+    'DATA_LOSS: Error decoding manifest: CRC-32C checksum verification failed '
+    '[tensorstore_spec=\'{"context": {"cache_pool": {}},\n "driver": "zarr"}\'] '
+    "[source locations='tensorstore/kvstore/ocdbt/format/manifest.cc:120']"
+  )
+  assert train_state._one_line(e) == (
+    'DATA_LOSS: Error decoding manifest: CRC-32C checksum verification failed'
   )
 
 

@@ -13,6 +13,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import threading
 import time
 
@@ -174,11 +175,29 @@ def _damage(step_dir, how):
     os.truncate(f'{step_dir}/meta/metadata', 10)
   elif how == 'metadata-removed':
     os.remove(f'{step_dir}/state/_METADATA')
+  elif how == 'manifest-bit-flipped':  # The OCDBT tree's root: TensorStore's checksum fails.
+    path = f'{step_dir}/state/manifest.ocdbt'
+    with open(path, 'r+b') as f:
+      f.seek(os.path.getsize(path) // 2)
+      byte = f.read(1)
+      f.seek(-1, 1)
+      f.write(bytes([byte[0] ^ 0x10]))
+
+
+# What the one warning line names as the cause (the library's error class and message, the file).
+DAMAGE_CAUSES = {
+  'manifest-bit-flipped': ['ValueError: DATA_LOSS: ', 'state/manifest.ocdbt',
+                           'CRC-32C checksum verification failed'],
+  'meta-truncated': ['meta unreadable: JSONDecodeError'],
+  'metadata-removed': [f'/{STEPS}/state unreadable: '],
+}  # fmt: skip
 
 
 @pytest.mark.parametrize(
-  'how', ['truncated', 'removed', 'bit-flipped', 'meta-truncated', 'metadata-removed']
-)
+  'how',
+  ['truncated', 'removed', 'bit-flipped', 'meta-truncated', 'metadata-removed',
+   'manifest-bit-flipped'],
+)  # fmt: skip
 def test_damaged_latest_checkpoint_is_moved_aside_and_the_previous_one_resumed(
   how, reference, tmp_path
 ):
@@ -190,6 +209,13 @@ def test_damaged_latest_checkpoint_is_moved_aside_and_the_previous_one_resumed(
   assert len(warnings) == 1, p.output()
   assert f'checkpoint step {STEPS} in {workdir}/checkpoints is damaged (' in warnings[0]
   assert f'moved to {workdir}/checkpoints.corrupt/{STEPS}-' in warnings[0]
+  for cause in DAMAGE_CAUSES.get(how, []):
+    assert cause in warnings[0], warnings[0]
+  assert "'NoneType' object has no attribute" not in warnings[0]  # Orbax's swallowed cause.
+  # Nothing but our own lines: orbax's and TensorStore's tracebacks go to a file.
+  for noise in ('Traceback', 'Event loop is closed', 'Metadata file does not exist'):
+    assert noise not in p.output(), p.output()[-4000:]
+  assert f'restored step {STEPS} ' not in p.output()  # Only a verified restore is announced.
   assert f'resuming from step {STEPS - 4}' in p.output()  # The previous checkpoint.
   assert os.listdir(f'{workdir}/checkpoints.corrupt')[0].startswith(f'{STEPS}-')
   _assert_same_run(workdir, reference)
@@ -224,6 +250,12 @@ def test_sigterm_checkpoints_within_30s_exits_0_and_resumes(reference, tmp_path,
   ckpt = train_state.Checkpointer(f'{workdir}/checkpoints')
   assert ckpt.latest_step() == last  # The step it was at, not the last periodic checkpoint.
   ckpt.close()
+  assert not os.path.exists(f'{workdir}/lock.json')
+  summary = p.output().split('Preempted: ')[1]
+  assert 'total_steps' not in summary, summary  # Never a hint that ends the run early.
+  assert f'resume (the same command): python -m vit_jax.main {_command(workdir, 5000)[3]}' in (
+    summary
+  )
   again = _run([*_command(workdir, last + 3), '--config.log_every=1'])
   assert f'resuming from step {last}' in again.output()
   assert [r['step'] for r in _strict_records(workdir)] == list(range(1, last + 4))
@@ -240,6 +272,7 @@ def test_second_run_on_a_workdir_is_refused_and_a_dead_runs_lock_is_taken_over(t
   assert f'workdir {workdir} is in use by pid {first.proc.pid} on host {socket.gethostname()}' in (
     error
   )
+  assert 'taken over as soon as that process is gone' in error  # Same host: no lease to wait for.
   assert first.proc.poll() is None  # The first run goes on, untouched.
   first.kill()  # SIGKILL: its lock stays behind, with a dead pid.
   third = _run(_command(workdir, 8))
@@ -282,16 +315,25 @@ def _stopped_in_one_line(p, workdir, cause):
   assert len(errors) == 1, p.output()[-6000:]  # Seen once in make faults: exit 1, no line.
   (error,) = errors
   assert cause in error, error
-  assert f'File "{REPO}/vit_jax' not in p.output()  # No traceback of ours (orbax logs its own).
+  # Nothing after it, no traceback at all: orbax's go to the file that the line names.
+  assert p.lines[-1].startswith('ERROR: '), p.output()[-6000:]
+  for noise in ('Traceback', 'Task exception was never retrieved', 'Event loop is closed'):
+    assert noise not in p.output(), p.output()[-6000:]
+  command = error.split('rerun the same command to resume')[1]  # Last, after any notes.
+  assert ': python -m vit_jax.main --config=configs/quickstart.py:runlocal,' in command, error
+  if ' library tracebacks in ' in error:
+    assert os.path.exists(error.split(' library tracebacks in ')[1].split(')')[0]), error
   if 'saving checkpoint step' in error:
     failed = int(error.split('saving checkpoint step ')[1].split()[0])
     assert f'to {workdir}/checkpoints/{failed} failed (noticed at step ' in error
     noticed = int(error.split('noticed at step ')[1].split(')')[0])
     assert noticed <= failed + 4  # Before the next save, not an interval later.
+    assert ' is the last good checkpoint' in error, error
   elif 'TensorBoard' in error:
     assert 'writing the TensorBoard events of step ' in error and f'{workdir}/tensorboard' in error
   else:
     assert 'writing the metrics of step ' in error and f'{workdir}/metrics.jsonl' in error
+    assert ' is the last good checkpoint' in error, error
   if os.path.exists(f'{workdir}/metrics.jsonl'):
     _strict_records(workdir)  # Still parses.
   good = train_state.Checkpointer(f'{workdir}/checkpoints')
@@ -377,6 +419,9 @@ def test_disk_full_stops_the_run_in_one_line_and_it_resumes_once_space_is_back(
     _fill(disk, leave_bytes=2048)
     os.kill(p.proc.pid, signal.SIGCONT)
     last_good = _stopped_in_one_line(p, workdir, 'No space left on device')
+    (error,) = p.errors()
+    assert f'MiB free on the filesystem of {workdir}' in error, error  # What to free.
+    assert f'step {last_good} is the last good checkpoint' in error, error
     assert last_good >= 8
     os.remove(f'{disk}/filler')  # Space is back.
     again = _run(argv(workdir))
@@ -398,6 +443,7 @@ def test_resume_refuses_an_incompatible_config_and_states_a_compatible_change(re
   assert f'checkpoint {workdir}/checkpoints/{STEPS} was made with another config: ' in error
   assert "model.param_dtype 'float32' -> 'bfloat16'; optimizer 'adamw' -> 'sgd'" in error
   assert 'Traceback' not in p.output() and len(p.lines) < 40
+  assert p.output().count('was made with another config') == 1  # Printed once, not logged too.
   with open(f'{workdir}/config.json') as f:
     assert f.read() == before  # A refused resume leaves the old config.
   p = _run([*_command(workdir, STEPS + 2), '--config.lr=0.001'], devices=1)
@@ -642,3 +688,55 @@ def test_two_processes_agree_on_a_damaged_checkpoint_and_resume_from_the_previou
   (moved,) = os.listdir(f'{workdir}/checkpoints.corrupt')  # Moved aside once.
   assert moved.startswith(f'{STEPS}-')
   _assert_same_run(workdir, pair_reference)
+
+
+def test_sigterm_at_any_moment_of_start_up_or_shut_down_exits_0_and_releases_the_lock(
+  reference, tmp_path, procs
+):
+  """Before the lock, holding it before the restore, after the restore, while compiling, at the end.
+
+  No step has run since the newest checkpoint at any of these moments, so none is written; the
+  same command then resumes from it and finishes.
+  """
+  workdir = str(tmp_path / 'w')
+  shutil.copytree(reference, workdir)
+  argv = _command(workdir, STEPS + 4)
+  for line in ('JAX ', 'mesh ', f'restored step {STEPS} ', 'Cached 512 examples'):
+    p = procs(argv)
+    p.wait_for_line(line)
+    p.proc.send_signal(signal.SIGTERM)
+    assert p.finish(timeout=120) == 0, (line, p.output())
+    assert not os.path.exists(f'{workdir}/lock.json'), line
+    assert 'Traceback' not in p.output() and not p.errors(), p.output()
+    assert 'nothing to checkpoint' in p.output() or 'nothing new to checkpoint' in p.output()
+    assert f'rerun the same command to resume: python -m vit_jax.main {argv[3]}' in p.output()
+    assert _latest_checkpoint(workdir) == STEPS, line
+  p = procs([*argv, '--config.log_every=1'])
+  p.wait_for(lambda: _steps_seen(workdir) >= STEPS + 4)  # The last step is done: finishing.
+  p.proc.send_signal(signal.SIGTERM)
+  assert p.finish(timeout=120) == 0, p.output()
+  assert not os.path.exists(f'{workdir}/lock.json')
+  assert f'resuming from step {STEPS}' in p.output()
+  assert _latest_checkpoint(workdir) == STEPS + 4
+
+
+def test_two_runs_started_at_once_on_a_workdir_one_trains_and_one_is_refused(tmp_path, procs):
+  workdir = str(tmp_path / 'w')
+  pair = [procs(_command(workdir, 8)) for _ in range(2)]
+  codes = sorted(p.finish() for p in pair)
+  assert codes == [0, 1], [p.output()[-3000:] for p in pair]
+  refused = [p for p in pair if p.proc.returncode == 1][0]
+  (error,) = refused.errors()
+  assert f'workdir {workdir} is in use by pid ' in error, error
+  assert not os.path.exists(f'{workdir}/lock.json')
+
+
+def test_workdir_lock_race_thousands_of_trials():
+  """tests/lock_race.py from the command line: 2000 trials, 4 processes, no double holder."""
+  proc = subprocess.run(
+    [sys.executable, 'tests/lock_race.py', '--trials', '2000', '--processes', '4'],
+    cwd=REPO, env=cpu_env(1), capture_output=True, text=True, timeout=600,
+  )  # fmt: skip
+  out = json.loads(proc.stdout.strip().splitlines()[-1])
+  assert proc.returncode == 0, (out, proc.stderr[-3000:])
+  assert out['double_holders'] == 0 and out['one_holder'] == 2000, out

@@ -8,13 +8,16 @@ one line when a peer stops answering (docs/reliability.md).
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import logging
 import os
+import signal
 import socket
 import sys
 import threading
 import time
+import uuid
 from collections.abc import Mapping
 from typing import Any
 
@@ -23,41 +26,200 @@ import numpy as np
 
 from vit_jax.train_state import CheckpointError, WorkdirLockedError
 
+_HELD_HERE: set[str] = set()  # Tokens of the locks this process holds (two runs in one process).
+_MISSING = object()
+
+
+class _LocalLockFile:
+  """`lock.json` on a POSIX filesystem: each compare-and-swap runs under `flock`.
+
+  The file is only ever replaced whole (`os.replace` of a complete temporary file), so no reader
+  sees it half-written; the `flock` makes read-compare-replace one step for every process on this
+  host, and for every host where the filesystem supports it (NFSv4, Lustre, GPFS).
+  """
+
+  def __init__(self, path: str):
+    self.path = path
+    self._warned = False
+
+  @contextlib.contextmanager
+  def _mutex(self):
+    # The directory itself where it can be locked (no extra file), else a companion file.
+    fds = []
+    try:
+      for target, flags in ((os.path.dirname(self.path), os.O_RDONLY),
+                            (f'{self.path}.mutex', os.O_RDWR | os.O_CREAT)):  # fmt: skip
+        fd = os.open(target, flags, 0o644)
+        fds.append(fd)
+        try:
+          fcntl.flock(fd, fcntl.LOCK_EX)
+          break
+        except OSError as e:
+          error = e
+      else:
+        if not self._warned:
+          logging.warning('workdir lock %s: no file locks here (%s): best effort', self.path, error)
+          self._warned = True
+      yield
+    finally:
+      for fd in fds:
+        os.close(fd)  # Releases the flock.
+
+  def read(self) -> tuple[bytes | None, Any]:
+    try:
+      with open(self.path, 'rb') as f:
+        data = f.read()
+    except FileNotFoundError:
+      data = None
+    return data, data
+
+  def swap(self, version: Any, data: bytes | None) -> Any:
+    """Replaces the file by `data` (None: removes it) if it still reads `version`.
+
+    Returns the new version, or None when another process changed the file first.
+    """
+    with self._mutex():
+      if self.read()[1] != version:
+        return None
+      if data is None:
+        with contextlib.suppress(FileNotFoundError):
+          os.remove(self.path)
+        return _MISSING
+      tmp = f'{self.path}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp'
+      try:
+        with open(tmp, 'wb') as f:
+          f.write(data)
+        os.replace(tmp, self.path)
+      finally:
+        with contextlib.suppress(FileNotFoundError):
+          os.remove(tmp)
+      return data
+
+
+class _GcsLockFile:
+  """`lock.json` in a GCS bucket: compare-and-swap on the object's generation."""
+
+  def __init__(self, path: str):
+    from google.api_core import exceptions
+    from google.cloud import storage
+
+    bucket, _, name = path.removeprefix('gs://').partition('/')
+    self._bucket = storage.Client().bucket(bucket)
+    self._name = name
+    self._conflict = (exceptions.PreconditionFailed, exceptions.NotFound)
+
+  def read(self) -> tuple[bytes | None, Any]:
+    blob = self._bucket.get_blob(self._name)
+    if blob is None:
+      return None, 0  # Generation 0: "does not exist" in a precondition.
+    try:
+      return blob.download_as_bytes(if_generation_match=blob.generation), blob.generation
+    except self._conflict:  # Replaced between the two calls: read again.
+      return self.read()
+
+  def swap(self, version: Any, data: bytes | None) -> Any:
+    blob = self._bucket.blob(self._name)
+    try:
+      if data is None:
+        blob.delete(if_generation_match=version)
+        return _MISSING
+      blob.upload_from_string(data, content_type='application/json', if_generation_match=version)
+    except self._conflict:
+      return None
+    return blob.generation
+
+
+class _GfileLockFile:
+  """Other remote filesystems (gs:// without google-cloud-storage): no compare-and-swap."""
+
+  def __init__(self, path: str):
+    import tensorflow as tf
+
+    self._gfile = tf.io.gfile
+    self.path = path
+    logging.warning(
+      'workdir lock %s: best effort (no atomic compare-and-swap without google-cloud-storage: two '
+      'runs started within a second of each other may both start); pip install '
+      'google-cloud-storage for an atomic lock',
+      path,
+    )
+
+  def read(self) -> tuple[bytes | None, Any]:
+    if not self._gfile.exists(self.path):
+      return None, None
+    with self._gfile.GFile(self.path, 'rb') as f:
+      data = f.read()
+    return data, data
+
+  def swap(self, version: Any, data: bytes | None) -> Any:
+    if self.read()[1] != version:
+      return None
+    if data is None:
+      self._gfile.remove(self.path)
+      return _MISSING
+    with self._gfile.GFile(self.path, 'wb') as f:
+      f.write(data)
+    return data
+
+
+def _lock_file(path: str):
+  if '://' not in path:
+    return _LocalLockFile(path)
+  if path.startswith('gs://'):
+    try:
+      return _GcsLockFile(path)
+    except ImportError:
+      pass
+  return _GfileLockFile(path)
+
 
 class WorkdirLock:
-  """`workdir/lock.json`: host, pid and a lease renewed in the background while the run lives.
+  """`workdir/lock.json`: host, pid, a token, and a lease renewed in the background while it runs.
 
   A second run on the same workdir is refused at once. A lock whose process is gone (same host) or
   whose lease has expired (another host, e.g. a preempted VM) is taken over, so a dead run never
-  blocks its restart. Process 0 holds it for the whole job. Local and shared POSIX filesystems get
-  an atomic create; on gs:// the check is best effort (no atomic create-if-absent).
+  blocks its restart. Every change of the file is a compare-and-swap: local and shared POSIX
+  filesystems under `flock`, gs:// on the object's generation (with google-cloud-storage; best
+  effort without it), so two runs can never both hold it. Process 0 holds it for the whole job.
   """
 
   def __init__(self, workdir: str, *, lease_seconds: float = 60.0):
     self.path = os.path.join(workdir, 'lock.json')
     self.lease_seconds = lease_seconds
+    self.token = uuid.uuid4().hex
     self._stop = threading.Event()
     self._thread = None
-    self._held = False
+    self._file = None
+    self._version = None
+    self._started = ''
 
-  def _record(self) -> dict:
-    return {
+  def _record(self) -> bytes:
+    return json.dumps({
       'host': socket.gethostname(),
       'pid': os.getpid(),
+      'token': self.token,
       'lease_until': time.time() + self.lease_seconds,
-      'started': time.strftime('%Y-%m-%d %H:%M:%S'),
-    }
+      'started': self._started,
+    }).encode()  # fmt: skip
 
   def _stale(self, held: dict) -> bool:
-    if time.time() > float(held.get('lease_until', 0)):
+    """Whether the run that wrote `held` is gone: by its pid on this host, else by its lease."""
+    if held.get('host') != socket.gethostname():
+      return time.time() > float(held.get('lease_until', 0))
+    if held.get('token') in _HELD_HERE:
+      return False  # Another run in this very process.
+    try:
+      pid = int(held['pid'])
+    except (KeyError, TypeError, ValueError):
       return True
-    if held.get('host') == socket.gethostname():
-      try:
-        os.kill(int(held['pid']), 0)
-      except ProcessLookupError:
-        return True
-      except (PermissionError, KeyError, ValueError):
-        return False
+    if pid == os.getpid():
+      return True  # Left by an earlier run of this process that did not release it.
+    try:
+      os.kill(pid, 0)
+    except ProcessLookupError:
+      return True
+    except PermissionError:  # Alive, another user's.
+      return False
     return False
 
   def acquire(self) -> WorkdirLock:
@@ -65,51 +227,52 @@ class WorkdirLock:
     if jax.process_index() != 0:
       return self
     workdir = os.path.dirname(self.path)
-    try:
-      os.makedirs(workdir, exist_ok=True)
-    except OSError as e:
-      raise CheckpointError(
-        f'workdir {workdir} cannot be created: {e.strerror}; choose a writable --workdir'
-      ) from e
-    for _ in range(3):
+    if '://' not in workdir:
       try:
-        fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-      except FileExistsError:
+        os.makedirs(workdir, exist_ok=True)
+      except OSError as e:
+        raise CheckpointError(
+          f'workdir {workdir} cannot be created: {e.strerror}; choose a writable --workdir'
+        ) from e
+    self._file = _lock_file(self.path)
+    self._started = time.strftime('%Y-%m-%d %H:%M:%S')
+    for _ in range(20):
+      raw, version = self._file.read()
+      held = None
+      if raw is not None:
         try:
-          with open(self.path) as f:
-            held = json.load(f)
-        except (OSError, ValueError):
-          held = {}  # Torn by a crash during the write: nobody holds it.
-        if held.get('pid') == os.getpid() and held.get('host') == socket.gethostname():
-          held = {}  # This process's own, left by an earlier run in the same process.
-        if held and not self._stale(held):
-          raise WorkdirLockedError(
-            f'workdir {os.path.dirname(self.path)} is in use by pid {held.get("pid")} on host '
-            f'{held.get("host")} (since {held.get("started")}): wait for that run or stop it, '
-            f"or use another --workdir (a dead run's lock expires {self.lease_seconds:.0f} s "
-            'after its last renewal).'
-          ) from None
-        logging.warning('workdir lock %s: taking over a stale lock %s', self.path, held)
-        with contextlib.suppress(FileNotFoundError):
-          os.remove(self.path)
-        continue
-      with os.fdopen(fd, 'w') as f:
-        json.dump(self._record(), f)
-      self._held = True
+          held = json.loads(raw)
+        except ValueError:
+          held = None  # Not ours to parse (damaged by hand or a disk fault): nobody holds it.
+        if isinstance(held, dict) and held and not self._stale(held):
+          raise WorkdirLockedError(_locked_message(workdir, held, self.lease_seconds))
+      with _signals_deferred():  # The file and this object agree before a signal can stop us.
+        new = self._file.swap(version, self._record())
+        if new is None:
+          continue  # Another process changed it first: look again.
+        self._version = new
+        _HELD_HERE.add(self.token)
+      if raw is not None:
+        logging.warning('workdir lock %s: taking over a stale lock %s', self.path, raw.decode(
+          errors='replace'))  # fmt: skip
+      self._stop.clear()
       self._thread = threading.Thread(target=self._renew, daemon=True, name='workdir-lock')
       self._thread.start()
       return self
-    raise WorkdirLockedError(f'could not take the workdir lock {self.path}; another run races')
+    raise WorkdirLockedError(f'could not take the workdir lock {self.path}: other runs race for it')
 
   def _renew(self) -> None:
     while not self._stop.wait(self.lease_seconds / 4):
-      tmp = f'{self.path}.{os.getpid()}.tmp'
       try:
-        with open(tmp, 'w') as f:
-          json.dump(self._record(), f)
-        os.replace(tmp, self.path)
+        new = self._file.swap(self._version, self._record())
       except OSError as e:  # A full disk must not kill the run from this thread.
         logging.warning('workdir lock %s: renewal failed: %s', self.path, e)
+        continue
+      if new is None:
+        logging.error('workdir lock %s: taken over by another run; this run no longer holds it',
+                      self.path)  # fmt: skip
+        return
+      self._version = new
 
   def __enter__(self) -> WorkdirLock:
     return self.acquire()
@@ -117,15 +280,55 @@ class WorkdirLock:
   def __exit__(self, *exc) -> None:
     self.release()
 
+  @property
+  def held(self) -> bool:
+    return self.token in _HELD_HERE
+
   def release(self) -> None:
-    if not self._held:
-      return
+    """Removes the lock file if it is still this run's (by its token), whatever else happened.
+
+    Safe to call at any moment, also when `acquire` was interrupted (a signal) after the file was
+    written: the file, not this object's bookkeeping, decides. Signals wait until it is done.
+    """
     self._stop.set()
-    if self._thread is not None:
+    if self._thread is not None and self._thread is not threading.current_thread():
       self._thread.join()
-    with contextlib.suppress(OSError):
-      os.remove(self.path)
-    self._held = False
+    if self._file is None:
+      return
+    with _signals_deferred():
+      with contextlib.suppress(OSError, ValueError):
+        raw, version = self._file.read()
+        if raw is not None and json.loads(raw).get('token') == self.token:
+          self._file.swap(version, None)
+      _HELD_HERE.discard(self.token)
+
+
+@contextlib.contextmanager
+def _signals_deferred():
+  """SIGTERM and SIGINT are delivered after the block (main thread; elsewhere a no-op)."""
+  deferred = {signal.SIGTERM, signal.SIGINT}
+  try:
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, deferred)
+  except (AttributeError, OSError, ValueError):
+    previous = None
+  try:
+    yield
+  finally:
+    if previous is not None:
+      signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+def _locked_message(workdir: str, held: dict, lease_seconds: float) -> str:
+  same_host = held.get('host') == socket.gethostname()
+  then = (
+    'it is taken over as soon as that process is gone'
+    if same_host
+    else f'if that host is gone, it is taken over {lease_seconds:.0f} s after its last renewal'
+  )
+  return (
+    f'workdir {workdir} is in use by pid {held.get("pid")} on host {held.get("host")} (since '
+    f'{held.get("started")}): wait for that run or stop it, or use another --workdir ({then})'
+  )
 
 
 class SpikeGuard:

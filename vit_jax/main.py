@@ -12,7 +12,8 @@ the cluster by itself; `--coordinator_address`, `--num_processes` and `--process
 explicitly (e.g. several CPU processes on one machine). `--distributed=off` never initializes it.
 Each process of a multi-process run trains in a child of a supervising parent (`supervise.py`),
 so that a lost coordinator (process 0) ends the others with one `ERROR:` line, not a C++ dump.
-Exit status: 0 on success and on preemption (SIGTERM: checkpointed), 1 on divergence (NaN/Inf,
+Exit status: 0 on success and on preemption (SIGTERM at any moment: the step reached checkpointed
+if one ran since the last checkpoint, the workdir lock released), 1 on divergence (NaN/Inf,
 loss spike), a failed save, a lost peer or a refused resume, 2 on a mistake in the command line or
 config. Errors are one line (`ERROR: ...`); `--verbose` or VIT_JAX_VERBOSE=1 adds the traceback.
 
@@ -26,8 +27,13 @@ import logging as pylogging
 import os
 import re
 import shlex
+import signal
 import sys
+import tempfile
+import threading
+import time
 import traceback
+import warnings
 
 # TensorFlow only feeds the input pipeline. Before it is imported: no INFO lines from its C++
 # runtime (oneDNN's "custom operations are on" note), and TensorFlow's own kernels rather than
@@ -73,12 +79,31 @@ def _fail(message: str, code: int, argv=()) -> None:
 
   Code 2: a mistake in the command line or config; 1: a failure while running.
   """
+  notes = []
   if _verbose(argv):
     traceback.print_exc()
   elif code != 2 and sys.exc_info()[0]:
-    message += ' (--verbose shows the traceback)'
+    notes.append('--verbose shows the traceback')
+  if _LIBRARY_ERRORS.count:
+    notes.append(f'{_LIBRARY_ERRORS.count} library tracebacks in {_LIBRARY_ERRORS.path}')
+  note = f' ({"; ".join(notes)})' if notes else ''
+  if message.endswith('rerun the same command to resume.'):  # The command comes last.
+    message = f'{message[:-1]}{note}: {rerun_command(sys.argv)}'
+  else:
+    message += note
   print(f'ERROR: {" ".join(message.split())}', file=sys.stderr, flush=True)
   sys.exit(code)
+
+
+def _preempted_before_training(signum=signal.SIGTERM, frame=None) -> None:
+  """SIGTERM before the run holds its workdir, or after it is done: nothing to save; exit 0."""
+  del frame
+  print(
+    f'Stopped by signal {signum} before training began or after it ended: nothing to checkpoint; '
+    f'rerun the same command to resume: {rerun_command(sys.argv)}',
+    flush=True,
+  )
+  raise SystemExit(0)
 
 
 def _lost_peer(e: BaseException) -> None:
@@ -147,7 +172,13 @@ def initialize_distributed() -> None:
   jax.distributed.initialize(**kwargs)
 
 
-def _summary(result: dict, workdir: str) -> str:
+def _summary(result: dict, workdir: str, argv=None) -> str:
+  """The end-of-run box: where things are, and what to run next.
+
+  After a preemption the next command is the same command: a changed `total_steps` would end the
+  run early and change its learning-rate schedule. Only a finished run is offered more steps.
+  """
+  argv = sys.argv if argv is None else argv
   lines = ['', '=' * 72]
   if result.get('preempted'):
     lines.append(
@@ -163,15 +194,28 @@ def _summary(result: dict, workdir: str) -> str:
     f'  metrics:    {os.path.join(workdir, "metrics.jsonl")} (TensorBoard, installed with '
     f'vit_jax: tensorboard --logdir {os.path.join(workdir, "tensorboard")})'
   )
+  if _LIBRARY_ERRORS.count:
+    lines.append(f'  library tracebacks (orbax, TensorStore): {_LIBRARY_ERRORS.path}')
+  lines.append('Next:')
+  if result.get('preempted'):
+    lines.append(f'  resume (the same command): {rerun_command(argv)}')
+  else:
+    lines.append(
+      f'  train longer (a new schedule over {2 * result["step"]} steps): '
+      f'{continue_command(argv, 2 * result["step"])}'
+    )
   lines += [
-    'Next:',
-    f'  continue training:  {continue_command(sys.argv, 2 * result["step"])}',
     '  fine-tune ViT-B/16: python -m vit_jax.main --config configs/finetune.py:model=ViT-B_16,'
     'dataset=cifar10 --workdir workdirs/ft --config.pretrained_path=ViT-B_16.npz',
     '  run the tests:      make test',
     '=' * 72,
   ]
   return '\n'.join(lines)
+
+
+def rerun_command(argv) -> str:
+  """The user's own command line, as `python -m vit_jax.main ...` (to resume after a stop)."""
+  return shlex.join(['python', '-m', 'vit_jax.main', *argv[1:]])
 
 
 def continue_command(argv, total_steps: int) -> str:
@@ -216,7 +260,98 @@ class _QuietLibraries:
     if record.levelno < pylogging.WARNING:
       return not noisy and not record.getMessage().startswith('Unable to initialize backend')
     tfds = f'{os.sep}tensorflow_datasets{os.sep}' in path
-    return not (tfds and 'is deprecated' in record.getMessage())
+    if tfds and 'is deprecated' in record.getMessage():
+      return False
+    # Orbax looks for a step-level file in every item of a healthy checkpoint: not damage.
+    return not (noisy and record.getMessage().startswith('Metadata file does not exist'))
+
+
+class _LibraryErrors:
+  """Tracebacks of libraries' background work go to a file that the run's last line names.
+
+  After a failed save or while reading a damaged checkpoint, orbax's asyncio tasks log hundreds
+  of lines ('Task exception was never retrieved') and TensorStore's callbacks on a closed event
+  loop raise `RuntimeError: Event loop is closed` (reported as unraisable). The run's own one-line
+  message names the cause; these stay off the console. The file is `library-errors-<time>.log`
+  in the workdir, or in the temporary directory when the workdir is remote or cannot be written
+  (a full disk).
+  """
+
+  def __init__(self):
+    self.workdir = None
+    self.path = None
+    self.count = 0
+    self._file = None
+    self._lock = threading.Lock()
+
+  def install(self, workdir: str, handler) -> None:
+    self.workdir = workdir
+    sys.unraisablehook = self._unraisable
+    threading.excepthook = self._thread_exception
+    self._showwarning = warnings.showwarning
+    warnings.showwarning = self._warning
+    handler.addFilter(self)
+
+  def _write(self, text: str) -> None:
+    with self._lock:
+      self.count += 1
+      name = f'library-errors-{time.strftime("%Y%m%d-%H%M%S", time.gmtime())}.log'
+      places = [tempfile.gettempdir()]
+      if self.workdir and '://' not in self.workdir:
+        places.insert(0, self.workdir)
+      while True:
+        if self._file is None:
+          if not places:
+            return
+          try:
+            self.path = os.path.join(places.pop(0), name)
+            self._file = open(self.path, 'a')  # noqa: SIM115 (open for the run)
+          except OSError:
+            continue
+        try:
+          self._file.write(text.rstrip('\n') + '\n')
+          self._file.flush()
+          return
+        except OSError:  # A full disk: the next place.
+          self._file = None
+
+  def _unraisable(self, unraisable) -> None:
+    text = ''.join(
+      traceback.format_exception(
+        unraisable.exc_type, unraisable.exc_value, unraisable.exc_traceback
+      )
+    )
+    self._write(f'{unraisable.err_msg or "Exception ignored in"}: {unraisable.object!r}\n{text}')
+
+  def _warning(self, message, category, filename, lineno, file=None, line=None) -> None:
+    # Orbax's write coroutines left behind by a failed save, reported at exit.
+    if issubclass(category, RuntimeWarning) and 'was never awaited' in str(message):
+      self._write(warnings.formatwarning(message, category, filename, lineno, line))
+    else:
+      self._showwarning(message, category, filename, lineno, file, line)
+
+  def _thread_exception(self, args) -> None:
+    if args.thread is not None and args.thread.name in _OUR_THREADS:
+      threading.__excepthook__(args)  # A bug of ours: on the console.
+      return
+    if args.exc_type is SystemExit:
+      return
+    text = ''.join(traceback.format_exception(args.exc_type, args.exc_value, args.exc_traceback))
+    name = args.thread.name if args.thread else '?'
+    self._write(f'Exception in thread {name}:\n{text}')
+
+  def filter(self, record) -> bool:
+    ours = f'{os.sep}vit_jax{os.sep}' in record.pathname
+    if ours or record.levelno < pylogging.ERROR:
+      return True
+    if record.exc_info or record.exc_text or '\n' in record.getMessage():
+      self._write(pylogging.Formatter().format(record))
+      return False
+    return True
+
+
+_LIBRARY_ERRORS = _LibraryErrors()
+_OUR_THREADS = ('workdir-lock', 'peer-watchdog', 'coordinator-probe')
 
 
 def main(argv):
@@ -233,6 +368,7 @@ def main(argv):
   if not FLAGS.workdir:
     _fail('--workdir is required (a local directory or gs:// path; it resumes if it holds one)', 2)
   logging.get_absl_handler().python_handler.addFilter(_QuietLibraries())
+  _LIBRARY_ERRORS.install(FLAGS.workdir, logging.get_absl_handler().python_handler)
   if FLAGS.local_device_count:
     import jax
 
@@ -262,6 +398,13 @@ def main(argv):
   )
   try:
     result = train.train_and_evaluate(config, workdir)
+  except train_state.Preempted:
+    print(
+      'Preempted during start-up, before the first step: nothing new to checkpoint; rerun the '
+      f'same command to resume: {rerun_command(sys.argv)}',
+      flush=True,
+    )
+    sys.exit(0)
   except Exception as e:
     if jax.process_count() > 1 and (lost := _runtime_error_in(e)) is not None:
       # A collective (or a checkpoint barrier) whose peer is gone fails before the watchdog sees.
@@ -269,8 +412,7 @@ def main(argv):
     if isinstance(
       e, (train.TrainingDivergedError, train_state.CheckpointError, preflight.UserError)
     ):
-      logging.error('%s', e)
-      _fail(str(e), 1)
+      _fail(str(e), 1)  # Once: not logged as well.
     if isinstance(e, (ValueError, TypeError, OSError)):  # Bad input met while running: data, files.
       _fail(f'{type(e).__name__}: {e}', 1)
     if not _is_input_error(e):
@@ -311,4 +453,7 @@ if __name__ == '__main__':
   if supervise.wanted(sys.argv[1:]):
     sys.exit(supervise.run(sys.argv[1:]))
   supervise.exit_when_orphaned()
+  # SIGTERM before the training loop holds the workdir (imports, distributed set-up, checks):
+  # nothing to save, exit 0. `train.train_and_evaluate` installs its own handler while it runs.
+  signal.signal(signal.SIGTERM, _preempted_before_training)
   app.run(main, flags_parser=_parse_flags)

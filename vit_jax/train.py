@@ -327,11 +327,20 @@ def train_and_evaluate(
   from configs import common as recipes  # The recipes' cross-field checks, after any overrides.
 
   recipes.check(config)
-  with guards.WorkdirLock(workdir):
-    return _train_and_evaluate(config, workdir, devices)
+  # From here SIGTERM stops the run: at once (`Preempted`) until the loop starts, then at a step.
+  watcher = train_state.PreemptionWatcher()
+  lock = guards.WorkdirLock(workdir)
+  try:
+    lock.acquire()
+    return _train_and_evaluate(config, workdir, devices, watcher)
+  finally:
+    lock.release()  # Also after a signal that interrupted `acquire`.
+    watcher.restore()
 
 
-def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices) -> dict[str, Any]:
+def _train_and_evaluate(
+  config: ml_collections.ConfigDict, workdir: str, devices, watcher: train_state.PreemptionWatcher
+) -> dict[str, Any]:
   total_steps = int(config['total_steps'])
   trainer = Trainer(config, num_classes=_num_classes(config), devices=devices)
   logging.info(
@@ -383,7 +392,6 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices
   put = lambda local: trainer.global_batch(local, stacked=True)
   batches = data.prefetch(_batches(train_ds, trainer.accum_steps), put)  # Next ones on devices.
   writer = metrics_lib.MetricWriter(workdir, resume_step=step)
-  watcher = train_state.PreemptionWatcher()
   meter = metrics_lib.Throughput(
     global_batch_size=int(config['batch_size']),
     num_devices=trainer.mesh.size,
@@ -447,6 +455,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices
         flops,
         how,
       )
+    watcher.arm()  # A signal from now on checkpoints the step reached.
     while step < total_steps:
       t = time.perf_counter()
       batch = next(batches)
@@ -493,10 +502,13 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices
     failure = None
   # Closed outside the handler: a pending save that fails too is logged (by orbax) without this
   # failure's traceback chained to it; the run's own error is reported once, in one line.
-  watcher.restore()
   writer.close()
-  ckpt.close()
+  save_error = ckpt.close(at=step)
   if failure is not None:
+    if save_error is not None:  # E.g. a full disk failed the save, then a metrics write: the
+      raise save_error from None  # checkpoint is what the rerun needs to know about.
+    if isinstance(failure, OSError) and failure.errno in train_state.DISK_FULL:
+      raise train_state.OutputWriteError(failure, ckpt_dir, last_saved) from None
     raise failure
   result.update(step=step, checkpoint_dir=os.path.join(ckpt_dir, str(step)), workdir=workdir)
   return result

@@ -21,9 +21,11 @@ The original npz format (`vit_jax.npz`) is for interop, not for resuming.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import time
@@ -34,6 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 
 
 class CheckpointError(Exception):
@@ -50,6 +53,22 @@ class ResumeError(CheckpointError):
 
 class WorkdirLockedError(CheckpointError):
   """Another live run holds the workdir."""
+
+
+class OutputWriteError(CheckpointError):
+  """Writing the metrics or TensorBoard events failed (disk full); the checkpoints are intact."""
+
+  def __init__(self, cause: OSError, directory: str, last_good: int | None):
+    good = [] if last_good is None else [last_good]
+    last = f'step {last_good} is the last good checkpoint' if good else 'no checkpoint yet'
+    super().__init__(
+      f'{cause.strerror}; {last}. Free space ({space_needed(directory, good)}) and rerun the same '
+      'command to resume.'
+    )
+
+
+# A write that fails for want of space: the disk, a quota, a file size limit.
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 
 class CorruptCheckpointError(CheckpointError):
@@ -139,10 +158,15 @@ class Checkpointer:
     good = [s for s in self.all_steps() if s != step]
     last = f'step {max(good)} is the last good checkpoint' if good else 'no earlier checkpoint'
     noticed = f' (noticed at step {at})' if at is not None else ''
+    text = _one_line(cause)
+    if 'No space left on device' in text or getattr(cause, 'errno', None) == errno.ENOSPC:
+      fix = f'Free space ({space_needed(self.directory, good)})'
+    else:
+      fix = 'Fix the cause (free space, permissions)'
     return CheckpointSaveError(
       f'saving checkpoint step {step} to {os.path.join(self.directory, str(step))} failed'
-      f'{noticed}: {type(cause).__name__}: {_one_line(cause)}; {last}. Fix the cause (free '
-      'space, permissions) and rerun the same command to resume.'
+      f'{noticed}: {type(cause).__name__}: {text}; {last}. {fix} and rerun the same command to '
+      'resume.'
     )
 
   def check(self, at: int | None = None, *, wait: bool = False) -> None:
@@ -193,7 +217,6 @@ class Checkpointer:
         state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()
       ),
     )
-    logging.info('checkpoint: restored step %d from %s', step, self.directory)
     return restored['state'], dict(restored['meta'] or {})
 
   def read_meta(self, step: int) -> dict:
@@ -228,15 +251,19 @@ class Checkpointer:
         bad = ['(any)'] if sorted(want.values()) != sorted(got.values()) else []
       if bad:
         raise CorruptCheckpointError(f'fingerprint mismatch in {len(bad)} arrays, e.g. {bad[0]}')
+    logging.info('checkpoint: restored step %d from %s (fingerprint checked)', step, self.directory)
     return state
 
   def _state_metadata(self, step: int):
+    # The handler, not `PyTreeCheckpointer().metadata`: that one turns any error into a warning
+    # and None (so the cause was lost), and warns about a `_CHECKPOINT_METADATA` a state item
+    # never has.
     path = os.path.join(self.directory, str(step), 'state')
     try:
-      return ocp.PyTreeCheckpointer().metadata(path).item_metadata.tree
+      return ocp.PyTreeCheckpointHandler().metadata(epath.Path(path)).tree
     except Exception as e:
       raise CorruptCheckpointError(
-        f'state metadata unreadable: {type(e).__name__}: {_one_line(e)}'
+        f'state metadata in {path} unreadable: {type(e).__name__}: {_one_line(e)}'
       ) from e
 
   def move_aside(self, step: int, reason: str) -> None:
@@ -259,17 +286,39 @@ class Checkpointer:
     """Blocks until pending saves are committed; raises `CheckpointSaveError` if one failed."""
     self.check(wait=True)
 
-  def close(self) -> None:
-    """Waits for pending saves and closes; a failed save is logged here, raised by `wait`."""
+  def close(self, at: int | None = None) -> CheckpointSaveError | None:
+    """Waits for pending saves and closes; returns the error of a pending save that failed.
+
+    Args:
+      at: the run's current step, for the message.
+    """
+    error = None
     try:
-      self.check(wait=True)
+      self.check(at, wait=True)
     except CheckpointSaveError as e:
-      logging.error('%s', e)
+      error = e
     try:
       self._manager.close()
     except Exception as e:  # After a failed save: the error is already reported.
       logging.warning('closing the checkpoint manager: %s', _one_line(e))
     logging.getLogger().removeHandler(self._errors)
+    return error
+
+
+def space_needed(directory: str, steps: list[int]) -> str:
+  """'N MiB free on the filesystem of D; a checkpoint takes M MiB' (what a full disk needs)."""
+  if '://' in directory:
+    return f'in {directory}'
+  size = 0
+  for step in sorted(steps)[-1:]:
+    for root, _, files in os.walk(os.path.join(directory, str(step))):
+      size += sum(os.path.getsize(os.path.join(root, f)) for f in files)
+  try:
+    free = shutil.disk_usage(directory).free
+  except OSError:
+    return f'on the filesystem of {directory}'
+  need = f'; a checkpoint takes {size / 2**20:.1f} MiB' if size else ''
+  return f'{free / 2**20:.1f} MiB free on the filesystem of {directory}{need}'
 
 
 class _LastError(logging.Handler):
@@ -286,14 +335,16 @@ class _LastError(logging.Handler):
 
 
 def _gopen(path: str):
-  from etils import epath
-
   return (epath.Path(path) / 'metadata').open()
 
 
 def _one_line(e: BaseException) -> str:
-  """The message on one line; a long one keeps its start and its end (where the OS error is)."""
-  text = ' '.join(str(e).split())
+  """The message on one line; a long one keeps its start and its end (where the OS error is).
+
+  TensorStore's spec and source locations (hundreds of characters of JSON) are left out.
+  """
+  text = re.sub(r"\s*\[(tensorstore_spec|source locations)='.*?'\]", '', str(e), flags=re.S)
+  text = ' '.join(text.split())
   return text if len(text) <= 400 else f'{text[:200]} ... {text[-200:]}'
 
 
@@ -354,21 +405,34 @@ def restore_params(directory: str, step: int | None = None) -> dict:
     raise FileNotFoundError(f'no checkpoint in {directory}')
   path = os.path.join(directory, str(step), 'state')
   checkpointer = ocp.PyTreeCheckpointer()
-  tree = checkpointer.metadata(path).item_metadata.tree
+  tree = ocp.PyTreeCheckpointHandler().metadata(epath.Path(path)).tree
   args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
   return checkpointer.restore(path, restore_args=args)['params']
+
+
+class Preempted(BaseException):  # noqa: N818 (not an error: a request to stop)
+  """SIGTERM before the training loop began (restore, compile, data set-up): stop at once.
+
+  No step has run since the newest checkpoint, so there is nothing to save; the run unwinds (the
+  workdir lock is released on the way) and `vit_jax.main` exits 0. A BaseException, so that no
+  `except Exception` on the way turns it into a failure.
+  """
 
 
 class PreemptionWatcher:
   """SIGTERM -> stop at an agreed step, checkpoint, exit 0.
 
-  `should_stop()` is cheap on one process; with several processes it all-gathers the flag every
-  `sync_every` steps so they all stop at the same step (a collective save needs every process),
-  and also honours JAX's own preemption notice where the runtime provides one (Cloud TPU).
+  Until `arm()` (called when the training loop starts) the handler raises `Preempted`, so a
+  preemption during start-up, which can take minutes on a pod, ends the run at once. After it, the
+  handler only sets a flag that the loop polls: `should_stop()` is cheap on one process; with
+  several processes it all-gathers the flag every `sync_every` steps so they all stop at the same
+  step (a collective save needs every process), and also honours JAX's own preemption notice where
+  the runtime provides one (Cloud TPU).
   """
 
   def __init__(self, signals=(signal.SIGTERM,), *, sync_every: int = 10):
     self.requested = False
+    self.armed = False
     self.sync_every = sync_every
     self._previous = {}
     for sig in signals:
@@ -379,8 +443,19 @@ class PreemptionWatcher:
 
   def _handler(self, signum, frame):
     del frame
-    logging.warning('received signal %d: will checkpoint and exit', signum)
+    if self.requested:
+      return  # Stopping already; a second signal must not interrupt the clean-up.
     self.requested = True
+    if not self.armed:
+      logging.warning(
+        'received signal %d during start-up: stopping (no step to checkpoint)', signum
+      )
+      raise Preempted(signum)
+    logging.warning('received signal %d: will checkpoint and exit', signum)
+
+  def arm(self) -> None:
+    """From now on a signal only sets the flag: the loop checkpoints and stops."""
+    self.armed = True
 
   def should_stop(self, step: int) -> bool:
     flag = self.requested
