@@ -2,6 +2,7 @@
 
 import json
 import os
+import shlex
 import socket
 import subprocess
 import sys
@@ -243,7 +244,8 @@ def test_a_lost_peer_seen_by_two_threads_is_one_line():
 def test_continue_command_repeats_the_users_command():
   argv = ['vit_jax/main.py', f'--config={Q}', '--workdir=w', '--config.total_steps=12', '--x=a b']
   assert main_lib.continue_command(argv, 24) == (
-    f"python -m vit_jax.main --config={Q} --workdir=w '--x=a b' --config.total_steps=24"
+    f"{shlex.quote(sys.executable)} -m vit_jax.main --config={Q} --workdir=w '--x=a b' "
+    '--config.total_steps=24'
   )
 
 

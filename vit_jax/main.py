@@ -163,12 +163,16 @@ def _summary(result: dict, workdir: str) -> str:
     f'  metrics:    {os.path.join(workdir, "metrics.jsonl")} (TensorBoard, installed with '
     f'vit_jax: tensorboard --logdir {os.path.join(workdir, "tensorboard")})'
   )
+  python = shlex.quote(sys.executable)  # The interpreter that ran this: its venv has vit_jax.
+  run = shlex.quote(workdir)
   lines += [
     'Next:',
+    f'  classify images:    {python} -m vit_jax.predict --checkpoint {run} IMAGE_OR_FOLDER',
+    f'  export (onnx, hf, saved_model, npz): {python} -m vit_jax.export --checkpoint {run} '
+    f'--format onnx --out {shlex.quote(os.path.join(workdir, "export", "onnx"))}',
     f'  continue training:  {continue_command(sys.argv, 2 * result["step"])}',
-    '  fine-tune ViT-B/16: python -m vit_jax.main --config configs/finetune.py:model=ViT-B_16,'
-    'dataset=cifar10 --workdir workdirs/ft --config.pretrained_path=ViT-B_16.npz',
-    '  run the tests:      make test',
+    f'  fine-tune ViT-B/16: {python} -m vit_jax.main --config configs/finetune.py:model=ViT-B_16,'
+    f'dataset=cifar10 --workdir workdirs/ft --config.pretrained_path=ViT-B_16.npz',
     '=' * 72,
   ]
   return '\n'.join(lines)
@@ -187,7 +191,8 @@ def continue_command(argv, total_steps: int) -> str:
       skip = True
     else:
       args.append(arg)
-  return shlex.join(['python', '-m', 'vit_jax.main', *args, f'--config.total_steps={total_steps}'])
+  command = [sys.executable, '-m', 'vit_jax.main', *args, f'--config.total_steps={total_steps}']
+  return shlex.join(command)
 
 
 def list_models() -> str:
