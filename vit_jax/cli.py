@@ -12,6 +12,7 @@ from __future__ import annotations
 import difflib
 import logging
 import os
+import shlex
 import sys
 import traceback
 import warnings
@@ -57,8 +58,8 @@ def check_model_name(name: str | None) -> None:
   close = difflib.get_close_matches(name.lower(), list(by_lower), n=3, cutoff=0.5)
   hint = f'did you mean {" or ".join(repr(by_lower[c]) for c in close)}? ' if close else ''
   raise UserError(
-    f'unknown model {name!r}; {hint}python -m vit_jax.main --list_models lists all '
-    f'{len(known)} registered names'
+    f'unknown model {name!r}; {hint}{shlex.quote(sys.executable)} -m vit_jax.main '
+    f'--list_models lists all {len(known)} registered names'
   )
 
 
