@@ -77,8 +77,6 @@ def one_line(e: BaseException) -> str:
       'classifier)? --verbose lists every difference'
     )
   text = lines[0] if len(lines) == 1 else f'{lines[0]} {lines[1]}'.rstrip(':')
-  if isinstance(e, PermissionError | IsADirectoryError | NotADirectoryError) and e.filename:
-    return f'cannot write {e.filename!r}: {e.strerror}'
   if len(lines) > 2:
     text += ' ... (--verbose for the rest)'
   return text

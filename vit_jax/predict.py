@@ -62,7 +62,9 @@ def find_images(paths: list[str]) -> list[str]:
       raise ValueError(f'image {path!r} does not exist')
   if skipped:
     counts = ', '.join(f'{n} {ext}' for ext, n in sorted(skipped.items()))
-    print(f'skipped {sum(skipped.values())} files that are not images: {counts}', file=sys.stderr)
+    n = sum(skipped.values())
+    what = 'file that is not an image' if n == 1 else 'files that are not images'
+    print(f'skipped {n} {what}: {counts}', file=sys.stderr)
   return out
 
 
@@ -184,9 +186,12 @@ def _parser() -> argparse.ArgumentParser:
 def _writable_dir(path: str) -> bool:
   """Creates `path` if needed; returns whether it was created. Raises OSError if not writable."""
   created = not os.path.isdir(path)
-  os.makedirs(path, exist_ok=True)
+  try:
+    os.makedirs(path, exist_ok=True)
+  except OSError as e:
+    raise cli.UserError(f'cannot write {path!r}: {e.strerror or e}') from None
   if not os.access(path, os.W_OK):
-    raise PermissionError(13, 'Permission denied', path)
+    raise cli.UserError(f'cannot write {path!r}: Permission denied')
   return created
 
 

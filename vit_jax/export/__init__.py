@@ -144,11 +144,14 @@ def _staging(out_dir: str, publish: bool = True):
     made = os.path.dirname(made)
   made = None if os.path.exists(made) else made
   if os.path.isdir(out_dir) and not os.access(out_dir, os.W_OK):
-    raise PermissionError(13, 'Permission denied', out_dir)
-  os.makedirs(parent, exist_ok=True)
+    raise PermissionError(f'cannot write {out_dir!r}: Permission denied')
   published = False
   try:
-    staging = tempfile.mkdtemp(prefix=f'.{os.path.basename(out_dir)}.partial-', dir=parent)
+    try:
+      os.makedirs(parent, exist_ok=True)
+      staging = tempfile.mkdtemp(prefix=f'.{os.path.basename(out_dir)}.partial-', dir=parent)
+    except OSError as e:  # Named by the folder asked for, not the staging folder's name.
+      raise OSError(f'cannot write {out_dir!r}: {e.strerror or e}') from None
     try:
       yield staging
       if publish:

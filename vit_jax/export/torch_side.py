@@ -118,6 +118,10 @@ def _quiet_torch() -> None:
   warnings.filterwarnings('ignore', category=DeprecationWarning)
   warnings.filterwarnings('ignore', module=r'torchvision(\.|$)')
   warnings.filterwarnings('ignore', message=r'.*torch\.onnx.*')
+  try:  # torch configures its loggers when imported: set their levels after that.
+    import torch  # noqa: F401
+  except ImportError:
+    return
   for name in ('torch.onnx', 'torch.export', 'torch._dynamo', 'onnxscript', 'transformers'):
     logging.getLogger(name).setLevel(logging.ERROR)
 
