@@ -9,11 +9,14 @@ and keeps its traceback.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import logging
 import os
+import re
 import shlex
 import sys
+import threading
 import traceback
 import warnings
 
@@ -24,18 +27,29 @@ class UserError(Exception):
   """A mistake in the command's arguments or inputs, reported in one line."""
 
 
+# Lines that TensorFlow's and XLA's C++ code writes straight to the stderr file descriptor while
+# absl logging is uninitialized, whatever TF_CPP_MIN_LOG_LEVEL says: its INFO lines (the oneDNN
+# notice, once per loaded library; "Compiled cluster using XLA!"; the CPU feature guard and its
+# second line) and the failed CUDA probe of the `tensorflow` wheel on a machine without a GPU.
+NATIVE_NOISE = re.compile(
+  r'^(WARNING: All log messages before absl::InitializeLog\(\) is called'
+  r'|I\d{4} [\d:. ]+\d+ [\w./-]+:\d+\] '
+  r'|To enable the following instructions: .* rebuild TensorFlow'
+  r'|\S+ \S+: E \S+cuda_platform\.cc:\d+\] failed call to cuInit'
+  r'|E\d{4} [\d:. ]+\d+ \S+cuda_platform\.cc:\d+\] failed call to cuInit)'
+)
+
+
 def quiet() -> None:
   """Silences library chatter that is not ours to act on; call before TensorFlow is imported.
 
-  TensorFlow's C++ INFO lines (the oneDNN notice, printed once per loaded library, and the CPU
-  feature guard; `TF_CPP_MIN_LOG_LEVEL` and `TF_ENABLE_ONEDNN_OPTS` set by the user win), progress
-  bars, JAX's probe for a TPU runtime, and Python warnings about libraries' own internals
-  (FutureWarning, DeprecationWarning). Real warnings (UserWarning, WARNING logs) still show.
+  TensorFlow's C++ INFO and WARNING lines (`TF_CPP_MIN_LOG_LEVEL` set by the user wins),
+  progress bars, JAX's probe for a TPU runtime, and Python warnings about libraries' own
+  internals (FutureWarning, DeprecationWarning). Real warnings (UserWarning, WARNING logs of our
+  code) still show. What TensorFlow writes natively before its log level applies is filtered
+  line by line by `run` (NATIVE_NOISE).
   """
   os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
-  # The oneDNN notice is logged while TensorFlow loads, before its log level applies; only turning
-  # its oneDNN custom ops off (float round-off level differences) silences it.
-  os.environ.setdefault('TF_ENABLE_ONEDNN_OPTS', '0')
   os.environ.setdefault('TQDM_DISABLE', '1')
   os.environ.setdefault('TRANSFORMERS_VERBOSITY', 'error')
   warnings.filterwarnings('ignore', category=FutureWarning)
@@ -43,6 +57,40 @@ def quiet() -> None:
   logging.getLogger('jax._src.xla_bridge').setLevel(logging.WARNING)
   for name in ('absl', 'tensorflow', 'orbax', 'tensorflow_datasets'):
     logging.getLogger(name).setLevel(logging.ERROR)
+
+
+@contextlib.contextmanager
+def filtered_stderr(pattern: re.Pattern = NATIVE_NOISE):
+  """Routes file descriptor 2 through a filter that drops lines matching `pattern`.
+
+  Native libraries write to the descriptor, not to `sys.stderr`, so only this catches them.
+  Everything else (our lines, Python warnings, tracebacks) passes through unchanged.
+  """
+  sys.stderr.flush()
+  try:
+    real = os.dup(2)
+    read, write = os.pipe()
+  except OSError:  # No descriptor 2 to filter (embedded interpreters): leave it alone.
+    yield
+    return
+  os.dup2(write, 2)
+  os.close(write)
+
+  def pump():
+    with os.fdopen(read, 'rb') as source, os.fdopen(os.dup(real), 'wb', buffering=0) as sink:
+      for line in source:
+        if not pattern.match(line.decode('utf-8', 'replace')):
+          sink.write(line)
+
+  thread = threading.Thread(target=pump, name='stderr-filter', daemon=True)
+  thread.start()
+  try:
+    yield
+  finally:
+    sys.stderr.flush()
+    os.dup2(real, 2)  # Closes the pipe's last write end: the pump sees the end and finishes.
+    os.close(real)
+    thread.join(timeout=5)
 
 
 def check_model_name(name: str | None) -> None:
@@ -101,13 +149,14 @@ def run(main, argv: list[str] | None, *, user_errors=USER_ERRORS) -> int:
   from vit_jax import npz
 
   caught = (UserError, npz.CheckpointMismatchError, *user_errors)
-  try:
-    return main(argv) or 0
-  except caught as e:
-    if verbose:
-      traceback.print_exc()
-    print(f'error: {one_line(e)}', file=sys.stderr)
-    return USAGE_ERROR
-  except KeyboardInterrupt:
-    print('interrupted', file=sys.stderr)
-    return 130
+  with filtered_stderr():
+    try:
+      return main(argv) or 0
+    except caught as e:
+      if verbose:
+        traceback.print_exc()
+      print(f'error: {one_line(e)}', file=sys.stderr)
+      return USAGE_ERROR
+    except KeyboardInterrupt:
+      print('interrupted', file=sys.stderr)
+      return 130
