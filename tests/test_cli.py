@@ -221,3 +221,9 @@ def test_a_run_keeps_its_labels_and_its_hints_work(tmp_path):
   proc = _run(shlex.split(export)[1:], tmp_path)
   assert proc.returncode == 0, proc.stderr
   assert (workdir / 'export' / 'onnx' / 'labels.txt').read_text() == 'cat\ndog\n'
+
+
+def test_list_models_prints_no_backend_probe(tmp_path):
+  proc = _run(['-m', 'vit_jax.main', '--list_models'], REPO)
+  assert proc.returncode == 0 and 'ViT-B_16' in proc.stdout
+  assert not _noise(proc.stderr), proc.stderr

@@ -227,6 +227,7 @@ class _QuietLibraries:
 def main(argv):
   if len(argv) > 1:
     _fail(f'unexpected arguments {argv[1:]}: every option is --name=value', 2)
+  logging.get_absl_handler().python_handler.addFilter(_QuietLibraries())  # Before JAX starts.
   if FLAGS.list_models:
     print(list_models())
     return
@@ -237,7 +238,6 @@ def main(argv):
     return
   if not FLAGS.workdir:
     _fail('--workdir is required (a local directory or gs:// path; it resumes if it holds one)', 2)
-  logging.get_absl_handler().python_handler.addFilter(_QuietLibraries())
   if FLAGS.local_device_count:
     import jax
 
