@@ -43,7 +43,8 @@ def _run(args: list[str], cwd: str) -> subprocess.CompletedProcess:
     [sys.executable, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=900
   )
   print(
-    f'  $ python {" ".join(args)}  -> exit {proc.returncode} in {time.perf_counter() - start:.0f}s'
+    f'  $ python {" ".join(args) if args[0] != "-c" else "-c ..."}  -> exit {proc.returncode} in '
+    f'{time.perf_counter() - start:.0f}s'
   )
   return proc
 

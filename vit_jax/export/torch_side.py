@@ -77,7 +77,7 @@ def run(loaded, fmt: str, out_dir: str, images: np.ndarray, batches) -> tuple[st
       'batches': [int(b) for b in batches],
     }
     with open(os.path.join(tmp, 'request.json'), 'w') as f:
-      json.dump(request, f, default=list)
+      json.dump(request, f, default=str)
     np.savez(os.path.join(tmp, 'arrays.npz'), images=images, **_flatten(loaded.params))
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL=os.environ.get('TF_CPP_MIN_LOG_LEVEL', '2'))
     proc = subprocess.run(
