@@ -2,12 +2,13 @@
 # make test:  lint + format check + the test suite.
 # make faults: the whole fault-injection suite (kills, corrupt checkpoints, full disks, lost hosts).
 # make quickstart: setup, then train + evaluate the quickstart recipe into workdirs/quickstart.
+# make check-install: fresh venvs installed as users do (., .[export], over oldest deps), smoke each.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test lint format clean quickstart notebook faults
+.PHONY: setup test lint format clean quickstart notebook faults check-install
 
 setup: $(STAMP)
 
@@ -46,3 +47,10 @@ notebook: setup
 faults: setup
 	$(PY) -m pytest -q -n 2 --dist load tests/test_faults.py tests/test_errors.py tests/test_launch.py \
 	  tests/test_supervise.py
+
+# Fresh virtualenvs made as users make them, each followed by a smoke run (tools/check_install.sh):
+# `pip install .`, `pip install ".[export]"` (the index's default torch), and `pip install .` over
+# tensorflow and the oldest jax/flax/optax/orbax-checkpoint we declare. Needs the network (or the
+# package index) and ~8 GB of disk while it runs; too long for CI: run it before every release tag.
+check-install:
+	tools/check_install.sh

@@ -1,5 +1,8 @@
 """Recipes: argument parsing, locking, per-dataset presets, runlocal, and every field is read."""
 
+import shlex
+import sys
+
 import jax
 import ml_collections
 import numpy as np
@@ -307,6 +310,7 @@ def test_finetune_trains_and_resumes_on_a_folder_dataset(tmp_path):
   assert run(3)['step'] == 3  # What the resume hint does: same recipe and args, more steps.
   argv = ['main.py', f'--config=configs/finetune.py:{arg}', '--workdir', 'w b', '--config.lr=0.1']
   assert continue_command(argv + ['--config.total_steps', '2'], 4) == (
-    f"python -m vit_jax.main --config=configs/finetune.py:{arg} --workdir 'w b' "
+    f'{shlex.quote(sys.executable)} -m vit_jax.main '
+    f"--config=configs/finetune.py:{arg} --workdir 'w b' "
     '--config.lr=0.1 --config.total_steps=4'
   )

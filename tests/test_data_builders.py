@@ -68,6 +68,8 @@ def test_corrupt_files_are_named_at_prepare_time(tmp_path):
   assert str(root / 'a' / 'truncated.jpg') in message
   assert str(root / 'b' / 'garbage.png') in message
   assert '0.jpg' not in message.replace('truncated.jpg', '')
+  assert 'BytesIO' not in message and ' at 0x' not in message  # Files named, no object reprs.
+  assert not (tmp_path / 'tfds').exists()  # Nothing left behind by the failed preparation.
   with pytest.raises(ValueError, match='corrupt'):  # Nothing half-prepared is picked up.
     data.get_dataset(
       f'folder:{root}',
@@ -78,6 +80,22 @@ def test_corrupt_files_are_named_at_prepare_time(tmp_path):
       data_dir=str(tmp_path / 'tfds'),
       **KW,
     )
+
+
+def test_any_format_pil_reads_and_skipped_files_counted_in_one_line(tmp_path, caplog):
+  root = tmp_path / 'photos'
+  for name in ('a', 'b'):
+    (root / name).mkdir(parents=True)
+    Image.fromarray(_image(0)).save(root / name / 'x.webp', lossless=True)
+    Image.fromarray(_image(1)).save(root / name / 'y.tif')
+  (root / 'a' / 'notes.txt').write_text('not an image')
+  (root / 'b' / 'more.txt').write_text('not an image')
+  (root / 'b' / 'scan.xyz').write_text('not an image')
+  with caplog.at_level('WARNING'):
+    num_classes, _, sizes = data.get_dataset_info(f'folder:{root}', str(tmp_path / 'tfds'))
+  assert num_classes == 2 and sizes['train'] + sizes['validation'] == 4  # .webp and .tif kept.
+  (line,) = [r.getMessage() for r in caplog.records if 'skipped' in r.getMessage()]
+  assert line.endswith('skipped 3 files that are not images PIL reads: 2 .txt, 1 .xyz')
 
 
 def test_folder_structure_errors(tmp_path):

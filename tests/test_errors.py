@@ -2,6 +2,7 @@
 
 import json
 import os
+import shlex
 import socket
 import subprocess
 import sys
@@ -267,7 +268,8 @@ def test_a_lost_peer_seen_by_two_threads_is_one_line():
 def test_continue_command_repeats_the_users_command():
   argv = ['vit_jax/main.py', f'--config={Q}', '--workdir=w', '--config.total_steps=12', '--x=a b']
   assert main_lib.continue_command(argv, 24) == (
-    f"python -m vit_jax.main --config={Q} --workdir=w '--x=a b' --config.total_steps=24"
+    f"{shlex.quote(sys.executable)} -m vit_jax.main --config={Q} --workdir=w '--x=a b' "
+    '--config.total_steps=24'
   )
 
 
@@ -276,7 +278,7 @@ def test_the_hint_after_a_preemption_is_the_same_command_never_fewer_steps():
   preempted = {'preempted': True, 'step': 17, 'checkpoint_dir': 'w/checkpoints/17'}
   text = main_lib._summary(preempted, 'w', argv)
   assert (
-    f'resume (the same command): python -m vit_jax.main --config={Q} --workdir=w '
+    f'resume (the same command): {sys.executable} -m vit_jax.main --config={Q} --workdir=w '
     '--config.total_steps=40\n'
   ) in text
   assert 'total_steps=34' not in text and 'train longer' not in text  # 2 x 17 would end it early.

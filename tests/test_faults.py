@@ -253,8 +253,9 @@ def test_sigterm_checkpoints_within_30s_exits_0_and_resumes(reference, tmp_path,
   assert not os.path.exists(f'{workdir}/lock.json')
   summary = p.output().split('Preempted: ')[1]
   assert 'total_steps' not in summary, summary  # Never a hint that ends the run early.
-  assert f'resume (the same command): python -m vit_jax.main {_command(workdir, 5000)[3]}' in (
-    summary
+  assert (
+    f'resume (the same command): {sys.executable} -m vit_jax.main {_command(workdir, 5000)[3]}'
+    in (summary)
   )
   again = _run([*_command(workdir, last + 3), '--config.log_every=1'])
   assert f'resuming from step {last}' in again.output()
@@ -320,7 +321,9 @@ def _stopped_in_one_line(p, workdir, cause):
   for noise in ('Traceback', 'Task exception was never retrieved', 'Event loop is closed'):
     assert noise not in p.output(), p.output()[-6000:]
   command = error.split('rerun the same command to resume')[1]  # Last, after any notes.
-  assert ': python -m vit_jax.main --config=configs/quickstart.py:runlocal,' in command, error
+  assert (
+    f': {sys.executable} -m vit_jax.main --config=configs/quickstart.py:runlocal,' in command
+  ), error
   if ' library tracebacks in ' in error:
     assert os.path.exists(error.split(' library tracebacks in ')[1].split(')')[0]), error
   if 'saving checkpoint step' in error:
@@ -709,7 +712,9 @@ def test_sigterm_at_any_moment_of_start_up_or_shut_down_exits_0_and_releases_the
     assert not os.path.exists(f'{workdir}/lock.json'), line
     assert 'Traceback' not in p.output() and not p.errors(), p.output()
     assert 'nothing to checkpoint' in p.output() or 'nothing new to checkpoint' in p.output()
-    assert f'rerun the same command to resume: python -m vit_jax.main {argv[3]}' in p.output()
+    assert (
+      f'rerun the same command to resume: {sys.executable} -m vit_jax.main {argv[3]}' in p.output()
+    )
     assert _latest_checkpoint(workdir) == STEPS, line
   p = procs([*argv, '--config.log_every=1'])
   p.wait_for(lambda: _steps_seen(workdir) >= STEPS + 4)  # The last step is done: finishing.

@@ -196,26 +196,30 @@ def _summary(result: dict, workdir: str, argv=None) -> str:
   )
   if _LIBRARY_ERRORS.count:
     lines.append(f'  library tracebacks (orbax, TensorStore): {_LIBRARY_ERRORS.path}')
+  python = shlex.quote(sys.executable)  # The interpreter that ran this: its venv has vit_jax.
+  run = shlex.quote(workdir)
   lines.append('Next:')
   if result.get('preempted'):
     lines.append(f'  resume (the same command): {rerun_command(argv)}')
   else:
-    lines.append(
+    lines += [
+      f'  classify images:    {python} -m vit_jax.predict --checkpoint {run} IMAGE_OR_FOLDER',
+      f'  export (onnx, hf, saved_model, npz): {python} -m vit_jax.export --checkpoint {run} '
+      f'--format onnx --out {shlex.quote(os.path.join(workdir, "export", "onnx"))}',
       f'  train longer (a new schedule over {2 * result["step"]} steps): '
-      f'{continue_command(argv, 2 * result["step"])}'
-    )
+      f'{continue_command(argv, 2 * result["step"])}',
+    ]
   lines += [
-    '  fine-tune ViT-B/16: python -m vit_jax.main --config configs/finetune.py:model=ViT-B_16,'
+    f'  fine-tune ViT-B/16: {python} -m vit_jax.main --config configs/finetune.py:model=ViT-B_16,'
     'dataset=cifar10 --workdir workdirs/ft --config.pretrained_path=ViT-B_16.npz',
-    '  run the tests:      make test',
     '=' * 72,
   ]
   return '\n'.join(lines)
 
 
 def rerun_command(argv) -> str:
-  """The user's own command line, as `python -m vit_jax.main ...` (to resume after a stop)."""
-  return shlex.join(['python', '-m', 'vit_jax.main', *argv[1:]])
+  """The user's own command line, with this interpreter (to resume after a stop)."""
+  return shlex.join([sys.executable, '-m', 'vit_jax.main', *argv[1:]])
 
 
 def continue_command(argv, total_steps: int) -> str:
@@ -231,7 +235,8 @@ def continue_command(argv, total_steps: int) -> str:
       skip = True
     else:
       args.append(arg)
-  return shlex.join(['python', '-m', 'vit_jax.main', *args, f'--config.total_steps={total_steps}'])
+  command = [sys.executable, '-m', 'vit_jax.main', *args, f'--config.total_steps={total_steps}']
+  return shlex.join(command)
 
 
 def list_models() -> str:
@@ -357,6 +362,7 @@ _OUR_THREADS = ('workdir-lock', 'peer-watchdog', 'coordinator-probe')
 def main(argv):
   if len(argv) > 1:
     _fail(f'unexpected arguments {argv[1:]}: every option is --name=value', 2)
+  logging.get_absl_handler().python_handler.addFilter(_QuietLibraries())  # Before JAX starts.
   if FLAGS.list_models:
     print(list_models())
     return

@@ -15,37 +15,56 @@ class token over the patches, as a heat map over the image at the image's own si
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import os
 import re
+import shutil
+import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vit_jax import cli
 from vit_jax.export import load as checkpoint_load
-from vit_jax.export import preprocess
 
 
 def find_images(paths: list[str]) -> list[str]:
-  """Files as given; folders searched recursively for files whose extension PIL reads, sorted."""
+  """Files as given; folders searched recursively for files whose extension PIL reads, sorted.
+
+  Files in folders that PIL does not read by their extension are left out and counted, by
+  extension, in one line on stderr.
+
+  Raises:
+    ValueError: a path that does not exist, or a folder without image files.
+  """
   from PIL import Image
 
   extensions = {ext.lower() for ext in Image.registered_extensions()}
-  out = []
+  out, skipped = [], collections.Counter()
   for path in paths:
     if os.path.isdir(path):
-      found = [
-        os.path.join(root, name)
-        for root, _, names in os.walk(path)
-        for name in names
-        if os.path.splitext(name)[1].lower() in extensions
-      ]
+      found = []
+      for root, _, names in os.walk(path):
+        for name in names:
+          ext = os.path.splitext(name)[1].lower()
+          if ext in extensions:
+            found.append(os.path.join(root, name))
+          elif not name.startswith('.'):
+            skipped[ext or '(no extension)'] += 1
       if not found:
         raise ValueError(f'folder {path!r} holds no image files')
       out += sorted(found)
-    else:
+    elif os.path.exists(path):
       out.append(path)
+    else:
+      raise ValueError(f'image {path!r} does not exist')
+  if skipped:
+    counts = ', '.join(f'{n} {ext}' for ext, n in sorted(skipped.items()))
+    n = sum(skipped.values())
+    what = 'file that is not an image' if n == 1 else 'files that are not images'
+    print(f'skipped {n} {what}: {counts}', file=sys.stderr)
   return out
 
 
@@ -56,8 +75,10 @@ def read_image(path: str) -> np.ndarray:
   try:
     with Image.open(path) as img:
       return np.asarray(img.convert('RGB'))
-  except (FileNotFoundError, UnidentifiedImageError, OSError) as e:
-    raise ValueError(f'cannot read image {path!r}: {e}') from e
+  except UnidentifiedImageError:
+    raise ValueError(f'cannot read image {path!r}: not an image format PIL knows') from None
+  except OSError as e:  # Truncated or corrupt data, unreadable file.
+    raise ValueError(f'cannot read image {path!r}: {e.strerror or e}') from None
 
 
 def load_images(paths: list[str], pp: str | int) -> np.ndarray:
@@ -68,6 +89,8 @@ def load_images(paths: list[str], pp: str | int) -> np.ndarray:
     pp: an eval preprocessing string (`vit_jax.export.preprocess`) or an image size, meaning
       bilinear resize to it and [-1, 1].
   """
+  from vit_jax.export import preprocess  # TensorFlow: imported only once needed.
+
   if isinstance(pp, int):
     pp = checkpoint_load.DEFAULT_PP.format(size=pp)
   fn = preprocess.eval_preprocess(pp)
@@ -137,7 +160,12 @@ def predict(loaded, images: np.ndarray, *, top_k: int, attention: bool = False):
   return np.take_along_axis(probs, order, axis=-1), order, grids
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
+  """The command line; returns the exit status (2 and one line on stderr for a user error)."""
+  return cli.run(_main, argv)
+
+
+def _parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(
     prog='python -m vit_jax.predict', description=__doc__.split('\n')[0]
   )
@@ -150,9 +178,48 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument('--batch_size', type=int, default=32)
   parser.add_argument('--json', action='store_true', help='print one JSON document')
   parser.add_argument('--attention', default=None, metavar='OUT_DIR', help='rollout heat maps')
+  cli.add_verbose(parser)
   parser.add_argument('images', nargs='+', help='image files or folders')
-  args = parser.parse_args(argv)
+  return parser
 
+
+def _writable_dir(path: str) -> bool:
+  """Creates `path` if needed; returns whether it was created. Raises OSError if not writable."""
+  created = not os.path.isdir(path)
+  try:
+    os.makedirs(path, exist_ok=True)
+  except OSError as e:
+    raise cli.UserError(f'cannot write {path!r}: {e.strerror or e}') from None
+  if not os.access(path, os.W_OK):
+    raise cli.UserError(f'cannot write {path!r}: Permission denied')
+  return created
+
+
+def _main(argv: list[str]) -> None:
+  cli.quiet()
+  args = _parser().parse_args(argv)
+  cli.check_model_name(args.model)
+  paths = find_images(args.images)  # Fails before the model loads.
+  created = args.attention and _writable_dir(args.attention)
+  written = []
+  try:
+    results = _classify(args, paths, written)
+  except BaseException:
+    for path in written:  # Nothing half-written: this run's maps go, and a folder it made.
+      os.remove(path)
+    if created:
+      shutil.rmtree(args.attention, ignore_errors=True)
+    raise
+  if args.json:
+    print(json.dumps(results, indent=2))
+    return
+  for result in results:
+    print(result['path'])
+    for entry in result['top_k']:
+      print(f'  {entry["probability"]:6.1%}  {entry["label"]}')
+
+
+def _classify(args, paths: list[str], written: list[str]) -> list[dict]:
   loaded = checkpoint_load.load(
     args.checkpoint,
     model_name=args.model,
@@ -161,9 +228,6 @@ def main(argv: list[str] | None = None) -> None:
     labels=args.labels,
   )
   names = loaded.labels or [str(i) for i in range(loaded.num_classes)]
-  paths = find_images(args.images)
-  if args.attention:
-    os.makedirs(args.attention, exist_ok=True)
   results = []
   for start in range(0, len(paths), args.batch_size):
     batch = paths[start : start + args.batch_size]
@@ -186,16 +250,11 @@ def main(argv: list[str] | None = None) -> None:
         stem = os.path.splitext(os.path.basename(path))[0]
         out = os.path.join(args.attention, f'{start + i:05d}_{stem}.png')
         Image.fromarray(overlay(image, heatmap(grids[i], image.shape[:2]))).save(out)
+        written.append(out)
         result['attention'] = out
       results.append(result)
-  if args.json:
-    print(json.dumps(results, indent=2))
-    return
-  for result in results:
-    print(result['path'])
-    for entry in result['top_k']:
-      print(f'  {entry["probability"]:6.1%}  {entry["label"]}')
+  return results
 
 
 if __name__ == '__main__':
-  main()
+  sys.exit(main())

@@ -25,6 +25,7 @@ import numpy as np
 import optax
 
 from vit_jax import guards, models, npz, optim, resume, sharding, train_state
+from vit_jax import labels as labels_lib
 from vit_jax import metrics as metrics_lib
 from vit_jax.export import load as checkpoint_load
 
@@ -303,6 +304,16 @@ def write_config(config: Mapping, workdir: str) -> None:
     json.dump(as_dict, f, indent=2, sort_keys=True, default=str)
 
 
+def _write_labels(config: Mapping, workdir: str) -> None:
+  """Stores the label names in the workdir: predict and export read them from there."""
+  if jax.process_index() != 0:
+    return
+  from vit_jax import data
+
+  names = data.get_dataset_info(config['dataset'], config['data_dir'] or None)[1]
+  checkpoint_load.write_labels(labels_lib.readable(list(names)), workdir)
+
+
 def train_and_evaluate(
   config: ml_collections.ConfigDict, workdir: str, *, devices=None
 ) -> dict[str, Any]:
@@ -385,6 +396,7 @@ def _train_and_evaluate(
   if start_batch is None:
     start_batch = step * trainer.accum_steps
   train_ds = _datasets(config, start_batch=start_batch, micro_batch=trainer.micro_batch)
+  _write_labels(config, workdir)  # The dataset is prepared by now.
   from vit_jax import data
   from vit_jax import evaluators as evaluators_lib  # Late, as the data: imports TensorFlow.
 

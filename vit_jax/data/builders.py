@@ -5,18 +5,20 @@ All are real `tfds.core.GeneratorBasedBuilder`s: prepared once into `data_dir` a
 and then read by the same pipeline as any TFDS dataset (per-process shards, resumable shuffling).
 """
 
+import collections
 import hashlib
 import io
 import logging
 import os
 import re
+import shutil
 import tarfile
 
 import numpy as np
 import tensorflow_datasets as tfds
 
 DEFAULT_DATA_DIR = os.path.join('~', 'tensorflow_datasets')
-IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif')
+IMAGE_EXTENSIONS = ('.jpg', '.jpeg', '.png', '.bmp', '.gif')  # ImageNet-21k's members.
 DIGITS_NUM_TEST = 360  # 20% of 1,797, stratified by class with a fixed seed.
 
 
@@ -30,6 +32,36 @@ class _OfflineBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
   @classmethod
   def code_path(cls):
     return None
+
+  # TFDS prints "Downloading and preparing dataset Unknown size ..." and progress bars (terminal
+  # escapes in a log file): nothing is downloaded here, so one log line each instead.
+  def _log_download_bytes(self):
+    logging.info(
+      'preparing dataset %s into %s (once; later runs reuse it)', self.name, self.data_dir
+    )
+
+  def _log_download_done(self):
+    logging.info('prepared dataset %s in %s', self.name, self.data_dir)
+
+  def download_and_prepare(self, *args, **kwargs):
+    """TFDS's preparation without progress bars; on failure nothing is left in `data_dir`."""
+    from tensorflow_datasets.core.utils import tqdm_utils
+
+    chain = [self._data_dir_root, os.path.join(self._data_dir_root, self.name)]
+    if self.builder_config:
+      chain.append(os.path.join(chain[-1], self.builder_config.name))
+    # The outermost folder that preparation creates: removed again if it fails.
+    made = next((p for p in [*chain, self.data_dir] if not os.path.exists(p)), None)
+    shown = getattr(tqdm_utils, '_active', True)
+    tqdm_utils.display_progress_bar(False)
+    try:
+      return super().download_and_prepare(*args, **kwargs)
+    except BaseException:
+      if made and '://' not in made:
+        shutil.rmtree(made, ignore_errors=True)
+      raise
+    finally:
+      tqdm_utils.display_progress_bar(shown)
 
 
 class Digits(_OfflineBuilder):
@@ -85,8 +117,20 @@ def prepare_digits(data_dir: str | None = None) -> tfds.core.DatasetBuilder:
   return builder
 
 
+def readable_extensions() -> set[str]:
+  """File extensions of every image format PIL can open (lower case, with the dot)."""
+  from PIL import Image
+
+  Image.init()
+  return {ext.lower() for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN}
+
+
 def _list_folder(folder: str) -> dict[str, list[str]]:
-  """Returns {class name: sorted image paths}; raises on a missing, empty or unreadable folder."""
+  """Returns {class name: sorted image paths}; raises on a missing, empty or unreadable folder.
+
+  Images are files with an extension of a format PIL reads; other files are left out, and counted
+  by extension in one warning line.
+  """
   if not os.path.isdir(folder):
     raise FileNotFoundError(f'Image folder {folder!r} does not exist (dataset "folder:{folder}").')
   classes = sorted(d for d in os.listdir(folder) if os.path.isdir(os.path.join(folder, d)))
@@ -95,19 +139,34 @@ def _list_folder(folder: str) -> dict[str, list[str]]:
     raise ValueError(
       f'Image folder {folder!r} has no class subfolders: expected {folder}/<class name>/<images>.'
     )
-  files = {}
+  files, skipped = {}, collections.Counter()
+  extensions = readable_extensions()
   for name in classes:
     path = os.path.join(folder, name)
     try:
       entries = sorted(os.listdir(path))
     except OSError as e:
       raise ValueError(f'Class folder {path!r} is unreadable: {e}') from e
-    files[name] = [os.path.join(path, f) for f in entries if f.lower().endswith(IMAGE_EXTENSIONS)]
+    files[name] = []
+    for entry in entries:
+      ext = os.path.splitext(entry)[1].lower()
+      if ext in extensions:
+        files[name].append(os.path.join(path, entry))
+      elif not entry.startswith('.') and os.path.isfile(os.path.join(path, entry)):
+        skipped[ext or '(no extension)'] += 1
     if not files[name]:
       raise ValueError(
-        f'Class folder {path!r} contains no images ({"/".join(IMAGE_EXTENSIONS)}); '
+        f'Class folder {path!r} contains no images (no file of a format PIL reads); '
         'add images or remove the folder.'
       )
+  if skipped:
+    counts = ', '.join(f'{n} {ext}' for ext, n in sorted(skipped.items()))
+    logging.warning(
+      'folder %s: skipped %d files that are not images PIL reads: %s',
+      folder,
+      sum(skipped.values()),
+      counts,
+    )
   return files
 
 
@@ -120,9 +179,13 @@ def _checked_bytes(raw: bytes, convert_to: str = 'PNG') -> bytes:
   Raises:
     OSError/ValueError (from PIL): a corrupt, truncated or unreadable file.
   """
-  from PIL import Image
+  from PIL import Image, UnidentifiedImageError
 
-  with Image.open(io.BytesIO(raw)) as image:
+  try:
+    image = Image.open(io.BytesIO(raw))
+  except UnidentifiedImageError:  # Its message names the BytesIO object, not the file.
+    raise ValueError('not an image format PIL reads') from None
+  with image:
     image.load()  # Full decode: catches truncated and corrupt files.
     if image.format == 'JPEG' and image.mode in ('RGB', 'L'):
       return raw

@@ -6,7 +6,9 @@
 `--checkpoint` is an original-format `.npz` (local or gs://; `--model` names its variant) or a
 training workdir (latest checkpoint, or `--step`; model, image size, preprocessing and labels come
 from its config.json). Exit status 1 when the exported logits differ from ours by more than the
-tolerance, 2 for a usage error (a model the format cannot represent, a missing runtime).
+tolerance, 2 and one line on stderr for a user error (an unknown model, a missing or mismatched
+checkpoint, a model the format cannot represent, a missing runtime, an output folder that cannot be
+written; `--verbose` adds the traceback). Nothing is left in `--out` when it fails.
 """
 
 from __future__ import annotations
@@ -14,11 +16,16 @@ from __future__ import annotations
 import argparse
 import sys
 
-from vit_jax import export
+from vit_jax import cli, export
 from vit_jax.export import load
 
 
 def main(argv: list[str] | None = None) -> int:
+  return cli.run(_main, argv)
+
+
+def _main(argv: list[str]) -> int:
+  cli.quiet()
   parser = argparse.ArgumentParser(
     prog='python -m vit_jax.export', description=__doc__.split('\n')[0]
   )
@@ -33,21 +40,20 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument(
     '--batch_size', type=int, default=None, help='saved_model: a fixed batch size (for TFLite)'
   )
+  cli.add_verbose(parser)
   args = parser.parse_args(argv)
-  try:
-    loaded = load.load(
-      args.checkpoint,
-      model_name=args.model,
-      step=args.step,
-      image_size=args.image_size,
-      labels=args.labels,
-    )
-    report = export.export(
-      loaded, args.format, args.out, tolerance=args.tolerance, batch_size=args.batch_size
-    )
-  except (ValueError, ImportError, FileNotFoundError) as e:
-    print(f'error: {e}', file=sys.stderr)
-    return 2
+  cli.check_model_name(args.model)
+  export.check_output(args.out)  # Before the minutes of loading and converting.
+  loaded = load.load(
+    args.checkpoint,
+    model_name=args.model,
+    step=args.step,
+    image_size=args.image_size,
+    labels=args.labels,
+  )
+  report = export.export(
+    loaded, args.format, args.out, tolerance=args.tolerance, batch_size=args.batch_size
+  )
   print('\n'.join(report.lines()))
   if not report.ok:
     print(f'error: {args.format} export differs from vit_jax beyond the tolerance', file=sys.stderr)

@@ -56,10 +56,8 @@ _TOP_TABLE = {
 }
 
 
-def hf_config(model_config: Mapping, *, num_classes: int, image_size: int):
-  """The `transformers.ViTConfig` of a plain ViT model config (original schema)."""
-  from transformers import ViTConfig
-
+def check_plain_vit(model_config: Mapping) -> None:
+  """Raises ValueError unless the model is a ViT that the Hugging Face ViT can hold (no torch)."""
   if model_config.get('resnet') is not None or 'hidden_dim' in model_config:
     raise ValueError('Hugging Face export supports plain ViT models only (not hybrids or Mixer)')
   if model_config.get('classifier', 'token') != 'token':
@@ -70,6 +68,24 @@ def hf_config(model_config: Mapping, *, num_classes: int, image_size: int):
   ph, pw = model_config['patches']['size']
   if ph != pw:
     raise ValueError(f'HF ViT needs square patches, got {(ph, pw)}')
+
+
+def check(loaded) -> None:
+  """Raises ValueError for a checkpoint the hf format cannot hold (checked before any torch)."""
+  check_plain_vit(loaded.model_config)
+  if 'pre_logits' in loaded.params:
+    raise ValueError(
+      'Hugging Face export: this checkpoint has a representation layer (pre_logits, dense + tanh) '
+      'that ViTForImageClassification does not have; export it as npz or onnx instead'
+    )
+
+
+def hf_config(model_config: Mapping, *, num_classes: int, image_size: int):
+  """The `transformers.ViTConfig` of a plain ViT model config (original schema)."""
+  from transformers import ViTConfig
+
+  check_plain_vit(model_config)
+  ph, _ = model_config['patches']['size']
   t = model_config['transformer']
   return ViTConfig(
     hidden_size=model_config['hidden_size'],
@@ -161,12 +177,7 @@ def save(loaded, directory: str) -> str:
     ValueError: hybrids, Mixer, non-token classifiers, or a representation layer (`pre_logits`),
       which `ViTForImageClassification` does not have.
   """
-  hf_config(loaded.model_config, num_classes=loaded.num_classes, image_size=loaded.image_size)
-  if 'pre_logits' in loaded.params:
-    raise ValueError(
-      'Hugging Face export: this checkpoint has a representation layer (pre_logits, dense + tanh) '
-      'that ViTForImageClassification does not have; export it as npz or onnx instead'
-    )
+  check(loaded)
   model = to_hf_model(loaded.params, loaded.model_config, image_size=loaded.image_size)
   if loaded.labels:
     model.config.id2label = dict(enumerate(loaded.labels))

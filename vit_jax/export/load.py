@@ -21,6 +21,7 @@ import flax
 import jax
 import numpy as np
 
+from vit_jax import labels as labels_lib
 from vit_jax import models, npz, train_state
 
 DEFAULT_PP = 'decode|resize({size})|value_range(-1,1)'  # The published ViT evaluation.
@@ -52,6 +53,14 @@ def is_workdir(path: str) -> bool:
 
     return tf.io.gfile.exists(os.path.join(path, 'config.json'))
   return os.path.isfile(os.path.join(path, 'config.json'))
+
+
+def _exists(path: str) -> bool:
+  if '://' in path:
+    import tensorflow as tf
+
+    return tf.io.gfile.exists(path)
+  return os.path.isfile(path)
 
 
 def read_config(workdir: str) -> dict:
@@ -128,13 +137,45 @@ def _build(name_or_config, num_classes: int, overrides: Mapping):
   return models.get_model(name_or_config, num_classes=num_classes, **overrides)
 
 
+LABELS_FILE = 'labels.txt'  # In a workdir: the run's label names, one per line, class order.
+
+
+def read_labels(path: str) -> list[str]:
+  """Label names from a text file, one per line (local or remote)."""
+  if '://' in path:
+    import tensorflow as tf
+
+    with tf.io.gfile.GFile(path) as f:
+      text = f.read()
+  else:
+    with open(path, encoding='utf-8') as f:
+      text = f.read()
+  return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+def write_labels(names: list[str], workdir: str) -> None:
+  """Writes a workdir's label names (`labels.txt`), so they travel with its checkpoints."""
+  path = os.path.join(workdir, LABELS_FILE)
+  text = '\n'.join(names) + '\n'
+  if '://' in path:
+    import tensorflow as tf
+
+    with tf.io.gfile.GFile(path, 'w') as f:
+      f.write(text)
+    return
+  with open(path, 'w', encoding='utf-8') as f:
+    f.write(text)
+
+
 def label_names(dataset: str | None, num_classes: int, data_dir: str | None = None):
-  """Label names of a TFDS dataset name, `synthetic:...` or a text file; None when unknown."""
+  """Label names of a TFDS dataset name, `synthetic:...` or a text file; None when unknown.
+
+  WordNet ids (ImageNet's TFDS names, `n01440764`) become readable names (`vit_jax.labels`).
+  """
   if not dataset:
     return None
-  if os.path.isfile(dataset):
-    with open(dataset) as f:
-      names = [line.strip() for line in f if line.strip()]
+  if os.path.isfile(dataset) or '://' in dataset:
+    names = read_labels(dataset)
   else:
     from vit_jax import data
 
@@ -150,12 +191,12 @@ def label_names(dataset: str | None, num_classes: int, data_dir: str | None = No
         return None
   if len(names) != num_classes:
     raise ValueError(f'{dataset!r} has {len(names)} labels but the checkpoint has {num_classes}')
-  return names
+  return labels_lib.readable(names)
 
 
 def default_labels(num_classes: int) -> str | None:
-  """The dataset whose names a released checkpoint of this class count uses (ImageNet)."""
-  return {1000: 'imagenet2012', 21843: 'imagenet21k'}.get(num_classes)
+  """The names file of a released checkpoint of this class count (ImageNet-1k or -21k)."""
+  return labels_lib.path(num_classes)
 
 
 def load(
@@ -187,7 +228,9 @@ def load(
     model = _build(name, num_classes, config.get('model') or {})
     image_size = image_size or int(config['image_size'])
     pp_eval = config.get('pp_eval') or DEFAULT_PP.format(size=image_size)
-    labels = labels or config.get('dataset')
+    if not labels:  # The names the run stored; older workdirs: its dataset's, if still there.
+      stored = os.path.join(path, LABELS_FILE)
+      labels = stored if _exists(stored) else config.get('dataset')
     data_dir = config.get('data_dir') or None
   else:
     if not model_name:

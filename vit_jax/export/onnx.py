@@ -19,6 +19,14 @@ from vit_jax.export import hf
 RUNTIME = 'onnxruntime (CPU)'
 
 
+def check(loaded) -> None:
+  """Raises ValueError for a checkpoint the onnx path cannot hold (checked before any torch)."""
+  try:
+    hf.check_plain_vit(loaded.model_config)
+  except ValueError as e:
+    raise ValueError(f'ONNX export goes through the Hugging Face PyTorch ViT: {e}') from None
+
+
 def _torch_model(loaded):
   """A torch module: pixel_values -> logits (HF classifier, or HF pooler + our head)."""
   import torch
@@ -51,10 +59,7 @@ def save(loaded, out_dir: str) -> str:
   """
   import torch
 
-  try:
-    hf.hf_config(loaded.model_config, num_classes=loaded.num_classes, image_size=loaded.image_size)
-  except ValueError as e:
-    raise ValueError(f'ONNX export goes through the Hugging Face PyTorch ViT: {e}') from None
+  check(loaded)
   model = _torch_model(loaded)
   os.makedirs(out_dir, exist_ok=True)
   path = os.path.join(out_dir, 'model.onnx')
