@@ -5,7 +5,8 @@ import ml_collections
 import numpy as np
 import pytest
 
-from configs import common, finetune, pretrain, quickstart
+from vit_jax import config as config_lib
+from vit_jax.configs import finetune, pretrain, quickstart
 from vit_jax import data, models, optim, train
 
 
@@ -27,7 +28,7 @@ from vit_jax import data, models, optim, train
 def test_recipes_build_locked_valid_configs(module, arg):
   config = module.get_config(arg)
   assert config.is_locked
-  assert set(config) == set(common.base_config())  # Same schema everywhere.
+  assert set(config) == set(config_lib.base_config())  # Same schema everywhere.
   with pytest.raises(AttributeError):
     config.batchsize = 3  # A typo is an error, not a new field.
   models.get_model(config.model_name, num_classes=10, **config.model)  # Overrides are valid.
@@ -110,7 +111,7 @@ VIT_PAPER = {
   'imagenet2012': {'epochs': 300, 'lr': 3e-3, 'decay_type': 'cosine', 'wd': 0.3, 'dropout': 0.1},
   'imagenet21k': {'epochs': 90, 'lr': 1e-3, 'decay_type': 'linear', 'wd': 0.03, 'dropout': 0.1},
 }
-# Fine-tuning: vision_transformer vit_jax/configs/common.py (lines), vit.py:35-36; ViT paper Tab. 4
+# Fine-tuning: vision_transformer vit_jax/configs/config_lib.py (lines), vit.py:35-36; ViT paper Tab. 4
 FINETUNE = {
   'cifar10': {'total_steps': 10_000, 'train_split': 'train[:98%]', 'eval_splits': 'test'},  # :87-91
   'cifar100': {'total_steps': 10_000, 'train_split': 'train[:98%]', 'eval_splits': 'test'},
@@ -126,16 +127,16 @@ FINETUNE_COMMON = {
   'optimizer': 'sgd',  # paper B.1.1
   'momentum': 0.9,  # paper B.1.1
   'weight_decay': 0.0,  # paper B.1.1
-  'grad_clip_norm': 1.0,  # common.py:41
-  'mu_dtype': 'bfloat16',  # common.py:43
-  'batch_size': 512,  # common.py:48
-  'eval_batch_size': 512,  # common.py:50
-  'shuffle_buffer': 50_000,  # common.py:52
-  'eval_every': 100,  # common.py:54
-  'log_every': 10,  # common.py:56
-  'checkpoint_every': 1000,  # common.py:58
-  'decay_type': 'cosine',  # common.py:66
-  'image_size': 384,  # common.py:91 crop
+  'grad_clip_norm': 1.0,  # config_lib.py:41
+  'mu_dtype': 'bfloat16',  # config_lib.py:43
+  'batch_size': 512,  # config_lib.py:48
+  'eval_batch_size': 512,  # config_lib.py:50
+  'shuffle_buffer': 50_000,  # config_lib.py:52
+  'eval_every': 100,  # config_lib.py:54
+  'log_every': 10,  # config_lib.py:56
+  'checkpoint_every': 1000,  # config_lib.py:58
+  'decay_type': 'cosine',  # config_lib.py:66
+  'image_size': 384,  # config_lib.py:91 crop
   'pp_eval': 'decode|resize(384)|value_range(-1,1)',  # input_pipeline.py:213-214
 }
 
@@ -212,9 +213,9 @@ def test_finetune_is_the_original_projects(dataset):
   c = finetune.get_config(f'model=ViT-B_16,dataset={dataset}')
   _check(c, FINETUNE_COMMON)
   _check(c, FINETUNE[dataset])
-  # common.py:64 base_lr 0.03; vit.py:35-36 0.01 for b16 + cifar10.
+  # config_lib.py:64 base_lr 0.03; vit.py:35-36 0.01 for b16 + cifar10.
   assert c.lr == (0.01 if dataset == 'cifar10' else 0.03)
-  # common.py:68 warmup 500; augreg.py:58-59: 100 for the 500-step runs.
+  # config_lib.py:68 warmup 500; augreg.py:58-59: 100 for the 500-step runs.
   assert c.warmup_steps == (100 if c.total_steps == 500 else 500)
   assert c.pp_train == 'decode_jpeg_and_inception_crop(384)|flip_lr|value_range(-1,1)'
   assert finetune.get_config('dataset=cifar10,steps=7,lr=0.5').total_steps == 7
@@ -229,17 +230,17 @@ def test_recipes_use_each_datasets_own_splits(tmp_path):
 
 
 def test_label_smoothing_with_an_onehot_op_is_refused_and_composes_with_mixup():
-  c = common.base_config()
+  c = config_lib.base_config()
   c.label_smoothing, c.pp_train = 0.1, 'decode|resize(224)|onehot(10)|value_range(-1,1)'
   with pytest.raises(ValueError, match='label_smoothing=0.1 would be ignored with onehot'):
-    common.finalize(c)
+    config_lib.finalize(c)
   c = quickstart.get_config()  # label_smoothing=0.1; an onehot op from the command line:
   c.pp_train = 'decode|resize(16)|onehot(3)|value_range(-1,1)'
   with pytest.raises(ValueError, match='label_smoothing=0.1 would be ignored with onehot'):
     train.train_and_evaluate(c, '/nonexistent/never/written')  # Checked before anything runs.
-  c = common.base_config()
+  c = config_lib.base_config()
   c.label_smoothing, c.mixup.p = 0.1, 0.2
-  common.finalize(c)  # Mixup mixes the smoothed targets:
+  config_lib.finalize(c)  # Mixup mixes the smoothed targets:
   labels = np.array([0, 1, 2, 1])
   smooth = np.eye(3)[labels] * 0.9 + 0.1 / 3
   targets = train._targets({'label': labels}, 3, 0.1)
@@ -251,32 +252,32 @@ def test_label_smoothing_with_an_onehot_op_is_refused_and_composes_with_mixup():
 
 
 def test_image_size_must_match_the_pp_strings():
-  c = common.base_config()
+  c = config_lib.base_config()
   c.image_size = 384
   with pytest.raises(ValueError, match="image_size=384 but pp_train='decode|resize\\(224\\)"):
-    common.finalize(c)
-  assert common.pp_image_size('decode|resize_small(256)|central_crop((32, 32))') == 32
-  assert common.pp_image_size('decode|resize(300)|resize_small(256)') is None
-  assert common.pp_image_size('decode_jpeg_and_inception_crop(224)|flip_lr|randaug(2,0)') == 224
+    config_lib.finalize(c)
+  assert config_lib.pp_image_size('decode|resize_small(256)|central_crop((32, 32))') == 32
+  assert config_lib.pp_image_size('decode|resize(300)|resize_small(256)') is None
+  assert config_lib.pp_image_size('decode_jpeg_and_inception_crop(224)|flip_lr|randaug(2,0)') == 224
   assert finetune.get_config('res=224').image_size == 224  # The recipes derive both from one arg.
 
 
 def test_parse_arg_checks_keys_and_types():
-  args = common.parse_arg('model=B/16,steps=5,runlocal', model='x', steps=0, runlocal=False)
+  args = config_lib.parse_arg('model=B/16,steps=5,runlocal', model='x', steps=0, runlocal=False)
   assert (args.model, args.steps, args.runlocal) == ('B/16', 5, True)
   with pytest.raises(ValueError, match="unknown config argument 'stpes'"):
-    common.parse_arg('stpes=5', steps=0)
+    config_lib.parse_arg('stpes=5', steps=0)
   with pytest.raises(ValueError, match='expected an integer'):
-    common.parse_arg('steps=five', steps=0)
+    config_lib.parse_arg('steps=five', steps=0)
   with pytest.raises(ValueError, match='needs a value'):
-    common.parse_arg('steps', steps=0)
+    config_lib.parse_arg('steps', steps=0)
 
 
 def test_accumulation_must_divide_the_batch():
-  c = common.base_config()
+  c = config_lib.base_config()
   c.batch_size, c.accum_steps = 10, 4
   with pytest.raises(ValueError, match='not divisible by accum_steps=4'):
-    common.finalize(c)
+    config_lib.finalize(c)
 
 
 def test_runlocal_is_small():

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from subprocess_env import cpu_env
 
-from configs import quickstart
+from vit_jax.configs import quickstart
 from vit_jax import guards, metrics, models, npz, preflight, resume, train_state
 from vit_jax import main as main_lib
 

@@ -20,7 +20,7 @@ from collections.abc import Mapping, Sequence
 import flax
 import numpy as np
 
-from vit_jax import npz
+from vit_jax import models, npz
 
 _BLOCK = re.compile(r'^(?:vit\.)?(?:encoder\.layer|layers)\.(\d+)\.(.+)$')
 # (hf suffixes) -> our path inside Transformer/encoderblock_{i}, and the tensor kind.
@@ -60,7 +60,7 @@ def hf_config(model_config: Mapping, *, num_classes: int, image_size: int):
   """The `transformers.ViTConfig` of a plain ViT model config (original schema)."""
   from transformers import ViTConfig
 
-  if model_config.get('resnet') is not None or 'hidden_dim' in model_config:
+  if models.model_family(model_config) != 'vit':
     raise ValueError('Hugging Face export supports plain ViT models only (not hybrids or Mixer)')
   if model_config.get('classifier', 'token') != 'token':
     raise ValueError(
