@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 
-import _common as common  # Puts this tree's root on sys.path.
 import jax
 import jax.numpy as jnp
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import time
 
-import _common as common  # Puts this tree's root on sys.path.
 import jax
 import numpy as np
 

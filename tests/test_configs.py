@@ -6,8 +6,10 @@ import numpy as np
 import pytest
 
 from vit_jax import config as config_lib
-from vit_jax.configs import finetune, pretrain, quickstart
 from vit_jax import data, models, optim, train
+from vit_jax.configs import finetune, pretrain, quickstart
+from vit_jax.evaluators import common as evaluators_common
+from vit_jax.models import vit
 
 
 @pytest.mark.parametrize(
@@ -28,12 +30,91 @@ from vit_jax import data, models, optim, train
 def test_recipes_build_locked_valid_configs(module, arg):
   config = module.get_config(arg)
   assert config.is_locked
-  assert set(config) == set(config_lib.base_config())  # Same schema everywhere.
+  schema = config_lib.base_config()
+  assert set(config) == set(schema) and set(config.model) == set(schema.model)  # One schema.
   with pytest.raises(AttributeError):
     config.batchsize = 3  # A typo is an error, not a new field.
-  models.get_model(config.model_name, num_classes=10, **config.model)  # Overrides are valid.
+  models.get_model(config.model_name, num_classes=10, **config_lib.model_kwargs(config))
   optim.make_optimizer(config)
   assert config.batch_size % config.accum_steps == 0
+
+
+RECIPES = [
+  (quickstart, None),
+  (quickstart, 'runlocal'),
+  (finetune, None),
+  (finetune, 'runlocal'),
+  (pretrain, None),
+  (pretrain, 'runlocal'),
+]
+
+
+@pytest.mark.parametrize('module,arg', RECIPES)
+def test_every_recipe_takes_the_documented_model_overrides(module, arg):
+  """docs/training.md's `--config.model.attention_impl=xla`, `scan_layers=True`, widths."""
+  config = module.get_config(arg)
+  config.model.attention_impl = 'xla'  # What --config.model.attention_impl=xla does (locked).
+  config.model.scan_layers = True
+  config_lib.validate(config, environment=False)
+  model = models.get_model(config.model_name, num_classes=10, **config_lib.model_kwargs(config))
+  assert model.transformer['attention_impl'] == 'xla' and model.transformer['scan_layers']
+  config.model.update(hidden_size=64, num_heads=4)  # Any architecture field, not only some.
+  config_lib.validate(config, environment=False)
+  model = models.get_model(config.model_name, num_classes=10, **config_lib.model_kwargs(config))
+  assert model.hidden_size == 64
+
+
+def test_the_schema_is_what_the_readers_accept():
+  """Each declared choice is what its reader accepts; each model field is an override."""
+  assert config_lib.CHOICES['optimizer'] == optim.OPTIMIZERS
+  assert config_lib.CHOICES['decay_type'] == optim.DECAYS
+  assert config_lib.CHOICES['wd_mask'] == optim.WD_MASKS
+  assert config_lib.CHOICES['loss'] == train.LOSSES
+  assert config_lib.CHOICES['model.classifier'] == vit.CLASSIFIERS
+  assert set(config_lib.EVAL_TYPES) == set(evaluators_common.TYPES)
+  assert config_lib.base_config().weight_decay_mode == 'decoupled'
+  assert config_lib.CHOICES['weight_decay_mode'] == ('decoupled', 'lr_scaled')
+  for family, name in (('vit', 'ViT-Ti_16'), ('hybrid', 'R+ViT-Ti_16'), ('mixer', 'Mixer-B_16')):
+    fields = {k for k, (_, _, families) in config_lib.MODEL_FIELDS.items() if family in families}
+    defaults = {k: v for k, v in models.get_model_config(name).to_dict().items() if k in fields}
+    transformer = models.get_model_config(name).get('transformer') or {}
+    defaults.update({k: v for k, v in dict(transformer).items() if k in fields})
+    defaults.update({k: 'float32' for k in ('dtype', 'param_dtype')})
+    defaults['patches'] = models.get_model_config(name).patches.size
+    if family != 'mixer':
+      defaults.update(scan_layers=False, remat_policy='none', attention_impl='xla')
+      defaults.update(head_bias_init=0.0, head_zero_init=True, droppath_rate=0.0)
+    assert set(defaults) == fields, family
+    models.get_model(name, num_classes=10, **defaults)  # Every declared field is accepted.
+
+
+def test_the_quickstart_model_is_registered_and_mixer_recipes_drop_encoder_fields():
+  config = quickstart.get_config()
+  assert config.model_name == 'ViT-Quick'
+  assert config_lib.model_kwargs(config) == {
+    'dtype': 'float32',
+    'param_dtype': 'float32',
+    'dropout_rate': 0.0,
+    'droppath_rate': 0.0,
+  }
+  config = finetune.get_config('model=Mixer-B_16')  # Dropout 0, no scan: nothing for a Mixer.
+  assert config_lib.model_kwargs(config) == {'dtype': 'float32', 'param_dtype': 'float32'}
+  config.model.scan_layers = True
+  with pytest.raises(config_lib.ConfigError, match='model.scan_layers=True does not apply to Mi'):
+    config_lib.validate(config, environment=False)
+
+
+def test_one_function_says_which_family_a_model_is():
+  assert [models.model_family(n) for n in ('ViT-B_16', 'R50+ViT-B_16', 'Mixer-B_16')] == [
+    'vit',
+    'hybrid',
+    'mixer',
+  ]
+  assert models.model_family({'model_name': 'x', 'hidden_dim': 3}) == 'mixer'
+  assert models.model_family(models.get_model('Mixer-B_16', num_classes=0)) == 'mixer'
+  assert models.model_family(models.get_model('R+ViT-Ti_16', num_classes=0)) == 'hybrid'
+  with pytest.raises(ValueError, match="unknown model 'ViT-X'"):
+    models.model_family('ViT-X')
 
 
 # Published values, written out here from the sources (not from the recipes), one row per setting.
@@ -111,7 +192,7 @@ VIT_PAPER = {
   'imagenet2012': {'epochs': 300, 'lr': 3e-3, 'decay_type': 'cosine', 'wd': 0.3, 'dropout': 0.1},
   'imagenet21k': {'epochs': 90, 'lr': 1e-3, 'decay_type': 'linear', 'wd': 0.03, 'dropout': 0.1},
 }
-# Fine-tuning: vision_transformer vit_jax/configs/config_lib.py (lines), vit.py:35-36; ViT paper Tab. 4
+# Fine-tuning: vision_transformer vit_jax/configs/common.py (lines), vit.py:35-36; ViT paper Tab. 4
 FINETUNE = {
   'cifar10': {'total_steps': 10_000, 'train_split': 'train[:98%]', 'eval_splits': 'test'},  # :87-91
   'cifar100': {'total_steps': 10_000, 'train_split': 'train[:98%]', 'eval_splits': 'test'},
@@ -127,16 +208,16 @@ FINETUNE_COMMON = {
   'optimizer': 'sgd',  # paper B.1.1
   'momentum': 0.9,  # paper B.1.1
   'weight_decay': 0.0,  # paper B.1.1
-  'grad_clip_norm': 1.0,  # config_lib.py:41
-  'mu_dtype': 'bfloat16',  # config_lib.py:43
-  'batch_size': 512,  # config_lib.py:48
-  'eval_batch_size': 512,  # config_lib.py:50
-  'shuffle_buffer': 50_000,  # config_lib.py:52
-  'eval_every': 100,  # config_lib.py:54
-  'log_every': 10,  # config_lib.py:56
-  'checkpoint_every': 1000,  # config_lib.py:58
-  'decay_type': 'cosine',  # config_lib.py:66
-  'image_size': 384,  # config_lib.py:91 crop
+  'grad_clip_norm': 1.0,  # common.py:41
+  'mu_dtype': 'bfloat16',  # common.py:43
+  'batch_size': 512,  # common.py:48
+  'eval_batch_size': 512,  # common.py:50
+  'shuffle_buffer': 50_000,  # common.py:52
+  'eval_every': 100,  # common.py:54
+  'log_every': 10,  # common.py:56
+  'checkpoint_every': 1000,  # common.py:58
+  'decay_type': 'cosine',  # common.py:66
+  'image_size': 384,  # common.py:91 crop
   'pp_eval': 'decode|resize(384)|value_range(-1,1)',  # input_pipeline.py:213-214
 }
 
@@ -213,9 +294,9 @@ def test_finetune_is_the_original_projects(dataset):
   c = finetune.get_config(f'model=ViT-B_16,dataset={dataset}')
   _check(c, FINETUNE_COMMON)
   _check(c, FINETUNE[dataset])
-  # config_lib.py:64 base_lr 0.03; vit.py:35-36 0.01 for b16 + cifar10.
+  # common.py:64 base_lr 0.03; vit.py:35-36 0.01 for b16 + cifar10.
   assert c.lr == (0.01 if dataset == 'cifar10' else 0.03)
-  # config_lib.py:68 warmup 500; augreg.py:58-59: 100 for the 500-step runs.
+  # common.py:68 warmup 500; augreg.py:58-59: 100 for the 500-step runs.
   assert c.warmup_steps == (100 if c.total_steps == 500 else 500)
   assert c.pp_train == 'decode_jpeg_and_inception_crop(384)|flip_lr|value_range(-1,1)'
   assert finetune.get_config('dataset=cifar10,steps=7,lr=0.5').total_steps == 7

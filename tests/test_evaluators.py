@@ -14,8 +14,8 @@ from data_fixtures import make_indexed_folder
 from subprocess_env import cpu_env
 
 from vit_jax import config as config_lib
-from vit_jax.configs import quickstart
 from vit_jax import data, train
+from vit_jax.configs import quickstart
 from vit_jax.evaluators import classification, fewshot
 from vit_jax.evaluators import common as ev_common
 

@@ -10,9 +10,8 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from vit_jax import config as config_lib
-from vit_jax.configs import quickstart
 from vit_jax import export, models, npz, train, train_state
+from vit_jax.configs import quickstart
 from vit_jax.data import preprocess as data_preprocess
 from vit_jax.export import __main__ as cli
 from vit_jax.export import load, preprocess

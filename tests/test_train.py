@@ -11,8 +11,8 @@ import optax
 import pytest
 
 from vit_jax import config as config_lib
-from vit_jax.configs import quickstart
 from vit_jax import data, metrics, models, npz, train, train_state
+from vit_jax.configs import quickstart
 
 
 def _runlocal(**overrides):

@@ -502,14 +502,14 @@ def _check_image_size(config: Mapping) -> None:
     return
   if size % patch[0] or size % patch[1]:
     near = ' or '.join(map(str, _nearest(size, math.lcm(*patch))))
-    pp_hint = (
-      ' and make --config.pp_train / --config.pp_eval end at that size'
-      if any(pp_image_size(pp) is not None for pp in pps.values())
-      else ''
-    )
+    also = ''  # The hinted size must pass the checks above too.
+    if any(pp_image_size(pp) is not None for pp in pps.values()):
+      also = ' and make --config.pp_train / --config.pp_eval end at that size'
+    elif dataset.startswith('synthetic'):
+      also = ' and image_size= in --config.dataset'
     raise ConfigError(
       f'image_size={size} is not divisible by the patch size {patch[0]} of '
-      f'{config["model_name"]}: use --config.image_size={near}{pp_hint}'
+      f'{config["model_name"]}: use --config.image_size={near}{also}'
     )
 
 
@@ -640,7 +640,8 @@ def _known_splits(dataset: str, data_dir: str | None) -> dict[str, int] | None:
 def _check_data(config: ml_collections.ConfigDict) -> None:
   data_dir = config['data_dir']
   dataset = config['dataset']
-  if data_dir and '://' not in data_dir and not dataset.startswith('synthetic'):
+  prepared_here = dataset.split(':')[0] in ('synthetic', 'digits', 'folder')  # Made on first use.
+  if data_dir and '://' not in data_dir and not prepared_here:
     if not os.path.isdir(os.path.expanduser(data_dir)):
       raise ConfigError(
         f'data_dir {data_dir!r} does not exist (dataset {dataset!r}): fix --config.data_dir, '
