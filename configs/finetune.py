@@ -86,7 +86,7 @@ def get_config(arg: str | None = None):
     c.image_size = 32
     c.batch_size = c.eval_batch_size = 16
     c.total_steps = args.steps if args.steps > 0 else 10
-    c.warmup_steps = 2
+    c.warmup_steps = min(2, c.total_steps)
     c.log_every = 1
     c.eval_every = 5
     c.checkpoint_every = 4

@@ -96,7 +96,9 @@ def workdir_shapes(workdir: str) -> dict[str, tuple[int, ...]]:
   out = {}
   for keys, leaf in leaves:
     parts = [str(getattr(k, 'key', getattr(k, 'name', k))) for k in keys]
-    out['/'.join(p for p in parts if p != 'value')] = tuple(getattr(leaf, 'shape', ()) or ())
+    if len(parts) > 1 and parts[-1] == 'value':  # A boxed (logically partitioned) leaf.
+      parts = parts[:-1]
+    out['/'.join(parts)] = tuple(getattr(leaf, 'shape', ()) or ())
   return _unscan(out)
 
 
