@@ -298,47 +298,6 @@ def finalize(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   return config
 
 
-def recipe_names() -> list[str]:
-  """The recipes installed with the library (`vit_jax.configs`): quickstart, finetune, pretrain."""
-  from vit_jax import configs
-
-  folder = os.path.dirname(configs.__file__)
-  return sorted(f[:-3] for f in os.listdir(folder) if f.endswith('.py') and f[0] != '_')
-
-
-def recipe_path(name: str) -> str | None:
-  """The file of an installed recipe, by name ('quickstart') or 'configs/quickstart.py'; or None.
-
-  A path that exists is the user's own file: `resolve_recipe` keeps it as it is.
-  """
-  from vit_jax import configs
-
-  stem = os.path.basename(name)[: -len('.py')] if name.endswith('.py') else name
-  if '/' in name and os.path.basename(os.path.dirname(name)) != 'configs':
-    return None
-  if stem not in recipe_names():
-    return None
-  return os.path.join(os.path.dirname(configs.__file__), f'{stem}.py')
-
-
-def resolve_recipe(spec: str) -> str:
-  """`--config` value -> 'FILE[:args]': a file path as given, else an installed recipe by name.
-
-  Raises:
-    ConfigError: neither a file nor a recipe name; the line names the known recipes.
-  """
-  path, sep, arg = spec.partition(':')
-  if os.path.isfile(path):
-    return spec
-  found = recipe_path(path)
-  if found is None:
-    raise ConfigError(
-      f'--config={spec}: no recipe {path!r} (not a file here, not a recipe name); recipes: '
-      f'{", ".join(recipe_names())} (e.g. --config=quickstart:runlocal), or a path to a .py file'
-    )
-  return f'{found}{sep}{arg}'
-
-
 # --- model overrides ----------------------------------------------------------------------------
 
 
@@ -424,8 +383,11 @@ def _closest(name: str, choices) -> str:
   return f'did you mean {match[0]!r}? ' if match else ''
 
 
-def _get(config: Mapping, dotted: str):
+def get_field(config: Mapping, dotted: str):
+  """`config['a']['b']` for 'a.b'; None where a key is missing."""
   for key in dotted.split('.'):
+    if key not in config:
+      return None
     config = config[key]
   return config
 
@@ -433,7 +395,7 @@ def _get(config: Mapping, dotted: str):
 def _check_fields(config: Mapping) -> None:
   """Checks of the values alone: choices, ranges, and fields that must agree with each other."""
   for field, allowed in CHOICES.items():
-    value = _get(config, field)
+    value = get_field(config, field)
     if value is not None and value not in allowed:
       raise ConfigError(
         f'{field}={value!r} is not one of {", ".join(map(repr, allowed))}: '
@@ -575,8 +537,10 @@ def validate(
   Raises:
     ConfigError: one line naming the value, the `--config.` flag to change and how.
   """
-  if environment:
-    _resolve_pretrained_workdir(config)
+  if environment and config['pretrained_path']:
+    from vit_jax import pretrained
+
+    pretrained.adopt_workdir_architecture(config)
   _check_model(config)
   _check_fields(config)
   if not environment:
@@ -680,30 +644,6 @@ def _check_data(config: ml_collections.ConfigDict) -> None:
     )
 
 
-def _resolve_pretrained_workdir(config: ml_collections.ConfigDict) -> None:
-  """`pretrained_path=WORKDIR`: the run's architecture becomes the workdir's (logged once)."""
-  path = config['pretrained_path']
-  if not path or path.endswith('.npz'):
-    return
-  from vit_jax import pretrained
-
-  stored = pretrained.workdir_config(path)
-  if stored is None:
-    return
-  model = dict(stored.get('model') or {})
-  changes = {'model_name': stored['model_name']}
-  changes.update({f'model.{k}': model.get(k) for k in ARCHITECTURE if k in config['model']})
-  changed = []
-  for key, value in changes.items():
-    value = tuple(value) if isinstance(value, list) else value
-    if _get(config, key) != value:
-      changed.append(f'{key}={value!r}')
-      parent = config['model'] if key.startswith('model.') else config
-      parent[key.removeprefix('model.')] = value
-  if changed:
-    logging.info('pretrained_path %s: its architecture, %s', path, ', '.join(changed))
-
-
 def _check_workdir(workdir: str) -> None:
   import jax
 
@@ -718,29 +658,3 @@ def _check_workdir(workdir: str) -> None:
       f'workdir {workdir!r} is not writable ({e.strerror}): choose another --workdir or fix '
       'its permissions'
     ) from e
-
-
-def _yaml_scalar(value) -> str:
-  import json
-  import re
-
-  if isinstance(value, str) and re.fullmatch(r'[A-Za-z_][\w./+-]*', value):
-    if value.lower() not in ('true', 'false', 'null', 'yes', 'no', 'on', 'off', 'none'):
-      return value  # Plain: names, splits, paths.
-  if isinstance(value, tuple | list):
-    return '[' + ', '.join(_yaml_scalar(v) for v in value) + ']'
-  return json.dumps(value)  # Quoted strings, numbers, true/false, null: valid YAML too.
-
-
-def to_yaml(config: Mapping, indent: int = 0) -> str:
-  """The config as plain YAML (tuples as lists, no Python tags), for `--print_config`."""
-  lines = []
-  for key in sorted(config):
-    value, pad = config[key], ' ' * indent
-    if isinstance(value, Mapping | ml_collections.ConfigDict):
-      lines.append(f'{pad}{key}:' + ('' if len(value) else ' {}'))
-      if len(value):
-        lines.append(to_yaml(value, indent + 2))
-    else:
-      lines.append(f'{pad}{key}: {_yaml_scalar(value)}')
-  return '\n'.join(lines)

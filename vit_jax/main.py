@@ -233,9 +233,10 @@ def main(argv):
   if FLAGS.config is None:
     _fail('--config is required, e.g. --config=quickstart', 2)
   from vit_jax import config as config_lib
+  from vit_jax import preflight
 
   if FLAGS.print_config:
-    print(config_lib.to_yaml(FLAGS.config))
+    print(preflight.to_yaml(FLAGS.config))
     return
   if not FLAGS.workdir:
     _fail('--workdir is required (a local directory or gs:// path; it resumes if it holds one)', 2)
@@ -247,7 +248,7 @@ def main(argv):
   initialize_distributed()
   import jax
 
-  from vit_jax import guards, preflight, train, train_state
+  from vit_jax import guards, train, train_state
 
   config = FLAGS.config
   workdir = FLAGS.workdir

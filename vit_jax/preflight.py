@@ -10,7 +10,7 @@ from __future__ import annotations
 import difflib
 import importlib.util
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import ml_collections
@@ -45,6 +45,47 @@ def _overrides(argv: Sequence[str]) -> list[tuple[str, str | None]]:
   return out
 
 
+def recipe_names() -> list[str]:
+  """The recipes installed with the library (`vit_jax.configs`): quickstart, finetune, pretrain."""
+  from vit_jax import configs
+
+  folder = os.path.dirname(configs.__file__)
+  return sorted(f[:-3] for f in os.listdir(folder) if f.endswith('.py') and f[0] != '_')
+
+
+def recipe_path(name: str) -> str | None:
+  """The file of an installed recipe, by name ('quickstart') or 'configs/quickstart.py'; or None.
+
+  A path that exists is the user's own file: `resolve_recipe` keeps it as it is.
+  """
+  from vit_jax import configs
+
+  stem = os.path.basename(name)[: -len('.py')] if name.endswith('.py') else name
+  if '/' in name and os.path.basename(os.path.dirname(name)) != 'configs':
+    return None
+  if stem not in recipe_names():
+    return None
+  return os.path.join(os.path.dirname(configs.__file__), f'{stem}.py')
+
+
+def resolve_recipe(spec: str) -> str:
+  """`--config` value -> 'FILE[:args]': a file path as given, else an installed recipe by name.
+
+  Raises:
+    UserError: neither a file nor a recipe name; the line names the known recipes.
+  """
+  path, sep, arg = spec.partition(':')
+  if os.path.isfile(path):
+    return spec
+  found = recipe_path(path)
+  if found is None:
+    raise UserError(
+      f'--config={spec}: no recipe {path!r} (not a file here, not a recipe name); recipes: '
+      f'{", ".join(recipe_names())} (e.g. --config=quickstart:runlocal), or a path to a .py file'
+    )
+  return f'{found}{sep}{arg}'
+
+
 def recipe_argv(argv: Sequence[str]) -> list[str]:
   """`argv` with its `--config` value made a file path: a recipe name becomes the installed file.
 
@@ -54,25 +95,16 @@ def recipe_argv(argv: Sequence[str]) -> list[str]:
   out = list(argv)
   for i, arg in enumerate(out):
     if arg.startswith('--config='):
-      out[i] = '--config=' + _resolve(arg[len('--config=') :])
+      out[i] = '--config=' + resolve_recipe(arg[len('--config=') :])
     elif arg == '--config' and i + 1 < len(out):
-      out[i + 1] = _resolve(out[i + 1])
+      out[i + 1] = resolve_recipe(out[i + 1])
   return out
-
-
-def _resolve(spec: str) -> str:
-  from vit_jax import config as config_lib
-
-  try:
-    return config_lib.resolve_recipe(spec)
-  except config_lib.ConfigError as e:
-    raise UserError(str(e)) from None
 
 
 def load_recipe(spec: str) -> ml_collections.ConfigDict:
   """`NAME[:args]` or `path/x.py[:args]` -> its `get_config(args)`; `UserError` for a missing
   recipe or bad args."""
-  path, _, arg = _resolve(spec).partition(':')
+  path, _, arg = resolve_recipe(spec).partition(':')
   spec_ = importlib.util.spec_from_file_location('_vit_jax_recipe', path)
   module = importlib.util.module_from_spec(spec_)
   spec_.loader.exec_module(module)
@@ -127,3 +159,29 @@ def explain_flags_error(argv: Sequence[str], error: Exception) -> str:
       return str(e)
   text = ' '.join(str(error).split())
   return text.replace('FATAL Flags parsing error: ', '')
+
+
+def _yaml_scalar(value) -> str:
+  import json
+  import re
+
+  if isinstance(value, str) and re.fullmatch(r'[A-Za-z_][\w./+-]*', value):
+    if value.lower() not in ('true', 'false', 'null', 'yes', 'no', 'on', 'off', 'none'):
+      return value  # Plain: names, splits, paths.
+  if isinstance(value, tuple | list):
+    return '[' + ', '.join(_yaml_scalar(v) for v in value) + ']'
+  return json.dumps(value)  # Quoted strings, numbers, true/false, null: valid YAML too.
+
+
+def to_yaml(config: Mapping, indent: int = 0) -> str:
+  """The config as plain YAML (tuples as lists, no Python tags), for `--print_config`."""
+  lines = []
+  for key in sorted(config):
+    value, pad = config[key], ' ' * indent
+    if isinstance(value, Mapping | ml_collections.ConfigDict):
+      lines.append(f'{pad}{key}:' + ('' if len(value) else ' {}'))
+      if len(value):
+        lines.append(to_yaml(value, indent + 2))
+    else:
+      lines.append(f'{pad}{key}: {_yaml_scalar(value)}')
+  return '\n'.join(lines)

@@ -10,6 +10,7 @@ line naming both shapes and the fix.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import zipfile
@@ -100,6 +101,30 @@ def workdir_shapes(workdir: str) -> dict[str, tuple[int, ...]]:
       parts = parts[:-1]
     out['/'.join(parts)] = tuple(getattr(leaf, 'shape', ()) or ())
   return _unscan(out)
+
+
+def adopt_workdir_architecture(config) -> None:
+  """`pretrained_path=WORKDIR`: the run's architecture becomes the workdir's (logged once)."""
+  from vit_jax import config as config_lib
+
+  path = config['pretrained_path']
+  stored = workdir_config(path) if path else None
+  if stored is None:
+    return
+  model = dict(stored.get('model') or {})
+  changes = {'model_name': stored['model_name']}
+  changes.update(
+    {f'model.{k}': model.get(k) for k in config_lib.ARCHITECTURE if k in config['model']}
+  )
+  changed = []
+  for key, value in changes.items():
+    value = tuple(value) if isinstance(value, list) else value
+    if config_lib.get_field(config, key) != value:
+      changed.append(f'{key}={value!r}')
+      parent = config['model'] if key.startswith('model.') else config
+      parent[key.removeprefix('model.')] = value
+  if changed:
+    logging.info('pretrained_path %s: its architecture, %s', path, ', '.join(changed))
 
 
 def _unscan(shapes: Mapping[str, tuple]) -> dict[str, tuple]:
