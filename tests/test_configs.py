@@ -389,3 +389,18 @@ def test_finetune_trains_and_resumes_on_a_folder_dataset(tmp_path):
     f"python -m vit_jax.main --config=configs/finetune.py:{arg} --workdir 'w b' "
     '--config.lr=0.1 --config.total_steps=4'
   )
+
+
+def test_the_library_never_imports_the_top_level_configs_package():
+  """Recipes install as vit_jax.configs; a top-level `configs` would collide with other projects."""
+  import pathlib
+  import re
+
+  root = pathlib.Path(__file__).resolve().parents[1]
+  for path in [*(root / 'vit_jax').rglob('*.py'), *(root / 'configs').glob('*.py')]:
+    text = path.read_text()
+    assert not re.search(r'^\s*(from configs\b|import configs\b)', text, re.M), path
+  recipes = [p.stem for p in (root / 'configs').glob('*.py') if not p.stem.startswith('_')]
+  assert sorted(recipes) == ['finetune', 'pretrain', 'quickstart']
+  for name in recipes:
+    assert 'from vit_jax import config' in (root / 'configs' / f'{name}.py').read_text(), name
