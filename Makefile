@@ -31,7 +31,7 @@ test: setup lint
 
 # Trains the quickstart recipe (small ViT, offline digits) on this machine, then evaluates it.
 quickstart: setup
-	$(PY) -m vit_jax.main --config configs/quickstart.py --workdir workdirs/quickstart
+	$(PY) -m vit_jax.main --config=quickstart --workdir workdirs/quickstart
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -22,7 +22,7 @@ def run(args, name: str) -> dict:
   fields = {'dtype': args.dtype}
   if args.attention_impl:
     fields['attention_impl'] = args.attention_impl
-  if not name.startswith('Mixer'):
+  if models.model_family(name) != 'mixer':
     fields.update(scan_layers=args.scan)
   model = models.get_model(name, num_classes=1000, **fields)
   size = args.image_size

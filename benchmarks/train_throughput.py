@@ -15,11 +15,10 @@ from __future__ import annotations
 
 import time
 
-import _common as common  # Puts this tree's root on sys.path.
 import jax
 import numpy as np
 
-from configs import common as config_lib  # noqa: E402
+from vit_jax import config as config_lib  # noqa: E402
 from vit_jax import metrics, train  # noqa: E402
 
 
@@ -29,11 +28,11 @@ def run(args, name: str) -> dict:
   fields = dict(dtype=args.dtype, scan_layers=args.scan, remat_policy=args.remat)
   if args.attention_impl:
     fields['attention_impl'] = args.attention_impl
-  config.model = config_lib.model_overrides(name, **fields)
+  config.model.update(fields)
   config.image_size = args.image_size
   config.batch_size = config.eval_batch_size = args.batch
   config.optimizer = args.optimizer
-  config.mesh.update(common.parse_mesh(args.mesh))
+  config.mesh.update(config_lib.parse_mesh(args.mesh))
   trainer = train.Trainer(config, num_classes=1000)
   state = trainer.init_state(0)
   rng = np.random.default_rng(0)
@@ -58,7 +57,7 @@ def run(args, name: str) -> dict:
     jax.block_until_ready(out)
     return (time.perf_counter() - start) / args.steps
 
-  record = common.throughput_record(
+  record = config_lib.throughput_record(
     args,
     name,
     step,
@@ -71,14 +70,14 @@ def run(args, name: str) -> dict:
 
 
 def main():
-  parser = common.throughput_parser(__doc__, 'steps per round')
+  parser = config_lib.throughput_parser(__doc__, 'steps per round')
   parser.add_argument('--remat', default='none', help="'none', 'full' or a checkpoint policy")
   parser.add_argument('--mesh', default='data=1', help="e.g. 'data=2,fsdp=4,tensor=1'")
   parser.add_argument('--optimizer', default='sgd', choices=['sgd', 'adamw'])
   args = parser.parse_args()
   for name in args.model.split(','):
     r = run(args, name)
-    common.emit(
+    config_lib.emit(
       r,
       f'{name} train b{r["batch"]} {r["image_size"]}px {r["dtype"]}: {r["step_ms"]:.1f} ms, '
       f'{r["images_per_s"]:.1f} img/s, compile {r["compile_s"]:.1f}s, '

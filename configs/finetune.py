@@ -1,6 +1,6 @@
 r"""Fine-tuning a published checkpoint: the ViT paper's recipe (Dosovitskiy et al., 2021, B.1.1).
 
-    python -m vit_jax.main --config configs/finetune.py:model=ViT-B_16,dataset=cifar10 \
+    python -m vit_jax.main --config=finetune:model=ViT-B_16,dataset=cifar10 \
         --workdir workdirs/vit_b16_cifar10 \
         --config.pretrained_path=gs://vit_models/imagenet21k/ViT-B_16.npz
 
@@ -17,7 +17,7 @@ Arguments: model=NAME (registered), dataset=NAME (TFDS or digits/folder:...), st
 res=N (resolution), batch=N, runlocal (seconds on a CPU: tiny model, synthetic data).
 """
 
-from configs import common
+from vit_jax import config
 
 # dataset -> (total steps, train split, eval split). Steps: ViT paper Table 4 and the original
 # project's presets (vision_transformer vit_jax/configs/common.py:85-107); its held-out parts of
@@ -32,18 +32,17 @@ DATASET_PRESETS = {
 
 
 def get_config(arg: str | None = None):
-  args = common.parse_arg(
+  args = config.parse_arg(
     arg, model='ViT-B_16', dataset='cifar10', steps=-1, lr=-1.0, res=384, batch=512, runlocal=False
   )
   kind = args.dataset.split(':')[0]
-  train_split, eval_split = common.default_splits(args.dataset)  # Any dataset: its own splits.
+  train_split, eval_split = config.default_splits(args.dataset)  # Any dataset: its own splits.
   steps, train_split, eval_split = DATASET_PRESETS.get(kind, (10_000, train_split, eval_split))
   # common.py:64 base_lr 0.03; vit.py:35-36 0.01 for b16 on cifar10.
   lr = 0.01 if (args.model, kind) == ('ViT-B_16', 'cifar10') else 0.03
-  c = common.base_config()
+  c = config.base_config()
   c.model_name = args.model
-  c.model = common.model_overrides(
-    args.model,
+  c.model.update(
     dtype='float32',
     param_dtype='float32',
     dropout_rate=0.0,  # augreg.py:54 "No AugReg during fine-tuning".
@@ -52,7 +51,7 @@ def get_config(arg: str | None = None):
     scan_layers=False,
     remat_policy='none',
   )
-  c.pretrained_path = ''  # Set with --config.pretrained_path=.../ViT-B_16.npz
+  c.pretrained_path = ''  # --config.pretrained_path=.../ViT-B_16.npz or a workdir of ours.
   c.dataset = args.dataset
   c.train_split = train_split
   c.eval_splits = eval_split
@@ -81,19 +80,16 @@ def get_config(arg: str | None = None):
     c.pp_train = f'decode|resize({args.res})|value_range(-1,1)'
   if args.runlocal:
     c.model_name = 'testing'
-    c.model = common.model_overrides(
-      'testing', dtype='float32', param_dtype='float32', dropout_rate=0.0
-    )
     c.dataset = 'synthetic:image_size=32,num_classes=10,num_examples=256'
     c.train_split, c.eval_splits = 'train', 'test'
     c.pp_train = c.pp_eval = 'value_range(-1,1)'
     c.image_size = 32
     c.batch_size = c.eval_batch_size = 16
     c.total_steps = args.steps if args.steps > 0 else 10
-    c.warmup_steps = 2
+    c.warmup_steps = min(2, c.total_steps)
     c.log_every = 1
     c.eval_every = 5
     c.checkpoint_every = 4
     c.shuffle_buffer = 64
     c.mu_dtype = ''
-  return common.finalize(c)
+  return config.finalize(c)

@@ -1,10 +1,10 @@
 r"""Pretraining from scratch: AugReg (Steiner et al., 2022) and the ViT paper's upstream settings.
 
-    python -m vit_jax.main --config configs/pretrain.py:model=ViT-B_16,dataset=imagenet2012 \
+    python -m vit_jax.main --config=pretrain:model=ViT-B_16,dataset=imagenet2012 \
         --workdir gs://bucket/vit_b16_i1k
     python -m vit_jax.main \
-        --config configs/pretrain.py:model=ViT-B_16,dataset=imagenet21k,augreg=light2 --workdir ...
-    python -m vit_jax.main --config configs/pretrain.py:recipe=vit,dataset=imagenet2012 \
+        --config=pretrain:model=ViT-B_16,dataset=imagenet21k,augreg=light2 --workdir ...
+    python -m vit_jax.main --config=pretrain:recipe=vit,dataset=imagenet2012 \
         --workdir ...
 
 `recipe=augreg` (default) is big_vision's `configs/vit_i1k.py` / `configs/vit_i21k.py` field by
@@ -38,7 +38,7 @@ do=X, sd=X (AugReg's dropout / stochastic depth: 0 or 0.1 in the paper), epochs=
 runlocal.
 """
 
-from configs import common
+from vit_jax import config
 
 # big_vision configs/vit_i1k.py:42-60 (identical in vit_i21k.py:16-34): RandAugment (layers,
 # magnitude) or None, and the mixup Beta concentration p.
@@ -89,25 +89,28 @@ def _variant(model: str) -> str:
   return model.removeprefix('ViT-').replace('_', '/')
 
 
-def _width(model: str) -> int | None:
+def _vit_width(model: str) -> int | None:
+  """The width of a ViT or hybrid; None for a Mixer."""
   from vit_jax import models  # Lazy: configs stay importable without JAX for parsing.
 
-  return models.get_model_config(model).get('hidden_size')
+  if models.model_family(model) == 'mixer':
+    return None
+  return models.get_model_config(model).hidden_size
 
 
 def _imagenet_evals(c, every: int, fewshot_every: int, runlocal: bool) -> None:
   """vit_i1k.py:146-164: val, v2 and ReaL (classification), few-shot linear probes."""
-  one = lambda **kw: common.eval_entry(pp=EVAL_PP, every=every, **kw)
+  one = lambda **kw: config.eval_entry(pp=EVAL_PP, every=every, **kw)
   c.evals.train = one(type='classification', split='train[:2%]')  # vit_i1k.py:156
   c.evals.minival = one(type='classification', split='train[99%:]')  # vit_i1k.py:157
   c.evals.val = one(type='classification', split='validation')  # vit_i1k.py:158
   c.evals.v2 = one(type='classification', dataset='imagenet_v2', split='test')  # :159
   c.evals.real = one(type='real', dataset='imagenet2012_real', split='validation')  # :160-161
-  c.evals.fewshot = common.fewshot_entry(every=fewshot_every, runlocal=runlocal)  # :163-164
+  c.evals.fewshot = config.fewshot_entry(every=fewshot_every, runlocal=runlocal)  # :163-164
 
 
 def get_config(arg: str | None = None):
-  args = common.parse_arg(
+  args = config.parse_arg(
     arg,
     model='ViT-B_16',
     dataset='imagenet2012',
@@ -130,7 +133,7 @@ def get_config(arg: str | None = None):
   if aug not in AUGREG:
     raise ValueError(f'unknown augreg={aug!r}; expected one of {sorted(AUGREG)}')
   randaug, mix = AUGREG[aug]
-  c = common.base_config()
+  c = config.base_config()
   c.dataset = args.dataset
   c.image_size = 224
   ra = f'|randaug({randaug[0]},{randaug[1]})' if randaug else ''
@@ -173,17 +176,17 @@ def get_config(arg: str | None = None):
     c.num_classes = 21843  # vit_i21k.py:44
     c.train_split = 'full[51200:]'  # vit_i21k.py:63
     every = 1000  # vit_i21k.py:108
-    c.evals.test = common.eval_entry(type='classification', split='full[:25600]', every=every)
-    c.evals.val = common.eval_entry(type='classification', split='full[25600:51200]', every=every)
-    c.evals.train = common.eval_entry(
+    c.evals.test = config.eval_entry(type='classification', split='full[:25600]', every=every)
+    c.evals.val = config.eval_entry(type='classification', split='full[25600:51200]', every=every)
+    c.evals.train = config.eval_entry(
       type='classification', split='full[51200:76800]', every=every
     )  # vit_i21k.py:111-113
-    c.evals.fewshot = common.fewshot_entry(every=25_000, runlocal=args.runlocal)  # :116-117
+    c.evals.fewshot = config.fewshot_entry(every=25_000, runlocal=args.runlocal)  # :116-117
   elif args.dataset == 'imagenet2012':
     c.train_split = 'train[:99%]'  # vit_i1k.py:89
     _imagenet_evals(c, every=2500, fewshot_every=10_000, runlocal=args.runlocal)  # :152, :164
   else:  # Any other dataset: its own splits, classification on its eval split.
-    c.train_split, c.eval_splits = common.default_splits(args.dataset)
+    c.train_split, c.eval_splits = config.default_splits(args.dataset)
   c.total_steps = (
     (args.epochs if args.epochs > 0 else epochs)
     * NUM_TRAIN.get(args.dataset, NUM_TRAIN['imagenet2012'])
@@ -193,8 +196,7 @@ def get_config(arg: str | None = None):
   c.eval_every = 2500
   c.model_name = args.model
   augreg = args.recipe == 'augreg'
-  c.model = common.model_overrides(
-    args.model,
+  c.model.update(
     dtype='float32',  # big_vision models/vit.py:61 dtype_mm='float32'; vit_i1k.py sets none.
     param_dtype='float32',
     dropout_rate=dropout,
@@ -202,19 +204,23 @@ def get_config(arg: str | None = None):
     droppath_rate=droppath,
     scan_layers=False,
     remat_policy='none',
-    # AugReg: 'tok' with a pre-logits layer on 1k (vit_i1k.py:123-124); global average pooling
-    # and none on 21k (vit_i21k.py:88). ViT paper: class token and pre-logits (paper sec. 3.1).
-    classifier='gap' if augreg and i21k else 'token',
-    representation_size=None if augreg and i21k else _width(args.model),
-    # Sigmoid losses start from a prior of 1/num_classes: vit_i1k.py:72 (-6.9), vit_i21k.py:45.
-    # (recipe=vit: the paper states neither loss nor bias; we use big_vision's with sigmoid.)
-    head_bias_init=(-10.0 if i21k else -6.9) if c.loss == 'sigmoid_xent' else 0.0,
   )
+  width = _vit_width(args.model)
+  if width is not None:  # A ViT (Mixer has no classifier choice, pre-logits or head bias init).
+    c.model.update(
+      # AugReg: 'tok' with a pre-logits layer on 1k (vit_i1k.py:123-124); global average pooling
+      # and none on 21k (vit_i21k.py:88). ViT paper: class token and pre-logits (paper sec. 3.1).
+      classifier='gap' if augreg and i21k else 'token',
+      representation_size=None if augreg and i21k else width,
+      # Sigmoid losses start from a prior of 1/num_classes: vit_i1k.py:72 (-6.9), vit_i21k.py:45.
+      # (recipe=vit: the paper states neither loss nor bias; we use big_vision's with sigmoid.)
+      head_bias_init=(-10.0 if i21k else -6.9) if c.loss == 'sigmoid_xent' else 0.0,
+    )
 
   if args.runlocal:
     c.model_name = 'testing'
-    c.model = common.model_overrides(
-      'testing',
+    c.model = config.base_config().model
+    c.model.update(
       dtype='float32',
       param_dtype='float32',
       dropout_rate=dropout,
@@ -225,7 +231,7 @@ def get_config(arg: str | None = None):
     c.dataset = 'synthetic:image_size=32,num_classes=10,num_examples=256'
     c.num_classes = -1
     c.train_split, c.eval_splits = 'train', 'test'
-    c.evals = common.base_config().evals
+    c.evals = config.base_config().evals
     c.pp_train = f'decode{ra}|value_range(-1,1)'
     c.pp_eval = 'value_range(-1,1)'
     c.image_size = 32
@@ -237,4 +243,4 @@ def get_config(arg: str | None = None):
     c.checkpoint_every = 4
     c.shuffle_buffer = 64
     c.mu_dtype = ''
-  return common.finalize(c)
+  return config.finalize(c)

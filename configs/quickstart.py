@@ -1,12 +1,13 @@
 r"""Quickstart: a small ViT on the offline `digits` dataset (8x8 handwritten digits, 10 classes).
 
-    python -m vit_jax.main --config configs/quickstart.py --workdir workdirs/quickstart
+    python -m vit_jax.main --config=quickstart --workdir workdirs/quickstart
 
 Hardware: any CPU. On a 2-core CPU it trains and evaluates in under 5 minutes including compilation
 (measured ~2 minutes) and reaches >= 95% top-1 on the 360-image test split (measured ~98%).
 The digits are upscaled 8x8 -> 16x16 and cut into 4x4 patches (16 tokens + class token);
-the model is a 4-layer ViT of width 64 trained from scratch with AdamW and light random-crop
-augmentation. The first run prepares the dataset into ~/tensorflow_datasets (no network needed).
+the model, `ViT-Quick`, is a 4-layer ViT of width 64 trained from scratch with AdamW and light
+random-crop augmentation. The first run prepares the dataset into ~/tensorflow_datasets (no network
+needed).
 
 Arguments (comma-separated, after `:`):
   runlocal     seconds-long smoke run: 'testing'-sized model, synthetic data, every step logged,
@@ -15,25 +16,14 @@ Arguments (comma-separated, after `:`):
   data_dir=D   TFDS data directory.
 """
 
-from configs import common
+from vit_jax import config
 
 
 def get_config(arg: str | None = None):
-  args = common.parse_arg(arg, runlocal=False, steps=-1, data_dir='')
-  c = common.base_config()
-  c.model_name = 'ViT-Ti_16'
-  c.model = common.model_overrides(
-    c.model_name,
-    hidden_size=64,
-    patches=(4, 4),
-    mlp_dim=128,
-    num_heads=4,
-    num_layers=4,
-    dtype='float32',
-    param_dtype='float32',
-    dropout_rate=0.0,
-    droppath_rate=0.0,
-  )
+  args = config.parse_arg(arg, runlocal=False, steps=-1, data_dir='')
+  c = config.base_config()
+  c.model_name = 'ViT-Quick'
+  c.model.update(dtype='float32', param_dtype='float32', dropout_rate=0.0, droppath_rate=0.0)
   c.dataset = 'digits'
   c.data_dir = args.data_dir
   c.train_split = 'train'
@@ -61,9 +51,7 @@ def get_config(arg: str | None = None):
 
   if args.runlocal:
     c.model_name = 'testing'
-    c.model = common.model_overrides(
-      c.model_name, patches=(4, 4), dtype='float32', param_dtype='float32', dropout_rate=0.0
-    )
+    c.model.patches = (4, 4)
     c.dataset = 'synthetic:image_size=16,num_classes=10,num_examples=512'
     c.pp_train = c.pp_eval = 'value_range(-1,1)'
     c.image_size = 16
@@ -79,4 +67,4 @@ def get_config(arg: str | None = None):
   if args.steps > 0:
     c.total_steps = args.steps
     c.warmup_steps = min(c.warmup_steps, args.steps)
-  return common.finalize(c)
+  return config.finalize(c)

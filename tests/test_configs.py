@@ -8,8 +8,11 @@ import ml_collections
 import numpy as np
 import pytest
 
-from configs import common, finetune, pretrain, quickstart
+from vit_jax import config as config_lib
 from vit_jax import data, models, optim, train
+from vit_jax.configs import finetune, pretrain, quickstart
+from vit_jax.evaluators import common as evaluators_common
+from vit_jax.models import vit
 
 
 @pytest.mark.parametrize(
@@ -30,12 +33,91 @@ from vit_jax import data, models, optim, train
 def test_recipes_build_locked_valid_configs(module, arg):
   config = module.get_config(arg)
   assert config.is_locked
-  assert set(config) == set(common.base_config())  # Same schema everywhere.
+  schema = config_lib.base_config()
+  assert set(config) == set(schema) and set(config.model) == set(schema.model)  # One schema.
   with pytest.raises(AttributeError):
     config.batchsize = 3  # A typo is an error, not a new field.
-  models.get_model(config.model_name, num_classes=10, **config.model)  # Overrides are valid.
+  models.get_model(config.model_name, num_classes=10, **config_lib.model_kwargs(config))
   optim.make_optimizer(config)
   assert config.batch_size % config.accum_steps == 0
+
+
+RECIPES = [
+  (quickstart, None),
+  (quickstart, 'runlocal'),
+  (finetune, None),
+  (finetune, 'runlocal'),
+  (pretrain, None),
+  (pretrain, 'runlocal'),
+]
+
+
+@pytest.mark.parametrize('module,arg', RECIPES)
+def test_every_recipe_takes_the_documented_model_overrides(module, arg):
+  """docs/training.md's `--config.model.attention_impl=xla`, `scan_layers=True`, widths."""
+  config = module.get_config(arg)
+  config.model.attention_impl = 'xla'  # What --config.model.attention_impl=xla does (locked).
+  config.model.scan_layers = True
+  config_lib.validate(config, environment=False)
+  model = models.get_model(config.model_name, num_classes=10, **config_lib.model_kwargs(config))
+  assert model.transformer['attention_impl'] == 'xla' and model.transformer['scan_layers']
+  config.model.update(hidden_size=64, num_heads=4)  # Any architecture field, not only some.
+  config_lib.validate(config, environment=False)
+  model = models.get_model(config.model_name, num_classes=10, **config_lib.model_kwargs(config))
+  assert model.hidden_size == 64
+
+
+def test_the_schema_is_what_the_readers_accept():
+  """Each declared choice is what its reader accepts; each model field is an override."""
+  assert config_lib.CHOICES['optimizer'] == optim.OPTIMIZERS
+  assert config_lib.CHOICES['decay_type'] == optim.DECAYS
+  assert config_lib.CHOICES['wd_mask'] == optim.WD_MASKS
+  assert config_lib.CHOICES['loss'] == train.LOSSES
+  assert config_lib.CHOICES['model.classifier'] == vit.CLASSIFIERS
+  assert set(config_lib.EVAL_TYPES) == set(evaluators_common.TYPES)
+  assert config_lib.base_config().weight_decay_mode == 'decoupled'
+  assert config_lib.CHOICES['weight_decay_mode'] == ('decoupled', 'lr_scaled')
+  for family, name in (('vit', 'ViT-Ti_16'), ('hybrid', 'R+ViT-Ti_16'), ('mixer', 'Mixer-B_16')):
+    fields = {k for k, (_, _, families) in config_lib.MODEL_FIELDS.items() if family in families}
+    defaults = {k: v for k, v in models.get_model_config(name).to_dict().items() if k in fields}
+    transformer = models.get_model_config(name).get('transformer') or {}
+    defaults.update({k: v for k, v in dict(transformer).items() if k in fields})
+    defaults.update({k: 'float32' for k in ('dtype', 'param_dtype')})
+    defaults['patches'] = models.get_model_config(name).patches.size
+    if family != 'mixer':
+      defaults.update(scan_layers=False, remat_policy='none', attention_impl='xla')
+      defaults.update(head_bias_init=0.0, head_zero_init=True, droppath_rate=0.0)
+    assert set(defaults) == fields, family
+    models.get_model(name, num_classes=10, **defaults)  # Every declared field is accepted.
+
+
+def test_the_quickstart_model_is_registered_and_mixer_recipes_drop_encoder_fields():
+  config = quickstart.get_config()
+  assert config.model_name == 'ViT-Quick'
+  assert config_lib.model_kwargs(config) == {
+    'dtype': 'float32',
+    'param_dtype': 'float32',
+    'dropout_rate': 0.0,
+    'droppath_rate': 0.0,
+  }
+  config = finetune.get_config('model=Mixer-B_16')  # Dropout 0, no scan: nothing for a Mixer.
+  assert config_lib.model_kwargs(config) == {'dtype': 'float32', 'param_dtype': 'float32'}
+  config.model.scan_layers = True
+  with pytest.raises(config_lib.ConfigError, match='model.scan_layers=True does not apply to Mi'):
+    config_lib.validate(config, environment=False)
+
+
+def test_one_function_says_which_family_a_model_is():
+  assert [models.model_family(n) for n in ('ViT-B_16', 'R50+ViT-B_16', 'Mixer-B_16')] == [
+    'vit',
+    'hybrid',
+    'mixer',
+  ]
+  assert models.model_family({'model_name': 'x', 'hidden_dim': 3}) == 'mixer'
+  assert models.model_family(models.get_model('Mixer-B_16', num_classes=0)) == 'mixer'
+  assert models.model_family(models.get_model('R+ViT-Ti_16', num_classes=0)) == 'hybrid'
+  with pytest.raises(ValueError, match="unknown model 'ViT-X'"):
+    models.model_family('ViT-X')
 
 
 # Published values, written out here from the sources (not from the recipes), one row per setting.
@@ -235,17 +317,17 @@ def test_recipes_use_each_datasets_own_splits(tmp_path):
 
 
 def test_label_smoothing_with_an_onehot_op_is_refused_and_composes_with_mixup():
-  c = common.base_config()
+  c = config_lib.base_config()
   c.label_smoothing, c.pp_train = 0.1, 'decode|resize(224)|onehot(10)|value_range(-1,1)'
   with pytest.raises(ValueError, match='label_smoothing=0.1 would be ignored with onehot'):
-    common.finalize(c)
+    config_lib.finalize(c)
   c = quickstart.get_config()  # label_smoothing=0.1; an onehot op from the command line:
   c.pp_train = 'decode|resize(16)|onehot(3)|value_range(-1,1)'
   with pytest.raises(ValueError, match='label_smoothing=0.1 would be ignored with onehot'):
     train.train_and_evaluate(c, '/nonexistent/never/written')  # Checked before anything runs.
-  c = common.base_config()
+  c = config_lib.base_config()
   c.label_smoothing, c.mixup.p = 0.1, 0.2
-  common.finalize(c)  # Mixup mixes the smoothed targets:
+  config_lib.finalize(c)  # Mixup mixes the smoothed targets:
   labels = np.array([0, 1, 2, 1])
   smooth = np.eye(3)[labels] * 0.9 + 0.1 / 3
   targets = train._targets({'label': labels}, 3, 0.1)
@@ -257,32 +339,32 @@ def test_label_smoothing_with_an_onehot_op_is_refused_and_composes_with_mixup():
 
 
 def test_image_size_must_match_the_pp_strings():
-  c = common.base_config()
+  c = config_lib.base_config()
   c.image_size = 384
   with pytest.raises(ValueError, match="image_size=384 but pp_train='decode|resize\\(224\\)"):
-    common.finalize(c)
-  assert common.pp_image_size('decode|resize_small(256)|central_crop((32, 32))') == 32
-  assert common.pp_image_size('decode|resize(300)|resize_small(256)') is None
-  assert common.pp_image_size('decode_jpeg_and_inception_crop(224)|flip_lr|randaug(2,0)') == 224
+    config_lib.finalize(c)
+  assert config_lib.pp_image_size('decode|resize_small(256)|central_crop((32, 32))') == 32
+  assert config_lib.pp_image_size('decode|resize(300)|resize_small(256)') is None
+  assert config_lib.pp_image_size('decode_jpeg_and_inception_crop(224)|flip_lr|randaug(2,0)') == 224
   assert finetune.get_config('res=224').image_size == 224  # The recipes derive both from one arg.
 
 
 def test_parse_arg_checks_keys_and_types():
-  args = common.parse_arg('model=B/16,steps=5,runlocal', model='x', steps=0, runlocal=False)
+  args = config_lib.parse_arg('model=B/16,steps=5,runlocal', model='x', steps=0, runlocal=False)
   assert (args.model, args.steps, args.runlocal) == ('B/16', 5, True)
   with pytest.raises(ValueError, match="unknown config argument 'stpes'"):
-    common.parse_arg('stpes=5', steps=0)
+    config_lib.parse_arg('stpes=5', steps=0)
   with pytest.raises(ValueError, match='expected an integer'):
-    common.parse_arg('steps=five', steps=0)
+    config_lib.parse_arg('steps=five', steps=0)
   with pytest.raises(ValueError, match='needs a value'):
-    common.parse_arg('steps', steps=0)
+    config_lib.parse_arg('steps', steps=0)
 
 
 def test_accumulation_must_divide_the_batch():
-  c = common.base_config()
+  c = config_lib.base_config()
   c.batch_size, c.accum_steps = 10, 4
   with pytest.raises(ValueError, match='not divisible by accum_steps=4'):
-    common.finalize(c)
+    config_lib.finalize(c)
 
 
 def test_runlocal_is_small():
@@ -314,3 +396,18 @@ def test_finetune_trains_and_resumes_on_a_folder_dataset(tmp_path):
     f"--config=configs/finetune.py:{arg} --workdir 'w b' "
     '--config.lr=0.1 --config.total_steps=4'
   )
+
+
+def test_the_library_never_imports_the_top_level_configs_package():
+  """Recipes install as vit_jax.configs; a top-level `configs` would collide with other projects."""
+  import pathlib
+  import re
+
+  root = pathlib.Path(__file__).resolve().parents[1]
+  for path in [*(root / 'vit_jax').rglob('*.py'), *(root / 'configs').glob('*.py')]:
+    text = path.read_text()
+    assert not re.search(r'^\s*(from configs\b|import configs\b)', text, re.M), path
+  recipes = [p.stem for p in (root / 'configs').glob('*.py') if not p.stem.startswith('_')]
+  assert sorted(recipes) == ['finetune', 'pretrain', 'quickstart']
+  for name in recipes:
+    assert 'from vit_jax import config' in (root / 'configs' / f'{name}.py').read_text(), name

@@ -11,7 +11,7 @@ import pytest
 import scipy.stats
 import tensorflow as tf
 
-from configs import common
+from vit_jax import config as config_lib
 from vit_jax import data, train
 from vit_jax.data import device
 
@@ -98,7 +98,7 @@ def test_mixup_and_cutmix_equal_the_host_ops():
 
 
 def _config(**fields):
-  c = common.base_config()
+  c = config_lib.base_config()
   c.model_name = 'testing'
   c.model = ml_collections.ConfigDict({'patches': (4, 4), 'dropout_rate': 0.0})
   c.image_size, c.batch_size, c.eval_batch_size = 16, 8, 8

@@ -14,9 +14,10 @@ import numpy as np
 import pytest
 from subprocess_env import cpu_env
 
-from configs import quickstart
+from vit_jax import config as config_lib
 from vit_jax import guards, metrics, models, npz, preflight, resume, train_state
 from vit_jax import main as main_lib
+from vit_jax.configs import quickstart
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 Q = 'configs/quickstart.py:runlocal'
@@ -56,7 +57,10 @@ def test_recipe_mistakes():
   line = _explain('--config=configs/quickstart.py:steps=many')
   assert "steps='many': expected an integer" in line
   line = _explain('--config=configs/nope.py')
-  assert "config file 'configs/nope.py' not found; recipes: configs/finetune.py" in line
+  assert (
+    "no recipe 'configs/nope.py' (not a file here, not a recipe name); recipes: finetune, " in line
+  )
+  assert 'unknown config argument' in _explain('--config=quickstart:bogus=1')  # By name too.
 
 
 def _config(**overrides):
@@ -75,8 +79,13 @@ def _config(**overrides):
   'overrides,expected',
   [
     ({'model_name': 'ViT-B_61'}, "unknown model 'ViT-B_61' (--config.model_name): did you mean "),
-    ({'image_size': 18}, 'image_size=18 is not divisible by the patch size 4 of testing: use '),
-    ({'image_size': 18}, 'one of 16, 20'),
+    ({'image_size': 18}, "image_size=18 but dataset='synthetic:image_size=16,num_classes=10,"),
+    ({'image_size': 18}, 'set --config.image_size=16'),
+    (
+      {'image_size': 18, 'dataset': 'synthetic:image_size=18'},
+      'image_size=18 is not divisible by the patch size 4 of testing: use --config.image_size=16 '
+      'or 20 and image_size= in --config.dataset',
+    ),
     ({'batch_size': 12}, 'batch_size=12 / accum_steps=1 is not divisible by the 8 batch shards'),
     ({'batch_size': 12}, 'one of 8, 16'),
     (
@@ -86,16 +95,16 @@ def _config(**overrides):
   ],
 )
 def test_config_mistakes_are_caught_before_any_work(overrides, expected, tmp_path):
-  with pytest.raises(preflight.UserError) as e:
-    preflight.check_config(_config(**overrides), str(tmp_path))
+  with pytest.raises(config_lib.ConfigError) as e:
+    config_lib.validate(_config(**overrides), str(tmp_path))
   assert expected in str(e.value), str(e.value)
 
 
 def test_unwritable_workdir(tmp_path):
   blocker = tmp_path / 'file'
   blocker.write_text('')  # A path below a file can never be created, even by root.
-  with pytest.raises(preflight.UserError, match=r"workdir '.*/file/w' is not writable \(Not a"):
-    preflight.check_config(_config(), str(blocker / 'w'))
+  with pytest.raises(config_lib.ConfigError, match=r"workdir '.*/file/w' is not writable \(Not a"):
+    config_lib.validate(_config(), str(blocker / 'w'))
 
 
 def test_pickled_npz_is_refused_never_unpickled(tmp_path):
@@ -333,3 +342,122 @@ def test_print_config_and_list_models():
   assert proc.returncode == 0, proc.stderr
   assert ' 86,567,656\n' in proc.stdout and 'ViT-B_16 ' in proc.stdout  # The published count.
   assert len(proc.stdout.splitlines()) == 1 + len(models.MODEL_CONFIGS)
+
+
+# --- the command line as a user types it, from another directory --------------------------------
+
+
+def _run(cwd, *args, timeout=300):
+  """`python -m vit_jax.main ARGS` run from `cwd` (not the repository)."""
+  return subprocess.run(
+    [sys.executable, '-m', 'vit_jax.main', *args],
+    cwd=cwd,
+    env=cpu_env(1),
+    capture_output=True,
+    text=True,
+    timeout=timeout,
+  )
+
+
+def _refused(proc, workdir, *expected):
+  """Exit 2, one ERROR line with each expected piece, and nothing written to the workdir."""
+  assert proc.returncode == 2, proc.stderr[-3000:]
+  errors = [line for line in proc.stderr.splitlines() if line.startswith('ERROR: ')]
+  assert len(errors) == 1 and 'Traceback' not in proc.stderr, proc.stderr[-3000:]
+  for text in expected:
+    assert text in errors[0], errors[0]
+  assert not os.path.exists(os.path.join(workdir, 'config.json'))
+  assert not os.path.exists(os.path.join(workdir, 'checkpoints'))
+  return errors[0]
+
+
+def test_config_by_name_or_path_from_any_directory(tmp_path):
+  proc = _run(tmp_path, '--config=quickstart:runlocal', '--print_config', '--config.lr=0.5')
+  assert proc.returncode == 0, proc.stderr
+  assert 'lr: 0.5\n' in proc.stdout and '!!python' not in proc.stdout
+  assert '  patches: [4, 4]\n' in proc.stdout  # Tuples print as plain lists.
+  path = os.path.join(REPO, 'configs', 'finetune.py')
+  proc = _run(tmp_path, f'--config={path}:runlocal', '--print_config')
+  assert proc.returncode == 0 and 'model_name: testing' in proc.stdout, proc.stderr
+  # The repository's relative path names the installed recipe where there is no such file here.
+  proc = _run(tmp_path, '--config=configs/pretrain.py:runlocal', '--print_config')
+  assert proc.returncode == 0 and 'remat_policy: full' in proc.stdout, proc.stderr
+  _refused(_run(tmp_path, '--config=quikstart', '--workdir=w'), tmp_path / 'w',
+           "no recipe 'quikstart'", 'recipes: finetune, pretrain, quickstart')  # fmt: skip
+
+
+def test_config_mistakes_exit_2_before_any_data_naming_the_flag(tmp_path):
+  from data_fixtures import make_indexed_folder
+
+  work = str(tmp_path / 'w')
+  # A warmup longer than the run (quickstart warms up 100 steps).
+  proc = _run(tmp_path, '--config=quickstart', f'--workdir={work}', '--config.total_steps=4')
+  _refused(proc, work, 'warmup_steps=100 must be in [0, total_steps=4]', '--config.warmup_steps=4')
+  # A batch larger than a folder dataset: the folder is listed, never prepared.
+  make_indexed_folder(str(tmp_path / 'images'), classes=2, per_class=5)
+  folder = f'--config.dataset=folder:{tmp_path / "images"}'
+  line = _refused(_run(tmp_path, '--config=quickstart', f'--workdir={work}', folder), work,
+                  "batch_size=128 (accum_steps=1) is larger than split 'train'", '(8 examples)',
+                  '--config.batch_size')  # fmt: skip
+  assert not os.path.exists(os.path.expanduser('~/tensorflow_datasets/vit_jax_image_folder/images'))
+  assert len(line) < 300
+  # A wrong size, then the size the hint gives passes every check.
+  proc = _run(tmp_path, '--config=quickstart', f'--workdir={work}', '--config.image_size=20')
+  line = _refused(proc, work, "image_size=20 but pp_train='decode|resize(18)|random_crop(16)")
+  assert line.endswith('(e.g. --config.image_size=16)')
+  config = quickstart.get_config()
+  config.image_size = 16
+  config_lib.validate(config, environment=False)
+  config.model.patches = (5, 5)
+  with pytest.raises(config_lib.ConfigError, match='use --config.image_size=15 or 20 and make --'):
+    config_lib.validate(config, environment=False)
+
+
+def test_a_folder_dataset_evaluates_on_the_split_it_has(tmp_path):
+  from data_fixtures import make_indexed_folder
+
+  make_indexed_folder(str(tmp_path / 'images'), classes=2, per_class=10)
+  proc = _run(
+    tmp_path,
+    '--config=quickstart:steps=1',
+    f'--workdir={tmp_path / "w"}',
+    f'--config.dataset=folder:{tmp_path / "images"}',
+    f'--config.data_dir={tmp_path / "tfds"}',
+    '--config.batch_size=8',
+    '--config.eval_batch_size=8',
+  )
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert "has no test split: evaluating on 'validation'" in proc.stderr
+  assert 'validation accuracy:' in proc.stdout
+
+
+def test_fine_tuning_from_a_workdir_takes_its_architecture_and_a_misfit_is_one_line(tmp_path):
+  first = str(tmp_path / 'first')
+  proc = _run(tmp_path, '--config=quickstart:runlocal,steps=1', f'--workdir={first}')
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  # finetune's runlocal model is 'testing' with 16x16 patches; the workdir's has 4x4 patches.
+  second = str(tmp_path / 'second')
+  proc = _run(tmp_path, '--config=finetune:runlocal,steps=1', f'--workdir={second}',
+              f'--config.pretrained_path={first}')  # fmt: skip
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert 'its architecture, model.patches=(4, 4)' in proc.stderr
+  with open(os.path.join(second, 'config.json')) as f:
+    assert json.load(f)['model']['patches'] == [4, 4]
+  # An .npz of another width: one short line with both shapes and the model that fits.
+  path = str(tmp_path / 'ti16.npz')
+  model = models.get_model('ViT-Ti_16', num_classes=10)
+  npz.save(models.init_params(model, jax.random.key(0), image_size=32), path)
+  third = str(tmp_path / 'third')
+  line = _refused(
+    _run(
+      tmp_path,
+      '--config=finetune:runlocal',
+      f'--workdir={third}',
+      f'--config.pretrained_path={path}',
+    ),  # fmt: skip
+    third,
+    'pretrained_path ti16.npz does not fit testing:',
+    'is (192,) in the checkpoint, (10,) in the model',
+    '--config.model_name=ViT-Ti_16',
+  )
+  assert len(line) <= 300, len(line)

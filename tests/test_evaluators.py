@@ -13,8 +13,9 @@ import pytest
 from data_fixtures import make_indexed_folder
 from subprocess_env import cpu_env
 
-from configs import common, quickstart
+from vit_jax import config as config_lib
 from vit_jax import data, train
+from vit_jax.configs import quickstart
 from vit_jax.evaluators import classification, fewshot
 from vit_jax.evaluators import common as ev_common
 
@@ -78,7 +79,7 @@ import json, sys
 import jax
 jax.config.update('jax_cpu_collectives_implementation', 'gloo')
 jax.distributed.initialize(sys.argv[1], 2, int(sys.argv[2]))
-from configs import quickstart
+from vit_jax.configs import quickstart
 from vit_jax import data, train
 from vit_jax.evaluators import classification
 config = quickstart.get_config('runlocal')
@@ -218,12 +219,12 @@ def test_config_evals_run_in_training_and_reach_metrics(folder, tmp_path):
   name, data_dir = folder
   config = _config(total_steps=2, eval_every=0, checkpoint_every=0, data_dir=data_dir)
   config.num_classes = 10
-  config.evals.imgs = common.eval_entry(type='classification', dataset=name, split='validation',
+  config.evals.imgs = config_lib.eval_entry(type='classification', dataset=name, split='validation',
                                         pp=PP)  # fmt: skip
-  config.evals.fs = common.fewshot_entry(every=0, datasets={'f': (name, 'train', 'validation')},
+  config.evals.fs = config_lib.fewshot_entry(every=0, datasets={'f': (name, 'train', 'validation')},
                                          pp=PP)  # fmt: skip
   config.evals.fs.shots, config.evals.fs.num_seeds = (2,), 1
-  config.evals.never = common.eval_entry(type='classification', split='nosuchsplit', every=-1)
+  config.evals.never = config_lib.eval_entry(type='classification', split='nosuchsplit', every=-1)
   result = train.train_and_evaluate(config, str(tmp_path / 'run'))
   last = [json.loads(x) for x in open(tmp_path / 'run' / 'metrics.jsonl')][-1]
   assert last['step'] == 2
@@ -234,6 +235,6 @@ def test_config_evals_run_in_training_and_reach_metrics(folder, tmp_path):
 
 def test_unknown_eval_type_is_an_error(trainer_and_params):
   config = _config()
-  config.evals.x = common.eval_entry(type='retrieval', split='test')
+  config.evals.x = config_lib.eval_entry(type='retrieval', split='test')
   with pytest.raises(ValueError, match="evals.x.type='retrieval'"):
     ev_common.build(config, trainer_and_params[0])

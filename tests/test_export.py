@@ -10,8 +10,8 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from configs import common, quickstart
 from vit_jax import export, models, npz, train, train_state
+from vit_jax.configs import quickstart
 from vit_jax.data import preprocess as data_preprocess
 from vit_jax.export import __main__ as cli
 from vit_jax.export import load, preprocess
@@ -217,9 +217,7 @@ def test_serving_preprocessing_equals_the_pipeline_ops(pp):
 def workdir(tmp_path_factory):
   """A tiny quickstart run (overridden 'testing' model with 4x4 patches, 16 px) of 2 steps."""
   config = quickstart.get_config('runlocal')
-  config.model = common.model_overrides(
-    'testing', patches=(4, 4), representation_size=None, dtype='float32', param_dtype='float32'
-  )
+  config.model.update(patches=(4, 4), representation_size=None, dtype='float32')
   config.total_steps = 2
   config.eval_splits = ''
   path = str(tmp_path_factory.mktemp('run'))
@@ -251,9 +249,7 @@ def test_export_from_workdir(workdir, tmp_path, capsys, fmt):
 def test_pretrained_path_takes_a_workdir(workdir, tmp_path):
   """Fine-tuning from our own run: a 3-class run at lr 0 keeps the workdir's body."""
   config = quickstart.get_config('runlocal')
-  config.model = common.model_overrides(
-    'testing', patches=(4, 4), representation_size=None, dtype='float32', param_dtype='float32'
-  )
+  config.model.update(patches=(4, 4), representation_size=None, dtype='float32')
   config.dataset = 'synthetic:image_size=16,num_classes=3,num_examples=64'
   config.pretrained_path = workdir
   config.total_steps = 1

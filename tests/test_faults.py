@@ -459,7 +459,7 @@ def test_resume_refuses_an_incompatible_config_and_states_a_compatible_change(re
 
 
 def test_a_finite_loss_spike_stops_the_run_before_it_is_checkpointed(tmp_path, monkeypatch):
-  from configs import quickstart
+  from vit_jax.configs import quickstart
 
   real = train.Trainer.train_step
 

@@ -38,6 +38,11 @@ PINNED_COUNTS = {
   'Mixer-L_16': 208_196_168,
   'testing': 21_390,
   'testing-unpooled': 21_370,
+  # Not published: the quickstart's model, counted by hand. Patch embedding 4*4*3*64 + 64 = 3,136;
+  # class token 64; 56*56 + 1 position embeddings of 64: 200,768; per block 2 LayerNorms 256 +
+  # Q/K/V/out 4*(64*64 + 64) 16,640 + MLP (64*128 + 128) + (128*64 + 64) 16,576 = 33,472, x4 =
+  # 133,888; final LayerNorm 128; head 64*1000 + 1000 = 65,000.
+  'ViT-Quick': 402_984,
 }
 
 

@@ -37,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import finetune, pretrain, quickstart
+from vit_jax.configs import finetune, pretrain, quickstart
 from vit_jax import models, optim
 
 

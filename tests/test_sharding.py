@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from configs import common
+from vit_jax import config as config_lib
 from vit_jax import sharding, train
 
 
@@ -82,7 +82,7 @@ def test_global_batch_from_process_local_data():
 
 
 def _tiny_config(**mesh):
-  c = common.base_config()
+  c = config_lib.base_config()
   c.model_name = 'testing'
   c.model = ml_collections.ConfigDict(
     {

@@ -10,8 +10,9 @@ import numpy as np
 import optax
 import pytest
 
-from configs import common, quickstart
+from vit_jax import config as config_lib
 from vit_jax import data, metrics, models, npz, train, train_state
+from vit_jax.configs import quickstart
 
 
 def _runlocal(**overrides):
@@ -72,7 +73,7 @@ def test_end_to_end_logs_checkpoints_resumes_and_evaluates(tmp_path):
 
 
 def _sgd_config(**fields):
-  c = common.base_config()
+  c = config_lib.base_config()
   c.model_name = 'testing'
   c.model = ml_collections.ConfigDict({'patches': (4, 4), 'dropout_rate': 0.0, **fields})
   c.image_size = 16
@@ -176,10 +177,10 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_pat
 
 def test_finetune_from_golden_checkpoint_matches_direct_computation(tmp_path, golden_dir):
   """First two steps of fine-tuning `testing` (rep 16) from the golden npz vs a hand-made SGD."""
-  from configs import finetune
+  from vit_jax.configs import finetune
 
   config = finetune.get_config('runlocal')
-  config.model = common.model_overrides('testing', representation_size=16, dropout_rate=0.0)
+  config.model.update(representation_size=16, dropout_rate=0.0)
   config.pretrained_path = str(golden_dir / 'testing_rep16_ref.npz')
   config.dataset = 'synthetic:image_size=224,num_classes=10,num_examples=64'
   config.image_size = 224

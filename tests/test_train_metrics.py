@@ -53,14 +53,14 @@ def test_throughput_and_mfu(monkeypatch):
 
 def test_trainer_flops_are_the_analytic_count_whatever_the_layout():
   """Trainer.compile reports metrics.model_flops x batch; scan, remat and meshes change nothing."""
-  from configs import common
+  from vit_jax import config as config_lib
 
   local = {'image': np.zeros((1, 16, 64, 64, 3), np.float32), 'label': np.zeros((1, 16), np.int32)}
 
   def flops(devices, mesh, **model):
-    config = common.base_config()
+    config = config_lib.base_config()
     config.model_name = 'ViT-Ti_16'
-    config.model = common.model_overrides('ViT-Ti_16', num_layers=2, **model)
+    config.model.update(num_layers=2, **model)
     config.image_size, config.batch_size, config.eval_batch_size = 64, 16, 16
     config.mesh.update(mesh)
     trainer = train.Trainer(config, num_classes=10, devices=devices)

@@ -1,11 +1,14 @@
-r"""Command line: `python -m vit_jax.main --config configs/<recipe>.py[:args] --workdir DIR`.
+r"""Command line: `python -m vit_jax.main --config=<recipe>[:args] --workdir DIR`.
 
-    python -m vit_jax.main --config configs/quickstart.py --workdir workdirs/quickstart
-    python -m vit_jax.main --config configs/finetune.py:model=ViT-B_16,dataset=cifar10 \
+    python -m vit_jax.main --config=quickstart --workdir workdirs/quickstart
+    python -m vit_jax.main --config=finetune:model=ViT-B_16,dataset=cifar10 \
         --workdir gs://bucket/ft --config.pretrained_path=gs://vit_models/imagenet21k/ViT-B_16.npz
 
-Any config field can be overridden (`--config.batch_size=256`, `--config.mesh.fsdp=8`); the config
-is locked, so a misspelt field is an error. A workdir holding a checkpoint resumes from it.
+`--config` takes an installed recipe by name (`quickstart`, `finetune`, `pretrain`, from any
+directory: `vit_jax.configs`) or a path to a recipe file (`configs/quickstart.py`, `mine.py`). Any
+config field can be overridden (`--config.batch_size=256`, `--config.mesh.fsdp=8`); the config
+is locked, so a misspelt field is an error, and `vit_jax.config.validate` checks the values before
+any data is prepared. A workdir holding a checkpoint resumes from it.
 
 Multi-host: on Cloud TPU pod slices and under SLURM (`srun`), `jax.distributed.initialize()` detects
 the cluster by itself; `--coordinator_address`, `--num_processes` and `--process_id` set it
@@ -17,8 +20,8 @@ if one ran since the last checkpoint, the workdir lock released), 1 on divergenc
 loss spike), a failed save, a lost peer or a refused resume, 2 on a mistake in the command line or
 config. Errors are one line (`ERROR: ...`); `--verbose` or VIT_JAX_VERBOSE=1 adds the traceback.
 
-    python -m vit_jax.main --config configs/quickstart.py --print_config   # resolved config
-    python -m vit_jax.main --list_models                                  # names, parameter counts
+    python -m vit_jax.main --config=quickstart --print_config   # resolved config
+    python -m vit_jax.main --list_models                       # names, parameter counts
 """
 
 from __future__ import annotations
@@ -46,7 +49,9 @@ from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file('config', None, 'Recipe file[:args].', lock_config=True)
+config_flags.DEFINE_config_file(
+  'config', None, 'Recipe name or file, [:args] (quickstart:runlocal).', lock_config=True
+)
 flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics and config.json.')
 flags.DEFINE_enum(
   'distributed',
@@ -133,14 +138,14 @@ def _runtime_error_in(e: BaseException | None) -> BaseException | None:
 
 def _parse_flags(argv):
   """absl's parsing, with each mistake explained in one line (unknown field, wrong type...)."""
+  from vit_jax import preflight
+
   try:
-    args = FLAGS(argv)
+    args = FLAGS(preflight.recipe_argv(argv))  # A recipe by name: the installed file.
     if FLAGS.config is not None:
       FLAGS.config.get('model_name')  # A recipe that failed to load raises only when first used.
     return args
-  except Exception as e:  # flags.Error, and errors of the recipe's get_config.
-    from vit_jax import preflight
-
+  except Exception as e:  # flags.Error, errors of the recipe's get_config, an unknown recipe.
     _fail(preflight.explain_flags_error(argv[1:], e), 2, argv)
 
 
@@ -210,7 +215,7 @@ def _summary(result: dict, workdir: str, argv=None) -> str:
       f'{continue_command(argv, 2 * result["step"])}',
     ]
   lines += [
-    f'  fine-tune ViT-B/16: {python} -m vit_jax.main --config configs/finetune.py:model=ViT-B_16,'
+    f'  fine-tune ViT-B/16: {python} -m vit_jax.main --config=finetune:model=ViT-B_16,'
     'dataset=cifar10 --workdir workdirs/ft --config.pretrained_path=ViT-B_16.npz',
     '=' * 72,
   ]
@@ -367,9 +372,12 @@ def main(argv):
     print(list_models())
     return
   if FLAGS.config is None:
-    _fail('--config is required, e.g. --config=configs/quickstart.py', 2)
+    _fail('--config is required, e.g. --config=quickstart', 2)
+  from vit_jax import config as config_lib
+  from vit_jax import preflight
+
   if FLAGS.print_config:
-    print(FLAGS.config)
+    print(preflight.to_yaml(FLAGS.config))
     return
   if not FLAGS.workdir:
     _fail('--workdir is required (a local directory or gs:// path; it resumes if it holds one)', 2)
@@ -382,13 +390,13 @@ def main(argv):
   initialize_distributed()
   import jax
 
-  from vit_jax import guards, preflight, train, train_state
+  from vit_jax import guards, train, train_state
 
   config = FLAGS.config
   workdir = FLAGS.workdir
   try:
-    preflight.check_config(config, workdir)
-  except preflight.UserError as e:
+    config_lib.validate(config, workdir)  # Every config mistake, before any data is prepared.
+  except config_lib.ConfigError as e:
     _fail(str(e), 2)
   watchdog = guards.PeerWatchdog(
     float(config.get('distributed_heartbeat_seconds', 0)), workdir
@@ -415,6 +423,8 @@ def main(argv):
     if jax.process_count() > 1 and (lost := _runtime_error_in(e)) is not None:
       # A collective (or a checkpoint barrier) whose peer is gone fails before the watchdog sees.
       _lost_peer(lost)
+    if isinstance(e, config_lib.ConfigError):
+      _fail(str(e), 2)
     if isinstance(
       e, (train.TrainingDivergedError, train_state.CheckpointError, preflight.UserError)
     ):

@@ -88,7 +88,9 @@ def model_flops(
   """
   ph, pw = model.patches
   first = 0.0  # FLOPs of the layer that sees the images (no input gradient in training).
-  if hasattr(model, 'num_blocks'):  # MLP-Mixer.
+  from vit_jax import models
+
+  if models.model_family(model) == 'mixer':
     tokens, d = (image_size // ph) * (image_size // pw), model.hidden_dim
     first = 2.0 * tokens * ph * pw * 3 * d
     per_block = 4.0 * d * tokens * model.tokens_mlp_dim + 4.0 * tokens * d * model.channels_mlp_dim

@@ -1,17 +1,15 @@
-"""Checks of the command line and config before any compilation or data preparation.
+"""The command line: `--config` by recipe name or file, and each flag mistake in one line.
 
 Each mistake becomes a `UserError` whose message is one line: what is wrong, the value, what to
-do (the valid names, the closest match, the nearest valid sizes). `vit_jax.main` prints it without
-a traceback.
+do (the valid names, the closest match). `vit_jax.main` prints it without a traceback. Mistakes in
+the config's values are `vit_jax.config.validate`'s.
 """
 
 from __future__ import annotations
 
 import difflib
 import importlib.util
-import math
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -47,25 +45,74 @@ def _overrides(argv: Sequence[str]) -> list[tuple[str, str | None]]:
   return out
 
 
-def load_recipe(spec: str) -> ml_collections.ConfigDict:
-  """`configs/x.py[:args]` -> its `get_config(args)`; `UserError` for a missing file or bad args."""
-  path, _, arg = spec.partition(':')
-  if not os.path.isfile(path):
-    recipes = sorted(
-      f for f in os.listdir('configs') if f.endswith('.py') and f[0] != '_' and f != 'common.py'
-    )
+def recipe_names() -> list[str]:
+  """The recipes installed with the library (`vit_jax.configs`): quickstart, finetune, pretrain."""
+  from vit_jax import configs
+
+  folder = os.path.dirname(configs.__file__)
+  return sorted(f[:-3] for f in os.listdir(folder) if f.endswith('.py') and f[0] != '_')
+
+
+def recipe_path(name: str) -> str | None:
+  """The file of an installed recipe, by name ('quickstart') or 'configs/quickstart.py'; or None.
+
+  A path that exists is the user's own file: `resolve_recipe` keeps it as it is.
+  """
+  from vit_jax import configs
+
+  stem = os.path.basename(name)[: -len('.py')] if name.endswith('.py') else name
+  if '/' in name and os.path.basename(os.path.dirname(name)) != 'configs':
+    return None
+  if stem not in recipe_names():
+    return None
+  return os.path.join(os.path.dirname(configs.__file__), f'{stem}.py')
+
+
+def resolve_recipe(spec: str) -> str:
+  """`--config` value -> 'FILE[:args]': a file path as given, else an installed recipe by name.
+
+  Raises:
+    UserError: neither a file nor a recipe name; the line names the known recipes.
+  """
+  path, sep, arg = spec.partition(':')
+  if os.path.isfile(path):
+    return spec
+  found = recipe_path(path)
+  if found is None:
     raise UserError(
-      f'config file {path!r} not found; recipes: {", ".join(f"configs/{r}" for r in recipes)}'
-      if os.path.isdir('configs')
-      else f'config file {path!r} not found'
+      f'--config={spec}: no recipe {path!r} (not a file here, not a recipe name); recipes: '
+      f'{", ".join(recipe_names())} (e.g. --config=quickstart:runlocal), or a path to a .py file'
     )
+  return f'{found}{sep}{arg}'
+
+
+def recipe_argv(argv: Sequence[str]) -> list[str]:
+  """`argv` with its `--config` value made a file path: a recipe name becomes the installed file.
+
+  Raises:
+    UserError: a `--config` that is neither a file nor a recipe name (naming the recipes).
+  """
+  out = list(argv)
+  for i, arg in enumerate(out):
+    if arg.startswith('--config='):
+      out[i] = '--config=' + resolve_recipe(arg[len('--config=') :])
+    elif arg == '--config' and i + 1 < len(out):
+      out[i + 1] = resolve_recipe(out[i + 1])
+  return out
+
+
+def load_recipe(spec: str) -> ml_collections.ConfigDict:
+  """`NAME[:args]` or `path/x.py[:args]` -> its `get_config(args)`; `UserError` for a missing
+  recipe or bad args."""
+  path, _, arg = resolve_recipe(spec).partition(':')
   spec_ = importlib.util.spec_from_file_location('_vit_jax_recipe', path)
   module = importlib.util.module_from_spec(spec_)
   spec_.loader.exec_module(module)
   try:
     return module.get_config(arg or None)
   except (ValueError, TypeError, KeyError) as e:
-    raise UserError(f'{path}: {" ".join(str(e).split())}') from e
+    name = os.path.basename(path)
+    raise UserError(f'{name}: {" ".join(str(e).split())}') from e
 
 
 def _check_override(config: ml_collections.ConfigDict, key: str, value: str | None) -> None:
@@ -102,7 +149,7 @@ def explain_flags_error(argv: Sequence[str], error: Exception) -> str:
   spec = _config_arg(argv)
   if spec is None:
     if any(a.startswith('--config.') for a in argv):
-      return '--config.* overrides need a recipe: --config=configs/<recipe>.py[:args]'
+      return '--config.* overrides need a recipe: --config=<recipe>[:args], e.g. quickstart'
   else:
     try:
       config = load_recipe(spec)
@@ -114,63 +161,27 @@ def explain_flags_error(argv: Sequence[str], error: Exception) -> str:
   return text.replace('FATAL Flags parsing error: ', '')
 
 
-def _nearest(value: int, multiple: int) -> str:
-  low = (value // multiple) * multiple
-  sizes = [s for s in (low, low + multiple) if s > 0]
-  return ', '.join(map(str, sizes))
+def _yaml_scalar(value) -> str:
+  import json
+  import re
+
+  if isinstance(value, str) and re.fullmatch(r'[A-Za-z_][\w./+-]*', value):
+    if value.lower() not in ('true', 'false', 'null', 'yes', 'no', 'on', 'off', 'none'):
+      return value  # Plain: names, splits, paths.
+  if isinstance(value, tuple | list):
+    return '[' + ', '.join(_yaml_scalar(v) for v in value) + ']'
+  return json.dumps(value)  # Quoted strings, numbers, true/false, null: valid YAML too.
 
 
-def check_config(config: Mapping, workdir: str | None) -> None:
-  """Catches config mistakes that would otherwise surface late (after compiling, or deep inside).
-
-  Raises:
-    UserError: unknown model, image size not divisible by the patch size, batch not divisible by
-      the batch shards, missing data_dir, unwritable workdir.
-  """
-  import jax
-
-  from vit_jax import models, sharding
-
-  name = config['model_name']
-  if name not in models.MODEL_CONFIGS:
-    raise UserError(
-      f'unknown model {name!r} (--config.model_name): {_closest(name, models.MODEL_CONFIGS)}'
-      'list them with: python -m vit_jax.main --list_models'
-    )
-  model_config = models.get_model_config(name)
-  patch = tuple(dict(config['model']).get('patches', model_config.patches.size))
-  size = int(config['image_size'])
-  if 'resnet' not in model_config and (size % patch[0] or size % patch[1]):
-    raise UserError(
-      f'image_size={size} is not divisible by the patch size {patch[0]} of {name}: '
-      f'use --config.image_size= one of {_nearest(size, patch[0])} (and resize to it in pp_*)'
-    )
-  batch, accum = int(config['batch_size']), int(config['accum_steps'])
-  mesh = sharding.make_mesh(config['mesh'])
-  shards = sharding.num_batch_shards(mesh, sharding.logical_rules(config))
-  step = math.lcm(shards, jax.process_count())
-  if (batch // accum) % step:
-    raise UserError(
-      f'batch_size={batch} / accum_steps={accum} is not divisible by the {shards} batch shards '
-      f'of mesh {sharding.describe(mesh)} ({jax.device_count()} devices, '
-      f'{jax.process_count()} processes): use --config.batch_size= one of '
-      f'{_nearest(batch, step * accum)}'
-    )
-  data_dir = config['data_dir']
-  dataset = config['dataset']
-  if data_dir and '://' not in data_dir and not dataset.startswith('synthetic'):
-    if not os.path.isdir(os.path.expanduser(data_dir)):
-      raise UserError(
-        f'data_dir {data_dir!r} does not exist (dataset {dataset!r}): fix --config.data_dir, '
-        "or leave it empty for TFDS's default ~/tensorflow_datasets"
-      )
-  if workdir and '://' not in workdir and jax.process_index() == 0:
-    try:
-      os.makedirs(workdir, exist_ok=True)
-      with tempfile.TemporaryFile(dir=workdir):
-        pass
-    except OSError as e:
-      raise UserError(
-        f'workdir {workdir!r} is not writable ({e.strerror}): choose another --workdir or fix '
-        'its permissions'
-      ) from e
+def to_yaml(config: Mapping, indent: int = 0) -> str:
+  """The config as plain YAML (tuples as lists, no Python tags), for `--print_config`."""
+  lines = []
+  for key in sorted(config):
+    value, pad = config[key], ' ' * indent
+    if isinstance(value, Mapping | ml_collections.ConfigDict):
+      lines.append(f'{pad}{key}:' + ('' if len(value) else ' {}'))
+      if len(value):
+        lines.append(to_yaml(value, indent + 2))
+    else:
+      lines.append(f'{pad}{key}: {_yaml_scalar(value)}')
+  return '\n'.join(lines)

@@ -18,14 +18,12 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from vit_jax import config as config_lib
 from vit_jax import train_state
 
-# Fields whose change makes the saved state unusable (shapes, dtypes, optimizer state, data
-# position in micro-batches). Every other field may change on resume; the change is logged.
-REFUSED = ('model_name', 'num_classes', 'image_size', 'dataset', 'optimizer', 'mu_dtype',
-           'batch_size', 'accum_steps')  # fmt: skip
-# `model.*` overrides are refused too, except these, which change no parameter.
-MODEL_FREE = ('dropout_rate', 'attention_dropout_rate', 'droppath_rate', 'remat_policy')
+# Which fields may not change on resume is declared with the schema (vit_jax/config.py).
+REFUSED = config_lib.RESUME_REFUSED
+MODEL_FREE = config_lib.RESUME_MODEL_FREE
 
 
 def _flatten(tree: Any, prefix: str = '') -> dict[str, Any]:
@@ -43,8 +41,8 @@ def compare(stored: Mapping, new: Mapping) -> tuple[list[str], list[str]]:
   refused, stated = [], []
   for key in sorted(set(old) | set(cur)):
     a, b = old.get(key, '<absent>'), cur.get(key, '<absent>')
-    if a == b:
-      continue
+    if a == b or (key.startswith('model.') and {a, b} <= {None, '<absent>'}):
+      continue  # An unset model field is the registered model's value, as an absent one was.
     text = f'{key} {a!r} -> {b!r}'
     top, _, leaf = key.partition('.')
     if key in REFUSED or (top == 'model' and leaf not in MODEL_FREE):

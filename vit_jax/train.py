@@ -24,6 +24,7 @@ import ml_collections
 import numpy as np
 import optax
 
+from vit_jax import config as config_lib
 from vit_jax import guards, models, npz, optim, resume, sharding, train_state
 from vit_jax import labels as labels_lib
 from vit_jax import metrics as metrics_lib
@@ -150,21 +151,11 @@ class Trainer:
     self.mesh = sharding.make_mesh(config['mesh'], devices)
     self.rules = sharding.logical_rules(config)
     self.model = models.get_model(
-      config['model_name'], num_classes=num_classes, **dict(config['model'])
+      config['model_name'], num_classes=num_classes, **config_lib.model_kwargs(config)
     )
     self.tx, self.schedule = optim.make_optimizer(config)
     self.accum_steps = int(config['accum_steps'])
     self.micro_batch = int(config['batch_size']) // self.accum_steps
-    shards = sharding.num_batch_shards(self.mesh, self.rules)
-    for name, size in (
-      ('batch_size / accum_steps', self.micro_batch),
-      ('eval_batch_size', int(config['eval_batch_size'])),
-    ):
-      if size % shards or size % jax.process_count():
-        raise ValueError(
-          f'{name}={size} must be divisible by the {shards} batch shards of mesh '
-          f'{sharding.describe(self.mesh)} and by the {jax.process_count()} processes'
-        )
     size = int(config['image_size'])
     self._image = jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)
 
@@ -322,7 +313,7 @@ def train_and_evaluate(
   Holds the workdir's lock (`guards.WorkdirLock`) for the whole run.
 
   Args:
-    config: a recipe config (see configs/common.py for the fields).
+    config: a recipe config (the fields: vit_jax/config.py).
     workdir: where checkpoints/, metrics.jsonl, tensorboard/ and config.json go.
     devices: devices for the mesh (default: all).
 
@@ -330,14 +321,13 @@ def train_and_evaluate(
     {'step', 'checkpoint_dir', 'preempted', 'eval/<split>/accuracy', ...} of the last step.
 
   Raises:
+    config.ConfigError: a config mistake (`config.validate`), before anything is written.
     TrainingDivergedError: a NaN/Inf loss or gradient, or a spike past `config.spike_factor`
       times the running median; the last good checkpoint is left as it was.
     train_state.CheckpointError: the workdir is locked by a live run, its checkpoint cannot be
       resumed with this config, or a save failed (each with a one-line message).
   """
-  from configs import common as recipes  # The recipes' cross-field checks, after any overrides.
-
-  recipes.check(config)
+  config_lib.validate(config, workdir, devices=devices)  # After any overrides; before any data.
   # From here SIGTERM stops the run: at once (`Preempted`) until the loop starts, then at a step.
   watcher = train_state.PreemptionWatcher()
   lock = guards.WorkdirLock(workdir)

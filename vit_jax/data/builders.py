@@ -240,19 +240,14 @@ class ImageFolder(_OfflineBuilder):
     )
 
   def _split_generators(self, dl_manager):
-    corrupt, splits = [], {'train': [], 'validation': []}
-    for label, paths in enumerate(self._files.values()):
+    corrupt = []
+    for paths in self._files.values():
       for path in paths:
         try:
           _load_checked(path)
         except Exception as e:  # PIL raises many types for bad files.
           corrupt.append(f'{path} ({type(e).__name__}: {e})')
-      ranked = sorted(paths, key=lambda p: hashlib.md5(os.path.basename(p).encode()).hexdigest())
-      n_val = round(len(ranked) * self._validation_fraction)
-      if self._validation_fraction > 0 and len(ranked) >= 2:
-        n_val = max(n_val, 1)
-      splits['validation'] += [(p, label) for p in ranked[:n_val]]
-      splits['train'] += [(p, label) for p in ranked[n_val:]]
+    splits = _split_folder(self._files, self._validation_fraction)
     if corrupt:
       listing = '\n  '.join(corrupt[:50]) + ('\n  ...' if len(corrupt) > 50 else '')
       raise ValueError(
@@ -265,6 +260,31 @@ class ImageFolder(_OfflineBuilder):
     for path, label in items:
       rel = os.path.relpath(path, self._folder)
       yield rel, {'image': _load_checked(path), 'label': label, 'file_name': rel}
+
+
+def _split_folder(files: dict[str, list[str]], validation_fraction: float) -> dict[str, list]:
+  """{'train': [(path, label)], 'validation': [...]}: per class, `validation_fraction` of its
+  files (at least one when it has two or more), chosen by a hash of the file name."""
+  splits = {'train': [], 'validation': []}
+  for label, paths in enumerate(files.values()):
+    ranked = sorted(paths, key=lambda p: hashlib.md5(os.path.basename(p).encode()).hexdigest())
+    n_val = round(len(ranked) * validation_fraction)
+    if validation_fraction > 0 and len(ranked) >= 2:
+      n_val = max(n_val, 1)
+    splits['validation'] += [(p, label) for p in ranked[:n_val]]
+    splits['train'] += [(p, label) for p in ranked[n_val:]]
+  return splits
+
+
+def folder_split_sizes(folder: str, validation_fraction: float = 0.1) -> dict[str, int]:
+  """{split: examples} that `prepare_folder` makes of `folder`, from its listing alone (cheap).
+
+  Raises:
+    FileNotFoundError, ValueError: as `prepare_folder` (a missing folder, no class subfolders...).
+  """
+  files = _list_folder(os.path.abspath(os.path.expanduser(folder)))
+  splits = _split_folder(files, validation_fraction)
+  return {name: len(items) for name, items in splits.items() if items}
 
 
 def prepare_folder(

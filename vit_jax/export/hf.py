@@ -20,7 +20,7 @@ from collections.abc import Mapping, Sequence
 import flax
 import numpy as np
 
-from vit_jax import npz
+from vit_jax import models, npz
 
 _BLOCK = re.compile(r'^(?:vit\.)?(?:encoder\.layer|layers)\.(\d+)\.(.+)$')
 # (hf suffixes) -> our path inside Transformer/encoderblock_{i}, and the tensor kind.
@@ -58,7 +58,7 @@ _TOP_TABLE = {
 
 def check_plain_vit(model_config: Mapping) -> None:
   """Raises ValueError unless the model is a ViT that the Hugging Face ViT can hold (no torch)."""
-  if model_config.get('resnet') is not None or 'hidden_dim' in model_config:
+  if models.model_family(model_config) != 'vit':
     raise ValueError('Hugging Face export supports plain ViT models only (not hybrids or Mixer)')
   if model_config.get('classifier', 'token') != 'token':
     raise ValueError(

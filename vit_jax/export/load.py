@@ -21,6 +21,7 @@ import flax
 import jax
 import numpy as np
 
+from vit_jax import config as config_lib
 from vit_jax import labels as labels_lib
 from vit_jax import models, npz, train_state
 
@@ -95,7 +96,7 @@ def workdir_params(workdir: str, step: int | None = None) -> dict:
 
 def model_config_of(model) -> dict:
   """The original-schema config of a built model (registered fields plus overrides)."""
-  if isinstance(model, models.MlpMixer):
+  if models.model_family(model) == 'mixer':
     fields = ('num_blocks', 'hidden_dim', 'tokens_mlp_dim', 'channels_mlp_dim')
     out = {k: getattr(model, k) for k in fields if hasattr(model, k)}
   else:
@@ -125,12 +126,11 @@ _ENCODER_INFERENCE = dict(scan_layers=False, remat_policy='none', dropout_rate=0
 
 
 def _build(name_or_config, num_classes: int, overrides: Mapping):
-  overrides = dict(overrides, **_INFERENCE)
-  if isinstance(name_or_config, str):
-    is_mixer = name_or_config.startswith('Mixer')
-  else:
-    is_mixer = 'hidden_dim' in name_or_config
-  if not is_mixer:
+  family = models.model_family(name_or_config)
+  # A workdir's `model` fields left unset (None) are the registered model's values.
+  overrides = config_lib.model_kwargs({'model_name': name_or_config, 'model': overrides}, family)
+  overrides.update(_INFERENCE)
+  if family != 'mixer':
     overrides.update(_ENCODER_INFERENCE)
     for key in ('attention_dropout_rate', 'droppath_rate'):
       overrides[key] = 0.0
@@ -240,7 +240,7 @@ def load(
     params = npz.load(path)
     num_classes = int(params['head']['bias'].shape[0]) if 'head' in params else 0
     overrides = {}
-    if not model_name.startswith('Mixer'):  # Whether there is a representation layer.
+    if models.model_family(model_name) != 'mixer':  # Whether there is a representation layer.
       pre_logits = params.get('pre_logits')
       overrides['representation_size'] = pre_logits and int(pre_logits['bias'].shape[0])
     model = _build(model_name, num_classes, overrides)

@@ -13,10 +13,11 @@ import ml_collections
 import numpy as np
 
 from vit_jax.models.mixer import MlpMixer
-from vit_jax.models.registry import MODEL_CONFIGS
+from vit_jax.models.registry import FAMILIES, MODEL_CONFIGS, model_family
 from vit_jax.models.vit import Encoder, VisionTransformer
 
 __all__ = [
+  'FAMILIES',
   'MODEL_CONFIGS',
   'MlpMixer',
   'VisionTransformer',
@@ -24,6 +25,7 @@ __all__ = [
   'get_model',
   'get_model_config',
   'init_params',
+  'model_family',
 ]
 
 _VIT_KEYS = {f.name for f in dataclasses.fields(VisionTransformer)} - {'parent', 'name'}
@@ -83,8 +85,8 @@ def get_model(
     config = _as_dict(name_or_config)
   # As in the original project, `model_name` is the variant's name; the family follows from it
   # (or from Mixer's fields when a config has no name).
+  is_mixer = model_family(config) == 'mixer'
   name = config.pop('model_name', None)
-  is_mixer = 'hidden_dim' in config or str(name).startswith('Mixer')
   family = 'MlpMixer' if is_mixer else 'VisionTransformer'
   patches = config.pop('patches', None)
   if not isinstance(patches, Mapping) or 'size' not in patches:

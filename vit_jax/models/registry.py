@@ -117,7 +117,35 @@ def _build_registry() -> dict[str, ml_collections.ConfigDict]:
   unpooled = ml_collections.ConfigDict(testing.to_dict())
   unpooled.update(model_name='testing-unpooled', classifier='unpooled')
   configs['testing-unpooled'] = unpooled
+  # The quickstart's model (configs/quickstart.py): 16x16 digits in 4x4 patches, width 64, 4 layers.
+  quick = vit_config('Ti', 4, name='ViT-Quick')
+  quick.hidden_size = 64
+  quick.transformer.update(mlp_dim=128, num_heads=4, num_layers=4)
+  configs['ViT-Quick'] = quick
   return configs
 
 
 MODEL_CONFIGS = _build_registry()
+FAMILIES = ('vit', 'hybrid', 'mixer')
+
+
+def model_family(model) -> str:
+  """Which family a model is: 'vit', 'hybrid' (ResNet stem + ViT) or 'mixer'.
+
+  The one place that tells them apart; everything else asks this.
+
+  Args:
+    model: a registered name, a model config in the original schema (a dict or ConfigDict with
+      `hidden_dim` for a Mixer, `resnet` for a hybrid) or a built model (its fields are read).
+
+  Raises:
+    ValueError: an unregistered name.
+  """
+  if isinstance(model, str):
+    if model not in MODEL_CONFIGS:
+      raise ValueError(f'unknown model {model!r}; registered models: {", ".join(MODEL_CONFIGS)}')
+    model = MODEL_CONFIGS[model]
+  get = model.get if hasattr(model, 'get') else lambda k: getattr(model, k, None)
+  if get('hidden_dim') is not None or str(get('model_name') or '').startswith('Mixer'):
+    return 'mixer'
+  return 'hybrid' if get('resnet') is not None else 'vit'
