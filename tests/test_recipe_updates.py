@@ -37,8 +37,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vit_jax.configs import finetune, pretrain, quickstart
 from vit_jax import models, optim
+from vit_jax.configs import finetune, pretrain, quickstart
 
 
 def _multiplier(t: int, config) -> float:
