@@ -37,6 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from vit_jax import config as config_lib
 from vit_jax import models, optim
 from vit_jax.configs import finetune, pretrain, quickstart
 
@@ -63,7 +64,7 @@ def _at_step(opt_state, t: int):
 
 def _params(config, *, scan: bool = False):
   """Random parameters of the recipe's model family and head (a 2-layer, width-16 ViT)."""
-  overrides = dict(config.model)
+  overrides = config_lib.model_kwargs(config)
   overrides.update(scan_layers=scan, remat_policy='none')
   if overrides.get('representation_size'):
     overrides['representation_size'] = 8
@@ -302,7 +303,9 @@ def test_head_init_is_big_visions():
   big_vision models/vit.py head_zeroinit=True: the head kernel starts at zero."""
   config = pretrain.get_config('model=ViT-B_16,dataset=imagenet2012')
   params = models.init_params(
-    models.get_model('testing', num_classes=5, **{**config.model, 'representation_size': 8}),
+    models.get_model(
+      'testing', num_classes=5, **{**config_lib.model_kwargs(config), 'representation_size': 8}
+    ),
     jax.random.key(0),
     image_size=32,
   )
