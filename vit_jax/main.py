@@ -292,7 +292,7 @@ class _LibraryErrors:
     self.path = None
     self.count = 0
     self._file = None
-    self._lock = threading.Lock()
+    self._lock = threading.RLock()  # A finalizer may report an unraisable while we write.
 
   def install(self, workdir: str, handler) -> None:
     self.workdir = workdir

@@ -506,9 +506,11 @@ def _train_and_evaluate(
   # failure's traceback chained to it; the run's own error is reported once, in one line.
   writer.close()
   save_error = ckpt.close(at=step)
+  if save_error is not None:
+    if not isinstance(failure, (TrainingDivergedError, KeyboardInterrupt)):
+      raise save_error from None  # E.g. a full disk failed the save, then a metrics write.
+    logging.error('%s', save_error)  # The divergence or interrupt is still the run's error.
   if failure is not None:
-    if save_error is not None:  # E.g. a full disk failed the save, then a metrics write: the
-      raise save_error from None  # checkpoint is what the rerun needs to know about.
     if isinstance(failure, OSError) and failure.errno in train_state.DISK_FULL:
       raise train_state.OutputWriteError(failure, ckpt_dir, last_saved) from None
     raise failure
