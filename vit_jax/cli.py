@@ -35,8 +35,8 @@ NATIVE_NOISE = re.compile(
   r'^(WARNING: All log messages before absl::InitializeLog\(\) is called'
   r'|I\d{4} [\d:. ]+\d+ [\w./-]+:\d+\] '
   r'|To enable the following instructions: .* rebuild TensorFlow'
-  r'|\S+ \S+: E \S+cuda_platform\.cc:\d+\] failed call to cuInit'
-  r'|E\d{4} [\d:. ]+\d+ \S+cuda_platform\.cc:\d+\] failed call to cuInit)'
+  r'|\S+ \S+: E \S*cuda_platform\.cc:\d+\] failed call to cuInit'
+  r'|E\d{4} [\d:. ]+\d+ \S*cuda_platform\.cc:\d+\] failed call to cuInit)'
 )
 
 
