@@ -201,6 +201,8 @@ def test_a_run_keeps_its_labels_and_its_hints_work(tmp_path):
   )  # fmt: skip
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert (workdir / 'labels.txt').read_text() == 'cat\ndog\n'
+  for noise in ('Downloading and preparing dataset', 'Generating splits', '\x1b['):  # Local data.
+    assert noise not in proc.stdout + proc.stderr
   hints = {
     line.split(':', 1)[0].strip(): line.split(':', 1)[1].strip()
     for line in proc.stdout.splitlines()
