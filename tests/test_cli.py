@@ -190,6 +190,7 @@ def test_a_run_keeps_its_labels_and_its_hints_work(tmp_path):
     for i in range(4):
       Image.fromarray(rng.randint(0, 255, (16, 16, 3), np.uint8)).save(photos / name / f'{i}.png')
   workdir = tmp_path / 'run'
+  (tmp_path / 'tfds').mkdir()
   proc = _run(
     [
       '-m', 'vit_jax.main', '--config=configs/quickstart.py:runlocal,steps=1',

@@ -76,8 +76,10 @@ def filtered_stderr(pattern: re.Pattern = NATIVE_NOISE):
   os.dup2(write, 2)
   os.close(write)
 
+  sink_fd = os.dup(real)  # The pump's own copy: `real` is closed when the body ends.
+
   def pump():
-    with os.fdopen(read, 'rb') as source, os.fdopen(os.dup(real), 'wb', buffering=0) as sink:
+    with os.fdopen(read, 'rb') as source, os.fdopen(sink_fd, 'wb', buffering=0) as sink:
       for line in source:
         if not pattern.match(line.decode('utf-8', 'replace')):
           sink.write(line)
