@@ -218,7 +218,8 @@ def test_a_run_keeps_its_labels_and_its_hints_work(tmp_path):
       '-m', 'vit_jax.main', '--config=configs/quickstart.py:runlocal,steps=1',
       f'--workdir={workdir}', f'--config.dataset=folder:{photos}',
       f'--config.data_dir={tmp_path / "tfds"}', '--config.eval_every=0', '--config.batch_size=4',
-      '--config.eval_splits=validation',
+      '--config.eval_splits=validation', '--config.pp_train=decode|value_range(-1,1)',
+      '--config.pp_eval=decode|value_range(-1,1)',
     ],
     REPO,
   )  # fmt: skip
