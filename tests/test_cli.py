@@ -90,16 +90,11 @@ EXPORT = ['-m', 'vit_jax.export', '--checkpoint', 'tiny.npz']
       r'.*--verbose lists every difference$',
     ),
     (
-      ['-m', 'vit_jax.predict', '--checkpoint', 'nope.npz', '--model', 'testing', 'photos/a.png'],
-      r"^error: checkpoint 'nope.npz' not found",
-    ),
-    ([*PREDICT, '--model', 'testing', 'bad.jpg'], r"^error: cannot read image 'bad.jpg'"),
-    (
       [*EXPORT, '--model', 'ViT-S_16', '--format', 'npz', '--out', 'out/npz'],
       r"^error: checkpoint 'tiny.npz' does not match model 'ViT-S_16'",
     ),
   ],
-  ids=['unknown-model', 'mismatched-checkpoint', 'missing-checkpoint', 'bad-image', 'export'],
+  ids=['unknown-model', 'mismatched-checkpoint', 'export'],
 )
 def test_mistakes_end_in_one_line(files, args, expected):
   proc = _run(args, files)
@@ -108,10 +103,37 @@ def test_mistakes_end_in_one_line(files, args, expected):
   assert not (files / 'out').exists()  # Nothing half-written.
 
 
-def test_verbose_adds_the_traceback(files):
-  proc = _run([*PREDICT, '--model', 'ViT-B_16', '--verbose', 'photos/a.png'], files)
-  assert proc.returncode == 2 and 'Traceback (most recent call last)' in proc.stderr
-  assert 'shape mismatch' in proc.stderr and proc.stderr.splitlines()[-1].startswith('error: ')
+@pytest.mark.parametrize(
+  'args, expected',
+  [
+    (
+      ['--checkpoint', 'nope.npz', '--model', 'testing', 'photos/a.png'],
+      "checkpoint 'nope.npz' not",
+    ),
+    (['--checkpoint', 'tiny.npz', '--model', 'testing', 'bad.jpg'], "cannot read image 'bad.jpg'"),
+    (['--checkpoint', 'tiny.npz', '--model', 'testing', 'nothere/'], "image 'nothere/' does not"),
+  ],
+)
+def test_more_mistakes_in_one_line(files, capsys, monkeypatch, args, expected):
+  """The same path in-process (the command's own main), for the cases that fail before loading."""
+  from vit_jax import predict
+
+  monkeypatch.chdir(files)
+  assert predict.main(args) == 2
+  err = capsys.readouterr().err
+  assert err.startswith(f'error: {expected}') and len(err.splitlines()) == 1, err
+
+
+def test_verbose_adds_the_traceback(files, capsys, monkeypatch):
+  from vit_jax import predict
+
+  monkeypatch.chdir(files)
+  assert (
+    predict.main(['--checkpoint', 'tiny.npz', '--model', 'ViT-B_16', '--verbose', 'photos']) == 2
+  )
+  err = capsys.readouterr().err
+  assert 'Traceback (most recent call last)' in err and 'shape mismatch' in err
+  assert err.splitlines()[-1].startswith('error: ')
 
 
 def _read_only(folder: pathlib.Path):
@@ -190,17 +212,21 @@ def test_a_run_keeps_its_labels_and_its_hints_work(tmp_path):
     for i in range(4):
       Image.fromarray(rng.randint(0, 255, (16, 16, 3), np.uint8)).save(photos / name / f'{i}.png')
   workdir = tmp_path / 'run'
+  (tmp_path / 'tfds').mkdir()
   proc = _run(
     [
       '-m', 'vit_jax.main', '--config=configs/quickstart.py:runlocal,steps=1',
       f'--workdir={workdir}', f'--config.dataset=folder:{photos}',
       f'--config.data_dir={tmp_path / "tfds"}', '--config.eval_every=0', '--config.batch_size=4',
-      '--config.eval_splits=validation',
+      '--config.eval_splits=validation', '--config.pp_train=decode|value_range(-1,1)',
+      '--config.pp_eval=decode|value_range(-1,1)',
     ],
     REPO,
   )  # fmt: skip
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert (workdir / 'labels.txt').read_text() == 'cat\ndog\n'
+  for noise in ('Downloading and preparing dataset', 'Generating splits', '\x1b['):  # Local data.
+    assert noise not in proc.stdout + proc.stderr
   hints = {
     line.split(':', 1)[0].strip(): line.split(':', 1)[1].strip()
     for line in proc.stdout.splitlines()
@@ -215,10 +241,10 @@ def test_a_run_keeps_its_labels_and_its_hints_work(tmp_path):
   assert proc.returncode == 0, proc.stderr
   names = {line.split('%', 1)[1].strip() for line in proc.stdout.splitlines() if '%' in line}
   assert names == {'cat', 'dog'}
-  export = hints['export (onnx, hf, saved_model, npz)']
-  if not _have(*ONNX):
-    export = export.replace('--format onnx', '--format npz')
-  proc = _run(shlex.split(export)[1:], tmp_path)
+  export = shlex.split(hints['export (onnx, hf, saved_model, npz)'])
+  assert export[:3] == [sys.executable, '-m', 'vit_jax.export']
+  export[export.index('--format') + 1] = 'npz'  # onnx from a workdir: tests/test_export.py.
+  proc = _run(export[1:], tmp_path)
   assert proc.returncode == 0, proc.stderr
   assert (workdir / 'export' / 'onnx' / 'labels.txt').read_text() == 'cat\ndog\n'
 

@@ -26,6 +26,8 @@ NOISE = [
   r'cpu_feature_guard|This TensorFlow binary is optimized',
   r'absl::InitializeLog',
   r'Unable to initialize backend',
+  r'failed call to cuInit',  # The tensorflow wheel's CUDA probe on a machine without a GPU.
+  r'Compiled cluster using XLA',
   r'FutureWarning',
   r'DeprecationWarning',
   r'torchvision',

@@ -35,8 +35,8 @@ NATIVE_NOISE = re.compile(
   r'^(WARNING: All log messages before absl::InitializeLog\(\) is called'
   r'|I\d{4} [\d:. ]+\d+ [\w./-]+:\d+\] '
   r'|To enable the following instructions: .* rebuild TensorFlow'
-  r'|\S+ \S+: E \S+cuda_platform\.cc:\d+\] failed call to cuInit'
-  r'|E\d{4} [\d:. ]+\d+ \S+cuda_platform\.cc:\d+\] failed call to cuInit)'
+  r'|\S+ \S+: E \S*cuda_platform\.cc:\d+\] failed call to cuInit'
+  r'|E\d{4} [\d:. ]+\d+ \S*cuda_platform\.cc:\d+\] failed call to cuInit)'
 )
 
 
@@ -76,8 +76,10 @@ def filtered_stderr(pattern: re.Pattern = NATIVE_NOISE):
   os.dup2(write, 2)
   os.close(write)
 
+  sink_fd = os.dup(real)  # The pump's own copy: `real` is closed when the body ends.
+
   def pump():
-    with os.fdopen(read, 'rb') as source, os.fdopen(os.dup(real), 'wb', buffering=0) as sink:
+    with os.fdopen(read, 'rb') as source, os.fdopen(sink_fd, 'wb', buffering=0) as sink:
       for line in source:
         if not pattern.match(line.decode('utf-8', 'replace')):
           sink.write(line)
