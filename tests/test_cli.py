@@ -234,7 +234,8 @@ def test_a_run_keeps_its_labels_and_its_hints_work(tmp_path):
   }
   predict = shlex.split(hints['classify images'].replace('IMAGE_OR_FOLDER', 'photos2'))
   assert predict[:3] == [sys.executable, '-m', 'vit_jax.predict']
-  assert shlex.split(hints['continue training'])[0] == sys.executable
+  longer = next(v for k, v in hints.items() if k.startswith('train longer'))
+  assert shlex.split(longer)[0] == sys.executable
   shutil.move(photos, tmp_path / 'photos2')  # The dataset folder is gone from where it was.
   shutil.rmtree(tmp_path / 'tfds')
   proc = _run(predict[1:], tmp_path)

@@ -255,6 +255,7 @@ def test_pretrained_path_takes_a_workdir(workdir, tmp_path):
   config.total_steps = 1
   config.warmup_steps = 0
   config.lr = 0.0
+  config.weight_decay = 0.0  # Decoupled decay (big_vision's) moves kernels even at lr 0.
   config.eval_splits = ''
   train.train_and_evaluate(config, str(tmp_path / 'ft'))
   before = train_state.restore_params(os.path.join(workdir, 'checkpoints'))
