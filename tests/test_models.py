@@ -325,55 +325,13 @@ def test_fused_attention_padding_equals_unpadded_values_and_grads():
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize('classifier', ['token', 'map'])
-def test_cpu_layouts_equal_the_convolution_and_dot_product_attention_path(monkeypatch, classifier):
-  """The CPU layouts (patches by one matmul, fused Q/K/V, heads-first attention) are the same
-  function of the same parameters as the convolution and `jax.nn.dot_product_attention` path
-  (used off CPU): logits, gradients of every parameter and of the images, to float noise.
-  """  # fmt: skip
-  from vit_jax.models import vit
-
-  model = _small(classifier=classifier)
-  x = jax.random.uniform(jax.random.key(1), (2, 32, 32, 3), minval=-1, maxval=1)
-  params = model.init(jax.random.key(0), x[:1], train=False)['params']
-
-  def logits_and_grads():
-    loss = lambda p, x: jnp.sum(jnp.sin(model.apply({'params': p}, x, train=True)))
-    logits = model.apply({'params': params}, x, train=False)
-    return logits, jax.grad(loss, (0, 1))(params, x)
-
-  assert vit._cpu_layouts()
-  fast = logits_and_grads()
-  monkeypatch.setattr(vit, '_cpu_layouts', lambda: False)
-  reference = logits_and_grads()
-  # Same parameters, drawn the same: checkpoints and initializations do not depend on the path.
-  reinit = model.init(jax.random.key(0), x[:1], train=False)['params']
-  assert jax.tree.structure(reinit) == jax.tree.structure(params)
-  for a, b in zip(jax.tree.leaves(reinit), jax.tree.leaves(params)):
-    np.testing.assert_array_equal(a, b)
-  assert float(jnp.abs(reference[0]).max()) > 0.1  # A head that is not zero: a real comparison.
-  # Float32 rounding: ~1e-7 relative per operation. The key bias's gradient is zero in exact
-  # arithmetic (it shifts each query's logits by a constant): both sides are rounding there.
-  errors = {}
-  for (path, a), b in zip(
-    jax.tree_util.tree_leaves_with_path(fast), jax.tree_util.tree_leaves(reference)
-  ):
-    if "'key']['bias']" in jax.tree_util.keystr(path):
-      assert float(jnp.abs(a).max()) < 1e-5 and float(jnp.abs(b).max()) < 1e-5
-    else:
-      errors[jax.tree_util.keystr(path)] = float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b))
-  assert len(errors) > 20 and max(errors.values()) < 1e-5, errors
-
-
-@pytest.mark.parametrize('cpu_layouts', [True, False])
-def test_class_token_head_computes_only_the_first_token_in_the_last_block(monkeypatch, cpu_layouts):
+def test_class_token_head_computes_only_the_first_token_in_the_last_block(monkeypatch):
   """Under a class-token head the last block computes only the first token's output: the same
   logits and gradients (parameters and images) as the encoder run over all tokens, to float
   noise; fewer matmul FLOPs. Asking for intermediates (attention maps) runs all tokens.
   """  # fmt: skip
   from vit_jax.models import vit
 
-  monkeypatch.setattr(vit, '_cpu_layouts', lambda: cpu_layouts)
   model = _small()
   x = jax.random.uniform(jax.random.key(1), (2, 32, 32, 3), minval=-1, maxval=1)
   params = model.init(jax.random.key(0), x[:1], train=False)['params']
@@ -411,99 +369,3 @@ def test_class_token_head_computes_only_the_first_token_in_the_last_block(monkey
   last = state['intermediates']['Transformer']['encoderblock_2']
   (weights,) = last['MultiHeadDotProductAttention_1']['attention_weights']
   assert weights.shape == (2, 2, 5, 5)  # 4 patches and the class token.
-
-
-def test_heads_first_attention_equals_dot_product_attention():
-  """softmax(q k^T / sqrt(d)) v over [batch, heads, seq, dim] is `dot_product_attention`'s
-  [batch, seq, heads, dim] result, transposed, for values and gradients.
-  """  # fmt: skip
-  from vit_jax.models.vit import heads_first_attention
-
-  rng = np.random.default_rng(0)
-  q, k, v = (jnp.asarray(rng.normal(size=(2, 197, 3, 16)), jnp.float32) for _ in range(3))
-  t = lambda a: a.transpose(0, 2, 1, 3)
-  ours = lambda q, k, v: t(heads_first_attention(t(q), t(k), t(v)))
-  reference = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, implementation='xla')
-  np.testing.assert_allclose(ours(q, k, v), reference(q, k, v), rtol=1e-5, atol=1e-6)
-  loss = lambda f: lambda *a: jnp.sum(jnp.sin(f(*a)))
-  for a, b in zip(
-    jax.grad(loss(ours), (0, 1, 2))(q, k, v), jax.grad(loss(reference), (0, 1, 2))(q, k, v)
-  ):
-    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
-
-
-@pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
-def test_mlp_gelu_custom_gradient_equals_autodiff(dtype):
-  """`mlp_gelu`'s hand-written backward pass equals automatic differentiation of the same
-  dense -> GELU (tanh) -> dense, for the input, both kernels and both biases.
-  """  # fmt: skip
-  from vit_jax.models.cpu_ops import mlp_gelu
-
-  rng = np.random.default_rng(0)
-  shapes = [(2, 7, 16), (16, 24), (24,), (24, 16), (16,)]
-  args = [jnp.asarray(rng.normal(size=s), jnp.float32) for s in shapes]
-
-  def reference(x, k0, b0, k1, b1):
-    return jnp.dot(jax.nn.gelu(jnp.dot(x, k0) + b0, approximate=True), k1) + b1
-
-  loss = lambda f: lambda *a: jnp.sum(jnp.sin(f(*a).astype(jnp.float32)))
-  want = reference(*args), jax.grad(loss(reference), tuple(range(5)))(*args)
-  low = [a.astype(dtype) for a in args]
-  got = mlp_gelu(*low), jax.grad(loss(mlp_gelu), tuple(range(5)))(*low)
-  auto = reference(*low), jax.grad(loss(reference), tuple(range(5)))(*low)
-  assert got[0].dtype == dtype and all(g.dtype == dtype for g in got[1])
-  error = lambda a, b: np.linalg.norm(np.asarray(a, np.float32) - b) / np.linalg.norm(b)
-  for a, b, c in zip(jax.tree.leaves(got), jax.tree.leaves(want), jax.tree.leaves(auto)):
-    # float32: float noise; bfloat16: no worse than autodiff's own rounding in bfloat16.
-    assert error(a, b) < (1e-5 if dtype == jnp.float32 else 1.5 * error(c, b) + 1e-3)
-
-
-@pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
-def test_layer_norm_custom_gradient_equals_flax(dtype):
-  """`cpu_ops.layer_norm` computes flax's nn.LayerNorm (epsilon 1e-6) and its hand-written
-  backward pass equals automatic differentiation of nn.LayerNorm, measured against float64:
-  input, scale and bias gradients, on inputs with a large mean (the E[x^2] - E[x]^2 variance).
-  """  # fmt: skip
-  from vit_jax.models.cpu_ops import layer_norm
-
-  rng = np.random.default_rng(0)
-  x = rng.normal(size=(3, 11, 64)) * 3 + 2
-  scale, bias, d_out = rng.normal(size=64), rng.normal(size=64), rng.normal(size=(3, 11, 64))
-
-  def flax_ln(x, scale, bias):
-    variables = {'params': {'scale': scale, 'bias': bias}}
-    return nn.LayerNorm(epsilon=1e-6, dtype=x.dtype, param_dtype=scale.dtype).apply(variables, x)
-
-  def value_and_grads(f, arrays):
-    out, vjp = jax.vjp(f, *arrays)
-    return out, vjp(jnp.asarray(d_out, out.dtype))
-
-  with jax.enable_x64(True):
-    exact = value_and_grads(flax_ln, [jnp.asarray(a, jnp.float64) for a in (x, scale, bias)])
-    exact = jax.tree.map(np.asarray, exact)
-  low = [jnp.asarray(x, dtype), jnp.asarray(scale, jnp.float32), jnp.asarray(bias, jnp.float32)]
-  ours = value_and_grads(lambda x, s, b: layer_norm(x, s, b, 1e-6), low)
-  auto = value_and_grads(flax_ln, low)
-  assert ours[0].dtype == dtype and ours[1][0].dtype == dtype
-  error = lambda a, b: np.linalg.norm(np.asarray(a, np.float64) - b) / np.linalg.norm(b)
-  for a, b, c in zip(jax.tree.leaves(ours), jax.tree.leaves(exact), jax.tree.leaves(auto)):
-    # float32: float noise; bfloat16: no worse than autodiff's own rounding in bfloat16.
-    assert error(a, b) < (1e-6 if dtype == jnp.float32 else 1.5 * error(c, b) + 1e-3)
-
-
-def test_cpu_layouts_fall_back_with_dropout_and_keep_the_parameters(monkeypatch):
-  """With dropout in training, the MLP runs nn.Dense (masks between the layers) on the same
-  parameters: the loss differs from the deterministic one only by the dropout.
-  """  # fmt: skip
-  from vit_jax.models import vit
-
-  block = vit.MlpBlock(mlp_dim=24, dropout_rate=0.5)
-  x = jax.random.normal(jax.random.key(1), (2, 5, 16))
-  params = nn.unbox(block.init(jax.random.key(0), x, deterministic=True))
-  assert set(params['params']) == {'Dense_0', 'Dense_1'}
-  assert params['params']['Dense_0']['kernel'].shape == (16, 24)
-  fast = block.apply(params, x, deterministic=True)
-  monkeypatch.setattr(vit, '_cpu_layouts', lambda: False)
-  np.testing.assert_allclose(fast, block.apply(params, x, deterministic=True), rtol=1e-5, atol=1e-6)
-  dropped = block.apply(params, x, deterministic=False, rngs={'dropout': jax.random.key(2)})
-  assert not np.allclose(dropped, fast)

@@ -17,7 +17,6 @@ import jax
 import jax.numpy as jnp
 
 from vit_jax.models import resnet
-from vit_jax.models.cpu_ops import heads_first_attention, layer_norm, mlp_gelu
 
 Dtype = Any
 Initializer = Callable[..., jax.Array]
@@ -32,14 +31,6 @@ def _logical(init: Initializer, names: tuple[str | None, ...]) -> Initializer:
 
 def _constrain(x: jax.Array, names: tuple[str | None, ...]) -> jax.Array:
   return nn.with_logical_constraint(x, names)
-
-
-def _cpu_layouts() -> bool:
-  """Whether to use the layouts measured fastest on XLA:CPU (heads-first attention with the
-  Q/K/V projections fused into one matmul, patch embedding as one matmul); elsewhere the
-  `dot_product_attention` (cuDNN) and convolution paths. Same parameters, same math.
-  """  # fmt: skip
-  return jax.default_backend() == 'cpu'
 
 
 class AddPositionEmbs(nn.Module):
@@ -61,28 +52,8 @@ class AddPositionEmbs(nn.Module):
     return inputs + posemb.astype(inputs.dtype)
 
 
-class _DenseWeights(nn.Module):
-  """nn.Dense's parameters (same names, shapes and initialization) in the compute dtype."""
-
-  features: int
-  kernel_init: Initializer
-  bias_init: Initializer
-  dtype: Dtype
-  param_dtype: Dtype
-
-  @nn.compact
-  def __call__(self, in_features: int) -> tuple[jax.Array, jax.Array]:
-    kernel = self.param('kernel', self.kernel_init, (in_features, self.features), self.param_dtype)
-    bias = self.param('bias', self.bias_init, (self.features,), self.param_dtype)
-    return kernel.astype(self.dtype), bias.astype(self.dtype)
-
-
 class MlpBlock(nn.Module):
-  """Dense -> GELU (tanh approximation, as the published models) -> Dense, with dropout.
-
-  On CPU without dropout, one function with a hand-written backward pass (`cpu_ops.mlp_gelu`,
-  faster on XLA:CPU) over nn.Dense's parameters; otherwise nn.Dense layers.
-  """
+  """Dense -> GELU (tanh approximation, as the published models) -> Dense, with dropout."""
 
   mlp_dim: int
   out_dim: int | None = None
@@ -95,19 +66,6 @@ class MlpBlock(nn.Module):
   @nn.compact
   def __call__(self, inputs: jax.Array, *, deterministic: bool) -> jax.Array:
     out_dim = inputs.shape[-1] if self.out_dim is None else self.out_dim
-    if _cpu_layouts() and (deterministic or self.dropout_rate == 0.0):
-      # nn.Dense's parameters, one custom-gradient function (cpu_ops.mlp_gelu).
-      weights = lambda features, names, name: _DenseWeights(
-        features,
-        _logical(self.kernel_init, names),
-        _logical(self.bias_init, names[-1:]),
-        self.dtype,
-        self.param_dtype,
-        name=name,
-      )
-      kernel_0, bias_0 = weights(self.mlp_dim, ('embed', 'mlp'), 'Dense_0')(inputs.shape[-1])
-      kernel_1, bias_1 = weights(out_dim, ('mlp', 'embed'), 'Dense_1')(self.mlp_dim)
-      return mlp_gelu(inputs.astype(self.dtype), kernel_0, bias_0, kernel_1, bias_1)
     dense = lambda features, names, name: nn.Dense(
       features,
       dtype=self.dtype,
@@ -130,9 +88,7 @@ class _HeadsDense(nn.Module):
   Kernels are created in their 3-D checkpoint shape, (embed, heads, head_dim) or
   (heads, head_dim, embed), so their logical names hold under a mesh (flax's DenseGeneral
   initializes a flattened 2-D kernel). Xavier fans are those of the flattened matrix, as
-  DenseGeneral computes them, so initialization is unchanged. `heads_first`: the per-head side
-  is [batch, heads, seq, head_dim] instead of [batch, seq, heads, head_dim]. `weights_only`:
-  return (kernel, bias) in the compute dtype instead of projecting (fused projections).
+  DenseGeneral computes them, so initialization is unchanged.
   """
 
   features: tuple[int, ...]
@@ -140,21 +96,19 @@ class _HeadsDense(nn.Module):
   kernel_init: Initializer
   dtype: Dtype
   param_dtype: Dtype
-  heads_first: bool = False
 
   @nn.compact
-  def __call__(self, x: jax.Array, *, weights_only: bool = False):
+  def __call__(self, x: jax.Array) -> jax.Array:
     if self.direction == 'in':
       shape, names = (x.shape[-1], *self.features), ('embed', 'heads', 'kv')
       fans = dict(in_axis=0, out_axis=(1, 2))
       bias_names = ('heads', 'kv')
-      equation = 'btd,dhk->bhtk' if self.heads_first else '...d,dhk->...hk'
+      equation = '...d,dhk->...hk'
     else:
-      per_head = (x.shape[1], x.shape[3]) if self.heads_first else x.shape[-2:]
-      shape, names = (*per_head, *self.features), ('heads', 'kv', 'embed')
+      shape, names = (*x.shape[-2:], *self.features), ('heads', 'kv', 'embed')
       fans = dict(in_axis=(0, 1), out_axis=2)
       bias_names = ('embed',)
-      equation = 'bhtk,hkd->btd' if self.heads_first else '...hk,hkd->...d'
+      equation = '...hk,hkd->...d'
     init = self.kernel_init
     if init is _XAVIER:
       init = nn.initializers.xavier_uniform(**fans)
@@ -166,28 +120,25 @@ class _HeadsDense(nn.Module):
       self.param_dtype,
     )
     x, kernel, bias = x.astype(self.dtype), kernel.astype(self.dtype), bias.astype(self.dtype)
-    if weights_only:
-      return kernel, bias
-    if self.heads_first and self.direction == 'in':
-      bias = bias[:, None]
     return jnp.einsum(equation, x, kernel) + bias
 
 
 def fused_attention(q, k, v, implementation: str | None = None, pad_to: int | None = None):
   """`jax.nn.dot_product_attention` over [batch, seq, heads, head_dim], any sequence length.
 
-  `implementation`: 'xla', 'cudnn', or None: cuDNN flash attention on GPUs for bfloat16/float16
-  inputs where it traces (1.31x faster ViT-B/16 training steps on an H200; same gradient error vs
-  float32 as XLA's), otherwise XLA's. cuDNN trains only on sequence lengths that are multiples of
-  64 (ViT's 197 or 577 tokens are not), so for it (or with `pad_to`) the tokens are zero-padded to
-  a multiple of `pad_to` (default 64), the padding masked out through the sequence lengths, and
+  `implementation`: 'xla', 'cudnn', or None: for bfloat16/float16 inputs, cuDNN flash attention
+  where it traces (GPUs with cuDNN; 1.31x faster ViT-B/16 training steps on an H200, same
+  gradient error vs float32 as XLA's), otherwise XLA's. The choice depends on what traces, not
+  on the backend's name. cuDNN trains only on sequence lengths that are multiples of 64 (ViT's
+  197 or 577 tokens are not), so for it (or with `pad_to`) the tokens are zero-padded to a
+  multiple of `pad_to` (default 64), the padding masked out through the sequence lengths, and
   the output cut back: values and gradients equal the unpadded attention's.
   """
   if implementation is None:
-    if jax.default_backend() == 'gpu' and q.dtype in (jnp.bfloat16, jnp.float16):
+    if q.dtype in (jnp.bfloat16, jnp.float16):
       try:
         return fused_attention(q, k, v, 'cudnn', pad_to)
-      except (NotImplementedError, ValueError, RuntimeError):  # Older GPU or cuDNN, odd shapes.
+      except (NotImplementedError, ValueError, RuntimeError):  # No cuDNN, or shapes it refuses.
         pass
     implementation = 'xla'
   if implementation == 'cudnn' and pad_to is None:
@@ -210,10 +161,8 @@ class MultiHeadDotProductAttention(nn.Module):
   """Multi-head attention with the released parameter layout.
 
   `query`/`key`/`value` kernels are (embed, heads, head_dim) and `out` is (heads, head_dim, embed),
-  as in the published checkpoints. Without attention dropout: on CPU (and `attention_impl` unset)
-  the Q/K/V projections of self-attention are one matmul into a heads-first layout and
-  `heads_first_attention` runs; elsewhere `jax.nn.dot_product_attention` (cuDNN flash attention
-  on GPUs that support it). With dropout or sown weights, the explicit einsum form.
+  as in the published checkpoints. Without attention dropout, `jax.nn.dot_product_attention`
+  (`fused_attention`); with dropout or sown weights, the explicit einsum form.
   """
 
   num_heads: int
@@ -221,7 +170,7 @@ class MultiHeadDotProductAttention(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   kernel_init: Initializer = _XAVIER
-  attention_impl: str | None = None  # 'xla', 'cudnn' or None: cuDNN on GPU (fused_attention).
+  attention_impl: str | None = None  # 'xla', 'cudnn' or None (fused_attention).
 
   @nn.compact
   def __call__(self, inputs_q: jax.Array, inputs_kv: jax.Array, *, deterministic: bool):
@@ -230,42 +179,10 @@ class MultiHeadDotProductAttention(nn.Module):
       raise ValueError(f'hidden size {features} is not divisible by num_heads {self.num_heads}')
     head_dim = features // self.num_heads
 
-    explicit = self.is_mutable_collection('intermediates') or not (
-      deterministic or self.dropout_rate == 0.0
-    )
-    heads_first = not explicit and self.attention_impl is None and _cpu_layouts()
-
     def dense(name, direction, features):
       return _HeadsDense(
-        features,
-        direction,
-        self.kernel_init,
-        self.dtype,
-        self.param_dtype,
-        heads_first=heads_first,
-        name=name,
+        features, direction, self.kernel_init, self.dtype, self.param_dtype, name=name
       )
-
-    if heads_first:
-      n = self.num_heads
-
-      def fused(x, names):  # One matmul over the kernels side by side, split after.
-        kernels, biases = zip(
-          *(dense(name, 'in', (n, head_dim))(x, weights_only=True) for name in names)
-        )
-        out = jnp.einsum('btd,dhk->bhtk', x.astype(self.dtype), jnp.concatenate(kernels, axis=1))
-        out = out + jnp.concatenate(biases, axis=0)[:, None]
-        return [out[:, i * n : (i + 1) * n] for i in range(len(names))]
-
-      if inputs_q is inputs_kv:  # Self-attention: Q, K and V from one matmul.
-        q, k, v = fused(inputs_q, ('query', 'key', 'value'))
-      else:  # Cross-attention (the last block's first token, the MAP probe): K and V fused.
-        q = dense('query', 'in', (n, head_dim))(inputs_q)
-        k, v = fused(inputs_kv, ('key', 'value'))
-      names = ('batch', 'heads', 'seq', 'kv')
-      q, k, v = (_constrain(t, names) for t in (q, k, v))
-      x = _constrain(heads_first_attention(q, k, v), names)
-      return dense('out', 'out', (features,))(x)
 
     def proj(name, x):
       return dense(name, 'in', (self.num_heads, head_dim))(x)
@@ -289,28 +206,9 @@ class MultiHeadDotProductAttention(nn.Module):
     return dense('out', 'out', (features,))(x)
 
 
-class _CpuLayerNorm(nn.Module):
-  """nn.LayerNorm's parameters (`scale`, `bias`) and arithmetic; the backward pass of
-  `cpu_ops.layer_norm` (fewer, larger fusions on XLA:CPU).
-  """  # fmt: skip
-
-  epsilon: float
-  dtype: Dtype
-  param_dtype: Dtype
-  scale_init: Initializer
-  bias_init: Initializer
-
-  @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
-    features = (x.shape[-1],)
-    scale = self.param('scale', self.scale_init, features, self.param_dtype)
-    bias = self.param('bias', self.bias_init, features, self.param_dtype)
-    return layer_norm(x, scale, bias, self.epsilon).astype(self.dtype)
-
-
 def _layer_norm(name: str, dtype: Dtype, param_dtype: Dtype) -> nn.Module:
-  """LayerNorm (epsilon 1e-6, as the released models); on CPU with a hand-written backward."""
-  return (_CpuLayerNorm if _cpu_layouts() else nn.LayerNorm)(
+  """LayerNorm with epsilon 1e-6, as the released models."""
+  return nn.LayerNorm(
     epsilon=1e-6,
     dtype=dtype,
     param_dtype=param_dtype,
@@ -499,9 +397,8 @@ class MAPHead(nn.Module):
 
 
 class PatchEmbedding(nn.Module):
-  """Non-overlapping patches -> `features`: nn.Conv's parameters (kernel [ph, pw, c, features],
-  bias) and math. On XLA:CPU the patches are cut out and projected by one matmul, faster than
-  the strided convolution and its kernel gradient; elsewhere the convolution.
+  """Non-overlapping patches -> `features`: one strided convolution (nn.Conv's parameters,
+  kernel [ph, pw, c, features] and bias).
   """  # fmt: skip
 
   features: int
@@ -512,24 +409,18 @@ class PatchEmbedding(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     ph, pw = self.patch_size
-    n, height, width, c = x.shape
     kernel = self.param(
       'kernel',
       _logical(nn.initializers.lecun_normal(), (None, None, None, 'embed')),
-      (ph, pw, c, self.features),
+      (ph, pw, x.shape[-1], self.features),
       self.param_dtype,
     )
     bias = self.param(
       'bias', _logical(nn.initializers.zeros, ('embed',)), (self.features,), self.param_dtype
     )
     x, kernel, bias = x.astype(self.dtype), kernel.astype(self.dtype), bias.astype(self.dtype)
-    if not _cpu_layouts():
-      dims = ('NHWC', 'HWIO', 'NHWC')
-      y = jax.lax.conv_general_dilated(x, kernel, (ph, pw), 'VALID', dimension_numbers=dims)
-      return y + bias
-    h, w = height // ph, width // pw
-    x = x.reshape(n, h, ph, w, pw, c).transpose(0, 1, 3, 2, 4, 5).reshape(n, h, w, ph * pw * c)
-    return jnp.dot(x, kernel.reshape(ph * pw * c, self.features)) + bias
+    dims = ('NHWC', 'HWIO', 'NHWC')
+    return jax.lax.conv_general_dilated(x, kernel, (ph, pw), 'VALID', dimension_numbers=dims) + bias
 
 
 class VisionTransformer(nn.Module):
