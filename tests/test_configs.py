@@ -30,7 +30,7 @@ def test_recipes_build_locked_valid_configs(module, arg):
   assert set(config) == set(common.base_config())  # Same schema everywhere.
   with pytest.raises(AttributeError):
     config.batchsize = 3  # A typo is an error, not a new field.
-  models.get_model(config.model_name, num_classes=10, **config.model)  # Overrides are valid.
+  models.model_kwargs(config.model_name, 10, **config.model)  # Overrides are valid.
   optim.make_optimizer(config)
   assert config.batch_size % config.accum_steps == 0
 

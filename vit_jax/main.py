@@ -196,7 +196,7 @@ def list_models() -> str:
 
   lines = [f'{"model":<22} {"parameters":>15}']
   for name in models.MODEL_CONFIGS:
-    count = models.count_params(models.get_model(name, num_classes=1000), 224)
+    count = models.count_params(models.abstract_model(name, 1000))
     lines.append(f'{name:<22} {count:>15,}')
   return '\n'.join(lines)
 

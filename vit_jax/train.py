@@ -14,7 +14,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import flax.linen as nn
@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+from flax import nnx
 
 from vit_jax import guards, models, npz, optim, resume, sharding, train_state
 from vit_jax import metrics as metrics_lib
@@ -67,7 +68,7 @@ def per_example_loss(logits: jax.Array, targets: jax.Array, kind: str) -> jax.Ar
 
 
 def make_train_step(
-  model: nn.Module,
+  apply: Callable,
   tx: optax.GradientTransformation,
   schedule,
   *,
@@ -75,7 +76,8 @@ def make_train_step(
   num_classes: int,
   param_shardings: Any = None,
 ):
-  """Returns the pure step `(state, batch, rng) -> (state, metrics)`.
+  """Returns the pure step `(state, batch, rng) -> (state, metrics)` of `apply`
+  (`models.functional`: the model split once into graph and state).
 
   `batch` arrays are [accum_steps, micro_batch, ...]; the gradient is the mean of the micro-batch
   gradients, which equals the gradient of the whole batch (each micro-batch loss is a mean over the
@@ -96,7 +98,7 @@ def make_train_step(
     image, targets = prologue(micro['image']), _targets(micro, num_classes, smoothing)
     if mix:
       image, targets = data.mixup(rng, image, targets, **mix)
-    logits = model.apply({'params': params}, image, train=True, rngs={'dropout': rng})
+    logits = apply(params, image, train=True, rng=rng)
     losses = per_example_loss(logits, targets, loss_kind)
     return jnp.mean(losses)
 
@@ -148,9 +150,14 @@ class Trainer:
     self.num_classes = num_classes
     self.mesh = sharding.make_mesh(config['mesh'], devices)
     self.rules = sharding.logical_rules(config)
-    self.model = models.get_model(
-      config['model_name'], num_classes=num_classes, **dict(config['model'])
+    size = int(config['image_size'])
+    build = lambda rngs: models.get_model(
+      config['model_name'], num_classes, image_size=size, rngs=rngs, **dict(config['model'])
     )
+    # The model's graph and abstract state, split once; the step is a pure function of the state.
+    self.model = nnx.eval_shape(lambda: build(nnx.Rngs(0)))
+    self.apply = models.functional(self.model)
+    axes = models.logical_axes(self.model)
     self.tx, self.schedule = optim.make_optimizer(config)
     self.accum_steps = int(config['accum_steps'])
     self.micro_batch = int(config['batch_size']) // self.accum_steps
@@ -164,11 +171,9 @@ class Trainer:
           f'{name}={size} must be divisible by the {shards} batch shards of mesh '
           f'{sharding.describe(self.mesh)} and by the {jax.process_count()} processes'
         )
-    size = int(config['image_size'])
-    self._image = jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)
 
     def init(rng):  # Boxed: leaves carry logical axis names, for the shardings.
-      params = self.model.init(rng, jnp.zeros(self._image.shape), train=False)['params']
+      params = sharding.box(models.params_of(build(nnx.Rngs(rng))), axes)
       return {'step': jnp.zeros((), jnp.int32), 'params': params, 'opt_state': self.tx.init(params)}
 
     boxed = jax.eval_shape(init, jax.random.key(0))
@@ -181,7 +186,7 @@ class Trainer:
     self._init = jax.jit(lambda rng: nn.unbox(init(rng)), out_shardings=self.state_shardings)
     self.replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
     train_step = make_train_step(
-      self.model,
+      self.apply,
       self.tx,
       self.schedule,
       config=config,
@@ -340,7 +345,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices
     trainer.mesh.size,
     jax.process_count(),
     config['model_name'],
-    models.count_params(trainer.model, int(config['image_size'])),
+    models.count_params(trainer.model),
   )
   ckpt_dir = os.path.join(workdir, 'checkpoints')
   ckpt = train_state.Checkpointer(
@@ -366,9 +371,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices
     if config['pretrained_path']:
       init = trainer.host_params(state)
       params = checkpoint_load.load_pretrained(  # An original-format .npz or one of our workdirs.
-        pretrained_path=config['pretrained_path'],
-        init_params=init,
-        model_config=models.get_model_config(config['model_name']),
+        config['pretrained_path'], init, model_name=config['model_name']
       )
       state = trainer.with_params(state, params)
   step = int(jax.device_get(state['step']))

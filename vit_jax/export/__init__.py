@@ -17,7 +17,7 @@ import time
 import jax
 import numpy as np
 
-from vit_jax import npz
+from vit_jax import models, npz
 
 FORMATS = ('npz', 'hf', 'saved_model', 'onnx')
 TOLERANCE = 1e-4  # Max |logit difference| in float32.
@@ -67,7 +67,7 @@ class _Npz:
 
   def run(self, path: str, images: np.ndarray, labels=None) -> np.ndarray:
     del labels
-    return np.asarray(self.model.apply({'params': npz.load(path)}, images, train=False))
+    return np.asarray(models.functional(self.model)(npz.load(path), images))
 
 
 def _module(fmt: str, loaded):
