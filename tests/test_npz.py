@@ -141,6 +141,10 @@ def test_mismatch_error_lists_every_problem(golden_dir):
     npz.pretrained_params(path, models.params_of(model), model_name='my-model')
   message = str(info.value)
   assert path in message and "'my-model'" in message
+  # The first line alone says what is wrong and which registered variant the file is.
+  first = message.splitlines()[0]
+  assert 'shape mismatch: Transformer/encoder_norm/bias: checkpoint (10,) vs model (12,)' in first
+  assert 'the checkpoint fits testing' in first
   with pytest.raises(npz.CheckpointMismatchError, match="'testing'"):
     npz.load_pretrained(model, path)
   with pytest.raises(npz.CheckpointMismatchError, match='embedding/kernel'):

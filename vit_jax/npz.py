@@ -182,22 +182,64 @@ def unscan_params(params: Mapping) -> Params:
 # --- fine-tuning entry ----------------------------------------------------------------------------
 
 
+def fitting_variant(params: Mapping) -> str | None:
+  """The registered ViT whose shapes a checkpoint's tree has (width, patch, depth, MLP, heads,
+  class token, hybrid stem), or None."""
+  from vit_jax.models.registry import MODEL_CONFIGS
+
+  try:
+    encoder = unscan_params(params)['Transformer']
+    block = encoder['encoderblock_0']
+    ph, pw, _, width = np.shape(params['embedding']['kernel'])
+    shape = dict(
+      hidden_size=width,
+      patches=(ph, pw),
+      num_layers=sum(k.startswith('encoderblock_') for k in encoder),
+      mlp_dim=np.shape(block['MlpBlock_3']['Dense_0']['kernel'])[1],
+      num_heads=np.shape(block['MultiHeadDotProductAttention_1']['query']['kernel'])[1],
+      token='cls' in params,
+      hybrid='conv_root' in params,
+    )
+  except (KeyError, TypeError, ValueError):
+    return None
+  for name, c in MODEL_CONFIGS.items():
+    if 'transformer' not in c:
+      continue
+    t = c.transformer
+    candidate = dict(
+      hidden_size=c.hidden_size,
+      patches=tuple(c.patches.size),
+      num_layers=t.num_layers,
+      mlp_dim=t.mlp_dim,
+      num_heads=t.num_heads,
+      token=c.classifier in ('token', 'token_unpooled'),
+      hybrid=c.get('resnet') is not None,
+    )
+    if candidate == shape:
+      return name
+  return None
+
+
 def check_tree(params: Mapping, expected: Mapping, *, path: str, model_name: str | None) -> None:
   """Raises one CheckpointMismatchError listing every missing/unexpected key and shape mismatch."""
   got = {'/'.join(k): np.shape(v) for k, v in flax.traverse_util.flatten_dict(params).items()}
   want = {'/'.join(k): np.shape(v) for k, v in flax.traverse_util.flatten_dict(expected).items()}
-  problems = [f'  missing in checkpoint: {k} {want[k]}' for k in sorted(want.keys() - got.keys())]
-  problems += [
-    f'  unexpected in checkpoint: {k} {got[k]}' for k in sorted(got.keys() - want.keys())
-  ]
-  problems += [
+  # Shape mismatches first: the first line names the first parameter whose shapes differ.
+  problems = [
     f'  shape mismatch: {k}: checkpoint {got[k]} vs model {want[k]}'
     for k in sorted(got.keys() & want.keys())
     if got[k] != want[k]
   ]
+  problems += [f'  missing in checkpoint: {k} {want[k]}' for k in sorted(want.keys() - got.keys())]
+  problems += [
+    f'  unexpected in checkpoint: {k} {got[k]}' for k in sorted(got.keys() - want.keys())
+  ]
   if problems:
+    variant = fitting_variant(params)
+    fits = f'; the checkpoint fits {variant}' if variant and variant != model_name else ''
     raise CheckpointMismatchError(
-      f'checkpoint {path!r} does not match model {model_name!r} ({len(problems)} problems):\n'
+      f'checkpoint {path!r} does not match model {model_name!r}: {problems[0].strip()}{fits} '
+      f'({len(problems)} problems):\n'
       + '\n'.join(problems)
       + '\nCheck that the model config (name, patch size, classifier, representation_size) is the '
       'one the checkpoint was trained with.'
