@@ -261,7 +261,7 @@ def test_dropout_and_stochastic_depth_only_in_training():
   model.train()
   assert not np.allclose(model(x), model(x))
   model.eval()
-  np.testing.assert_array_equal(model(x), run(False, 0))
+  np.testing.assert_allclose(model(x), run(False, 0), atol=1e-5)  # Eager vs jitted: float noise.
 
 
 def test_scanned_stochastic_depth_uses_the_unscanned_per_layer_rates(monkeypatch):

@@ -150,9 +150,9 @@ class Trainer:
     self.num_classes = num_classes
     self.mesh = sharding.make_mesh(config['mesh'], devices)
     self.rules = sharding.logical_rules(config)
-    size = int(config['image_size'])
+    image_size = int(config['image_size'])
     build = lambda rngs: models.get_model(
-      config['model_name'], num_classes, image_size=size, rngs=rngs, **dict(config['model'])
+      config['model_name'], num_classes, image_size=image_size, rngs=rngs, **dict(config['model'])
     )
     # The model's graph and abstract state, split once; the step is a pure function of the state.
     self.model = nnx.eval_shape(lambda: build(nnx.Rngs(0)))
@@ -336,6 +336,103 @@ def train_and_evaluate(
     return _train_and_evaluate(config, workdir, devices)
 
 
+def _restore_or_init(trainer: Trainer, ckpt, config: Mapping, layout: str):
+  """(state, rng, data batches read or None): the workdir's checkpoint when it holds one, else a
+  fresh state (its params from `config.pretrained_path` when set)."""
+  rng = jax.device_put(jax.random.key_data(jax.random.key(int(config['seed']))), trainer.replicated)
+  abstract = dict(
+    trainer.abstract_state,
+    rng=jax.ShapeDtypeStruct(rng.shape, rng.dtype, sharding=trainer.replicated),
+  )
+  restored = resume.restore(ckpt, abstract, config, num_classes=trainer.num_classes, layout=layout)
+  if restored is not None:
+    state, meta = restored
+    logging.info('resuming from step %d', int(state['step']))
+    # The data position is read, not recomputed: accum_steps may differ.
+    return state, state.pop('rng'), meta.get('data_batches')
+  state = trainer.init_state(int(config['seed']))
+  if config['pretrained_path']:
+    params = checkpoint_load.load_pretrained(  # An original-format .npz or one of our workdirs.
+      config['pretrained_path'], trainer.host_params(state), model_name=config['model_name']
+    )
+    state = trainer.with_params(state, params)
+  return state, rng, None
+
+
+class _Bookkeeping:
+  """Everything the loop does besides stepping: the pending step metrics and their flush (which
+  stops a diverged run), checkpoints (never after a bad step), and the periodic log / eval /
+  checkpoint work of one step (`periodic`, the one place that reads the `*_every` fields).
+  """
+
+  def __init__(self, config, trainer, ckpt, ckpt_dir, *, writer, meter, evaluators, layout,
+               start_batch, first_step):  # fmt: skip
+    self.config, self.trainer, self.ckpt, self.ckpt_dir = config, trainer, ckpt, ckpt_dir
+    self.writer, self.meter, self.evaluators, self.layout = writer, meter, evaluators, layout
+    self.start_batch, self.first_step = start_batch, first_step
+    self.total_steps = int(config['total_steps'])
+    self.pending: list[tuple[int, dict]] = []
+    self.last_saved = ckpt.latest_step()
+    self.spikes = guards.SpikeGuard(float(config.get('spike_factor', 0.0)))
+    self.result: dict[str, Any] = {'preempted': False}
+
+  def flush(self) -> dict[str, float]:
+    """Fetches pending step metrics; raises on the first non-finite or spiking one."""
+    fetched = jax.device_get([m for _, m in self.pending])
+    steps = [s for s, _ in self.pending]
+    self.pending.clear()
+    for s, m in zip(steps, fetched):
+      bad = [f'non-finite {k}={m[k]}' for k in ('train/loss', 'train/grad_norm', 'train/param_norm')
+             if not np.isfinite(m[k])] or self.spikes.check(m)  # fmt: skip
+      if bad:
+        self.ckpt.wait()
+        good = 'none yet'
+        if self.last_saved is not None:
+          good = f'step {self.last_saved} in {self.ckpt_dir}'
+        raise TrainingDivergedError(
+          s,
+          f'{", ".join(bad)} at step {s}; last good checkpoint: {good}. '
+          'Lower lr, raise warmup, or check the data.',
+        )
+    if not fetched:
+      return {}
+    out = {k: float(np.mean([m[k] for m in fetched])) for k in ('train/loss', 'train/grad_norm')}
+    out['train/lr'] = float(fetched[-1]['train/lr'])
+    out['train/param_norm'] = float(fetched[-1]['train/param_norm'])
+    return out
+
+  def save(self, at: int, state: dict, rng: jax.Array) -> None:
+    self.flush()  # Never checkpoint a state that followed a non-finite step.
+    meta = {
+      'data_batches': self.start_batch + (at - self.first_step) * self.trainer.accum_steps,
+      'micro_batch': self.trainer.micro_batch,
+      'num_classes': self.trainer.num_classes,
+      'layout': self.layout,
+      'config': json.loads(self.config.to_json_best_effort()),
+    }
+    if self.ckpt.save(at, dict(state, rng=rng), meta):
+      self.last_saved = at
+
+  def periodic(self, step: int, state: dict, rng: jax.Array) -> None:
+    """The log, eval and checkpoint work due after `step` (`due`)."""
+    scalars = {}
+    if due(step, int(self.config['log_every']), self.total_steps):
+      scalars.update(self.flush())
+      scalars.update(self.meter.summary(step))
+    ran = [ev for ev in self.evaluators.values() if due(step, ev.every, self.total_steps)]
+    for ev in ran:
+      scalars.update(ev.run(state['params']))
+    if ran:
+      self.meter.reset(step)
+    if scalars:
+      self.writer.write(step, scalars)
+      if jax.process_index() == 0:
+        logging.info('%s', metrics_lib.format_progress(step, self.total_steps, scalars))
+      self.result.update(scalars)
+    if due(step, int(self.config['checkpoint_every']), self.total_steps):
+      self.save(step, state, rng)
+
+
 def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices) -> dict[str, Any]:
   total_steps = int(config['total_steps'])
   trainer = Trainer(config, num_classes=_num_classes(config), devices=devices)
@@ -353,27 +450,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices
     max_to_keep=int(config['keep_checkpoints']) or None,
     async_save=bool(config['async_checkpoints']),
   )
-  rng = jax.device_put(jax.random.key_data(jax.random.key(int(config['seed']))), trainer.replicated)
   layout = f'mesh {sharding.describe(trainer.mesh)} in {jax.process_count()} processes'
-  abstract = dict(
-    trainer.abstract_state,
-    rng=jax.ShapeDtypeStruct(rng.shape, rng.dtype, sharding=trainer.replicated),
-  )
-  restored = resume.restore(ckpt, abstract, config, num_classes=trainer.num_classes, layout=layout)
-  start_batch = None
-  if restored is not None:
-    state, meta = restored
-    rng = state.pop('rng')
-    start_batch = meta.get('data_batches')  # Read, not recomputed: accum_steps may differ.
-    logging.info('resuming from step %d', int(state['step']))
-  else:
-    state = trainer.init_state(int(config['seed']))
-    if config['pretrained_path']:
-      init = trainer.host_params(state)
-      params = checkpoint_load.load_pretrained(  # An original-format .npz or one of our workdirs.
-        config['pretrained_path'], init, model_name=config['model_name']
-      )
-      state = trainer.with_params(state, params)
+  state, rng, start_batch = _restore_or_init(trainer, ckpt, config, layout)
   step = int(jax.device_get(state['step']))
   write_config(config, workdir)  # Only now: a refused resume leaves the old config.json.
   if start_batch is None:
@@ -382,7 +460,6 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices
   from vit_jax import data
   from vit_jax import evaluators as evaluators_lib  # Late, as the data: imports TensorFlow.
 
-  evaluators = evaluators_lib.build(config, trainer)
   put = lambda local: trainer.global_batch(local, stacked=True)
   batches = data.prefetch(_batches(train_ds, trainer.accum_steps), put)  # Next ones on devices.
   writer = metrics_lib.MetricWriter(workdir, resume_step=step)
@@ -392,50 +469,11 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices
     num_devices=trainer.mesh.size,
     total_steps=total_steps,
   )
-  pending: list[tuple[int, dict]] = []
-  last_saved = ckpt.latest_step()
-  first_step = step
-  result: dict[str, Any] = {'preempted': False}
-  first = True
-
-  spikes = guards.SpikeGuard(float(config.get('spike_factor', 0.0)))
-
-  def flush() -> dict[str, float]:
-    """Fetches pending step metrics; raises on the first non-finite or spiking one."""
-    fetched = jax.device_get([m for _, m in pending])
-    steps = [s for s, _ in pending]
-    pending.clear()
-    for s, m in zip(steps, fetched):
-      bad = [f'non-finite {k}={m[k]}' for k in ('train/loss', 'train/grad_norm', 'train/param_norm')
-             if not np.isfinite(m[k])] or spikes.check(m)  # fmt: skip
-      if bad:
-        ckpt.wait()
-        good = f'step {last_saved} in {ckpt_dir}' if last_saved is not None else 'none yet'
-        raise TrainingDivergedError(
-          s,
-          f'{", ".join(bad)} at step {s}; last good checkpoint: {good}. '
-          'Lower lr, raise warmup, or check the data.',
-        )
-    if not fetched:
-      return {}
-    out = {k: float(np.mean([m[k] for m in fetched])) for k in ('train/loss', 'train/grad_norm')}
-    out['train/lr'] = float(fetched[-1]['train/lr'])
-    out['train/param_norm'] = float(fetched[-1]['train/param_norm'])
-    return out
-
-  def save(at: int) -> None:
-    nonlocal last_saved
-    flush()  # Never checkpoint a state that followed a non-finite step.
-    meta = {
-      'data_batches': start_batch + (at - first_step) * trainer.accum_steps,
-      'micro_batch': trainer.micro_batch,
-      'num_classes': trainer.num_classes,
-      'layout': layout,
-      'config': json.loads(config.to_json_best_effort()),
-    }
-    if ckpt.save(at, dict(state, rng=rng), meta):
-      last_saved = at
-
+  book = _Bookkeeping(
+    config, trainer, ckpt, ckpt_dir, writer=writer, meter=meter,
+    evaluators=evaluators_lib.build(config, trainer), layout=layout, start_batch=start_batch,
+    first_step=step,
+  )  # fmt: skip
   try:
     if step < total_steps:  # Compile once, before the loop, for the first batch's shapes.
       t = time.perf_counter()
@@ -450,6 +488,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices
         flops,
         how,
       )
+    first = True
     while step < total_steps:
       t = time.perf_counter()
       batch = next(batches)
@@ -459,36 +498,21 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices
         meter.add_data_wait(time.perf_counter() - t)
       state, step_metrics = trainer.train_step(state, batch, rng)
       step += 1
-      pending.append((step, step_metrics))
+      book.pending.append((step, step_metrics))
       ckpt.check(step)  # A failed background save stops the run within a step, naming the cause.
       if first:  # The throughput window starts after compilation and the first step.
         jax.block_until_ready(state['step'])
         meter.reset(step)
         first = False
-      scalars = {}
-      if due(step, int(config['log_every']), total_steps):
-        scalars.update(flush())
-        scalars.update(meter.summary(step))
-      ran = [ev for ev in evaluators.values() if due(step, ev.every, total_steps)]
-      for ev in ran:
-        scalars.update(ev.run(state['params']))
-      if ran:
-        meter.reset(step)
-      if scalars:
-        writer.write(step, scalars)
-        if jax.process_index() == 0:
-          logging.info('%s', metrics_lib.format_progress(step, total_steps, scalars))
-        result.update(scalars)
-      if due(step, int(config['checkpoint_every']), total_steps):
-        save(step)
+      book.periodic(step, state, rng)
       if step < total_steps and watcher.should_stop(step):
         logging.warning('preempted: checkpointing step %d and exiting', step)
-        save(step)
-        result['preempted'] = True
+        book.save(step, state, rng)
+        book.result['preempted'] = True
         break
-    flush()
-    if last_saved != step:
-      save(step)
+    book.flush()
+    if book.last_saved != step:
+      book.save(step, state, rng)
     ckpt.wait()
   except BaseException as e:
     failure = e
@@ -501,5 +525,6 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, devices
   ckpt.close()
   if failure is not None:
     raise failure
+  result = book.result
   result.update(step=step, checkpoint_dir=os.path.join(ckpt_dir, str(step)), workdir=workdir)
   return result
