@@ -8,7 +8,8 @@ warm-up step), compile_s, model_flops_per_image (`vit_jax.metrics.model_flops`: 
 convolutions and attention, forward + backward), device_kind, peak_flops (the devices' table peak;
 on CPU the f32 matmul ceiling, timed round-robin with the steps in this process), ceiling_gflops
 (CPU), mfu, mfu_vs_ceiling (CPU), peak_host_mem_mb, peak_device_mem_mb (accelerators), attention
-(the implementation in the compiled program), plus the options that were set.
+(the implementation in the compiled program), plain_step_ms and trainer_vs_plain_jit (the same pure
+step jitted directly, timed interleaved with the Trainer's), plus the options that were set.
 """
 
 from __future__ import annotations
@@ -67,6 +68,26 @@ def run(args, name: str) -> dict:
     flops=metrics.model_flops(trainer.model, size),
     num_devices=trainer.mesh.size,
   )
+  # The same pure step jitted directly, without the Trainer: what the Trainer (the model split
+  # once into graph and state, shardings, donation) costs per step, interleaved with its step.
+  plain = jax.jit(trainer.step_fn, donate_argnums=0)
+  with trainer._context():
+    plain = plain.lower(state, batch, key).compile()
+
+  def plain_step():
+    nonlocal state
+    start = time.perf_counter()
+    for _ in range(args.steps):
+      state, out = plain(state, batch, key)
+    jax.block_until_ready(out)
+    return (time.perf_counter() - start) / args.steps
+
+  times = common.interleaved({'trainer': step, 'plain': plain_step}, args.rounds)
+  ratio = common.median(times['trainer']) / common.median(times['plain'])
+  record.update(
+    plain_step_ms=common.rounded(common.median(times['plain']) * 1e3),
+    trainer_vs_plain_jit=common.rounded(ratio),
+  )
   return dict(record, devices=trainer.mesh.size, remat=args.remat, mesh=args.mesh)
 
 
@@ -83,7 +104,8 @@ def main():
       f'{name} train b{r["batch"]} {r["image_size"]}px {r["dtype"]}: {r["step_ms"]:.1f} ms, '
       f'{r["images_per_s"]:.1f} img/s, compile {r["compile_s"]:.1f}s, '
       f'{r["model_flops_per_image"] / 1e9:.2f} GFLOP/img, MFU {r["mfu"]:.1%} of '
-      f'{r["peak_flops"] / 1e9:.0f} GFLOP/s ({r["device_kind"]}), attention {r["attention"]}',
+      f'{r["peak_flops"] / 1e9:.0f} GFLOP/s ({r["device_kind"]}), attention {r["attention"]}; '
+      f'Trainer step / plain jax.jit of it {r["trainer_vs_plain_jit"]:.3f}',
     )
 
 

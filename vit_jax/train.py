@@ -193,6 +193,7 @@ class Trainer:
       num_classes=num_classes,
       param_shardings=self.state_shardings['params'],
     )
+    self.step_fn = train_step  # The pure step, for benchmarks and tests.
     self._train_step = jax.jit(
       train_step,
       in_shardings=(
