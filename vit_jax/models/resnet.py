@@ -49,13 +49,14 @@ class GroupNorm(nnx.Module):
     self.dtype = dtype
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    shape = x.shape
-    xf = x.astype(jnp.float32).reshape(*shape[:-1], 32, shape[-1] // 32)
-    axes = tuple(range(1, xf.ndim - 2)) + (xf.ndim - 1,)
-    mean = jnp.mean(xf, axis=axes, keepdims=True)
-    var = jnp.maximum(0.0, jnp.mean(xf * xf, axis=axes, keepdims=True) - mean * mean)
-    y = ((xf - mean) * jax.lax.rsqrt(var + 1e-6)).reshape(shape).astype(self.dtype)
-    return y * self.scale[...].astype(self.dtype) + self.bias[...].astype(self.dtype)
+    xf, group = x.astype(jnp.float32), x.shape[-1] // 32
+    grouped = xf.reshape(*x.shape[:-1], 32, group)
+    axes = tuple(range(1, grouped.ndim - 2)) + (grouped.ndim - 1,)
+    mean = jnp.mean(grouped, axis=axes)
+    var = jnp.maximum(0.0, jnp.mean(jnp.square(grouped), axis=axes) - jnp.square(mean))
+    mean, var = (jnp.repeat(v, group, axis=-1)[:, None, None] for v in (mean, var))
+    mul = jax.lax.rsqrt(var + 1e-6) * self.scale[...]
+    return ((xf - mean) * mul + self.bias[...]).astype(self.dtype)
 
 
 class ResidualUnit(nnx.Module):

@@ -86,10 +86,9 @@ class LayerNorm(nnx.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     xf = x.astype(jnp.float32)
     mean = jnp.mean(xf, axis=-1, keepdims=True)
-    var = jnp.maximum(0.0, jnp.mean(xf * xf, axis=-1, keepdims=True) - mean * mean)
-    y = (xf - mean) * jax.lax.rsqrt(var + 1e-6)
-    y = y.astype(self.dtype) * self.scale[...].astype(self.dtype)
-    return y + self.bias[...].astype(self.dtype)
+    var = jnp.maximum(0.0, jnp.mean(jnp.square(xf), axis=-1, keepdims=True) - jnp.square(mean))
+    mul = jax.lax.rsqrt(var + 1e-6) * self.scale[...]
+    return ((xf - mean) * mul + self.bias[...]).astype(self.dtype)
 
 
 class MlpBlock(nnx.Module):
