@@ -94,7 +94,7 @@ class Real(Classification):
     prologue = data.device_preprocess(pp)
 
     def sums(params, batch):
-      logits = _logits(trainer.model, params, batch['image'], prologue)
+      logits = _logits(trainer.apply, params, batch['image'], prologue)
       real = batch['real_labels'] > 0
       pred = jnp.argmax(logits, -1)
       hit = jnp.take_along_axis(real, pred[:, None], axis=-1)[:, 0]
