@@ -186,3 +186,47 @@ def import_beside_ours(path: str, module: str):
     for k in [k for k in sys.modules if is_ours(k)]:
       del sys.modules[k]
     sys.modules.update(ours)
+
+
+class Ours:
+  """Our NNX model behind the `init(rng, images, train)` / `apply(variables, images, train)`
+  protocol of the peers' Linen models, so one harness times all of them. `apply` is the model
+  split once into graph and state (`models.functional`): the same pure function the Trainer jits.
+  """
+
+  def __init__(self, name: str, build: Callable | None = None, **overrides):
+    """`build(image_size, rngs)`: the module (default: `models.get_model(name, 1000, ...)`)."""
+    self.build = build
+    self.name, self.overrides = name, overrides
+    self._fn = {}
+
+  def _model(self, image_size: int, rngs=None):
+    from vit_jax import models
+
+    if self.build is not None:
+      return self.build(image_size, rngs)
+    return models.get_model(self.name, 1000, image_size=image_size, rngs=rngs, **self.overrides)
+
+  def abstract(self, image_size: int):
+    """The model with shapes only (`nnx.eval_shape`), e.g. for `metrics.model_flops`."""
+    from flax import nnx
+
+    return nnx.eval_shape(lambda: self._model(image_size))
+
+  def init(self, rng, images, train=False):
+    from flax import nnx
+
+    from vit_jax import models
+
+    del train
+    return {'params': models.params_of(self._model(images.shape[1], nnx.Rngs(rng)))}
+
+  def apply(self, variables, images, train=False):
+
+    from vit_jax import models
+
+    size = images.shape[1]
+    if size not in self._fn:
+      self._fn[size] = models.functional(self.abstract(size))
+    key = jax.random.key(0) if train else None
+    return self._fn[size](variables['params'], images, train=train, rng=key)

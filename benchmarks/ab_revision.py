@@ -22,6 +22,7 @@ import time
 import _common as common  # Puts this tree's root on sys.path.
 import jax
 import peers
+from flax import nnx
 
 from vit_jax import models  # noqa: E402
 
@@ -47,11 +48,18 @@ def main():
   parser.add_argument('--rounds', type=int, default=10)
   args = parser.parse_args()
 
-  ours = models.get_model(args.model, num_classes=1000, dropout_rate=0.0)
+  ours = common.Ours(args.model, dropout_rate=0.0)
   with tempfile.TemporaryDirectory() as workdir:
     vit_rev = load_revision_vit(args.rev, workdir)
-  fields = {f: getattr(ours, f) for f in ours.__dataclass_fields__ if f not in ('parent', 'name')}
-  theirs = vit_rev.VisionTransformer(**fields)
+  _, fields = models.model_kwargs(args.model, 1000, dropout_rate=0.0)
+
+  # An NNX revision's VisionTransformer with the same fields (Linen revisions predate the port).
+  def build(size, rngs):
+    model = vit_rev.VisionTransformer(**fields, image_size=size, rngs=rngs or nnx.Rngs(0))
+    model.eval()
+    return model
+
+  theirs = common.Ours(args.model, build=build)
   s = args.image_size
   images = jax.random.uniform(jax.random.key(1), (args.batch, s, s, 3), minval=-1)
   labels = jax.random.randint(jax.random.key(2), (args.batch,), 0, 1000)

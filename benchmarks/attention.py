@@ -23,10 +23,11 @@ from vit_jax import models
 
 
 def run(name, impl, dtype, params, x, y, steps):
-  model = models.get_model(name, num_classes=1000, dtype=dtype, attention_impl=impl)
+  model = models.abstract_model(name, 1000, image_size=x.shape[1], dtype=dtype, attention_impl=impl)
+  apply = models.functional(model)
 
   def loss_fn(p):
-    logits = model.apply({'params': p}, x, train=False).astype(jnp.float32)
+    logits = apply(p, x).astype(jnp.float32)
     loss = -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(logits), y[:, None], 1))
     return loss, logits
 
@@ -49,8 +50,8 @@ def main():
   parser.add_argument('--steps', type=int, default=10)
   args = parser.parse_args()
 
-  model = models.get_model(args.model, num_classes=1000)
-  params = models.init_params(model, jax.random.key(0), image_size=args.image_size)
+  model = models.get_model(args.model, 1000, image_size=args.image_size)
+  params = models.params_of(model)
   head = params['head']['kernel']  # Zero at init: a random head gives non-trivial logits.
   params['head']['kernel'] = 0.02 * jax.random.normal(jax.random.key(1), head.shape)
   rng = np.random.default_rng(0)

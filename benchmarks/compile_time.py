@@ -22,8 +22,6 @@ import jax
 import jax.numpy as jnp
 import peers
 
-from vit_jax import models  # noqa: E402
-
 
 def abstract_step(model, apply, batch: int, size: int):
   """(jitted step, abstract params, abstract images, abstract labels)."""
@@ -38,9 +36,8 @@ def abstract_step(model, apply, batch: int, size: int):
 
 def build(name: str, impl: str, scan: bool, bv, dtype: str, remat: str):
   if impl == 'ours':
-    model = models.get_model(
+    model = common.Ours(
       name,
-      num_classes=1000,
       dtype=dtype,
       dropout_rate=0.0,
       scan_layers=scan,

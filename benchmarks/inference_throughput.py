@@ -24,11 +24,11 @@ def run(args, name: str) -> dict:
     fields['attention_impl'] = args.attention_impl
   if models.model_family(name) != 'mixer':
     fields.update(scan_layers=args.scan)
-  model = models.get_model(name, num_classes=1000, **fields)
   size = args.image_size
-  params = models.init_params(model, jax.random.key(0), size)
+  model = models.get_model(name, 1000, image_size=size, **fields)
+  params = models.params_of(model)
   images = jax.random.uniform(jax.random.key(1), (args.batch, size, size, 3), minval=-1)
-  forward = jax.jit(lambda p, x: model.apply({'params': p}, x, train=False))
+  forward = jax.jit(models.functional(model))
   start = time.perf_counter()
   compiled = forward.lower(params, images).compile()
   compile_s = time.perf_counter() - start

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 
+import _common as common  # Puts this tree's root on sys.path.
 import jax
 import jax.numpy as jnp
 
@@ -55,11 +56,11 @@ def step_memory(name: str, batch: int, remat: str, args) -> dict:
     'dtype': args.dtype,
     'remat': remat,
     'scan': args.scan,
-    'temp_mb': config_lib.rounded(m.temp_size_in_bytes / MB, 5),
-    'argument_mb': config_lib.rounded(m.argument_size_in_bytes / MB, 5),
-    'output_mb': config_lib.rounded(m.output_size_in_bytes / MB, 5),
-    'alias_mb': config_lib.rounded(m.alias_size_in_bytes / MB, 5),
-    'total_mb': config_lib.rounded(total / MB, 5),
+    'temp_mb': common.rounded(m.temp_size_in_bytes / MB, 5),
+    'argument_mb': common.rounded(m.argument_size_in_bytes / MB, 5),
+    'output_mb': common.rounded(m.output_size_in_bytes / MB, 5),
+    'alias_mb': common.rounded(m.alias_size_in_bytes / MB, 5),
+    'total_mb': common.rounded(total / MB, 5),
     'device_kind': jax.devices()[0].device_kind,
   }
 
@@ -84,7 +85,7 @@ def main():
       for batch in batches:
         r = step_memory(name, batch, remat, args)
         records.append(r)
-        config_lib.emit(
+        common.emit(
           r,
           f'{name} b{batch} remat {remat}: temp (activations) {r["temp_mb"]:.0f} MB, '
           f'total {r["total_mb"]:.0f} MB',
@@ -106,25 +107,25 @@ def main():
         'image_size': args.image_size,
         'dtype': args.dtype,
         'budget_gb': args.budget_gb,
-        'fixed_mb': config_lib.rounded(fixed / MB, 5),
-        'per_image_mb': config_lib.rounded(per_image / MB, 5),
+        'fixed_mb': common.rounded(fixed / MB, 5),
+        'per_image_mb': common.rounded(per_image / MB, 5),
         'largest_batch': predicted,
         'largest_batch_total_mb': check['total_mb'],
         'device_kind': jax.devices()[0].device_kind,
       }
-      config_lib.emit(
+      common.emit(
         record,
         f'{name} remat {remat}: {per_image / MB:.1f} MB/image + {fixed / MB:.0f} MB; largest '
         f'batch in {args.budget_gb:g} GB: {predicted} ({check["total_mb"]:.0f} MB, compiled)',
       )
     if 'none' in temps and 'full' in temps:
       ratio = temps['full'] / temps['none']
-      config_lib.emit(
+      common.emit(
         {
           'model': name,
           'scan': args.scan,
           'batch': batches[-1],
-          'activation_ratio_full_vs_none': config_lib.rounded(ratio, 3),
+          'activation_ratio_full_vs_none': common.rounded(ratio, 3),
           'device_kind': jax.devices()[0].device_kind,
         },
         f'{name} b{batches[-1]}: remat full needs {ratio:.2f}x the temp memory of none',

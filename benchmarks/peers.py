@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from vit_jax import metrics, models  # noqa: E402
+from vit_jax import metrics  # noqa: E402
 from vit_jax.models.registry import VIT_SIZES  # noqa: E402
 
 
@@ -64,7 +64,7 @@ def build(name: str, bv, orig, dtype):
   width, mlp, heads, depth = VIT_SIZES[size]
   p = int(patch)
   out = {}
-  ours = models.get_model(name, num_classes=1000, dtype=dtype, dropout_rate=0.0)
+  ours = common.Ours(name, dtype=dtype, dropout_rate=0.0)
   out['ours'] = (ours, lambda m, v, x, t: m.apply(v, x, train=t))
   if bv is not None:
     model = bv.Model(
@@ -167,7 +167,7 @@ def main():
       med_cpu = {k: common.median(v) for k, v in cpu.items()}
       peers = {k: v for k, v in med.items() if k not in ('ours', 'ceiling')}
       best = min(peers, key=peers.get)
-      flops = metrics.model_flops(impls['ours'][0], s, train=mode == 'train')
+      flops = metrics.model_flops(impls['ours'][0].abstract(s), s, train=mode == 'train')
       ceiling = ceiling_flops / min(times['ceiling'])
       record = {
         'model': name,

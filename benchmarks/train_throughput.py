@@ -8,13 +8,15 @@ warm-up step), compile_s, model_flops_per_image (`vit_jax.metrics.model_flops`: 
 convolutions and attention, forward + backward), device_kind, peak_flops (the devices' table peak;
 on CPU the f32 matmul ceiling, timed round-robin with the steps in this process), ceiling_gflops
 (CPU), mfu, mfu_vs_ceiling (CPU), peak_host_mem_mb, peak_device_mem_mb (accelerators), attention
-(the implementation in the compiled program), plus the options that were set.
+(the implementation in the compiled program), plain_step_ms and trainer_vs_plain_jit (the same pure
+step jitted directly, timed interleaved with the Trainer's), plus the options that were set.
 """
 
 from __future__ import annotations
 
 import time
 
+import _common as common  # Puts this tree's root on sys.path.
 import jax
 import numpy as np
 
@@ -32,7 +34,7 @@ def run(args, name: str) -> dict:
   config.image_size = args.image_size
   config.batch_size = config.eval_batch_size = args.batch
   config.optimizer = args.optimizer
-  config.mesh.update(config_lib.parse_mesh(args.mesh))
+  config.mesh.update(common.parse_mesh(args.mesh))
   trainer = train.Trainer(config, num_classes=1000)
   state = trainer.init_state(0)
   rng = np.random.default_rng(0)
@@ -57,7 +59,7 @@ def run(args, name: str) -> dict:
     jax.block_until_ready(out)
     return (time.perf_counter() - start) / args.steps
 
-  record = config_lib.throughput_record(
+  record = common.throughput_record(
     args,
     name,
     step,
@@ -66,23 +68,44 @@ def run(args, name: str) -> dict:
     flops=metrics.model_flops(trainer.model, size),
     num_devices=trainer.mesh.size,
   )
+  # The same pure step jitted directly, without the Trainer: what the Trainer (the model split
+  # once into graph and state, shardings, donation) costs per step, interleaved with its step.
+  plain = jax.jit(trainer.step_fn, donate_argnums=0)
+  with trainer._context():
+    plain = plain.lower(state, batch, key).compile()
+
+  def plain_step():
+    nonlocal state
+    start = time.perf_counter()
+    for _ in range(args.steps):
+      state, out = plain(state, batch, key)
+    jax.block_until_ready(out)
+    return (time.perf_counter() - start) / args.steps
+
+  times = common.interleaved({'trainer': step, 'plain': plain_step}, args.rounds)
+  ratio = common.median(times['trainer']) / common.median(times['plain'])
+  record.update(
+    plain_step_ms=common.rounded(common.median(times['plain']) * 1e3),
+    trainer_vs_plain_jit=common.rounded(ratio),
+  )
   return dict(record, devices=trainer.mesh.size, remat=args.remat, mesh=args.mesh)
 
 
 def main():
-  parser = config_lib.throughput_parser(__doc__, 'steps per round')
+  parser = common.throughput_parser(__doc__, 'steps per round')
   parser.add_argument('--remat', default='none', help="'none', 'full' or a checkpoint policy")
   parser.add_argument('--mesh', default='data=1', help="e.g. 'data=2,fsdp=4,tensor=1'")
   parser.add_argument('--optimizer', default='sgd', choices=['sgd', 'adamw'])
   args = parser.parse_args()
   for name in args.model.split(','):
     r = run(args, name)
-    config_lib.emit(
+    common.emit(
       r,
       f'{name} train b{r["batch"]} {r["image_size"]}px {r["dtype"]}: {r["step_ms"]:.1f} ms, '
       f'{r["images_per_s"]:.1f} img/s, compile {r["compile_s"]:.1f}s, '
       f'{r["model_flops_per_image"] / 1e9:.2f} GFLOP/img, MFU {r["mfu"]:.1%} of '
-      f'{r["peak_flops"] / 1e9:.0f} GFLOP/s ({r["device_kind"]}), attention {r["attention"]}',
+      f'{r["peak_flops"] / 1e9:.0f} GFLOP/s ({r["device_kind"]}), attention {r["attention"]}; '
+      f'Trainer step / plain jax.jit of it {r["trainer_vs_plain_jit"]:.3f}',
     )
 
 

@@ -10,7 +10,6 @@ import shutil
 import subprocess
 import sys
 
-import jax
 import numpy as np
 import pytest
 from PIL import Image
@@ -61,9 +60,9 @@ def files(tmp_path_factory):
   """A tiny random 1000-class ViT (ImageNet's class count) as .npz, photos and a bad image."""
   tmp = tmp_path_factory.mktemp('cli')
   model = models.get_model(
-    'testing', num_classes=1000, representation_size=None, head_zero_init=False
+    'testing', 1000, image_size=32, representation_size=None, head_zero_init=False
   )
-  npz.save(models.init_params(model, jax.random.key(0), 32), str(tmp / 'tiny.npz'))
+  npz.save(model, str(tmp / 'tiny.npz'))
   (tmp / 'photos').mkdir()
   rng = np.random.RandomState(0)
   Image.fromarray(rng.randint(0, 255, (40, 50, 3), np.uint8)).save(tmp / 'photos' / 'a.png')

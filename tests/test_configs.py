@@ -37,7 +37,7 @@ def test_recipes_build_locked_valid_configs(module, arg):
   assert set(config) == set(schema) and set(config.model) == set(schema.model)  # One schema.
   with pytest.raises(AttributeError):
     config.batchsize = 3  # A typo is an error, not a new field.
-  models.get_model(config.model_name, num_classes=10, **config_lib.model_kwargs(config))
+  models.model_kwargs(config.model_name, 10, **config_lib.model_kwargs(config))  # Valid.
   optim.make_optimizer(config)
   assert config.batch_size % config.accum_steps == 0
 
@@ -59,12 +59,14 @@ def test_every_recipe_takes_the_documented_model_overrides(module, arg):
   config.model.attention_impl = 'xla'  # What --config.model.attention_impl=xla does (locked).
   config.model.scan_layers = True
   config_lib.validate(config, environment=False)
-  model = models.get_model(config.model_name, num_classes=10, **config_lib.model_kwargs(config))
-  assert model.transformer['attention_impl'] == 'xla' and model.transformer['scan_layers']
+  _, kwargs = models.model_kwargs(config.model_name, 10, **config_lib.model_kwargs(config))
+  assert kwargs['transformer']['attention_impl'] == 'xla' and kwargs['transformer']['scan_layers']
+  models.abstract_model(config.model_name, 10, **config_lib.model_kwargs(config))  # It builds.
   config.model.update(hidden_size=64, num_heads=4)  # Any architecture field, not only some.
   config_lib.validate(config, environment=False)
-  model = models.get_model(config.model_name, num_classes=10, **config_lib.model_kwargs(config))
-  assert model.hidden_size == 64
+  _, kwargs = models.model_kwargs(config.model_name, 10, **config_lib.model_kwargs(config))
+  assert kwargs['hidden_size'] == 64
+  models.abstract_model(config.model_name, 10, **config_lib.model_kwargs(config))
 
 
 def test_the_schema_is_what_the_readers_accept():

@@ -130,7 +130,7 @@ def test_train_and_eval_steps_normalise_and_mix_on_device():
     params = trainer.host_params(state)
     batch = trainer.global_batch({'image': uint8, 'label': label}, stacked=True)
     _, out = trainer.train_step(state, batch, key)
-    logits = jax.jit(lambda p, x, m=trainer.model: m.apply({'params': p}, x, train=False))
+    logits = jax.jit(trainer.apply)
     want = train.per_example_loss(logits(params, image), want_targets, 'softmax_xent').mean()
     np.testing.assert_allclose(float(out['train/loss']), float(want), rtol=1e-6)
   eval_batch = {'image': uint8[0], 'label': label[0], 'mask': np.ones(8, bool)}

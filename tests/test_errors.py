@@ -445,8 +445,7 @@ def test_fine_tuning_from_a_workdir_takes_its_architecture_and_a_misfit_is_one_l
     assert json.load(f)['model']['patches'] == [4, 4]
   # An .npz of another width: one short line with both shapes and the model that fits.
   path = str(tmp_path / 'ti16.npz')
-  model = models.get_model('ViT-Ti_16', num_classes=10)
-  npz.save(models.init_params(model, jax.random.key(0), image_size=32), path)
+  npz.save(models.get_model('ViT-Ti_16', 10, image_size=32), path)
   third = str(tmp_path / 'third')
   line = _refused(
     _run(

@@ -64,7 +64,7 @@ def test_classification_is_exact(folder, trainer_and_params):
   totals = ev.totals(params)
   # Reference: the model on every example at once, in numpy.
   images, labels = _all_examples(ds)
-  logits = np.asarray(trainer.model.apply({'params': jax.device_get(params)}, images, train=False))
+  logits = np.asarray(trainer.apply(jax.device_get(params), images))
   top5 = np.argsort(-logits, -1)[:, :3]  # 3 classes: top-5 is top-3.
   loss = optax.softmax_cross_entropy(logits, np.eye(3)[labels])
   assert totals['count'] == len(labels) == ds.num_examples
@@ -130,7 +130,7 @@ def test_real_counts_predictions_in_the_label_set_and_skips_unlabelled(trainer_a
   trainer, params = trainer_and_params
   rng = np.random.default_rng(0)
   images = rng.uniform(-1, 1, (16, 16, 16, 3)).astype(np.float32)
-  pred = np.asarray(trainer.model.apply({'params': jax.device_get(params)}, images, train=False))
+  pred = np.asarray(trainer.apply(jax.device_get(params), images))
   pred = pred.argmax(-1)
   real = np.zeros((16, 3), np.float32)
   mask = np.ones(16, bool)
@@ -184,8 +184,8 @@ def test_pre_logits_are_the_heads_input(trainer_and_params):
   trainer, params = trainer_and_params
   images = np.random.default_rng(1).uniform(-1, 1, (4, 16, 16, 3)).astype(np.float32)
   params = jax.device_get(params)
-  feats = fewshot.pre_logits(trainer.model, params, images)
-  logits = trainer.model.apply({'params': params}, images, train=False)
+  feats = fewshot.pre_logits(trainer.apply, params, images)
+  logits = trainer.apply(params, images)
   head = params['head']
   np.testing.assert_allclose(feats @ head['kernel'] + head['bias'], logits, rtol=1e-5, atol=1e-5)
 
@@ -205,7 +205,7 @@ def test_fewshot_on_a_folder_dataset_matches_the_host_solve(folder, trainer_and_
     ds = data.get_dataset(name, s, preprocess=PP, train=False, global_batch_size=16,
                           data_dir=data_dir)  # fmt: skip
     images, labels = _all_examples(ds)
-    split[s] = (np.asarray(fewshot.pre_logits(trainer.model, host, images)), labels)
+    split[s] = (np.asarray(fewshot.pre_logits(trainer.apply, host, images)), labels)
   (xtr, ytr), (xte, yte) = split['train'], split['validation']
   for shots in (1, 5):
     accs = []

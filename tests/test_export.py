@@ -87,8 +87,10 @@ def test_golden_checkpoint_exports_and_matches_the_original_logits(
 def test_hf_folder_loads_offline_with_labels_and_preprocessing(tmp_path, capsys):
   from transformers import AutoImageProcessor, ViTForImageClassification
 
-  model = models.get_model('testing', num_classes=3, representation_size=None, head_zero_init=False)
-  npz.save(models.init_params(model, jax.random.key(1), 32), str(tmp_path / 'ckpt.npz'))
+  model = models.get_model(
+    'testing', num_classes=3, representation_size=None, head_zero_init=False, image_size=32
+  )
+  npz.save(model, str(tmp_path / 'ckpt.npz'))
   (tmp_path / 'labels.txt').write_text('cat\ndog\nbird\n')
   status, out, err = _run_cli(
     capsys,
@@ -115,7 +117,7 @@ def test_verification_fails_the_command_when_outputs_differ(
   golden_dir, tmp_path, capsys, monkeypatch
 ):
   def off_by_a_bit(self, path, images, labels=None):
-    return self.model.apply({'params': npz.load(path)}, images, train=False) + 1e-3
+    return models.functional(self.model)(npz.load(path), images) + 1e-3
 
   monkeypatch.setattr(export._Npz, 'run', off_by_a_bit)
   status, out, err = _run_cli(
@@ -149,12 +151,14 @@ _TINY = {
 
 
 def _tiny(family='hybrid', with_params=False):
-  model = load._build(_TINY[family], 3, {})
+  model = load._build(_TINY[family], 3, {}, 16)
   params = {}  # The refusing formats read no parameter.
   if with_params:  # Init plus noise, so that no head is zero.
     rng = np.random.RandomState(0)
     noisy = lambda x: np.asarray(x) + 0.05 * rng.standard_normal(x.shape).astype(np.float32)
-    params = jax.tree.map(noisy, models.init_params(model, jax.random.key(0), 16))
+    params = jax.tree.map(
+      noisy, models.params_of(models.get_model(_TINY[family], 3, image_size=16))
+    )
   return load.Loaded(
     model, params, load.model_config_of(model), 3, 16, load.DEFAULT_PP.format(size=16), None, 'x'
   )

@@ -1,6 +1,5 @@
 """Independent cross-check: Hugging Face transformers' PyTorch ViT fed the same weights."""
 
-import jax
 import numpy as np
 import pytest
 
@@ -33,13 +32,10 @@ def test_hf_matches_golden_logits_through_representation_layer(golden_dir):
 def test_hf_classifier_matches_ours_at_224_and_resized_384(golden_dir, tmp_path, image_size):
   path = str(golden_dir / 'testing_rep16_ref.npz')
   config = models.get_model_config('testing')
-  model = models.get_model(config, num_classes=10, head_zero_init=False)
-  init = models.init_params(model, jax.random.key(0), image_size)
-  params = npz.load_pretrained(pretrained_path=path, init_params=init, model_config=config)
+  model = models.get_model(config, num_classes=10, head_zero_init=False, image_size=image_size)
+  params = models.params_of(npz.load_pretrained(model, path))
   images = np.random.RandomState(1).uniform(-1, 1, (2, image_size, image_size, 3)).astype('f4')
-  ours = np.asarray(
-    jax.jit(model.apply, static_argnames='train')({'params': params}, images, train=False)
-  )
+  ours = np.asarray(model(images))
   hf.save_hf(params, config, str(tmp_path / 'hf'), image_size=image_size)
   from transformers import ViTForImageClassification
 
@@ -63,8 +59,7 @@ def test_captured_attention_weights_equal_hf_eager_attentions(golden_dir):
 
   loaded = load.load(str(golden_dir / 'testing_rep16_ref.npz'), model_name='testing')
   images = np.load(golden_dir / 'input_224.npy', allow_pickle=False)[:2]
-  _, state = loaded.apply(images, mutable=['intermediates'])
-  (ours,) = predict._attention_weights(state['intermediates'])  # One layer: [2, 2, 197, 197].
+  _, (ours,) = loaded.apply(images, attention=True)  # One layer: [2, 2, 197, 197].
   model = hf.to_hf_model(loaded.params, loaded.model_config, image_size=224)
   model.set_attn_implementation('eager')
   with torch.no_grad():

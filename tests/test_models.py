@@ -1,11 +1,11 @@
-"""Model zoo: published parameter counts, config compatibility, layouts and numerics."""
+"""Model zoo (Flax NNX): published parameter counts, config compatibility, layouts and numerics."""
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
+from flax import nnx
 
 from vit_jax import models, npz
 
@@ -54,15 +54,14 @@ def test_every_registered_model_has_a_pinned_count():
 
 @pytest.mark.parametrize('name', sorted(PINNED_COUNTS))
 def test_published_parameter_count(name):
-  model = models.get_model(name, num_classes=1000)
-  assert models.count_params(model, 224) == PINNED_COUNTS[name]
+  assert models.count_params(models.abstract_model(name, 1000)) == PINNED_COUNTS[name]
 
 
 def test_scaling_paper_counts_round_to_published_millions():
   # "Scaling Vision Transformers", Table 2: ViT-g/14 1011M, ViT-G/14 1843M (head excluded there:
   # our counts include a 1000-class head, 1.4M/1.7M parameters).
   for name, millions in (('ViT-g_14', 1011), ('ViT-G_14', 1843)):
-    body = models.count_params(models.get_model(name, num_classes=0), 224)
+    body = models.count_params(models.abstract_model(name, 0))
     assert round(body / 1e6) == millions
 
 
@@ -84,10 +83,10 @@ def _original_schema_b16():
 
 
 def test_original_schema_config_builds_same_model():
-  from_config = models.get_model(_original_schema_b16(), num_classes=1000)
+  from_config = models.abstract_model(_original_schema_b16(), 1000)
   assert models.count_params(from_config) == PINNED_COUNTS['ViT-B_16']
-  as_dict = models.get_model(_original_schema_b16().to_dict(), num_classes=1000)
-  assert as_dict == from_config
+  as_dict = models.abstract_model(_original_schema_b16().to_dict(), 1000)
+  assert nnx.graphdef(as_dict) == nnx.graphdef(from_config)
   assert models.get_model_config('ViT-B_16').to_dict() == _original_schema_b16().to_dict()
 
 
@@ -108,9 +107,26 @@ def test_registry_follows_the_original_schema():
     'tokens_mlp_dim': 384,
     'channels_mlp_dim': 3072,
   }
-  assert isinstance(models.get_model(mixer, num_classes=10), models.MlpMixer)
-  hybrid = models.get_model(models.get_model_config('R50+ViT-B_16'), num_classes=10)
+  assert isinstance(models.abstract_model(mixer, 10), models.MlpMixer)
+  hybrid = models.abstract_model(models.get_model_config('R50+ViT-B_16'), 10)
   assert hybrid.model_name == 'R50+ViT-B_16' and hybrid.resnet['num_layers'] == (3, 4, 9)
+
+
+def test_public_api_builds_an_initialized_module_in_eval_mode():
+  model = models.get_model('testing', num_classes=3)
+  assert isinstance(model, nnx.Module) and model.deterministic
+  x = jnp.zeros((2, 224, 224, 3))
+  assert model(x).shape == (2, 3) and model(x).dtype == jnp.float32
+  same = models.get_model('testing', num_classes=3)  # nnx.Rngs(0) when rngs is None.
+  jax.tree.map(np.testing.assert_array_equal, models.params_of(model), models.params_of(same))
+  other = models.get_model('testing', num_classes=3, rngs=nnx.Rngs(1))
+  assert not np.array_equal(other.embedding.kernel[...], model.embedding.kernel[...])
+  small = models.get_model('testing', num_classes=3, image_size=32)
+  assert small.Transformer.posembed_input.pos_embedding.shape == (1, 5, 10)
+  model.train()
+  assert not model.deterministic
+  with pytest.raises(ValueError, match='built for'):
+    small(x)
 
 
 def test_bad_names_and_keys_raise_clear_errors():
@@ -123,11 +139,9 @@ def test_bad_names_and_keys_raise_clear_errors():
   with pytest.raises(ValueError, match="unknown override 'dropout'"):
     models.get_model('testing', num_classes=10, dropout=0.1)
   with pytest.raises(ValueError, match='unknown classifier'):
-    model = models.get_model('testing', num_classes=10, classifier='cls')
-    model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False)
+    models.get_model('testing', num_classes=10, classifier='cls', image_size=32)
   with pytest.raises(ValueError, match='not divisible by the patch size'):
-    model = models.get_model('testing', num_classes=10)
-    model.init(jax.random.key(0), jnp.zeros((1, 30, 32, 3)), train=False)
+    models.get_model('testing', num_classes=10, image_size=30)
 
 
 @pytest.mark.parametrize(
@@ -141,10 +155,11 @@ def test_bad_names_and_keys_raise_clear_errors():
   ],
 )
 def test_classifiers(classifier, shape):
-  model = models.get_model('testing', num_classes=7, classifier=classifier, head_zero_init=False)
+  model = models.get_model(
+    'testing', num_classes=7, classifier=classifier, head_zero_init=False, image_size=32
+  )
   x = jax.random.uniform(jax.random.key(1), (2, 32, 32, 3), minval=-1, maxval=1)
-  params = models.init_params(model, jax.random.key(0), 32)
-  logits = model.apply({'params': params}, x, train=False)
+  logits = model(x)
   assert logits.shape == shape and logits.dtype == jnp.float32
   assert np.all(np.isfinite(logits)) and np.std(logits) > 0
 
@@ -154,11 +169,11 @@ def test_every_family_runs_and_names_parameters_like_the_release():
   hybrid = models.get_model(
     'R26+ViT-S_32',
     num_classes=3,
+    image_size=64,
     hidden_size=32,
     transformer=dict(mlp_dim=32, num_heads=2, num_layers=1),
   )
-  params = models.init_params(hybrid, jax.random.key(0), 64)
-  keys = set(npz.to_released_layout(params))
+  keys = set(npz.to_released_layout(hybrid))
   # Names of the released R26+ViT/R50+ViT files (original project's models_resnet.py).
   for key in (
     'conv_root/kernel',
@@ -174,18 +189,17 @@ def test_every_family_runs_and_names_parameters_like_the_release():
     'head/kernel',
   ):
     assert key in keys, key
-  assert jax.jit(hybrid.apply, static_argnames='train')(
-    {'params': params}, x, train=False
-  ).shape == (1, 3)
+  assert nnx.jit(lambda m, x: m(x))(hybrid, x).shape == (1, 3)
   mixer = models.get_model(
     'Mixer-B_32',
     num_classes=3,
+    image_size=64,
     hidden_dim=16,
     num_blocks=2,
     tokens_mlp_dim=8,
     channels_mlp_dim=8,
   )
-  params = models.init_params(mixer, jax.random.key(0), 64)
+  params = models.params_of(mixer)
   assert {'stem', 'MixerBlock_0', 'MixerBlock_1', 'pre_head_layer_norm', 'head'} == set(params)
   assert set(params['MixerBlock_0']) == {
     'LayerNorm_0',
@@ -193,13 +207,14 @@ def test_every_family_runs_and_names_parameters_like_the_release():
     'LayerNorm_1',
     'channel_mixing',
   }
-  assert mixer.apply({'params': params}, x, train=False).shape == (1, 3)
+  assert mixer(x).shape == (1, 3)
 
 
 def _small(**overrides):
   return models.get_model(
     'testing',
     num_classes=5,
+    image_size=32,
     hidden_size=16,
     head_zero_init=False,
     transformer=dict(mlp_dim=24, num_heads=2, num_layers=3),
@@ -210,27 +225,26 @@ def _small(**overrides):
 def test_scan_and_remat_match_the_unrolled_model():
   x = jax.random.uniform(jax.random.key(1), (2, 32, 32, 3), minval=-1, maxval=1)
   base = _small()
-  params = models.init_params(base, jax.random.key(0), 32)
-  ref = base.apply({'params': params}, x, train=False)
-  ref_grads = jax.jit(jax.grad(lambda p: base.apply({'params': p}, x, train=False).sum()))(params)
+  apply, params = models.functional(base), models.params_of(base)
+  ref = apply(params, x)
+  ref_grads = jax.jit(jax.grad(lambda p: apply(p, x).sum()))(params)
   for overrides in (
     {'scan_layers': True},
     {'remat_policy': 'full'},
     {'scan_layers': True, 'remat_policy': 'dots_with_no_batch_dims_saveable'},
   ):
     model = _small(**overrides)
-    p = npz.scan_params(params) if overrides.get('scan_layers') else params
-    jax.tree.map(
-      lambda a, b: np.testing.assert_equal(a.shape, b.shape),
-      p,
-      models.init_params(model, jax.random.key(0), 32),
-    )
+    npz.load_into(model, params)  # Stacks the blocks for the scanned model.
+    p = models.params_of(model)
+    want_p = npz.scan_params(params) if overrides.get('scan_layers') else params
+    jax.tree.map(np.testing.assert_array_equal, p, want_p)
+    f = models.functional(model)
     np.testing.assert_allclose(
-      jax.jit(model.apply, static_argnames='train')({'params': p}, x, train=False),
+      jax.jit(f)(p, x),
       ref,
       atol=1e-5,  # float32 noise between the jitted and eager programs (seen 1.1e-6).
     )
-    grads = jax.jit(jax.grad(lambda p, m=model: m.apply({'params': p}, x, train=False).sum()))(p)
+    grads = jax.jit(jax.grad(lambda p, f=f: f(p, x).sum()))(p)
     want = npz.scan_params(ref_grads) if overrides.get('scan_layers') else ref_grads
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5), grads, want)
   assert npz.unscan_params(npz.scan_params(params)).keys() == params.keys()
@@ -239,18 +253,20 @@ def test_scan_and_remat_match_the_unrolled_model():
 def test_dropout_and_stochastic_depth_only_in_training():
   model = _small(dropout_rate=0.1, attention_dropout_rate=0.1, droppath_rate=0.2)
   x = jax.random.uniform(jax.random.key(1), (4, 32, 32, 3), minval=-1, maxval=1)
-  params = models.init_params(model, jax.random.key(0), 32)
+  f, params = models.functional(model), models.params_of(model)
   apply = jax.jit(
-    lambda train, seed: model.apply(
-      {'params': params}, x, train=train, rngs={'dropout': jax.random.key(seed)}
-    ),
-    static_argnums=0,
+    lambda train, seed: f(params, x, train=train, rng=jax.random.key(seed)), static_argnums=0
   )
   run = lambda train, seed: np.asarray(apply(train, seed))
   np.testing.assert_array_equal(run(False, 0), run(False, 1))
   np.testing.assert_array_equal(run(True, 0), run(True, 0))
   assert not np.allclose(run(True, 0), run(True, 1))
   assert not np.allclose(run(True, 0), run(False, 0))
+  # The module API: model.train() draws from its own rngs, model.eval() is deterministic.
+  model.train()
+  assert not np.allclose(model(x), model(x))
+  model.eval()
+  np.testing.assert_allclose(model(x), run(False, 0), atol=1e-5)  # Eager vs jitted: float noise.
 
 
 def test_scanned_stochastic_depth_uses_the_unscanned_per_layer_rates(monkeypatch):
@@ -258,20 +274,20 @@ def test_scanned_stochastic_depth_uses_the_unscanned_per_layer_rates(monkeypatch
   from vit_jax.models import vit
 
   seen = []
-  drop_path = vit._drop_path
+  drop_path = vit.drop_path
 
   def recording(x, rate, rng):  # Rates as the blocks apply them (traced inside the scan).
-    jax.debug.callback(lambda r: seen.append(round(float(r), 6)), rate)
+    if rng is not None:
+      jax.debug.callback(lambda r: seen.append(round(float(r), 6)), rate)
     return drop_path(x, rate, rng)
 
-  monkeypatch.setattr(vit, '_drop_path', recording)
+  monkeypatch.setattr(vit, 'drop_path', recording)
   x = jax.random.uniform(jax.random.key(1), (4, 32, 32, 3), minval=-1, maxval=1)
   rates = {}
   for overrides in ({}, {'scan_layers': True}, {'scan_layers': True, 'remat_policy': 'full'}):
     model = _small(droppath_rate=0.4, **overrides)
-    params = models.init_params(model, jax.random.key(0), 32)
     seen.clear()
-    out = model.apply({'params': params}, x, train=True, rngs={'dropout': jax.random.key(2)})
+    out = models.functional(model)(models.params_of(model), x, train=True, rng=jax.random.key(2))
     jax.block_until_ready(out)
     jax.effects_barrier()
     # Two branches (attention, MLP) per block; rate 0 drops nothing, whether applied or skipped.
@@ -282,36 +298,41 @@ def test_scanned_stochastic_depth_uses_the_unscanned_per_layer_rates(monkeypatch
 
 def test_bfloat16_compute_keeps_float32_params_and_logits():
   model = _small(dtype='bfloat16')
-  params = models.init_params(model, jax.random.key(0), 32)
+  params = models.params_of(model)
   assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(params))
   x = jax.random.uniform(jax.random.key(1), (2, 32, 32, 3), minval=-1, maxval=1)
-  low = model.apply({'params': params}, x, train=False)
-  high = _small().apply({'params': params}, x, train=False)
+  low = model(x)
+  high = models.functional(_small())(params, x)
   assert low.dtype == jnp.float32
   np.testing.assert_allclose(low, high, atol=0.05, rtol=0.05)
 
 
 def test_parameters_and_activations_carry_logical_axis_names():
-  model = _small()
-  shapes = jax.eval_shape(
-    lambda: model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)), train=False)
+  axes = models.logical_axes(models.abstract_model('testing', 5, image_size=32))
+  block = axes['Transformer']['encoderblock_0']
+  assert block['MultiHeadDotProductAttention_1']['query']['kernel'] == ('embed', 'heads', 'kv')
+  assert block['MultiHeadDotProductAttention_1']['out']['kernel'] == ('heads', 'kv', 'embed')
+  assert block['MlpBlock_3']['Dense_0']['kernel'] == ('embed', 'mlp')
+  assert axes['head']['kernel'] == ('embed', 'classes')
+  scanned = models.logical_axes(
+    models.abstract_model('testing', 5, image_size=32, scan_layers=True)
   )
-  specs = nn.get_partition_spec(shapes)['params']
-  block = specs['Transformer']['encoderblock_0']
-  assert tuple(block['MultiHeadDotProductAttention_1']['query']['kernel']) == (
-    'embed',
-    'heads',
-    'kv',
+  stacked = scanned['Transformer']['encoderblock']
+  assert stacked['MlpBlock_3']['Dense_0']['kernel'] == ('layers', 'embed', 'mlp')
+  params = models.params_of(models.abstract_model('testing', 5, image_size=32))
+  assert jax.tree.structure(params) == jax.tree.structure(
+    jax.tree.map(lambda x: 0, axes, is_leaf=lambda x: isinstance(x, tuple))
   )
-  assert tuple(block['MultiHeadDotProductAttention_1']['out']['kernel']) == (
-    'heads',
-    'kv',
-    'embed',
-  )
-  assert tuple(block['MlpBlock_3']['Dense_0']['kernel']) == ('embed', 'mlp')
-  assert tuple(specs['head']['kernel']) == ('embed', 'classes')
-  boxed = jax.tree.leaves(shapes['params'], is_leaf=lambda x: isinstance(x, nn.Partitioned))
-  assert all(isinstance(b, nn.Partitioned) for b in boxed)
+
+
+def test_no_model_module_looks_at_the_backend():
+  import pathlib
+
+  import vit_jax.models as package
+
+  for path in pathlib.Path(package.__file__).parent.glob('*.py'):
+    text = path.read_text()
+    assert 'default_backend' not in text and 'platform' not in text, path
 
 
 def test_fused_attention_padding_equals_unpadded_values_and_grads():
@@ -330,74 +351,24 @@ def test_fused_attention_padding_equals_unpadded_values_and_grads():
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize('classifier', ['token', 'map'])
-def test_cpu_layouts_equal_the_convolution_and_dot_product_attention_path(monkeypatch, classifier):
-  """The CPU layouts (patches by one matmul, fused Q/K/V, heads-first attention) are the same
-  function of the same parameters as the convolution and `jax.nn.dot_product_attention` path
-  (used off CPU): logits, gradients of every parameter and of the images, to float noise.
-  """  # fmt: skip
-  from vit_jax.models import vit
-
-  model = _small(classifier=classifier)
-  x = jax.random.uniform(jax.random.key(1), (2, 32, 32, 3), minval=-1, maxval=1)
-  params = model.init(jax.random.key(0), x[:1], train=False)['params']
-
-  def logits_and_grads():
-    loss = lambda p, x: jnp.sum(jnp.sin(model.apply({'params': p}, x, train=True)))
-    logits = model.apply({'params': params}, x, train=False)
-    return logits, jax.grad(loss, (0, 1))(params, x)
-
-  assert vit._cpu_layouts()
-  fast = logits_and_grads()
-  monkeypatch.setattr(vit, '_cpu_layouts', lambda: False)
-  reference = logits_and_grads()
-  # Same parameters, drawn the same: checkpoints and initializations do not depend on the path.
-  reinit = model.init(jax.random.key(0), x[:1], train=False)['params']
-  assert jax.tree.structure(reinit) == jax.tree.structure(params)
-  for a, b in zip(jax.tree.leaves(reinit), jax.tree.leaves(params)):
-    np.testing.assert_array_equal(a, b)
-  assert float(jnp.abs(reference[0]).max()) > 0.1  # A head that is not zero: a real comparison.
-  # Float32 rounding: ~1e-7 relative per operation. The key bias's gradient is zero in exact
-  # arithmetic (it shifts each query's logits by a constant): both sides are rounding there.
-  errors = {}
-  for (path, a), b in zip(
-    jax.tree_util.tree_leaves_with_path(fast), jax.tree_util.tree_leaves(reference)
-  ):
-    if "'key']['bias']" in jax.tree_util.keystr(path):
-      assert float(jnp.abs(a).max()) < 1e-5 and float(jnp.abs(b).max()) < 1e-5
-    else:
-      errors[jax.tree_util.keystr(path)] = float(jnp.linalg.norm(a - b) / jnp.linalg.norm(b))
-  assert len(errors) > 20 and max(errors.values()) < 1e-5, errors
-
-
-@pytest.mark.parametrize('cpu_layouts', [True, False])
-def test_class_token_head_computes_only_the_first_token_in_the_last_block(monkeypatch, cpu_layouts):
+def test_class_token_head_computes_only_the_first_token_in_the_last_block():
   """Under a class-token head the last block computes only the first token's output: the same
   logits and gradients (parameters and images) as the encoder run over all tokens, to float
-  noise; fewer matmul FLOPs. Asking for intermediates (attention maps) runs all tokens.
+  noise; fewer matmul FLOPs. Sowing attention weights runs all tokens.
   """  # fmt: skip
-  from vit_jax.models import vit
-
-  monkeypatch.setattr(vit, '_cpu_layouts', lambda: cpu_layouts)
   model = _small()
   x = jax.random.uniform(jax.random.key(1), (2, 32, 32, 3), minval=-1, maxval=1)
-  params = model.init(jax.random.key(0), x[:1], train=False)['params']
+  f, params = models.functional(model), models.params_of(model)
+  all_tokens = models.functional(_small(classifier='token_unpooled'))
 
-  class AllTokens(vit.Encoder):  # The encoder as before: every block over every token.
-    def __call__(self, x, *, train, first_token_only=False):
-      return super().__call__(x, train=train)
-
-  def run(first_token_only):
-    if not first_token_only:
-      monkeypatch.setattr(vit, 'Encoder', AllTokens)
-    loss = lambda p, x: jnp.sum(jnp.sin(model.apply({'params': p}, x, train=True)))
-    logits = model.apply({'params': params}, x, train=False)
+  def run(apply):
+    loss = lambda p, x: jnp.sum(jnp.sin(apply(p, x)))
     grads = jax.grad(loss, (0, 1))(params, x)
-    flops = jax.jit(lambda p, x: model.apply({'params': p}, x, train=False)).lower(params, x)
-    return logits, grads, flops.compile().cost_analysis()['flops']
+    flops = jax.jit(apply).lower(params, x).compile().cost_analysis()['flops']
+    return apply(params, x), grads, flops
 
-  logits, grads, flops = run(True)
-  ref_logits, ref_grads, ref_flops = run(False)
+  logits, grads, flops = run(f)
+  ref_logits, ref_grads, ref_flops = run(lambda p, x, **kw: all_tokens(p, x, **kw)[:, 0])
   assert flops < 0.95 * ref_flops  # The last block's other 4 tokens are not computed.
   np.testing.assert_allclose(logits, ref_logits, rtol=1e-5, atol=1e-6)
   for (path, a), b in zip(
@@ -411,104 +382,6 @@ def test_class_token_head_computes_only_the_first_token_in_the_last_block(monkey
       np.testing.assert_allclose(
         a, b, rtol=1e-4, atol=1e-5 * scale, err_msg=jax.tree_util.keystr(path)
       )
-  # Intermediates asked for: all tokens run, the last layer's attention covers every query.
-  _, state = model.apply({'params': params}, x, train=False, mutable=['intermediates'])
-  last = state['intermediates']['Transformer']['encoderblock_2']
-  (weights,) = last['MultiHeadDotProductAttention_1']['attention_weights']
-  assert weights.shape == (2, 2, 5, 5)  # 4 patches and the class token.
-
-
-def test_heads_first_attention_equals_dot_product_attention():
-  """softmax(q k^T / sqrt(d)) v over [batch, heads, seq, dim] is `dot_product_attention`'s
-  [batch, seq, heads, dim] result, transposed, for values and gradients.
-  """  # fmt: skip
-  from vit_jax.models.vit import heads_first_attention
-
-  rng = np.random.default_rng(0)
-  q, k, v = (jnp.asarray(rng.normal(size=(2, 197, 3, 16)), jnp.float32) for _ in range(3))
-  t = lambda a: a.transpose(0, 2, 1, 3)
-  ours = lambda q, k, v: t(heads_first_attention(t(q), t(k), t(v)))
-  reference = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, implementation='xla')
-  np.testing.assert_allclose(ours(q, k, v), reference(q, k, v), rtol=1e-5, atol=1e-6)
-  loss = lambda f: lambda *a: jnp.sum(jnp.sin(f(*a)))
-  for a, b in zip(
-    jax.grad(loss(ours), (0, 1, 2))(q, k, v), jax.grad(loss(reference), (0, 1, 2))(q, k, v)
-  ):
-    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
-
-
-@pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
-def test_mlp_gelu_custom_gradient_equals_autodiff(dtype):
-  """`mlp_gelu`'s hand-written backward pass equals automatic differentiation of the same
-  dense -> GELU (tanh) -> dense, for the input, both kernels and both biases.
-  """  # fmt: skip
-  from vit_jax.models.cpu_ops import mlp_gelu
-
-  rng = np.random.default_rng(0)
-  shapes = [(2, 7, 16), (16, 24), (24,), (24, 16), (16,)]
-  args = [jnp.asarray(rng.normal(size=s), jnp.float32) for s in shapes]
-
-  def reference(x, k0, b0, k1, b1):
-    return jnp.dot(jax.nn.gelu(jnp.dot(x, k0) + b0, approximate=True), k1) + b1
-
-  loss = lambda f: lambda *a: jnp.sum(jnp.sin(f(*a).astype(jnp.float32)))
-  want = reference(*args), jax.grad(loss(reference), tuple(range(5)))(*args)
-  low = [a.astype(dtype) for a in args]
-  got = mlp_gelu(*low), jax.grad(loss(mlp_gelu), tuple(range(5)))(*low)
-  auto = reference(*low), jax.grad(loss(reference), tuple(range(5)))(*low)
-  assert got[0].dtype == dtype and all(g.dtype == dtype for g in got[1])
-  error = lambda a, b: np.linalg.norm(np.asarray(a, np.float32) - b) / np.linalg.norm(b)
-  for a, b, c in zip(jax.tree.leaves(got), jax.tree.leaves(want), jax.tree.leaves(auto)):
-    # float32: float noise; bfloat16: no worse than autodiff's own rounding in bfloat16.
-    assert error(a, b) < (1e-5 if dtype == jnp.float32 else 1.5 * error(c, b) + 1e-3)
-
-
-@pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
-def test_layer_norm_custom_gradient_equals_flax(dtype):
-  """`cpu_ops.layer_norm` computes flax's nn.LayerNorm (epsilon 1e-6) and its hand-written
-  backward pass equals automatic differentiation of nn.LayerNorm, measured against float64:
-  input, scale and bias gradients, on inputs with a large mean (the E[x^2] - E[x]^2 variance).
-  """  # fmt: skip
-  from vit_jax.models.cpu_ops import layer_norm
-
-  rng = np.random.default_rng(0)
-  x = rng.normal(size=(3, 11, 64)) * 3 + 2
-  scale, bias, d_out = rng.normal(size=64), rng.normal(size=64), rng.normal(size=(3, 11, 64))
-
-  def flax_ln(x, scale, bias):
-    variables = {'params': {'scale': scale, 'bias': bias}}
-    return nn.LayerNorm(epsilon=1e-6, dtype=x.dtype, param_dtype=scale.dtype).apply(variables, x)
-
-  def value_and_grads(f, arrays):
-    out, vjp = jax.vjp(f, *arrays)
-    return out, vjp(jnp.asarray(d_out, out.dtype))
-
-  with jax.enable_x64(True):
-    exact = value_and_grads(flax_ln, [jnp.asarray(a, jnp.float64) for a in (x, scale, bias)])
-    exact = jax.tree.map(np.asarray, exact)
-  low = [jnp.asarray(x, dtype), jnp.asarray(scale, jnp.float32), jnp.asarray(bias, jnp.float32)]
-  ours = value_and_grads(lambda x, s, b: layer_norm(x, s, b, 1e-6), low)
-  auto = value_and_grads(flax_ln, low)
-  assert ours[0].dtype == dtype and ours[1][0].dtype == dtype
-  error = lambda a, b: np.linalg.norm(np.asarray(a, np.float64) - b) / np.linalg.norm(b)
-  for a, b, c in zip(jax.tree.leaves(ours), jax.tree.leaves(exact), jax.tree.leaves(auto)):
-    # float32: float noise; bfloat16: no worse than autodiff's own rounding in bfloat16.
-    assert error(a, b) < (1e-6 if dtype == jnp.float32 else 1.5 * error(c, b) + 1e-3)
-
-
-def test_cpu_layouts_fall_back_with_dropout_and_keep_the_parameters(monkeypatch):
-  """With dropout in training, the MLP runs nn.Dense (masks between the layers) on the same
-  parameters: the loss differs from the deterministic one only by the dropout.
-  """  # fmt: skip
-  from vit_jax.models import vit
-
-  block = vit.MlpBlock(mlp_dim=24, dropout_rate=0.5)
-  x = jax.random.normal(jax.random.key(1), (2, 5, 16))
-  params = nn.unbox(block.init(jax.random.key(0), x, deterministic=True))
-  assert set(params['params']) == {'Dense_0', 'Dense_1'}
-  assert params['params']['Dense_0']['kernel'].shape == (16, 24)
-  fast = block.apply(params, x, deterministic=True)
-  monkeypatch.setattr(vit, '_cpu_layouts', lambda: False)
-  np.testing.assert_allclose(fast, block.apply(params, x, deterministic=True), rtol=1e-5, atol=1e-6)
-  dropped = block.apply(params, x, deterministic=False, rngs={'dropout': jax.random.key(2)})
-  assert not np.allclose(dropped, fast)
+  # Attention weights asked for: all tokens run, the last layer's attention covers every query.
+  _, weights = f(params, x, attention=True)
+  assert len(weights) == 3 and weights[-1].shape == (2, 2, 5, 5)  # 4 patches and the class token.

@@ -11,17 +11,18 @@ import pytest
 from vit_jax import models, npz
 
 
-def _golden_model():
-  return models.get_model('testing', num_classes=10, representation_size=16)
+def _golden_model(**overrides):
+  return models.get_model('testing', num_classes=10, representation_size=16, **overrides)
 
 
-def test_golden_checkpoint_reproduces_original_logits(golden_dir):
-  params = npz.load(str(golden_dir / 'testing_rep16_ref.npz'))
+@pytest.mark.parametrize('scan_layers', [False, True])
+def test_golden_checkpoint_reproduces_original_logits(golden_dir, scan_layers):
+  path = str(golden_dir / 'testing_rep16_ref.npz')
+  model = npz.load_into(_golden_model(scan_layers=scan_layers), path)
   images = np.load(golden_dir / 'input_224.npy', allow_pickle=False)
   expected = np.load(golden_dir / 'logits_testing_rep16_224.npy', allow_pickle=False)
-  logits = jax.jit(_golden_model().apply, static_argnames='train')(
-    {'params': params}, images, train=False
-  )
+  np.testing.assert_allclose(np.asarray(model(images)), expected, atol=1e-5, rtol=0)
+  logits = jax.jit(models.functional(model))(models.params_of(model), images)
   np.testing.assert_allclose(np.asarray(logits), expected, atol=1e-5, rtol=0)
 
 
@@ -34,15 +35,19 @@ def _assert_same_npz(path_a, path_b):
       assert a[key].tobytes() == b[key].tobytes(), key
 
 
-def test_vit_round_trip_is_bit_exact(golden_dir, tmp_path):
+@pytest.mark.parametrize('scan_layers', [False, True])
+def test_vit_round_trip_is_bit_exact(golden_dir, tmp_path, scan_layers):
   src = str(golden_dir / 'testing_rep16_ref.npz')
-  npz.save(npz.load(src), str(tmp_path / 'out.npz'))
-  _assert_same_npz(src, tmp_path / 'out.npz')
+  npz.save(npz.load(src), str(tmp_path / 'tree.npz'))
+  _assert_same_npz(src, tmp_path / 'tree.npz')
+  model = npz.load_into(_golden_model(scan_layers=scan_layers), src)
+  npz.save(model, str(tmp_path / 'model.npz'))
+  _assert_same_npz(src, tmp_path / 'model.npz')
 
 
 def _released_style_file(model, path, image_size=64, seed=0):
   """Writes random params of `model` under the released layout rules, by hand (not via save)."""
-  params = models.init_params(model, jax.random.key(seed), image_size)
+  params = models.params_of(model)
   rng = np.random.RandomState(seed)
   flat = {}
   for keys, value in flax.traverse_util.flatten_dict(params).items():
@@ -60,6 +65,7 @@ def test_hybrid_and_mixer_round_trip_is_bit_exact(family, tmp_path):
     model = models.get_model(
       'R50+ViT-B_16',
       num_classes=4,
+      image_size=64,
       hidden_size=32,
       transformer=dict(mlp_dim=32, num_heads=2, num_layers=2),
     )
@@ -67,6 +73,7 @@ def test_hybrid_and_mixer_round_trip_is_bit_exact(family, tmp_path):
     model = models.get_model(
       'Mixer-B_16',
       num_classes=4,
+      image_size=64,
       hidden_dim=16,
       num_blocks=2,
       tokens_mlp_dim=8,
@@ -78,12 +85,12 @@ def test_hybrid_and_mixer_round_trip_is_bit_exact(family, tmp_path):
   if family == 'hybrid':
     assert params['gn_root']['scale'].shape == (64,)  # Squeezed for our modules.
     assert flat['gn_root/scale'].shape == (1, 1, 1, 64)
-  logits = jax.jit(model.apply, static_argnames='train')(
-    {'params': params}, jnp.zeros((1, 64, 64, 3)), train=False
-  )
+  logits = npz.load_into(model, str(src))(jnp.zeros((1, 64, 64, 3)))
   assert np.all(np.isfinite(logits))
   npz.save(params, str(tmp_path / 'out.npz'))
   _assert_same_npz(src, tmp_path / 'out.npz')
+  npz.save(model, str(tmp_path / 'model.npz'))
+  _assert_same_npz(src, tmp_path / 'model.npz')
 
 
 def test_remote_filesystem_paths_go_through_gfile(golden_dir):
@@ -130,13 +137,18 @@ def test_mismatch_error_lists_every_problem(golden_dir):
     hidden_size=12,
     transformer=dict(mlp_dim=10, num_heads=2, num_layers=2),
   )
-  init = models.init_params(model, jax.random.key(0), 224)
   with pytest.raises(npz.CheckpointMismatchError) as info:
-    npz.load_pretrained(
-      pretrained_path=path, init_params=init, model_config={'model_name': 'my-model'}
-    )
+    npz.pretrained_params(path, models.params_of(model), model_name='my-model')
   message = str(info.value)
   assert path in message and "'my-model'" in message
+  # The first line alone says what is wrong and which registered variant the file is.
+  first = message.splitlines()[0]
+  assert 'shape mismatch: Transformer/encoder_norm/bias: checkpoint (10,) vs model (12,)' in first
+  assert 'the checkpoint fits testing' in first
+  with pytest.raises(npz.CheckpointMismatchError, match="'testing'"):
+    npz.load_pretrained(model, path)
+  with pytest.raises(npz.CheckpointMismatchError, match='embedding/kernel'):
+    npz.load_into(model, path)
   assert 'missing in checkpoint: Transformer/encoderblock_1/LayerNorm_0/scale' in message
   assert (
     'shape mismatch: embedding/kernel: checkpoint (16, 16, 3, 10) vs model (16, 16, 3, 12)'
@@ -147,11 +159,10 @@ def test_mismatch_error_lists_every_problem(golden_dir):
 def test_load_pretrained_new_head_drops_pre_logits_and_resizes_to_384(golden_dir):
   path = str(golden_dir / 'testing_rep16_ref.npz')
   ref = npz.load(path)
-  model = models.get_model('testing', num_classes=37)
-  init = models.init_params(model, jax.random.key(3), 384)
-  params = npz.load_pretrained(
-    pretrained_path=path, init_params=init, model_config=models.get_model_config('testing')
-  )
+  model = models.get_model('testing', num_classes=37, image_size=384, head_zero_init=False)
+  init = models.params_of(model)
+  npz.load_pretrained(model, path)
+  params = models.params_of(model)
   assert 'pre_logits' not in params
   np.testing.assert_array_equal(params['head']['kernel'], init['head']['kernel'])
   np.testing.assert_array_equal(params['embedding']['kernel'], ref['embedding']['kernel'])
@@ -163,16 +174,12 @@ def test_load_pretrained_new_head_drops_pre_logits_and_resizes_to_384(golden_dir
   new_grid, old_grid = posemb[0, 1:].reshape(24, 24, 10), old[0, 1:].reshape(14, 14, 10)
   for i, j in ((0, 0), (0, -1), (-1, 0), (-1, -1)):
     np.testing.assert_allclose(new_grid[i, j], old_grid[i, j], rtol=1e-6)
-  logits = jax.jit(model.apply, static_argnames='train')(
-    {'params': params}, jnp.zeros((1, 384, 384, 3)), train=False
-  )
-  assert logits.shape == (1, 37)
+  assert model(jnp.zeros((1, 384, 384, 3))).shape == (1, 37)
 
 
 def test_load_pretrained_keeps_pre_logits_when_target_has_one(golden_dir):
   path = str(golden_dir / 'testing_rep16_ref.npz')
-  init = models.init_params(_golden_model(), jax.random.key(0), 224)
-  params = npz.load_pretrained(pretrained_path=path, init_params=init)
+  params = npz.pretrained_params(path, models.params_of(_golden_model()))
   np.testing.assert_array_equal(
     params['pre_logits']['kernel'], npz.load(path)['pre_logits']['kernel']
   )
@@ -180,14 +187,12 @@ def test_load_pretrained_keeps_pre_logits_when_target_has_one(golden_dir):
 
 def test_load_pretrained_into_scanned_model(golden_dir):
   path = str(golden_dir / 'testing_rep16_ref.npz')
-  model = models.get_model('testing', num_classes=10, representation_size=16, scan_layers=True)
-  init = models.init_params(model, jax.random.key(0), 224)
-  params = npz.load_pretrained(pretrained_path=path, init_params=init)
-  params['head'] = npz.load(path)['head']
+  model = npz.load_pretrained(_golden_model(scan_layers=True), path)
+  model.head.kernel[...] = npz.load(path)['head']['kernel']
+  model.head.bias[...] = npz.load(path)['head']['bias']
   images = np.load(golden_dir / 'input_224.npy', allow_pickle=False)
   expected = np.load(golden_dir / 'logits_testing_rep16_224.npy', allow_pickle=False)
-  logits = jax.jit(model.apply, static_argnames='train')({'params': params}, images, train=False)
-  np.testing.assert_allclose(np.asarray(logits), expected, atol=1e-5)
+  np.testing.assert_allclose(np.asarray(model(images)), expected, atol=1e-5)
 
 
 def test_posemb_resize_is_corner_aligned_bilinear():
@@ -225,8 +230,7 @@ def test_patch_embedding_resize_preserves_tokens():
 
 def test_load_pretrained_adapts_patch_size(golden_dir):
   path = str(golden_dir / 'testing_rep16_ref.npz')
-  model = models.get_model('testing', num_classes=10, patches={'size': (8, 8)})
-  init = models.init_params(model, jax.random.key(0), 112)
-  params = npz.load_pretrained(pretrained_path=path, init_params=init)
+  model = models.get_model('testing', num_classes=10, patches={'size': (8, 8)}, image_size=112)
+  params = models.params_of(npz.load_pretrained(model, path))
   assert params['embedding']['kernel'].shape == (8, 8, 3, 10)
   assert params['Transformer']['posembed_input']['pos_embedding'].shape == (1, 197, 10)

@@ -162,12 +162,10 @@ def test_layer_decay_multipliers_are_timms():
   decay, depth = 0.75, 3
   trees = {}
   for scan in (False, True):
-    model = models.get_model(
-      'testing', num_classes=4, num_layers=depth, scan_layers=scan, representation_size=6
+    model = models.abstract_model(
+      'testing', 4, image_size=32, num_layers=depth, scan_layers=scan, representation_size=6
     )
-    trees[scan] = jax.eval_shape(
-      lambda model=model: models.init_params(model, jax.random.key(0), image_size=32)
-    )
+    trees[scan] = models.params_of(model)
   flat = jax.tree_util.tree_flatten_with_path(trees[False])[0]
   mults = jax.tree.leaves(optim.layer_decay_multipliers(trees[False], decay))
   names = ['/'.join(str(getattr(k, 'key', k)) for k in path) for path, _ in flat]

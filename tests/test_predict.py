@@ -2,7 +2,6 @@
 
 import json
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -15,9 +14,11 @@ from vit_jax import models, npz, predict
 def checkpoint(tmp_path_factory):
   """A 'testing' model (2 layers, random head) saved as .npz, and 3 test-made images."""
   tmp = tmp_path_factory.mktemp('predict')
-  model = models.get_model('testing', num_classes=4, head_zero_init=False, num_layers=2)
-  params = models.init_params(model, jax.random.key(0), 32)
-  npz.save(params, str(tmp / 'ckpt.npz'))
+  model = models.get_model(
+    'testing', num_classes=4, head_zero_init=False, num_layers=2, image_size=32
+  )
+  params = models.params_of(model)
+  npz.save(model, str(tmp / 'ckpt.npz'))
   (tmp / 'labels.txt').write_text('cat\ndog\nbird\nfish\n')
   rng = np.random.RandomState(0)
   (tmp / 'imgs' / 'sub').mkdir(parents=True)
@@ -53,7 +54,7 @@ def test_predict_cli_top1_matches_model_apply(checkpoint, capsys, monkeypatch):
     with Image.open(path) as img:
       pixels = np.asarray(img.convert('RGB'), np.float32)
     image = tf.image.resize(pixels, (32, 32), 'bilinear').numpy() / 127.5 - 1
-    logits = np.asarray(model.apply({'params': params}, image[None], train=False))[0]
+    logits = np.asarray(model(image[None]))[0]
     best = ['cat', 'dog', 'bird', 'fish'][int(np.argmax(logits))]
     assert lines[3 * i + 1].endswith(best)
 

@@ -68,10 +68,7 @@ def _params(config, *, scan: bool = False):
   overrides.update(scan_layers=scan, remat_policy='none')
   if overrides.get('representation_size'):
     overrides['representation_size'] = 8
-  model = models.get_model('testing', num_classes=5, **overrides)
-  shapes = jax.eval_shape(
-    lambda: models.init_params(model, jax.random.key(0), image_size=32, batch_size=1)
-  )
+  shapes = models.params_of(models.abstract_model('testing', 5, image_size=32, **overrides))
   leaves, treedef = jax.tree.flatten(shapes)
   keys = jax.random.split(jax.random.key(1), len(leaves))
   leaves = [jax.random.normal(k, x.shape, jnp.float32) for k, x in zip(keys, leaves)]
@@ -302,13 +299,8 @@ def test_head_init_is_big_visions():
   """big_vision train.py:201-203 fills the head bias with `init_head_bias` (vit_i1k.py:72: -6.9);
   big_vision models/vit.py head_zeroinit=True: the head kernel starts at zero."""
   config = pretrain.get_config('model=ViT-B_16,dataset=imagenet2012')
-  params = models.init_params(
-    models.get_model(
-      'testing', num_classes=5, **{**config_lib.model_kwargs(config), 'representation_size': 8}
-    ),
-    jax.random.key(0),
-    image_size=32,
-  )
+  overrides = {**config_lib.model_kwargs(config), 'representation_size': 8}
+  params = models.params_of(models.get_model('testing', 5, image_size=32, **overrides))
   np.testing.assert_array_equal(params['head']['bias'], np.full((5,), -6.9, np.float32))
   np.testing.assert_array_equal(params['head']['kernel'], 0.0)
 

@@ -56,12 +56,10 @@ def test_logical_rules_from_config_are_validated():
 def test_logical_shardings_replicate_indivisible_dims():
   from vit_jax import models
 
-  model = models.get_model('testing', num_classes=10)  # hidden 10: not divisible by fsdp=4.
-  abstract = jax.eval_shape(
-    lambda r: model.init(r, np.zeros((1, 32, 32, 3), np.float32), train=False), jax.random.key(0)
-  )
+  model = models.abstract_model('testing', 10, image_size=32)  # hidden 10: not divisible by 4.
+  boxed = sharding.box(models.params_of(model), models.logical_axes(model))
   mesh = sharding.make_mesh({'data': 1, 'fsdp': 4, 'tensor': 2})
-  shardings = sharding.logical_shardings(abstract['params'], mesh, sharding.DEFAULT_RULES)
+  shardings = sharding.logical_shardings(boxed, mesh, sharding.DEFAULT_RULES)
   mlp = shardings['Transformer']['encoderblock_0']['MlpBlock_3']['Dense_0']['kernel']
   assert mlp.spec == P(None, 'tensor')  # embed=10 % 4 != 0 -> replicated; mlp=10 % 2 == 0.
   query = shardings['Transformer']['encoderblock_0']['MultiHeadDotProductAttention_1']['query']

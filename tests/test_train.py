@@ -193,13 +193,10 @@ def test_finetune_from_golden_checkpoint_matches_direct_computation(tmp_path, go
   logged = metrics.read_jsonl(str(tmp_path / 'ft' / 'metrics.jsonl'))
 
   # Direct computation: load_pretrained, the same two batches, SGD with clipping written out.
-  model = models.get_model('testing', num_classes=10, representation_size=16)
-  init = models.init_params(model, jax.random.key(0), 224)
-  params = npz.load_pretrained(
-    pretrained_path=config.pretrained_path,
-    init_params=init,
-    model_config=models.get_model_config('testing'),
+  model = npz.load_pretrained(
+    models.get_model('testing', num_classes=10, representation_size=16), config.pretrained_path
   )
+  apply, params = models.functional(model), models.params_of(model)
   ds = data.get_dataset(
     config.dataset,
     'train',
@@ -213,7 +210,7 @@ def test_finetune_from_golden_checkpoint_matches_direct_computation(tmp_path, go
   b1, b2 = (dict(b, image=normalise(b['image'])) for b in (next(it), next(it)))
 
   def loss_fn(p, b):
-    logits = model.apply({'params': p}, b['image'], train=False)
+    logits = apply(p, b['image'])
     return optax.softmax_cross_entropy_with_integer_labels(logits, b['label']).mean()
 
   loss1, grads = jax.value_and_grad(loss_fn)(params, b1)

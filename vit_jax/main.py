@@ -250,7 +250,9 @@ def list_models() -> str:
 
   lines = [f'{"model":<22} {"parameters":>15}']
   for name in models.MODEL_CONFIGS:
-    count = models.count_params(models.get_model(name, num_classes=1000), 224)
+    # Scanned: one block traced instead of `depth` (the same parameters, stacked).
+    scan = {} if 'hidden_dim' in models.MODEL_CONFIGS[name] else {'scan_layers': True}
+    count = models.count_params(models.abstract_model(name, 1000, **scan))
     lines.append(f'{name:<22} {count:>15,}')
   return '\n'.join(lines)
 

@@ -18,6 +18,7 @@ from typing import Any
 
 import flax
 import jax
+import jax.numpy as jnp
 import numpy as np
 import scipy.ndimage
 
@@ -97,7 +98,7 @@ def to_numpy(x) -> np.ndarray:
 
 def to_released_layout(params: Mapping) -> dict[str, np.ndarray]:
   """Flattens a params tree into the released `.npz` key/value layout (unscanned, GN reshaped)."""
-  params = unscan_params(flax.core.unfreeze(flax.linen.unbox(params)))
+  params = unscan_params(flax.core.unfreeze(params_tree(params)))
   flat = {}
   for path, value in flax.traverse_util.flatten_dict(params).items():
     value = to_numpy(value)
@@ -109,8 +110,9 @@ def to_released_layout(params: Mapping) -> dict[str, np.ndarray]:
   return flat
 
 
-def save(params: Mapping, path: str) -> None:
-  """Writes `params` in the released `.npz` layout, atomically (temp file, then rename).
+def save(params, path: str) -> None:
+  """Writes an NNX model's params (or a params tree) in the released `.npz` layout, atomically
+  (temp file, then rename).
 
   Scanned encoders are unstacked into `encoderblock_{i}`; bfloat16 arrays are written as float32.
   Only process 0 writes in a multi-process job (all processes must call it for sharded arrays).
@@ -180,22 +182,64 @@ def unscan_params(params: Mapping) -> Params:
 # --- fine-tuning entry ----------------------------------------------------------------------------
 
 
+def fitting_variant(params: Mapping) -> str | None:
+  """The registered ViT whose shapes a checkpoint's tree has (width, patch, depth, MLP, heads,
+  class token, hybrid stem), or None."""
+  from vit_jax.models.registry import MODEL_CONFIGS
+
+  try:
+    encoder = unscan_params(params)['Transformer']
+    block = encoder['encoderblock_0']
+    ph, pw, _, width = np.shape(params['embedding']['kernel'])
+    shape = dict(
+      hidden_size=width,
+      patches=(ph, pw),
+      num_layers=sum(k.startswith('encoderblock_') for k in encoder),
+      mlp_dim=np.shape(block['MlpBlock_3']['Dense_0']['kernel'])[1],
+      num_heads=np.shape(block['MultiHeadDotProductAttention_1']['query']['kernel'])[1],
+      token='cls' in params,
+      hybrid='conv_root' in params,
+    )
+  except (KeyError, TypeError, ValueError):
+    return None
+  for name, c in MODEL_CONFIGS.items():
+    if 'transformer' not in c:
+      continue
+    t = c.transformer
+    candidate = dict(
+      hidden_size=c.hidden_size,
+      patches=tuple(c.patches.size),
+      num_layers=t.num_layers,
+      mlp_dim=t.mlp_dim,
+      num_heads=t.num_heads,
+      token=c.classifier in ('token', 'token_unpooled'),
+      hybrid=c.get('resnet') is not None,
+    )
+    if candidate == shape:
+      return name
+  return None
+
+
 def check_tree(params: Mapping, expected: Mapping, *, path: str, model_name: str | None) -> None:
   """Raises one CheckpointMismatchError listing every missing/unexpected key and shape mismatch."""
   got = {'/'.join(k): np.shape(v) for k, v in flax.traverse_util.flatten_dict(params).items()}
   want = {'/'.join(k): np.shape(v) for k, v in flax.traverse_util.flatten_dict(expected).items()}
-  problems = [f'  missing in checkpoint: {k} {want[k]}' for k in sorted(want.keys() - got.keys())]
-  problems += [
-    f'  unexpected in checkpoint: {k} {got[k]}' for k in sorted(got.keys() - want.keys())
-  ]
-  problems += [
+  # Shape mismatches first: the first line names the first parameter whose shapes differ.
+  problems = [
     f'  shape mismatch: {k}: checkpoint {got[k]} vs model {want[k]}'
     for k in sorted(got.keys() & want.keys())
     if got[k] != want[k]
   ]
+  problems += [f'  missing in checkpoint: {k} {want[k]}' for k in sorted(want.keys() - got.keys())]
+  problems += [
+    f'  unexpected in checkpoint: {k} {got[k]}' for k in sorted(got.keys() - want.keys())
+  ]
   if problems:
+    variant = fitting_variant(params)
+    fits = f'; the checkpoint fits {variant}' if variant and variant != model_name else ''
     raise CheckpointMismatchError(
-      f'checkpoint {path!r} does not match model {model_name!r} ({len(problems)} problems):\n'
+      f'checkpoint {path!r} does not match model {model_name!r}: {problems[0].strip()}{fits} '
+      f'({len(problems)} problems):\n'
       + '\n'.join(problems)
       + '\nCheck that the model config (name, patch size, classifier, representation_size) is the '
       'one the checkpoint was trained with.'
@@ -256,21 +300,21 @@ def resize_patch_embedding(kernel: np.ndarray, new_size: tuple[int, int]) -> np.
   return (resize_inv @ flat).reshape(*new_size, c, d).astype(kernel.dtype)
 
 
-def load_pretrained(
-  *,
+def pretrained_params(
   pretrained_path: str,
   init_params: Mapping,
-  model_config=None,
+  *,
+  model_name: str | None = None,
   grid_size: tuple[int, int] | None = None,
 ) -> Params:
-  """Fine-tuning init: the body from a checkpoint, the head from `init_params`.
+  """Fine-tuning init as a params tree: the body from a checkpoint, the head from `init_params`.
 
   Args:
     pretrained_path: original-format `.npz` (local or gs://).
     init_params: freshly initialized params of the target model (defines shapes, the new head, and
       whether the encoder is scanned).
-    model_config: the target model config (its `model_name` appears in errors). Whether
-      `pre_logits` is kept follows the target model: kept when it has a representation layer.
+    model_name: the target model's name, for errors. Whether `pre_logits` is kept follows the
+      target model: kept when it has a representation layer.
     grid_size: target patch grid for non-square inputs (default: inferred as square).
 
   Returns:
@@ -280,9 +324,8 @@ def load_pretrained(
   Raises:
     CheckpointMismatchError: listing every remaining mismatch, with path and model name.
   """
-  init_params = flax.core.unfreeze(flax.linen.unbox(init_params))
+  init_params = flax.core.unfreeze(init_params)
   restored = load(pretrained_path)
-  model_name = model_config.get('model_name') if model_config is not None else None
   if 'encoderblock' in init_params.get('Transformer', {}):
     restored = scan_params(restored)
 
@@ -316,3 +359,72 @@ def load_pretrained(
 
   check_tree(restored, init_params, path=pretrained_path, model_name=model_name)
   return jax.tree.map(lambda r, i: np.asarray(r).astype(i.dtype), restored, init_params)
+
+
+# --- NNX models -----------------------------------------------------------------------------------
+
+
+def _params_state(model):
+  from flax import nnx
+
+  return nnx.state(model, nnx.Param)
+
+
+def params_tree(model_or_tree) -> Params:
+  """The released nested params tree of an NNX model (or the tree itself)."""
+  from flax import nnx
+
+  if isinstance(model_or_tree, nnx.Module):
+    return _params_state(model_or_tree).to_pure_dict()
+  if isinstance(model_or_tree, nnx.State):
+    return model_or_tree.to_pure_dict()
+  return model_or_tree
+
+
+def _fill(model, tree: Mapping):
+  """Writes `tree` (shaped like the model's params) into the model, keeping each param's dtype
+  and sharding."""
+  from flax import nnx
+
+  state = _params_state(model)
+
+  def one(variable, value):
+    old = variable[...]
+    value = np.asarray(value).astype(old.dtype)
+    sharding = getattr(old, 'sharding', None)
+    return jax.device_put(value, sharding) if sharding is not None else jnp.asarray(value)
+
+  values = jax.tree.map(one, state.to_pure_dict(), flax.core.unfreeze(tree))
+  state.replace_by_pure_dict(values)
+  nnx.update(model, state)
+  return model
+
+
+def load_into(model, path_or_tree):
+  """Fills `model` (an NNX ViT/Mixer, scanned or not) from a released checkpoint and returns it.
+
+  Args:
+    model: the target model; its parameter shapes must be the checkpoint's.
+    path_or_tree: an `.npz` path (local or gs://) or a tree as `load` returns it.
+
+  Raises:
+    CheckpointMismatchError: the checkpoint does not fit the model (every problem listed).
+  """
+  path = path_or_tree if isinstance(path_or_tree, (str, os.PathLike)) else '<params tree>'
+  tree = load(str(path_or_tree)) if path != '<params tree>' else dict(path_or_tree)
+  target = params_tree(model)
+  if 'encoderblock' in target.get('Transformer', {}):
+    tree = scan_params(tree)
+  check_tree(tree, target, path=str(path), model_name=getattr(model, 'model_name', None))
+  return _fill(model, tree)
+
+
+def load_pretrained(model, path: str, *, grid_size: tuple[int, int] | None = None):
+  """Fine-tuning init in place: the body from the checkpoint at `path`, the model's own head,
+  position embeddings resized to its grid, the patch embedding resized to its patch size.
+  Returns the model.
+  """  # fmt: skip
+  params = pretrained_params(
+    path, params_tree(model), model_name=getattr(model, 'model_name', None), grid_size=grid_size
+  )
+  return _fill(model, params)

@@ -18,7 +18,6 @@ import argparse
 import collections
 import json
 import os
-import re
 import shutil
 import sys
 
@@ -97,15 +96,6 @@ def load_images(paths: list[str], pp: str | int) -> np.ndarray:
   return np.stack([fn(read_image(path)).numpy() for path in paths])
 
 
-def _attention_weights(intermediates) -> list[jax.Array]:
-  """The encoder blocks' attention weights [batch, heads, q, k], in depth order."""
-  encoder = intermediates['Transformer']
-  blocks = sorted(
-    (k for k in encoder if re.fullmatch(r'encoderblock_\d+', k)), key=lambda k: int(k[13:])
-  )
-  return [encoder[k]['MultiHeadDotProductAttention_1']['attention_weights'][0] for k in blocks]
-
-
 def attention_rollout(weights: list[jax.Array], *, token: bool = True) -> jax.Array:
   """Attention rollout over the patch grid: [batch, gh, gw], each map summing to 1.
 
@@ -149,9 +139,9 @@ def predict(loaded, images: np.ndarray, *, top_k: int, attention: bool = False):
   def run(x):
     if not attention:
       return loaded.apply(x), None
-    logits, state = loaded.apply(x, mutable=['intermediates'])
+    logits, weights = loaded.apply(x, attention=True)
     token = loaded.model.classifier in ('token', 'token_unpooled')
-    return logits, attention_rollout(_attention_weights(state['intermediates']), token=token)
+    return logits, attention_rollout(weights, token=token)
 
   compiled = loaded.__dict__.setdefault(f'_predict_jit_{attention}', jax.jit(run))  # Per batch.
   logits, grids = compiled(images)

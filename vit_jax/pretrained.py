@@ -191,7 +191,6 @@ def check_fits(config: Mapping) -> None:
     ConfigError: a missing path, a workdir without checkpoints, or the first array the model and
       the checkpoint disagree on (both shapes, and the model that fits).
   """
-  import jax
 
   from vit_jax import config as config_lib
   from vit_jax import models
@@ -213,9 +212,8 @@ def check_fits(config: Mapping) -> None:
   kwargs = config_lib.model_kwargs(config)
   if models.model_family(name) != 'mixer':
     kwargs.update(scan_layers=False, remat_policy='none')  # The released layout.
-  model = models.get_model(name, num_classes=1, **kwargs)
   size = int(config['image_size'])
-  want = _flat(jax.eval_shape(lambda: models.init_params(model, jax.random.key(0), size)))
+  want = _flat(models.params_of(models.abstract_model(name, 1, image_size=size, **kwargs)))
   got = {k: v for k, v in shapes.items() if not k.startswith(_ADAPTED)}
   want = {k: v for k, v in want.items() if not k.startswith(_ADAPTED)}
   where = os.path.basename(path.rstrip('/')) or path

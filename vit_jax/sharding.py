@@ -156,6 +156,18 @@ def logical_shardings(abstract_tree: Any, mesh: Mesh, rules) -> Any:
   return jax.tree_util.tree_map_with_path(one, specs, shapes, is_leaf=lambda x: isinstance(x, P))
 
 
+def box(params: Any, axes: Any) -> Any:
+  """Wraps each array of a params tree with its logical axis names (`models.logical_axes`), so
+  `logical_shardings` (and optimizer states built from the boxes) know how to shard it."""
+  return jax.tree.map(lambda x, names: nn.LogicallyPartitioned(x, names), params, axes)
+
+
+def constrain(x: jax.Array, names: tuple[str | None, ...]) -> jax.Array:
+  """Constrains an activation's sharding by logical axis names under the active mesh and rules
+  (`jax.set_mesh` + `logical_axis_rules`); the identity outside them."""
+  return nn.with_logical_constraint(x, names)
+
+
 def batch_sharding(mesh: Mesh, rules, ndim_prefix: int = 0) -> NamedSharding:
   """Sharding of a batch: dimension `ndim_prefix` over the mesh axes of logical 'batch'."""
   axes = nn.logical_to_mesh_axes(('batch',), rules)[0]

@@ -14,7 +14,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import flax.linen as nn
@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+from flax import nnx
 
 from vit_jax import config as config_lib
 from vit_jax import guards, models, npz, optim, resume, sharding, train_state
@@ -69,7 +70,7 @@ def per_example_loss(logits: jax.Array, targets: jax.Array, kind: str) -> jax.Ar
 
 
 def make_train_step(
-  model: nn.Module,
+  apply: Callable,
   tx: optax.GradientTransformation,
   schedule,
   *,
@@ -77,7 +78,8 @@ def make_train_step(
   num_classes: int,
   param_shardings: Any = None,
 ):
-  """Returns the pure step `(state, batch, rng) -> (state, metrics)`.
+  """Returns the pure step `(state, batch, rng) -> (state, metrics)` of `apply`
+  (`models.functional`: the model split once into graph and state).
 
   `batch` arrays are [accum_steps, micro_batch, ...]; the gradient is the mean of the micro-batch
   gradients, which equals the gradient of the whole batch (each micro-batch loss is a mean over the
@@ -98,7 +100,7 @@ def make_train_step(
     image, targets = prologue(micro['image']), _targets(micro, num_classes, smoothing)
     if mix:
       image, targets = data.mixup(rng, image, targets, **mix)
-    logits = model.apply({'params': params}, image, train=True, rngs={'dropout': rng})
+    logits = apply(params, image, train=True, rng=rng)
     losses = per_example_loss(logits, targets, loss_kind)
     return jnp.mean(losses)
 
@@ -150,17 +152,21 @@ class Trainer:
     self.num_classes = num_classes
     self.mesh = sharding.make_mesh(config['mesh'], devices)
     self.rules = sharding.logical_rules(config)
-    self.model = models.get_model(
-      config['model_name'], num_classes=num_classes, **config_lib.model_kwargs(config)
+    image_size = int(config['image_size'])
+    kwargs = config_lib.model_kwargs(config)
+    build = lambda rngs: models.get_model(
+      config['model_name'], num_classes, image_size=image_size, rngs=rngs, **kwargs
     )
+    # The model's graph and abstract state, split once; the step is a pure function of the state.
+    self.model = nnx.eval_shape(lambda: build(nnx.Rngs(0)))
+    self.apply = models.functional(self.model)
+    axes = models.logical_axes(self.model)
     self.tx, self.schedule = optim.make_optimizer(config)
     self.accum_steps = int(config['accum_steps'])
     self.micro_batch = int(config['batch_size']) // self.accum_steps
-    size = int(config['image_size'])
-    self._image = jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)
 
     def init(rng):  # Boxed: leaves carry logical axis names, for the shardings.
-      params = self.model.init(rng, jnp.zeros(self._image.shape), train=False)['params']
+      params = sharding.box(models.params_of(build(nnx.Rngs(rng))), axes)
       return {'step': jnp.zeros((), jnp.int32), 'params': params, 'opt_state': self.tx.init(params)}
 
     boxed = jax.eval_shape(init, jax.random.key(0))
@@ -173,13 +179,14 @@ class Trainer:
     self._init = jax.jit(lambda rng: nn.unbox(init(rng)), out_shardings=self.state_shardings)
     self.replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
     train_step = make_train_step(
-      self.model,
+      self.apply,
       self.tx,
       self.schedule,
       config=config,
       num_classes=num_classes,
       param_shardings=self.state_shardings['params'],
     )
+    self.step_fn = train_step  # The pure step, for benchmarks and tests.
     self._train_step = jax.jit(
       train_step,
       in_shardings=(
@@ -339,85 +346,59 @@ def train_and_evaluate(
     watcher.restore()
 
 
-def _train_and_evaluate(
-  config: ml_collections.ConfigDict, workdir: str, devices, watcher: train_state.PreemptionWatcher
-) -> dict[str, Any]:
-  total_steps = int(config['total_steps'])
-  trainer = Trainer(config, num_classes=_num_classes(config), devices=devices)
-  logging.info(
-    'mesh %s over %d devices, %d processes; model %s with %d params',
-    sharding.describe(trainer.mesh),
-    trainer.mesh.size,
-    jax.process_count(),
-    config['model_name'],
-    models.count_params(trainer.model, int(config['image_size'])),
-  )
-  ckpt_dir = os.path.join(workdir, 'checkpoints')
-  ckpt = train_state.Checkpointer(
-    ckpt_dir,
-    max_to_keep=int(config['keep_checkpoints']) or None,
-    async_save=bool(config['async_checkpoints']),
-  )
+def _restore_or_init(trainer: Trainer, ckpt, config: Mapping, layout: str):
+  """(state, rng, data batches read or None): the workdir's checkpoint when it holds one, else a
+  fresh state (its params from `config.pretrained_path` when set)."""
   rng = jax.device_put(jax.random.key_data(jax.random.key(int(config['seed']))), trainer.replicated)
-  layout = f'mesh {sharding.describe(trainer.mesh)} in {jax.process_count()} processes'
   abstract = dict(
     trainer.abstract_state,
     rng=jax.ShapeDtypeStruct(rng.shape, rng.dtype, sharding=trainer.replicated),
   )
   restored = resume.restore(ckpt, abstract, config, num_classes=trainer.num_classes, layout=layout)
-  start_batch = None
   if restored is not None:
     state, meta = restored
-    rng = state.pop('rng')
-    start_batch = meta.get('data_batches')  # Read, not recomputed: accum_steps may differ.
     logging.info('resuming from step %d', int(state['step']))
-  else:
-    state = trainer.init_state(int(config['seed']))
-    if config['pretrained_path']:
-      init = trainer.host_params(state)
-      params = checkpoint_load.load_pretrained(  # An original-format .npz or one of our workdirs.
-        pretrained_path=config['pretrained_path'],
-        init_params=init,
-        model_config=models.get_model_config(config['model_name']),
-      )
-      state = trainer.with_params(state, params)
-  step = int(jax.device_get(state['step']))
-  write_config(config, workdir)  # Only now: a refused resume leaves the old config.json.
-  if start_batch is None:
-    start_batch = step * trainer.accum_steps
-  train_ds = _datasets(config, start_batch=start_batch, micro_batch=trainer.micro_batch)
-  _write_labels(config, workdir)  # The dataset is prepared by now.
-  from vit_jax import data
-  from vit_jax import evaluators as evaluators_lib  # Late, as the data: imports TensorFlow.
+    # The data position is read, not recomputed: accum_steps may differ.
+    return state, state.pop('rng'), meta.get('data_batches')
+  state = trainer.init_state(int(config['seed']))
+  if config['pretrained_path']:
+    params = checkpoint_load.load_pretrained(  # An original-format .npz or one of our workdirs.
+      config['pretrained_path'], trainer.host_params(state), model_name=config['model_name']
+    )
+    state = trainer.with_params(state, params)
+  return state, rng, None
 
-  evaluators = evaluators_lib.build(config, trainer)
-  put = lambda local: trainer.global_batch(local, stacked=True)
-  batches = data.prefetch(_batches(train_ds, trainer.accum_steps), put)  # Next ones on devices.
-  writer = metrics_lib.MetricWriter(workdir, resume_step=step)
-  meter = metrics_lib.Throughput(
-    global_batch_size=int(config['batch_size']),
-    num_devices=trainer.mesh.size,
-    total_steps=total_steps,
-  )
-  pending: list[tuple[int, dict]] = []
-  last_saved = ckpt.latest_step()
-  first_step = step
-  result: dict[str, Any] = {'preempted': False}
-  first = True
 
-  spikes = guards.SpikeGuard(float(config.get('spike_factor', 0.0)))
+class _Bookkeeping:
+  """Everything the loop does besides stepping: the pending step metrics and their flush (which
+  stops a diverged run), checkpoints (never after a bad step), and the periodic log / eval /
+  checkpoint work of one step (`periodic`, the one place that reads the `*_every` fields).
+  """
 
-  def flush() -> dict[str, float]:
+  def __init__(self, config, trainer, ckpt, ckpt_dir, *, writer, meter, evaluators, layout,
+               start_batch, first_step):  # fmt: skip
+    self.config, self.trainer, self.ckpt, self.ckpt_dir = config, trainer, ckpt, ckpt_dir
+    self.writer, self.meter, self.evaluators, self.layout = writer, meter, evaluators, layout
+    self.start_batch, self.first_step = start_batch, first_step
+    self.total_steps = int(config['total_steps'])
+    self.pending: list[tuple[int, dict]] = []
+    self.last_saved = ckpt.latest_step()
+    self.spikes = guards.SpikeGuard(float(config.get('spike_factor', 0.0)))
+    self.result: dict[str, Any] = {'preempted': False}
+
+  def flush(self) -> dict[str, float]:
     """Fetches pending step metrics; raises on the first non-finite or spiking one."""
-    fetched = jax.device_get([m for _, m in pending])
-    steps = [s for s, _ in pending]
-    pending.clear()
+    fetched = jax.device_get([m for _, m in self.pending])
+    steps = [s for s, _ in self.pending]
+    self.pending.clear()
     for s, m in zip(steps, fetched):
       bad = [f'non-finite {k}={m[k]}' for k in ('train/loss', 'train/grad_norm', 'train/param_norm')
-             if not np.isfinite(m[k])] or spikes.check(m)  # fmt: skip
+             if not np.isfinite(m[k])] or self.spikes.check(m)  # fmt: skip
       if bad:
-        ckpt.wait()
-        good = f'step {last_saved} in {ckpt_dir}' if last_saved is not None else 'none yet'
+        self.ckpt.wait()
+        good = 'none yet'
+        if self.last_saved is not None:
+          good = f'step {self.last_saved} in {self.ckpt_dir}'
         raise TrainingDivergedError(
           s,
           f'{", ".join(bad)} at step {s}; last good checkpoint: {good}. '
@@ -430,19 +411,81 @@ def _train_and_evaluate(
     out['train/param_norm'] = float(fetched[-1]['train/param_norm'])
     return out
 
-  def save(at: int) -> None:
-    nonlocal last_saved
-    flush()  # Never checkpoint a state that followed a non-finite step.
+  def save(self, at: int, state: dict, rng: jax.Array) -> None:
+    self.flush()  # Never checkpoint a state that followed a non-finite step.
     meta = {
-      'data_batches': start_batch + (at - first_step) * trainer.accum_steps,
-      'micro_batch': trainer.micro_batch,
-      'num_classes': trainer.num_classes,
-      'layout': layout,
-      'config': json.loads(config.to_json_best_effort()),
+      'data_batches': self.start_batch + (at - self.first_step) * self.trainer.accum_steps,
+      'micro_batch': self.trainer.micro_batch,
+      'num_classes': self.trainer.num_classes,
+      'layout': self.layout,
+      'config': json.loads(self.config.to_json_best_effort()),
     }
-    if ckpt.save(at, dict(state, rng=rng), meta):
-      last_saved = at
+    if self.ckpt.save(at, dict(state, rng=rng), meta):
+      self.last_saved = at
 
+  def periodic(self, step: int, state: dict, rng: jax.Array) -> None:
+    """The log, eval and checkpoint work due after `step` (`due`)."""
+    scalars = {}
+    if due(step, int(self.config['log_every']), self.total_steps):
+      scalars.update(self.flush())
+      scalars.update(self.meter.summary(step))
+    ran = [ev for ev in self.evaluators.values() if due(step, ev.every, self.total_steps)]
+    for ev in ran:
+      scalars.update(ev.run(state['params']))
+    if ran:
+      self.meter.reset(step)
+    if scalars:
+      self.writer.write(step, scalars)
+      if jax.process_index() == 0:
+        logging.info('%s', metrics_lib.format_progress(step, self.total_steps, scalars))
+      self.result.update(scalars)
+    if due(step, int(self.config['checkpoint_every']), self.total_steps):
+      self.save(step, state, rng)
+
+
+def _train_and_evaluate(
+  config: ml_collections.ConfigDict, workdir: str, devices, watcher: train_state.PreemptionWatcher
+) -> dict[str, Any]:
+  total_steps = int(config['total_steps'])
+  trainer = Trainer(config, num_classes=_num_classes(config), devices=devices)
+  logging.info(
+    'mesh %s over %d devices, %d processes; model %s with %d params',
+    sharding.describe(trainer.mesh),
+    trainer.mesh.size,
+    jax.process_count(),
+    config['model_name'],
+    models.count_params(trainer.model),
+  )
+  ckpt_dir = os.path.join(workdir, 'checkpoints')
+  ckpt = train_state.Checkpointer(
+    ckpt_dir,
+    max_to_keep=int(config['keep_checkpoints']) or None,
+    async_save=bool(config['async_checkpoints']),
+  )
+  layout = f'mesh {sharding.describe(trainer.mesh)} in {jax.process_count()} processes'
+  state, rng, start_batch = _restore_or_init(trainer, ckpt, config, layout)
+  step = int(jax.device_get(state['step']))
+  write_config(config, workdir)  # Only now: a refused resume leaves the old config.json.
+  if start_batch is None:
+    start_batch = step * trainer.accum_steps
+  train_ds = _datasets(config, start_batch=start_batch, micro_batch=trainer.micro_batch)
+  _write_labels(config, workdir)  # The dataset is prepared by now.
+  from vit_jax import data
+  from vit_jax import evaluators as evaluators_lib  # Late, as the data: imports TensorFlow.
+
+  put = lambda local: trainer.global_batch(local, stacked=True)
+  batches = data.prefetch(_batches(train_ds, trainer.accum_steps), put)  # Next ones on devices.
+  writer = metrics_lib.MetricWriter(workdir, resume_step=step)
+  meter = metrics_lib.Throughput(
+    global_batch_size=int(config['batch_size']),
+    num_devices=trainer.mesh.size,
+    total_steps=total_steps,
+  )
+  book = _Bookkeeping(
+    config, trainer, ckpt, ckpt_dir, writer=writer, meter=meter,
+    evaluators=evaluators_lib.build(config, trainer), layout=layout, start_batch=start_batch,
+    first_step=step,
+  )  # fmt: skip
   try:
     if step < total_steps:  # Compile once, before the loop, for the first batch's shapes.
       t = time.perf_counter()
@@ -457,6 +500,7 @@ def _train_and_evaluate(
         flops,
         how,
       )
+    first = True
     watcher.arm()  # A signal from now on checkpoints the step reached.
     while step < total_steps:
       t = time.perf_counter()
@@ -467,36 +511,21 @@ def _train_and_evaluate(
         meter.add_data_wait(time.perf_counter() - t)
       state, step_metrics = trainer.train_step(state, batch, rng)
       step += 1
-      pending.append((step, step_metrics))
+      book.pending.append((step, step_metrics))
       ckpt.check(step)  # A failed background save stops the run within a step, naming the cause.
       if first:  # The throughput window starts after compilation and the first step.
         jax.block_until_ready(state['step'])
         meter.reset(step)
         first = False
-      scalars = {}
-      if due(step, int(config['log_every']), total_steps):
-        scalars.update(flush())
-        scalars.update(meter.summary(step))
-      ran = [ev for ev in evaluators.values() if due(step, ev.every, total_steps)]
-      for ev in ran:
-        scalars.update(ev.run(state['params']))
-      if ran:
-        meter.reset(step)
-      if scalars:
-        writer.write(step, scalars)
-        if jax.process_index() == 0:
-          logging.info('%s', metrics_lib.format_progress(step, total_steps, scalars))
-        result.update(scalars)
-      if due(step, int(config['checkpoint_every']), total_steps):
-        save(step)
+      book.periodic(step, state, rng)
       if step < total_steps and watcher.should_stop(step):
         logging.warning('preempted: checkpointing step %d and exiting', step)
-        save(step)
-        result['preempted'] = True
+        book.save(step, state, rng)
+        book.result['preempted'] = True
         break
-    flush()
-    if last_saved != step:
-      save(step)
+    book.flush()
+    if book.last_saved != step:
+      book.save(step, state, rng)
     ckpt.wait()
   except BaseException as e:
     failure = e
@@ -512,7 +541,8 @@ def _train_and_evaluate(
     logging.error('%s', save_error)  # The divergence or interrupt is still the run's error.
   if failure is not None:
     if isinstance(failure, OSError) and failure.errno in train_state.DISK_FULL:
-      raise train_state.OutputWriteError(failure, ckpt_dir, last_saved) from None
+      raise train_state.OutputWriteError(failure, ckpt_dir, book.last_saved) from None
     raise failure
+  result = book.result
   result.update(step=step, checkpoint_dir=os.path.join(ckpt_dir, str(step)), workdir=workdir)
   return result

@@ -14,8 +14,8 @@ import jax.numpy as jnp
 from vit_jax.evaluators import common
 
 
-def _logits(model, params, images, prologue):
-  return model.apply({'params': params}, prologue(images), train=False)
+def _logits(apply, params, images, prologue):
+  return apply(params, prologue(images))
 
 
 class Classification:
@@ -38,7 +38,7 @@ class Classification:
     k = min(5, num_classes)
 
     def sums(params, batch):
-      logits = _logits(trainer.model, params, batch['image'], prologue).astype(jnp.float32)
+      logits = _logits(trainer.apply, params, batch['image'], prologue).astype(jnp.float32)
       mask = batch['mask'].astype(jnp.float32)
       label = batch['label']
       top1 = jnp.argmax(logits, -1) == label
@@ -94,7 +94,7 @@ class Real(Classification):
     prologue = data.device_preprocess(pp)
 
     def sums(params, batch):
-      logits = _logits(trainer.model, params, batch['image'], prologue)
+      logits = _logits(trainer.apply, params, batch['image'], prologue)
       real = batch['real_labels'] > 0
       pred = jnp.argmax(logits, -1)
       hit = jnp.take_along_axis(real, pred[:, None], axis=-1)[:, 0]

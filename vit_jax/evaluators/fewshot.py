@@ -12,7 +12,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import flax.linen as nn
 import jax
 import numpy as np
 
@@ -21,21 +20,10 @@ from vit_jax.evaluators import common
 BIAS_CONSTANT = 100.0  # Large, so the bias is nearly unregularised (as big_vision's).
 
 
-def pre_logits(model: nn.Module, params: Any, images: jax.Array) -> jax.Array:
+def pre_logits(apply, params: Any, images: jax.Array) -> jax.Array:
   """The input of the model's `head` layer (the representation the classifier sees) for `images`
-  in the model's input range."""
-  captured = []
-
-  def interceptor(next_fun, args, kwargs, context):
-    if context.module.name == 'head' and context.method_name == '__call__':
-      captured.append(args[0])
-    return next_fun(*args, **kwargs)
-
-  with nn.intercept_methods(interceptor):
-    model.apply({'params': params}, images, train=False)
-  if not captured:
-    raise ValueError(f'{type(model).__name__} has no layer named "head" to probe the input of')
-  return captured[-1].reshape(images.shape[0], -1)
+  in the model's input range; `apply` is `models.functional(model)`."""
+  return apply(params, images, pre_logits=True).reshape(images.shape[0], -1)
 
 
 def ridge_accuracy(
@@ -96,7 +84,7 @@ class FewShot:
       train = common.get_dataset(config, dataset, train_split, pp, batch_size)
       test = common.get_dataset(config, dataset, test_split, pp, batch_size)
       self.datasets[key] = (train, test)
-    model = trainer.model
+    apply = trainer.apply
     from vit_jax import data
 
     prologue = data.device_preprocess(pp)  # The device part of `pp` (value_range).
@@ -104,7 +92,7 @@ class FewShot:
     self._features = common.jit_sums(
       trainer,
       lambda params, batch: (
-        pre_logits(model, params, prologue(batch['image'])),
+        pre_logits(apply, params, prologue(batch['image'])),
         batch['label'],
         batch['mask'],
       ),

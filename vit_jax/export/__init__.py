@@ -21,7 +21,7 @@ import time
 import jax
 import numpy as np
 
-from vit_jax import npz
+from vit_jax import models, npz
 from vit_jax.export import torch_side
 
 FORMATS = ('npz', 'hf', 'saved_model', 'onnx')
@@ -72,7 +72,7 @@ class _Npz:
 
   def run(self, path: str, images: np.ndarray, labels=None) -> np.ndarray:
     del labels
-    return np.asarray(self.model.apply({'params': npz.load(path)}, images, train=False))
+    return np.asarray(models.functional(self.model)(npz.load(path), images))
 
 
 def _module(fmt: str, loaded):

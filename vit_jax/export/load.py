@@ -20,6 +20,7 @@ from typing import Any
 import flax
 import jax
 import numpy as np
+from flax import nnx
 
 from vit_jax import config as config_lib
 from vit_jax import labels as labels_lib
@@ -32,7 +33,7 @@ DEFAULT_PP = 'decode|resize({size})|value_range(-1,1)'  # The published ViT eval
 class Loaded:
   """A checkpoint ready for inference: float32, unscanned model and released-layout params."""
 
-  model: Any  # flax.linen Module.
+  model: Any  # An abstract NNX module (nnx.eval_shape): graph and hyperparameters, no arrays.
   params: dict
   model_config: dict  # Original-project schema, overrides applied (what `hf.hf_config` reads).
   num_classes: int
@@ -41,8 +42,15 @@ class Loaded:
   labels: list[str] | None
   source: str
 
+  @property
+  def fn(self):
+    """The model's pure function `fn(params, images, **kwargs)` (`models.functional`)."""
+    if '_fn' not in self.__dict__:
+      self.__dict__['_fn'] = models.functional(self.model)
+    return self.__dict__['_fn']
+
   def apply(self, images: np.ndarray, **kwargs):
-    return self.model.apply({'params': self.params}, images, train=False, **kwargs)
+    return self.fn(self.params, images, **kwargs)
 
 
 def is_workdir(path: str) -> bool:
@@ -90,7 +98,6 @@ def workdir_params(workdir: str, step: int | None = None) -> dict:
     params = train_state.restore_params(directory, step)
   except FileNotFoundError as e:
     raise FileNotFoundError(f'workdir {workdir!r} has no checkpoint: {e}') from e
-  params = flax.linen.unbox(params)
   return jax.tree.map(np.asarray, npz.unscan_params(flax.core.unfreeze(params)))
 
 
@@ -125,7 +132,7 @@ _INFERENCE = dict(dtype='float32', param_dtype='float32')
 _ENCODER_INFERENCE = dict(scan_layers=False, remat_policy='none', dropout_rate=0.0)
 
 
-def _build(name_or_config, num_classes: int, overrides: Mapping):
+def _build(name_or_config, num_classes: int, overrides: Mapping, image_size: int = 224):
   family = models.model_family(name_or_config)
   # A workdir's `model` fields left unset (None) are the registered model's values.
   overrides = config_lib.model_kwargs({'model_name': name_or_config, 'model': overrides}, family)
@@ -134,7 +141,11 @@ def _build(name_or_config, num_classes: int, overrides: Mapping):
     overrides.update(_ENCODER_INFERENCE)
     for key in ('attention_dropout_rate', 'droppath_rate'):
       overrides[key] = 0.0
-  return models.get_model(name_or_config, num_classes=num_classes, **overrides)
+  return nnx.eval_shape(
+    lambda: models.get_model(
+      name_or_config, num_classes=num_classes, image_size=image_size, **overrides
+    )
+  )
 
 
 LABELS_FILE = 'labels.txt'  # In a workdir: the run's label names, one per line, class order.
@@ -225,8 +236,8 @@ def load(
     params = workdir_params(path, step)
     name = config['model_name']
     num_classes = int(params['head']['bias'].shape[0]) if 'head' in params else 0
-    model = _build(name, num_classes, config.get('model') or {})
     image_size = image_size or int(config['image_size'])
+    model = _build(name, num_classes, config.get('model') or {}, image_size)
     pp_eval = config.get('pp_eval') or DEFAULT_PP.format(size=image_size)
     if not labels:  # The names the run stored; older workdirs: its dataset's, if still there.
       stored = os.path.join(path, LABELS_FILE)
@@ -243,13 +254,14 @@ def load(
     if models.model_family(model_name) != 'mixer':  # Whether there is a representation layer.
       pre_logits = params.get('pre_logits')
       overrides['representation_size'] = pre_logits and int(pre_logits['bias'].shape[0])
-    model = _build(model_name, num_classes, overrides)
-    image_size = image_size or _infer_image_size(params, model) or 224
+    image_size = image_size or _infer_image_size(params, _build(model_name, num_classes, overrides))
+    image_size = image_size or 224
+    model = _build(model_name, num_classes, overrides, image_size)
     pp_eval = DEFAULT_PP.format(size=image_size)
     labels = labels or default_labels(num_classes)
     data_dir = None
   name = model.model_name
-  expected = jax.eval_shape(lambda: models.init_params(model, jax.random.key(0), image_size))
+  expected = models.params_of(model)
   params = jax.tree.map(lambda x: np.asarray(x, np.float32), params)
   npz.check_tree(params, expected, path=path, model_name=name)
   return Loaded(
@@ -264,23 +276,19 @@ def load(
   )
 
 
-def load_pretrained(*, pretrained_path: str, init_params: Mapping, model_config=None, step=None):
-  """`npz.load_pretrained` that also takes a training workdir (its latest step's params).
+def load_pretrained(pretrained_path: str, init_params: Mapping, *, model_name=None, step=None):
+  """`npz.pretrained_params` that also takes a training workdir (its latest step's params).
 
   The workdir's params are written to a temporary `.npz` in the released layout and read back
-  through `npz.load_pretrained`, so both sources get the same head re-init and resizing.
+  through `npz.pretrained_params`, so both sources get the same head re-init and resizing.
   """
   if not is_workdir(pretrained_path):
-    return npz.load_pretrained(
-      pretrained_path=pretrained_path, init_params=init_params, model_config=model_config
-    )
+    return npz.pretrained_params(pretrained_path, init_params, model_name=model_name)
   params = workdir_params(pretrained_path, step)
   with tempfile.TemporaryDirectory() as tmp:
     path = os.path.join(tmp, 'params.npz')
     npz.save(params, path)
     try:
-      return npz.load_pretrained(
-        pretrained_path=path, init_params=init_params, model_config=model_config
-      )
+      return npz.pretrained_params(path, init_params, model_name=model_name)
     except npz.CheckpointMismatchError as e:
       raise npz.CheckpointMismatchError(str(e).replace(path, pretrained_path)) from None

@@ -29,7 +29,7 @@ def save(loaded, directory: str, batch_size: int | None = None) -> str:
   variables = tf.nest.map_structure(lambda p: tf.Variable(p, trainable=False), loaded.params)
 
   def forward(params, images):
-    return loaded.model.apply({'params': params}, images, train=False)
+    return loaded.fn(params, images)
 
   converted = jax2tf.convert(
     forward,

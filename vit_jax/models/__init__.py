@@ -1,16 +1,17 @@
-"""Model zoo: `get_model(name_or_config, num_classes=...)` -> flax.linen Module."""
+"""Model zoo: `get_model(name_or_config, num_classes, image_size=...)` -> a Flax NNX module."""
 
 from __future__ import annotations
 
-import dataclasses
+import inspect
 from collections.abc import Mapping
 from typing import Any
 
-import flax.linen as nn
+import flax
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from flax import nnx
 
 from vit_jax.models.mixer import MlpMixer
 from vit_jax.models.registry import FAMILIES, MODEL_CONFIGS, model_family
@@ -21,21 +22,22 @@ __all__ = [
   'MODEL_CONFIGS',
   'MlpMixer',
   'VisionTransformer',
+  'abstract_model',
   'count_params',
   'get_model',
   'get_model_config',
-  'init_params',
   'model_family',
+  'params_of',
 ]
 
-_VIT_KEYS = {f.name for f in dataclasses.fields(VisionTransformer)} - {'parent', 'name'}
-_MIXER_KEYS = {f.name for f in dataclasses.fields(MlpMixer)} - {'parent', 'name'}
-_ENCODER_KEYS = {f.name for f in dataclasses.fields(Encoder)} - {
-  'parent',
-  'name',
-  'dtype',
-  'param_dtype',
-}
+
+def _fields(cls, *skip) -> set[str]:
+  return set(inspect.signature(cls.__init__).parameters) - {'self', 'rngs', *skip}
+
+
+_VIT_KEYS = _fields(VisionTransformer, 'image_size')
+_MIXER_KEYS = _fields(MlpMixer, 'image_size')
+_ENCODER_KEYS = _fields(Encoder, 'num_tokens', 'features', 'dtype', 'param_dtype')
 _DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
 
 
@@ -60,25 +62,8 @@ def _dtype(value):
   return _DTYPES[value] if isinstance(value, str) and value in _DTYPES else value
 
 
-def get_model(
-  name_or_config: str | Mapping | ml_collections.ConfigDict, *, num_classes: int, **overrides
-) -> nn.Module:
-  """Builds a model from a registered name or an original-project model config.
-
-  Args:
-    name_or_config: a registered name (`'ViT-B_16'`, `'R50+ViT-B_16'`, `'Mixer-B_16'`, ...) or a
-      config with the original project's fields (its `model_name` names the variant; names that
-      start with 'Mixer', or configs with `hidden_dim`, build an MlpMixer).
-    num_classes: size of the classification head; 0 returns pre-logits features.
-    **overrides: module fields (`dtype`, `param_dtype`, `classifier`, `representation_size`, ...)
-      or encoder fields (`dropout_rate`, `droppath_rate`, `scan_layers`, `remat_policy`, ...).
-
-  Returns:
-    An unbound `VisionTransformer` or `MlpMixer`.
-
-  Raises:
-    ValueError: unknown name, or a config/override key the model does not have.
-  """
+def model_kwargs(name_or_config, num_classes: int, **overrides) -> tuple[type, dict]:
+  """The module class and its constructor arguments (without `rngs`) for `get_model`'s inputs."""
   if isinstance(name_or_config, str):
     config = _as_dict(get_model_config(name_or_config))
   else:
@@ -128,20 +113,101 @@ def get_model(
   for key in ('dtype', 'param_dtype'):
     if key in config:
       config[key] = _dtype(config[key])
-  return cls(num_classes=num_classes, model_name=name, **config)
+  return cls, dict(num_classes=num_classes, model_name=name, **config)
 
 
-def init_params(
-  model: nn.Module, rng: jax.Array, image_size: int = 224, *, batch_size: int = 1
-) -> dict:
-  """Initializes and unboxes parameters for `image_size` x `image_size` RGB inputs."""
-  images = jnp.zeros((batch_size, image_size, image_size, 3), jnp.float32)
-  variables = jax.jit(lambda r: model.init(r, images, train=False))(rng)
-  return nn.unbox(variables['params'])
+def get_model(
+  name_or_config: str | Mapping | ml_collections.ConfigDict,
+  num_classes: int,
+  *,
+  image_size: int | tuple[int, int] = 224,
+  rngs: nnx.Rngs | None = None,
+  **overrides,
+) -> nnx.Module:
+  """Builds a model from a registered name or an original-project model config.
+
+  Args:
+    name_or_config: a registered name (`'ViT-B_16'`, `'R50+ViT-B_16'`, `'Mixer-B_16'`, ...) or a
+      config with the original project's fields (its `model_name` names the variant; names that
+      start with 'Mixer', or configs with `hidden_dim`, build an MlpMixer).
+    num_classes: size of the classification head; 0 returns pre-logits features.
+    image_size: input resolution (int or (height, width)); sets the position-embedding grid.
+    rngs: parameter (and dropout) randomness; `nnx.Rngs(0)` when None.
+    **overrides: model fields (`dtype`, `param_dtype`, `classifier`, `representation_size`, ...)
+      or encoder fields (`dropout_rate`, `droppath_rate`, `scan_layers`, `remat_policy`, ...).
+
+  Returns:
+    An initialized `VisionTransformer` or `MlpMixer` in evaluation mode (`model.train()` for
+    dropout and stochastic depth).
+
+  Raises:
+    ValueError: unknown name, or a config/override key the model does not have.
+  """
+  cls, kwargs = model_kwargs(name_or_config, num_classes, **overrides)
+  model = cls(**kwargs, image_size=image_size, rngs=nnx.Rngs(0) if rngs is None else rngs)
+  model.eval()
+  return model
 
 
-def count_params(model: nn.Module, image_size: int = 224) -> int:
-  """Number of parameters, computed from shapes only (nothing is allocated)."""
-  images = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32)
-  shapes = jax.eval_shape(lambda x: model.init(jax.random.key(0), x, train=False), images)
-  return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nn.unbox(shapes['params'])))
+def abstract_model(name_or_config, num_classes: int, *, image_size=224, **overrides) -> nnx.Module:
+  """`get_model`'s module with `jax.ShapeDtypeStruct`s for arrays (`nnx.eval_shape`): shapes,
+  dtypes and logical axis names, nothing allocated.
+  """  # fmt: skip
+  return nnx.eval_shape(
+    lambda: get_model(name_or_config, num_classes, image_size=image_size, **overrides)
+  )
+
+
+def params_of(model: nnx.Module) -> dict:
+  """The model's parameters as the released nested tree of arrays (`{'Transformer': ...}`)."""
+  return nnx.state(model, nnx.Param).to_pure_dict()
+
+
+def count_params(model_or_state) -> int:
+  """Number of parameters of a model or a (possibly abstract) state."""
+  state = model_or_state
+  if isinstance(model_or_state, nnx.Module):
+    state = nnx.state(model_or_state, nnx.Param)
+  return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state))
+
+
+def logical_axes(model: nnx.Module) -> dict:
+  """Each parameter's logical axis names (`('embed', 'mlp')`, ...), as the params tree."""
+  flat = nnx.to_flat_state(nnx.state(model, nnx.Param))
+  axes = {tuple(map(str, path)): v.get_metadata('logical_axes') for path, v in flat}
+  return flax.traverse_util.unflatten_dict(axes)
+
+
+def _concrete(x):
+  if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+    return jax.random.split(jax.random.key(0), x.shape) if x.shape else jax.random.key(0)
+  return jnp.zeros(x.shape, x.dtype)
+
+
+def functional(model: nnx.Module):
+  """Splits `model` (concrete or from `nnx.eval_shape`) once into graph and state; returns the
+  pure function `apply(params, images, *, train=False, rng=None, attention=False,
+  pre_logits=False)` of the released params tree (`params_of`), for `jax.jit`.
+
+  `train`: dropout and stochastic depth drawn from `rng`. `attention`: returns (logits, the
+  encoder blocks' attention weights [batch, heads, q, k] in depth order; unscanned ViTs).
+  `pre_logits`: returns the head's input instead of the logits.
+  """
+  graphdef, _, rest = nnx.split(model, nnx.Param, ...)
+  rest = jax.tree.map(_concrete, rest.to_pure_dict())  # Dropout rng streams; `rng` replaces them.
+
+  def apply(params, images, *, train=False, rng=None, attention=False, pre_logits=False):
+    module = nnx.merge(graphdef, params, rest)
+    module.train() if train else module.eval()
+    if pre_logits and hasattr(module, 'head'):
+      del module.head
+    if not attention:
+      return module(images, rng=rng)
+    module.set_attributes(sow_weights=True)
+    logits = module(images, rng=rng)
+    sown = nnx.pop(module, nnx.Intermediate).to_pure_dict()['Transformer']
+    depth = module.Transformer.num_layers
+    blocks = [sown[f'encoderblock_{i}']['MultiHeadDotProductAttention_1'] for i in range(depth)]
+    return logits, [b['attention_weights'][0] for b in blocks]
+
+  return apply

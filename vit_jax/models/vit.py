@@ -1,10 +1,11 @@
-"""Vision Transformer (Dosovitskiy et al., ICLR 2021) and its hybrid ResNet+ViT variant.
+"""Vision Transformer (Dosovitskiy et al., ICLR 2021) and its hybrid ResNet+ViT variant (Flax NNX).
 
-Parameter names follow the released checkpoints exactly (`embedding`, `cls`,
+Attribute names follow the released checkpoints exactly (`embedding`, `cls`,
 `Transformer/posembed_input/pos_embedding`, `Transformer/encoderblock_{i}/...`,
-`Transformer/encoder_norm`, `pre_logits`, `head`): they are the checkpoint format.
-Every parameter and key activation carries logical axis names (`embed`, `mlp`, `heads`, `kv`,
-`batch`, `seq`, `classes`) that `vit_jax.sharding` maps onto mesh axes.
+`Transformer/encoder_norm`, `pre_logits`, `head`): `nnx.state(model, nnx.Param)` is the
+checkpoint's tree. Every parameter carries logical axis names (`logical_axes` metadata: `embed`,
+`mlp`, `heads`, `kv`, `classes`, `layers`) and key activations are constrained by name (`batch`,
+`seq`, ...); `vit_jax.sharding` maps both onto mesh axes.
 """
 
 from __future__ import annotations
@@ -12,182 +13,157 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from flax import nnx
+from flax.core import FrozenDict
 
-from vit_jax.models import resnet
-from vit_jax.models.cpu_ops import heads_first_attention, layer_norm, mlp_gelu
+from vit_jax.models import resnet as resnet_lib
+from vit_jax.sharding import constrain
 
 Dtype = Any
 Initializer = Callable[..., jax.Array]
-
-_XAVIER = nn.initializers.xavier_uniform()
+init = jax.nn.initializers
+_LECUN = init.lecun_normal()
 CLASSIFIERS = ('token', 'gap', 'map', 'unpooled', 'token_unpooled')
 
 
-def _logical(init: Initializer, names: tuple[str | None, ...]) -> Initializer:
-  return nn.with_logical_partitioning(init, names)
+def param(rngs: nnx.Rngs, initializer: Initializer, shape, dtype, axes) -> nnx.Param:
+  """A parameter drawn from `rngs.params()`, tagged with its logical axis names."""
+  return nnx.Param(initializer(rngs.params(), shape, dtype), logical_axes=tuple(axes))
 
 
-def _constrain(x: jax.Array, names: tuple[str | None, ...]) -> jax.Array:
-  return nn.with_logical_constraint(x, names)
+def dropout(x: jax.Array, rate: float, rng: jax.Array | None) -> jax.Array:
+  """Inverted dropout; the identity without an rng (evaluation) or at rate 0."""
+  if rng is None or rate == 0.0:
+    return x
+  keep = jax.random.bernoulli(rng, 1.0 - rate, x.shape)
+  return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
 
 
-def _cpu_layouts() -> bool:
-  """Whether to use the layouts measured fastest on XLA:CPU (heads-first attention with the
-  Q/K/V projections fused into one matmul, patch embedding as one matmul); elsewhere the
-  `dot_product_attention` (cuDNN) and convolution paths. Same parameters, same math.
+def drop_path(x: jax.Array, rate, rng: jax.Array | None) -> jax.Array:
+  """Stochastic depth: drops the residual branch per example, rescaling the survivors."""
+  if rng is None or (isinstance(rate, float) and rate == 0.0):
+    return x
+  keep = jax.random.bernoulli(rng, 1.0 - rate, (x.shape[0],) + (1,) * (x.ndim - 1))
+  return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
+
+
+class Dense(nnx.Module):
+  """x @ kernel + bias in the compute dtype (flax's Dense parameters: `kernel`, `bias`)."""
+
+  def __init__(
+    self,
+    in_features: int,
+    features: int,
+    axes: tuple[str | None, str | None],
+    *,
+    kernel_init: Initializer = _LECUN,
+    bias_init: Initializer = init.zeros,
+    dtype: Dtype = jnp.float32,
+    param_dtype: Dtype = jnp.float32,
+    rngs: nnx.Rngs,
+  ):
+    self.kernel = param(rngs, kernel_init, (in_features, features), param_dtype, axes)
+    self.bias = param(rngs, bias_init, (features,), param_dtype, axes[-1:])
+    self.dtype = dtype
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    kernel, bias = self.kernel[...].astype(self.dtype), self.bias[...].astype(self.dtype)
+    return jnp.dot(x.astype(self.dtype), kernel) + bias
+
+
+class LayerNorm(nnx.Module):
+  """LayerNorm over the last axis with flax's arithmetic (float32 statistics, variance as
+  E[x^2] - E[x]^2); epsilon 1e-6, as the released models.
   """  # fmt: skip
-  return jax.default_backend() == 'cpu'
+
+  def __init__(self, features: int, *, dtype: Dtype, param_dtype: Dtype, rngs: nnx.Rngs):
+    self.scale = param(rngs, init.ones, (features,), param_dtype, ('embed',))
+    self.bias = param(rngs, init.zeros, (features,), param_dtype, ('embed',))
+    self.dtype = dtype
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    xf = x.astype(jnp.float32)
+    mean = jnp.mean(xf, axis=-1, keepdims=True)
+    var = jnp.maximum(0.0, jnp.mean(jnp.square(xf), axis=-1, keepdims=True) - jnp.square(mean))
+    mul = jax.lax.rsqrt(var + 1e-6) * self.scale[...]
+    return ((xf - mean) * mul + self.bias[...]).astype(self.dtype)
 
 
-class AddPositionEmbs(nn.Module):
-  """Adds learned position embeddings (one per token, class token included)."""
+class MlpBlock(nnx.Module):
+  """Dense -> GELU (tanh approximation, as the published models) -> Dense, with dropout."""
 
-  posemb_init: Initializer = nn.initializers.normal(stddev=0.02)
-  param_dtype: Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, inputs: jax.Array) -> jax.Array:
-    assert inputs.ndim == 3, f'expected [batch, seq, embed], got {inputs.shape}'
-    shape = (1, inputs.shape[1], inputs.shape[2])
-    posemb = self.param(
-      'pos_embedding',
-      _logical(self.posemb_init, (None, 'seq', 'embed')),
-      shape,
-      self.param_dtype,
+  def __init__(
+    self,
+    features: int,
+    mlp_dim: int,
+    *,
+    dropout_rate: float = 0.0,
+    dtype: Dtype = jnp.float32,
+    param_dtype: Dtype = jnp.float32,
+    rngs: nnx.Rngs,
+  ):
+    dense = lambda i, o, axes: Dense(
+      i,
+      o,
+      axes,
+      kernel_init=init.xavier_uniform(),
+      bias_init=init.normal(stddev=1e-6),
+      dtype=dtype,
+      param_dtype=param_dtype,
+      rngs=rngs,
     )
-    return inputs + posemb.astype(inputs.dtype)
+    self.Dense_0 = dense(features, mlp_dim, ('embed', 'mlp'))
+    self.Dense_1 = dense(mlp_dim, features, ('mlp', 'embed'))
+    self.dropout_rate = dropout_rate
+
+  def __call__(self, x: jax.Array, rng: jax.Array | None = None) -> jax.Array:
+    rngs = (None, None) if rng is None else jax.random.split(rng)
+    x = constrain(jax.nn.gelu(self.Dense_0(x), approximate=True), ('batch', 'seq', 'mlp'))
+    x = self.Dense_1(dropout(x, self.dropout_rate, rngs[0]))
+    return dropout(x, self.dropout_rate, rngs[1])
 
 
-class _DenseWeights(nn.Module):
-  """nn.Dense's parameters (same names, shapes and initialization) in the compute dtype."""
+class HeadsDense(nnx.Module):
+  """Projection into ('in': embed -> heads x head_dim) or out of ('out') attention heads, with
+  the checkpoint's 3-D kernels (embed, heads, head_dim) / (heads, head_dim, embed). Xavier fans
+  are those of the flattened matrix, as flax's DenseGeneral computes them.
+  """  # fmt: skip
 
-  features: int
-  kernel_init: Initializer
-  bias_init: Initializer
-  dtype: Dtype
-  param_dtype: Dtype
-
-  @nn.compact
-  def __call__(self, in_features: int) -> tuple[jax.Array, jax.Array]:
-    kernel = self.param('kernel', self.kernel_init, (in_features, self.features), self.param_dtype)
-    bias = self.param('bias', self.bias_init, (self.features,), self.param_dtype)
-    return kernel.astype(self.dtype), bias.astype(self.dtype)
-
-
-class MlpBlock(nn.Module):
-  """Dense -> GELU (tanh approximation, as the published models) -> Dense, with dropout.
-
-  On CPU without dropout, one function with a hand-written backward pass (`cpu_ops.mlp_gelu`,
-  faster on XLA:CPU) over nn.Dense's parameters; otherwise nn.Dense layers.
-  """
-
-  mlp_dim: int
-  out_dim: int | None = None
-  dropout_rate: float = 0.0
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
-  kernel_init: Initializer = nn.initializers.xavier_uniform()
-  bias_init: Initializer = nn.initializers.normal(stddev=1e-6)
-
-  @nn.compact
-  def __call__(self, inputs: jax.Array, *, deterministic: bool) -> jax.Array:
-    out_dim = inputs.shape[-1] if self.out_dim is None else self.out_dim
-    if _cpu_layouts() and (deterministic or self.dropout_rate == 0.0):
-      # nn.Dense's parameters, one custom-gradient function (cpu_ops.mlp_gelu).
-      weights = lambda features, names, name: _DenseWeights(
-        features,
-        _logical(self.kernel_init, names),
-        _logical(self.bias_init, names[-1:]),
-        self.dtype,
-        self.param_dtype,
-        name=name,
-      )
-      kernel_0, bias_0 = weights(self.mlp_dim, ('embed', 'mlp'), 'Dense_0')(inputs.shape[-1])
-      kernel_1, bias_1 = weights(out_dim, ('mlp', 'embed'), 'Dense_1')(self.mlp_dim)
-      return mlp_gelu(inputs.astype(self.dtype), kernel_0, bias_0, kernel_1, bias_1)
-    dense = lambda features, names, name: nn.Dense(
-      features,
-      dtype=self.dtype,
-      param_dtype=self.param_dtype,
-      kernel_init=_logical(self.kernel_init, names),
-      bias_init=_logical(self.bias_init, names[-1:]),
-      name=name,
-    )
-    x = dense(self.mlp_dim, ('embed', 'mlp'), 'Dense_0')(inputs)
-    x = nn.gelu(x, approximate=True)
-    x = _constrain(x, ('batch', 'seq', 'mlp'))
-    x = nn.Dropout(rate=self.dropout_rate)(x, deterministic=deterministic)
-    x = dense(out_dim, ('mlp', 'embed'), 'Dense_1')(x)
-    return nn.Dropout(rate=self.dropout_rate)(x, deterministic=deterministic)
-
-
-class _HeadsDense(nn.Module):
-  """Projection into ('in': embed -> heads x head_dim) or out of ('out') attention heads.
-
-  Kernels are created in their 3-D checkpoint shape, (embed, heads, head_dim) or
-  (heads, head_dim, embed), so their logical names hold under a mesh (flax's DenseGeneral
-  initializes a flattened 2-D kernel). Xavier fans are those of the flattened matrix, as
-  DenseGeneral computes them, so initialization is unchanged. `heads_first`: the per-head side
-  is [batch, heads, seq, head_dim] instead of [batch, seq, heads, head_dim]. `weights_only`:
-  return (kernel, bias) in the compute dtype instead of projecting (fused projections).
-  """
-
-  features: tuple[int, ...]
-  direction: str
-  kernel_init: Initializer
-  dtype: Dtype
-  param_dtype: Dtype
-  heads_first: bool = False
-
-  @nn.compact
-  def __call__(self, x: jax.Array, *, weights_only: bool = False):
-    if self.direction == 'in':
-      shape, names = (x.shape[-1], *self.features), ('embed', 'heads', 'kv')
-      fans = dict(in_axis=0, out_axis=(1, 2))
-      bias_names = ('heads', 'kv')
-      equation = 'btd,dhk->bhtk' if self.heads_first else '...d,dhk->...hk'
+  def __init__(self, features, num_heads, direction, *, dtype, param_dtype, rngs: nnx.Rngs):
+    head_dim = features // num_heads
+    if direction == 'in':
+      shape, axes, bias_axes = (features, num_heads, head_dim), ('embed', 'heads', 'kv'), 1
+      fans, self.equation = dict(in_axis=0, out_axis=(1, 2)), '...d,dhk->...hk'
     else:
-      per_head = (x.shape[1], x.shape[3]) if self.heads_first else x.shape[-2:]
-      shape, names = (*per_head, *self.features), ('heads', 'kv', 'embed')
-      fans = dict(in_axis=(0, 1), out_axis=2)
-      bias_names = ('embed',)
-      equation = 'bhtk,hkd->btd' if self.heads_first else '...hk,hkd->...d'
-    init = self.kernel_init
-    if init is _XAVIER:
-      init = nn.initializers.xavier_uniform(**fans)
-    kernel = self.param('kernel', _logical(init, names), shape, self.param_dtype)
-    bias = self.param(
-      'bias',
-      _logical(nn.initializers.zeros, bias_names),
-      shape[-len(bias_names) :],
-      self.param_dtype,
-    )
-    x, kernel, bias = x.astype(self.dtype), kernel.astype(self.dtype), bias.astype(self.dtype)
-    if weights_only:
-      return kernel, bias
-    if self.heads_first and self.direction == 'in':
-      bias = bias[:, None]
-    return jnp.einsum(equation, x, kernel) + bias
+      shape, axes, bias_axes = (num_heads, head_dim, features), ('heads', 'kv', 'embed'), 2
+      fans, self.equation = dict(in_axis=(0, 1), out_axis=2), '...hk,hkd->...d'
+    self.kernel = param(rngs, init.xavier_uniform(**fans), shape, param_dtype, axes)
+    self.bias = param(rngs, init.zeros, shape[bias_axes:], param_dtype, axes[bias_axes:])
+    self.dtype = dtype
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    kernel, bias = self.kernel[...].astype(self.dtype), self.bias[...].astype(self.dtype)
+    return jnp.einsum(self.equation, x.astype(self.dtype), kernel) + bias
 
 
 def fused_attention(q, k, v, implementation: str | None = None, pad_to: int | None = None):
   """`jax.nn.dot_product_attention` over [batch, seq, heads, head_dim], any sequence length.
 
-  `implementation`: 'xla', 'cudnn', or None: cuDNN flash attention on GPUs for bfloat16/float16
-  inputs where it traces (1.31x faster ViT-B/16 training steps on an H200; same gradient error vs
-  float32 as XLA's), otherwise XLA's. cuDNN trains only on sequence lengths that are multiples of
-  64 (ViT's 197 or 577 tokens are not), so for it (or with `pad_to`) the tokens are zero-padded to
-  a multiple of `pad_to` (default 64), the padding masked out through the sequence lengths, and
+  `implementation`: 'xla', 'cudnn', or None: for bfloat16/float16 inputs, cuDNN flash attention
+  where it traces (GPUs with cuDNN; 1.31x faster ViT-B/16 training steps on an H200, same
+  gradient error vs float32 as XLA's), otherwise XLA's. The choice depends on what traces, not
+  on the backend's name. cuDNN trains only on sequence lengths that are multiples of 64 (ViT's
+  197 or 577 tokens are not), so for it (or with `pad_to`) the tokens are zero-padded to a
+  multiple of `pad_to` (default 64), the padding masked out through the sequence lengths, and
   the output cut back: values and gradients equal the unpadded attention's.
   """
   if implementation is None:
-    if jax.default_backend() == 'gpu' and q.dtype in (jnp.bfloat16, jnp.float16):
+    if q.dtype in (jnp.bfloat16, jnp.float16):
       try:
         return fused_attention(q, k, v, 'cudnn', pad_to)
-      except (NotImplementedError, ValueError, RuntimeError):  # Older GPU or cuDNN, odd shapes.
+      except (NotImplementedError, ValueError, RuntimeError):  # No cuDNN, or shapes it refuses.
         pass
     implementation = 'xla'
   if implementation == 'cudnn' and pad_to is None:
@@ -206,442 +182,354 @@ def fused_attention(q, k, v, implementation: str | None = None, pad_to: int | No
   return out[:, :n]
 
 
-class MultiHeadDotProductAttention(nn.Module):
-  """Multi-head attention with the released parameter layout.
+class MultiHeadDotProductAttention(nnx.Module):
+  """Multi-head attention with the released parameter layout (`query`, `key`, `value`, `out`).
 
-  `query`/`key`/`value` kernels are (embed, heads, head_dim) and `out` is (heads, head_dim, embed),
-  as in the published checkpoints. Without attention dropout: on CPU (and `attention_impl` unset)
-  the Q/K/V projections of self-attention are one matmul into a heads-first layout and
-  `heads_first_attention` runs; elsewhere `jax.nn.dot_product_attention` (cuDNN flash attention
-  on GPUs that support it). With dropout or sown weights, the explicit einsum form.
+  Without attention dropout, `fused_attention`; with dropout, or with `sow_weights` set (the
+  softmax weights are then sown as `nnx.Intermediate` `attention_weights`), the explicit einsums.
   """
 
-  num_heads: int
-  dropout_rate: float = 0.0
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
-  kernel_init: Initializer = _XAVIER
-  attention_impl: str | None = None  # 'xla', 'cudnn' or None: cuDNN on GPU (fused_attention).
-
-  @nn.compact
-  def __call__(self, inputs_q: jax.Array, inputs_kv: jax.Array, *, deterministic: bool):
-    features = inputs_q.shape[-1]
-    if features % self.num_heads:
-      raise ValueError(f'hidden size {features} is not divisible by num_heads {self.num_heads}')
-    head_dim = features // self.num_heads
-
-    explicit = self.is_mutable_collection('intermediates') or not (
-      deterministic or self.dropout_rate == 0.0
+  def __init__(
+    self,
+    features: int,
+    num_heads: int,
+    *,
+    dropout_rate: float = 0.0,
+    dtype: Dtype = jnp.float32,
+    param_dtype: Dtype = jnp.float32,
+    attention_impl: str | None = None,  # 'xla', 'cudnn' or None (fused_attention).
+    rngs: nnx.Rngs,
+  ):
+    if features % num_heads:
+      raise ValueError(f'hidden size {features} is not divisible by num_heads {num_heads}')
+    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.query, self.key, self.value = (
+      HeadsDense(features, num_heads, 'in', **kw) for _ in range(3)
     )
-    heads_first = not explicit and self.attention_impl is None and _cpu_layouts()
+    self.out = HeadsDense(features, num_heads, 'out', **kw)
+    self.head_dim, self.dropout_rate, self.dtype = features // num_heads, dropout_rate, dtype
+    self.attention_impl, self.sow_weights = attention_impl, False
 
-    def dense(name, direction, features):
-      return _HeadsDense(
-        features,
-        direction,
-        self.kernel_init,
-        self.dtype,
-        self.param_dtype,
-        heads_first=heads_first,
-        name=name,
-      )
-
-    if heads_first:
-      n = self.num_heads
-
-      def fused(x, names):  # One matmul over the kernels side by side, split after.
-        kernels, biases = zip(
-          *(dense(name, 'in', (n, head_dim))(x, weights_only=True) for name in names)
-        )
-        out = jnp.einsum('btd,dhk->bhtk', x.astype(self.dtype), jnp.concatenate(kernels, axis=1))
-        out = out + jnp.concatenate(biases, axis=0)[:, None]
-        return [out[:, i * n : (i + 1) * n] for i in range(len(names))]
-
-      if inputs_q is inputs_kv:  # Self-attention: Q, K and V from one matmul.
-        q, k, v = fused(inputs_q, ('query', 'key', 'value'))
-      else:  # Cross-attention (the last block's first token, the MAP probe): K and V fused.
-        q = dense('query', 'in', (n, head_dim))(inputs_q)
-        k, v = fused(inputs_kv, ('key', 'value'))
-      names = ('batch', 'heads', 'seq', 'kv')
-      q, k, v = (_constrain(t, names) for t in (q, k, v))
-      x = _constrain(heads_first_attention(q, k, v), names)
-      return dense('out', 'out', (features,))(x)
-
-    def proj(name, x):
-      return dense(name, 'in', (self.num_heads, head_dim))(x)
-
-    q, k, v = proj('query', inputs_q), proj('key', inputs_kv), proj('value', inputs_kv)
+  def __call__(self, inputs_q, inputs_kv, rng: jax.Array | None = None) -> jax.Array:
     names = ('batch', 'seq', 'heads', 'kv')
-    q, k, v = (_constrain(t, names) for t in (q, k, v))
-    if self.is_mutable_collection('intermediates'):  # Asked for (attention rollout): explicit.
-      scores = jnp.einsum('bqhd,bkhd->bhqk', q, k) / jnp.sqrt(head_dim).astype(q.dtype)
-      self.sow('intermediates', 'attention_weights', jax.nn.softmax(scores.astype(jnp.float32)))
-    if deterministic or self.dropout_rate == 0.0:
-      x = fused_attention(q, k, v, self.attention_impl)
-    else:
-      q = q / jnp.sqrt(head_dim).astype(q.dtype)
-      logits = jnp.einsum('bqhd,bkhd->bhqk', q, k)
-      weights = jax.nn.softmax(logits.astype(jnp.float32)).astype(self.dtype)
-      keep = jax.random.bernoulli(self.make_rng('dropout'), 1.0 - self.dropout_rate, weights.shape)
-      weights = jnp.where(keep, weights / (1.0 - self.dropout_rate), 0).astype(self.dtype)
+    q, k, v = (
+      constrain(proj(x), names)
+      for proj, x in ((self.query, inputs_q), (self.key, inputs_kv), (self.value, inputs_kv))
+    )
+    if self.sow_weights or (rng is not None and self.dropout_rate > 0):
+      q = q / jnp.sqrt(self.head_dim).astype(q.dtype)
+      weights = jax.nn.softmax(jnp.einsum('bqhd,bkhd->bhqk', q, k).astype(jnp.float32))
+      if self.sow_weights:
+        self.sow(nnx.Intermediate, 'attention_weights', weights)
+      weights = dropout(weights.astype(self.dtype), self.dropout_rate, rng)
       x = jnp.einsum('bhqk,bkhd->bqhd', weights, v)
-    x = _constrain(x, names)
-    return dense('out', 'out', (features,))(x)
+    else:
+      x = fused_attention(q, k, v, self.attention_impl)
+    return self.out(constrain(x, names))
 
 
-class _CpuLayerNorm(nn.Module):
-  """nn.LayerNorm's parameters (`scale`, `bias`) and arithmetic; the backward pass of
-  `cpu_ops.layer_norm` (fewer, larger fusions on XLA:CPU).
-  """  # fmt: skip
+class Encoder1DBlock(nnx.Module):
+  """Pre-LayerNorm transformer block: x + MHA(LN(x)), then x + MLP(LN(x))."""
 
-  epsilon: float
-  dtype: Dtype
-  param_dtype: Dtype
-  scale_init: Initializer
-  bias_init: Initializer
+  def __init__(
+    self,
+    features: int,
+    mlp_dim: int,
+    num_heads: int,
+    *,
+    dropout_rate: float = 0.0,
+    attention_dropout_rate: float = 0.0,
+    dtype: Dtype = jnp.float32,
+    param_dtype: Dtype = jnp.float32,
+    attention_impl: str | None = None,
+    rngs: nnx.Rngs,
+  ):
+    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.LayerNorm_0 = LayerNorm(features, **kw)
+    self.MultiHeadDotProductAttention_1 = MultiHeadDotProductAttention(
+      features, num_heads, dropout_rate=attention_dropout_rate, attention_impl=attention_impl, **kw
+    )
+    self.LayerNorm_2 = LayerNorm(features, **kw)
+    self.MlpBlock_3 = MlpBlock(features, mlp_dim, dropout_rate=dropout_rate, **kw)
+    self.dropout_rate = dropout_rate
 
-  @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
-    features = (x.shape[-1],)
-    scale = self.param('scale', self.scale_init, features, self.param_dtype)
-    bias = self.param('bias', self.bias_init, features, self.param_dtype)
-    return layer_norm(x, scale, bias, self.epsilon).astype(self.dtype)
+  def __call__(
+    self, inputs, droppath_rate=0.0, rng: jax.Array | None = None, first_token_only: bool = False
+  ) -> jax.Array:
+    """[batch, seq, embed] -> the same; `rng` (training) draws dropout and stochastic depth.
 
-
-def _layer_norm(name: str, dtype: Dtype, param_dtype: Dtype) -> nn.Module:
-  """LayerNorm (epsilon 1e-6, as the released models); on CPU with a hand-written backward."""
-  return (_CpuLayerNorm if _cpu_layouts() else nn.LayerNorm)(
-    epsilon=1e-6,
-    dtype=dtype,
-    param_dtype=param_dtype,
-    scale_init=_logical(nn.initializers.ones, ('embed',)),
-    bias_init=_logical(nn.initializers.zeros, ('embed',)),
-    name=name,
-  )
-
-
-def _drop_path(x: jax.Array, rate: float, rng: jax.Array) -> jax.Array:
-  """Stochastic depth: drops the residual branch per example, rescaling the survivors."""
-  keep = jax.random.bernoulli(rng, 1.0 - rate, (x.shape[0],) + (1,) * (x.ndim - 1))
-  return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
-
-
-class Encoder1DBlock(nn.Module):
-  """Pre-LayerNorm transformer block: x + MHA(LN(x)), then x + MLP(LN(x)).
-
-  `first_token_only`: return only the first token's output ([batch, 1, embed]), computed from
-  all tokens' keys and values; the other tokens' queries, attention outputs and MLPs are skipped
-  (the last block under a class-token head, whose other outputs nothing reads).
-  """
-
-  mlp_dim: int
-  num_heads: int
-  dropout_rate: float = 0.0
-  attention_dropout_rate: float = 0.0
-  droppath_rate: float = 0.0
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
-  attention_impl: str | None = None
-  deterministic: bool = True  # A field, not a call argument, so nn.remat/nn.scan see only arrays.
-  first_token_only: bool = False
-
-  @nn.compact
-  def __call__(self, inputs: jax.Array, droppath_rate: jax.Array | None = None) -> jax.Array:
-    """`droppath_rate`: this layer's rate as an array (scanned stacks), else the field's."""
+    `first_token_only`: return only the first token's output ([batch, 1, embed]), computed from
+    all tokens' keys and values (the last block under a class-token head).
+    """
     assert inputs.ndim == 3, f'expected [batch, seq, embed], got {inputs.shape}'
-    deterministic = self.deterministic
-    rate = self.droppath_rate if droppath_rate is None else droppath_rate
-    inputs = _constrain(inputs, ('batch', 'seq', 'embed'))
-    x = _layer_norm('LayerNorm_0', self.dtype, self.param_dtype)(inputs)
+    rngs = [None] * 5 if rng is None else list(jax.random.split(rng, 5))
+    inputs = constrain(inputs, ('batch', 'seq', 'embed'))
+    x = self.LayerNorm_0(inputs)
     queries = x
-    if self.first_token_only:
+    if first_token_only:
       queries, inputs = x[:, :1], inputs[:, :1]
-    x = MultiHeadDotProductAttention(
-      num_heads=self.num_heads,
-      dropout_rate=self.attention_dropout_rate,
-      dtype=self.dtype,
-      param_dtype=self.param_dtype,
-      attention_impl=self.attention_impl,
-      name='MultiHeadDotProductAttention_1',
-    )(queries, x, deterministic=deterministic)
-    x = nn.Dropout(rate=self.dropout_rate)(x, deterministic=deterministic)
-    droppath = not deterministic and self.droppath_rate > 0
-    if droppath:
-      x = _drop_path(x, rate, self.make_rng('dropout'))
-    x = x + inputs
-
-    y = _layer_norm('LayerNorm_2', self.dtype, self.param_dtype)(x)
-    y = MlpBlock(
-      mlp_dim=self.mlp_dim,
-      dropout_rate=self.dropout_rate,
-      dtype=self.dtype,
-      param_dtype=self.param_dtype,
-      name='MlpBlock_3',
-    )(y, deterministic=deterministic)
-    if droppath:
-      y = _drop_path(y, rate, self.make_rng('dropout'))
-    return _constrain(x + y, ('batch', 'seq', 'embed'))
+    x = self.MultiHeadDotProductAttention_1(queries, x, rngs[0])
+    x = drop_path(dropout(x, self.dropout_rate, rngs[1]), droppath_rate, rngs[2]) + inputs
+    y = drop_path(self.MlpBlock_3(self.LayerNorm_2(x), rngs[3]), droppath_rate, rngs[4])
+    return constrain(x + y, ('batch', 'seq', 'embed'))
 
 
-class _ScanBlock(Encoder1DBlock):
-  """Encoder1DBlock with the (carry, out) signature `nn.scan` needs; scans over drop-path rates."""
+class AddPositionEmbs(nnx.Module):
+  """Adds learned position embeddings (one per token, class token included)."""
 
-  @nn.compact
-  def __call__(self, x, droppath_rate):
-    return super().__call__(x, droppath_rate), None
+  def __init__(self, num_tokens: int, features: int, param_dtype: Dtype, rngs: nnx.Rngs):
+    shape, axes = (1, num_tokens, features), (None, 'seq', 'embed')
+    self.pos_embedding = param(rngs, init.normal(stddev=0.02), shape, param_dtype, axes)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    assert x.shape[1:] == self.pos_embedding.shape[1:], (x.shape, self.pos_embedding.shape)
+    return x + self.pos_embedding[...].astype(x.dtype)
 
 
-class Encoder(nn.Module):
+class Encoder(nnx.Module):
   """Position embeddings, `num_layers` blocks and the final LayerNorm.
 
-  With `scan_layers` the blocks are one `nn.scan` over stacked parameters (`encoderblock/...`
-  with a leading layer axis): much faster compilation for deep models. `vit_jax.npz`
-  converts between the scanned and the released (unscanned) layouts. `remat_policy` ('none',
-  'full', or a `jax.checkpoint_policies` name such as 'dots_with_no_batch_dims_saveable') trades
-  compute for memory.
+  With `scan_layers` the blocks are one stacked module (`encoderblock/...` with a leading layer
+  axis, logical name `layers`) run by `nnx.scan`: much faster compilation for deep models;
+  `vit_jax.npz` converts between the scanned and the released (unscanned) layouts. Stochastic
+  depth ramps linearly from 0 (first block) to `droppath_rate` (last block), scanned or not.
+  `remat_policy` ('none', 'full', or a `jax.checkpoint_policies` name such as
+  'dots_with_no_batch_dims_saveable') trades compute for memory.
   """
 
-  num_layers: int
-  mlp_dim: int
-  num_heads: int
-  dropout_rate: float = 0.0
-  attention_dropout_rate: float = 0.0
-  droppath_rate: float = 0.0
-  add_position_embedding: bool = True
-  scan_layers: bool = False
-  remat_policy: str = 'none'
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
-  attention_impl: str | None = None
+  def __init__(
+    self,
+    num_tokens: int,
+    features: int,
+    *,
+    num_layers: int,
+    mlp_dim: int,
+    num_heads: int,
+    dropout_rate: float = 0.0,
+    attention_dropout_rate: float = 0.0,
+    droppath_rate: float = 0.0,
+    add_position_embedding: bool = True,
+    scan_layers: bool = False,
+    remat_policy: str = 'none',
+    dtype: Dtype = jnp.float32,
+    param_dtype: Dtype = jnp.float32,
+    attention_impl: str | None = None,
+    rngs: nnx.Rngs,
+  ):
+    if remat_policy not in ('none', 'full') and not hasattr(jax.checkpoint_policies, remat_policy):
+      raise ValueError(f"unknown remat_policy {remat_policy!r}; 'none', 'full' or a "
+                       'jax.checkpoint_policies name')  # fmt: skip
+    if add_position_embedding:
+      self.posembed_input = AddPositionEmbs(num_tokens, features, param_dtype, rngs)
+    block = lambda rngs: Encoder1DBlock(
+      features,
+      mlp_dim,
+      num_heads,
+      dropout_rate=dropout_rate,
+      attention_dropout_rate=attention_dropout_rate,
+      dtype=dtype,
+      param_dtype=param_dtype,
+      attention_impl=attention_impl,
+      rngs=rngs,
+    )
+    if scan_layers:
+      keys = jax.random.split(rngs.params(), num_layers)
+      self.encoderblock = nnx.vmap(lambda key: block(nnx.Rngs(params=key)))(keys)
+      for _, variable in nnx.iter_graph(self.encoderblock):
+        if isinstance(variable, nnx.Param):
+          variable.set_metadata('logical_axes', ('layers', *variable.get_metadata('logical_axes')))
+    else:
+      for i in range(num_layers):
+        setattr(self, f'encoderblock_{i}', block(rngs))
+    self.encoder_norm = LayerNorm(features, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.num_layers, self.scan_layers, self.remat_policy = num_layers, scan_layers, remat_policy
+    self.dropout_rate, self.droppath_rate = dropout_rate, droppath_rate
+    self.stochastic = bool(dropout_rate or attention_dropout_rate or droppath_rate)
 
-  @nn.compact
-  def __call__(self, x: jax.Array, *, train: bool, first_token_only: bool = False) -> jax.Array:
+  def __call__(self, x, rng: jax.Array | None = None, first_token_only: bool = False):
     """[batch, seq, embed] -> the same, or [batch, 1, embed] with `first_token_only`: the last
     block then computes only the first token's output (unscanned; a scanned stack runs every
-    token and only the first goes on to the final LayerNorm).
+    token and only the first goes on to the final LayerNorm). `rng`: training randomness.
     """  # fmt: skip
     assert x.ndim == 3, f'expected [batch, seq, embed], got {x.shape}'
-    if self.add_position_embedding:
-      x = AddPositionEmbs(param_dtype=self.param_dtype, name='posembed_input')(x)
-      x = nn.Dropout(rate=self.dropout_rate)(x, deterministic=not train)
-    block_kwargs = dict(
-      mlp_dim=self.mlp_dim,
-      num_heads=self.num_heads,
-      dropout_rate=self.dropout_rate,
-      attention_dropout_rate=self.attention_dropout_rate,
-      dtype=self.dtype,
-      param_dtype=self.param_dtype,
-      attention_impl=self.attention_impl,
-      deterministic=not train,
-    )
-    block_cls = _ScanBlock if self.scan_layers else Encoder1DBlock
-    if self.remat_policy != 'none':
-      policy = (
-        None if self.remat_policy == 'full' else getattr(jax.checkpoint_policies, self.remat_policy)
-      )
-      block_cls = nn.remat(block_cls, policy=policy, prevent_cse=not self.scan_layers)
-    # Stochastic depth ramps linearly from 0 (first block) to `droppath_rate` (last block).
+    rng = rng if self.stochastic else None  # Nothing to draw: no keys in the program.
+    n = self.num_layers
+    keys = [None] * (n + 1) if rng is None else jax.random.split(rng, n + 1)
+    if hasattr(self, 'posembed_input'):
+      x = dropout(self.posembed_input(x), self.dropout_rate, keys[-1])
     rates = [self.droppath_rate * i / max(self.num_layers - 1, 1) for i in range(self.num_layers)]
+
+    def run(block, x, rate, key, first_token_only=False):
+      return block(x, rate, key, first_token_only)
+
+    if self.remat_policy != 'none':
+      policy = None
+      if self.remat_policy != 'full':
+        policy = getattr(jax.checkpoint_policies, self.remat_policy)
+      run = nnx.remat(run, policy=policy, prevent_cse=not self.scan_layers, static_argnums=(4,))
     if self.scan_layers:
-      # The same per-layer rates, scanned over with the blocks (the field only switches it on).
-      x, _ = nn.scan(
-        block_cls,
-        variable_axes={'params': 0},
-        split_rngs={'params': True, 'dropout': True},
-        in_axes=0,
-        length=self.num_layers,
-        metadata_params={nn.PARTITION_NAME: 'layers'},
-      )(
-        droppath_rate=self.droppath_rate, name='encoderblock', **block_kwargs
-      )(x, jnp.asarray(rates, jnp.float32))
-      if first_token_only:  # The stack ran every token; only the first is normalised and leaves.
+      layer_keys = None if rng is None else keys[: self.num_layers]
+      scan = nnx.scan(
+        lambda block, x, rate, key: run(block, x, rate if self.droppath_rate else 0.0, key),
+        in_axes=(0, nnx.Carry, 0, None if rng is None else 0),
+        out_axes=nnx.Carry,
+      )
+      x = scan(self.encoderblock, x, jnp.asarray(rates, jnp.float32), layer_keys)
+      if first_token_only:
         x = x[:, :1]
     else:
       for i, rate in enumerate(rates):
-        x = block_cls(
-          droppath_rate=rate,
-          first_token_only=first_token_only and i == self.num_layers - 1,
-          name=f'encoderblock_{i}',
-          **block_kwargs,
-        )(x)
-    return _layer_norm('encoder_norm', self.dtype, self.param_dtype)(x)
+        last = first_token_only and i == self.num_layers - 1
+        x = run(getattr(self, f'encoderblock_{i}'), x, rate, keys[i], last)
+    return self.encoder_norm(x)
 
 
-class MAPHead(nn.Module):
+class MAPHead(nnx.Module):
   """Multihead attention pooling: a learned probe attends over the tokens (big_vision layout)."""
 
-  num_heads: int
-  mlp_dim: int
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
-    n, _, d = x.shape
-    probe = self.param(
-      'probe',
-      _logical(nn.initializers.xavier_uniform(), (None, None, 'embed')),
-      (1, 1, d),
-      self.param_dtype,
+  def __init__(self, features, num_heads, mlp_dim, *, dtype, param_dtype, rngs: nnx.Rngs):
+    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.probe = param(
+      rngs, init.xavier_uniform(), (1, 1, features), param_dtype, (None, None, 'embed')
     )
-    probe = jnp.tile(probe.astype(x.dtype), [n, 1, 1])
-    x = MultiHeadDotProductAttention(
-      num_heads=self.num_heads,
-      dtype=self.dtype,
-      param_dtype=self.param_dtype,
-      name='MultiHeadDotProductAttention_0',
-    )(probe, x, deterministic=True)
-    y = _layer_norm('LayerNorm_0', self.dtype, self.param_dtype)(x)
-    x = x + MlpBlock(
-      mlp_dim=self.mlp_dim, dtype=self.dtype, param_dtype=self.param_dtype, name='MlpBlock_0'
-    )(y, deterministic=True)
-    return x[:, 0]
+    self.MultiHeadDotProductAttention_0 = MultiHeadDotProductAttention(features, num_heads, **kw)
+    self.LayerNorm_0 = LayerNorm(features, **kw)
+    self.MlpBlock_0 = MlpBlock(features, mlp_dim, **kw)
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    probe = jnp.tile(self.probe[...].astype(x.dtype), [x.shape[0], 1, 1])
+    x = self.MultiHeadDotProductAttention_0(probe, x)
+    return (x + self.MlpBlock_0(self.LayerNorm_0(x)))[:, 0]
 
 
-class PatchEmbedding(nn.Module):
-  """Non-overlapping patches -> `features`: nn.Conv's parameters (kernel [ph, pw, c, features],
-  bias) and math. On XLA:CPU the patches are cut out and projected by one matmul, faster than
-  the strided convolution and its kernel gradient; elsewhere the convolution.
+class PatchEmbedding(nnx.Module):
+  """Non-overlapping patches -> `features`: one strided convolution (kernel [ph, pw, c, features],
+  bias), as flax's Conv.
   """  # fmt: skip
 
-  features: int
-  patch_size: tuple[int, int]
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
+  def __init__(self, in_features, features, patch_size, *, dtype, param_dtype, rngs: nnx.Rngs):
+    shape = (*patch_size, in_features, features)
+    self.kernel = param(rngs, init.lecun_normal(), shape, param_dtype, (None, None, None, 'embed'))
+    self.bias = param(rngs, init.zeros, (features,), param_dtype, ('embed',))
+    self.patch_size, self.dtype = tuple(patch_size), dtype
 
-  @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    ph, pw = self.patch_size
-    n, height, width, c = x.shape
-    kernel = self.param(
-      'kernel',
-      _logical(nn.initializers.lecun_normal(), (None, None, None, 'embed')),
-      (ph, pw, c, self.features),
-      self.param_dtype,
+    kernel, bias = self.kernel[...].astype(self.dtype), self.bias[...].astype(self.dtype)
+    dims = ('NHWC', 'HWIO', 'NHWC')
+    y = jax.lax.conv_general_dilated(
+      x.astype(self.dtype), kernel, self.patch_size, 'VALID', dimension_numbers=dims
     )
-    bias = self.param(
-      'bias', _logical(nn.initializers.zeros, ('embed',)), (self.features,), self.param_dtype
-    )
-    x, kernel, bias = x.astype(self.dtype), kernel.astype(self.dtype), bias.astype(self.dtype)
-    if not _cpu_layouts():
-      dims = ('NHWC', 'HWIO', 'NHWC')
-      y = jax.lax.conv_general_dilated(x, kernel, (ph, pw), 'VALID', dimension_numbers=dims)
-      return y + bias
-    h, w = height // ph, width // pw
-    x = x.reshape(n, h, ph, w, pw, c).transpose(0, 1, 3, 2, 4, 5).reshape(n, h, w, ph * pw * c)
-    return jnp.dot(x, kernel.reshape(ph * pw * c, self.features)) + bias
+    return y + bias
 
 
-class VisionTransformer(nn.Module):
+class VisionTransformer(nnx.Module):
   """ViT classifier; with `resnet` set, the hybrid R+ViT (a BiT ResNet stem before the patches).
 
-  `__call__(images, *, train)` takes NHWC images in [-1, 1] and returns logits
-  ([batch, num_classes], or [batch, tokens, num_classes] for the unpooled classifiers).
+  `model(images)` takes NHWC images in [-1, 1] of `image_size` and returns float32 logits
+  ([batch, num_classes], or [batch, tokens, num_classes] for the unpooled classifiers; pre-logits
+  features when `num_classes` is 0). `model.train()` switches dropout and stochastic depth on
+  (randomness from `rngs`' `dropout` stream, or the call's `rng`); `model.eval()` off.
   """
 
-  num_classes: int
-  patches: Sequence[int]
-  hidden_size: int
-  transformer: dict
-  classifier: str = 'token'
-  representation_size: int | None = None
-  resnet: dict | None = None
-  head_bias_init: float = 0.0
-  head_zero_init: bool = True
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
-  model_name: str | None = None
-
-  @nn.compact
-  def __call__(self, inputs: jax.Array, *, train: bool) -> jax.Array:
-    if self.classifier not in CLASSIFIERS:
-      raise ValueError(f'unknown classifier {self.classifier!r}; expected one of {CLASSIFIERS}')
-    if inputs.ndim != 4 or inputs.shape[-1] != 3:
-      raise ValueError(f'expected NHWC RGB images [batch, height, width, 3], got {inputs.shape}')
-    x = _constrain(inputs.astype(self.dtype), ('batch', None, None, None))
-
-    if self.resnet is not None:
-      x = resnet.resnet_stem(
-        x,
-        num_layers=tuple(self.resnet['num_layers']),
-        width_factor=self.resnet['width_factor'],
-        dtype=self.dtype,
-        param_dtype=self.param_dtype,
-      )
-
-    ph, pw = self.patches
-    if x.shape[1] % ph or x.shape[2] % pw:
+  def __init__(
+    self,
+    num_classes: int,
+    patches: Sequence[int],
+    hidden_size: int,
+    transformer: dict,
+    classifier: str = 'token',
+    representation_size: int | None = None,
+    resnet: dict | None = None,
+    head_bias_init: float = 0.0,
+    head_zero_init: bool = True,
+    dtype: Dtype = jnp.float32,
+    param_dtype: Dtype = jnp.float32,
+    model_name: str | None = None,
+    image_size: int | Sequence[int] = 224,
+    *,
+    rngs: nnx.Rngs,
+  ):
+    if classifier not in CLASSIFIERS:
+      raise ValueError(f'unknown classifier {classifier!r}; expected one of {CLASSIFIERS}')
+    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+    channels = 3
+    self.resnet_stages = None
+    if resnet is not None:
+      self.resnet_stages = len(resnet['num_layers'])
+      channels = resnet_lib.add_stem(self, resnet['num_layers'], resnet['width_factor'], **kw)
+      size = resnet_lib.stem_output_size(size, self.resnet_stages)
+    ph, pw = patches
+    if size[0] % ph or size[1] % pw:
       raise ValueError(
-        f'feature map {x.shape[1:3]} is not divisible by the patch size {(ph, pw)}; '
-        'resize the images to a multiple of the patch size'
+        f'feature map {size} of image_size {image_size} is not divisible by the patch size '
+        f'{(ph, pw)}; use an image size that is a multiple of the patch size'
       )
-    x = PatchEmbedding(self.hidden_size, (ph, pw), self.dtype, self.param_dtype, name='embedding')(
-      x
-    )
+    self.embedding = PatchEmbedding(channels, hidden_size, (ph, pw), **kw)
+    tokens = (size[0] // ph) * (size[1] // pw)
+    if classifier in ('token', 'token_unpooled'):
+      self.cls = param(rngs, init.zeros, (1, 1, hidden_size), param_dtype, (None, None, 'embed'))
+      tokens += 1
+    self.Transformer = Encoder(tokens, hidden_size, **dict(transformer), **kw)
+    if classifier == 'map':
+      self.MAPHead_0 = MAPHead(hidden_size, transformer['num_heads'], transformer['mlp_dim'], **kw)
+    features, head_axes = hidden_size, ('embed', 'classes')
+    if representation_size is not None:
+      self.pre_logits = Dense(hidden_size, representation_size, ('embed', 'mlp'), **kw)
+      features, head_axes = representation_size, ('mlp', 'classes')
+    if num_classes:
+      self.head = Dense(
+        features,
+        num_classes,
+        head_axes,
+        kernel_init=init.zeros if head_zero_init else init.lecun_normal(),
+        bias_init=init.constant(head_bias_init),
+        **kw,
+      )
+    # The hyperparameters, as the original schema names them (metrics.model_flops, exports).
+    self.num_classes, self.patches, self.hidden_size = num_classes, (ph, pw), hidden_size
+    frozen = lambda d: FrozenDict({k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+    self.transformer = frozen(transformer)
+    self.resnet = None if resnet is None else frozen(resnet)
+    self.classifier, self.representation_size = classifier, representation_size
+    self.model_name, self.dtype = model_name, dtype
+    self.grid = (size[0] // ph, size[1] // pw)
+    self.deterministic, self.sow_weights = True, False
+    self.dropout_rngs = nnx.Rngs(dropout=rngs.dropout())
+
+  def __call__(self, images: jax.Array, *, rng: jax.Array | None = None) -> jax.Array:
+    if images.ndim != 4 or images.shape[-1] != 3:
+      raise ValueError(f'expected NHWC RGB images [batch, height, width, 3], got {images.shape}')
+    if rng is None and not self.deterministic:
+      rng = self.dropout_rngs.dropout()
+    elif self.deterministic:
+      rng = None
+    x = constrain(images.astype(self.dtype), ('batch', None, None, None))
+    if self.resnet_stages is not None:
+      x = resnet_lib.stem(self, x, self.resnet_stages)
+    x = self.embedding(x)
     n, h, w, c = x.shape
-    x = jnp.reshape(x, (n, h * w, c))
-
-    if self.classifier in ('token', 'token_unpooled'):
-      cls = self.param(
-        'cls',
-        _logical(nn.initializers.zeros, (None, None, 'embed')),
-        (1, 1, c),
-        self.param_dtype,
+    if (h, w) != self.grid:
+      raise ValueError(
+        f'images {images.shape[1:3]} give a {h}x{w} patch grid; this model was built for '
+        f'{self.grid} (image_size); build it with get_model(..., image_size=...) for this size'
       )
-      x = jnp.concatenate([jnp.tile(cls.astype(x.dtype), [n, 1, 1]), x], axis=1)
-
-    transformer = dict(self.transformer)
+    x = jnp.reshape(x, (n, h * w, c))
+    if hasattr(self, 'cls'):
+      x = jnp.concatenate([jnp.tile(self.cls[...].astype(x.dtype), [n, 1, 1]), x], axis=1)
     # Under a class-token head only the first token leaves the encoder: its last block skips
-    # the other tokens' outputs (1/depth of the encoder's work). All tokens when intermediates
-    # are asked for (attention maps, captured features).
-    x = Encoder(
-      name='Transformer',
-      dtype=self.dtype,
-      param_dtype=self.param_dtype,
-      **transformer,
-    )(
-      x,
-      train=train,
-      first_token_only=self.classifier == 'token'
-      and not self.is_mutable_collection('intermediates'),
-    )
-
+    # the other tokens' outputs. All tokens when attention weights are sown.
+    first_token_only = self.classifier == 'token' and not self.sow_weights
+    x = self.Transformer(x, rng, first_token_only=first_token_only)
     if self.classifier == 'token':
       x = x[:, 0]
     elif self.classifier == 'gap':
       x = jnp.mean(x, axis=1)
     elif self.classifier == 'map':
-      x = MAPHead(
-        num_heads=transformer['num_heads'],
-        mlp_dim=transformer['mlp_dim'],
-        dtype=self.dtype,
-        param_dtype=self.param_dtype,
-      )(x)
-
-    if self.representation_size is not None:
-      x = nn.Dense(
-        self.representation_size,
-        dtype=self.dtype,
-        param_dtype=self.param_dtype,
-        kernel_init=_logical(nn.initializers.lecun_normal(), ('embed', 'mlp')),
-        bias_init=_logical(nn.initializers.zeros, ('mlp',)),
-        name='pre_logits',
-      )(x)
-      x = jnp.tanh(x)
-      head_in = ('mlp', 'classes')
-    else:
-      head_in = ('embed', 'classes')
-
-    if not self.num_classes:
+      x = self.MAPHead_0(x)
+    if hasattr(self, 'pre_logits'):
+      x = jnp.tanh(self.pre_logits(x))
+    if not hasattr(self, 'head'):
       return x  # Feature extractor: pre-logits features.
-    kernel_init = nn.initializers.zeros if self.head_zero_init else nn.initializers.lecun_normal()
-    x = nn.Dense(
-      self.num_classes,
-      dtype=self.dtype,
-      param_dtype=self.param_dtype,
-      kernel_init=_logical(kernel_init, head_in),
-      bias_init=_logical(nn.initializers.constant(self.head_bias_init), ('classes',)),
-      name='head',
-    )(x)
     # Logits in float32 whatever the compute dtype, for a stable softmax/cross-entropy.
-    return x.astype(jnp.float32)
+    return self.head(x).astype(jnp.float32)
