@@ -338,7 +338,7 @@ def test_print_config_and_list_models():
   assert (
     proc.returncode == 0 and 'lr: 0.25\n' in proc.stdout and 'model_name: testing' in proc.stdout
   )
-  proc = _cli('--list_models')
+  proc = _cli('--list_models', timeout=300)  # Counts every model: slow on a loaded machine.
   assert proc.returncode == 0, proc.stderr
   assert ' 86,567,656\n' in proc.stdout and 'ViT-B_16 ' in proc.stdout  # The published count.
   assert len(proc.stdout.splitlines()) == 1 + len(models.MODEL_CONFIGS)

@@ -306,4 +306,4 @@ def test_a_supervised_main_reports_a_config_mistake_in_one_line_with_its_status(
   )  # fmt: skip
   assert p.returncode == 2
   (line,) = p.stderr.splitlines()
-  assert line.startswith("ERROR: config file 'configs/nope.py' not found"), line
+  assert line.startswith("ERROR: --config=configs/nope.py: no recipe 'configs/nope.py'"), line
