@@ -85,8 +85,9 @@ EXPORT = ['-m', 'vit_jax.export', '--checkpoint', 'tiny.npz']
     ),
     (
       [*PREDICT, '--model', 'ViT-B_16', 'photos/a.png'],
-      r"^error: checkpoint 'tiny.npz' does not match model 'ViT-B_16' \(\d+ problems\), e\.g\. "
-      r'.*--verbose lists every difference$',
+      r"^error: checkpoint 'tiny.npz' does not match model 'ViT-B_16': shape mismatch: "
+      r'\S+: checkpoint \(\d+,?.*\) vs model \(.*\); the checkpoint fits testing '
+      r'\(\d+ problems\); .*--verbose lists every difference$',
     ),
     (
       [*EXPORT, '--model', 'ViT-S_16', '--format', 'npz', '--out', 'out/npz'],

@@ -75,6 +75,14 @@ def _params(config, *, scan: bool = False):
   return jax.tree.unflatten(treedef, leaves)
 
 
+def _random_like(params, seed: int):
+  leaves, treedef = jax.tree.flatten(params)
+  keys = jax.random.split(jax.random.key(seed), len(leaves))
+  return jax.tree.unflatten(
+    treedef, [0.1 * jax.random.normal(k, x.shape) for k, x in zip(keys, leaves)]
+  )
+
+
 def _names(params) -> list[str]:
   flat = jax.tree_util.tree_flatten_with_path(params)[0]
   return ['/'.join(str(getattr(k, 'key', k)) for k in path) for path, _ in flat]
@@ -175,11 +183,7 @@ def test_augreg_decay_per_step_is_big_visions(arg):
 def test_augreg_update_for_a_gradient_is_big_visions(arg):
   config = pretrain.get_config(arg)
   params = _params(config)
-  keys = jax.random.split(jax.random.key(2), len(jax.tree.leaves(params)))
-  leaves, treedef = jax.tree.flatten(params)
-  grads = jax.tree.unflatten(
-    treedef, [0.1 * jax.random.normal(k, x.shape) for k, x in zip(keys, leaves)]
-  )
+  grads = _random_like(params, seed=2)
   for t in _steps(config):
     updates, schedule = _ours(config, params, grads, t)
     _assert_trees_close(updates, _big_vision_update(params, grads, t, config, wd=1e-4))
@@ -191,11 +195,7 @@ def test_vit_paper_recipe_decays_as_the_papers_optimizer(dataset, paper_wd):
   """Table 3's weight decay is relative to the lr (flax.optim.Adam): per step 1 - wd * lr(t)."""
   config = pretrain.get_config(f'recipe=vit,dataset={dataset}')
   params = _params(config)
-  keys = jax.random.split(jax.random.key(3), len(jax.tree.leaves(params)))
-  leaves, treedef = jax.tree.flatten(params)
-  grads = jax.tree.unflatten(
-    treedef, [0.1 * jax.random.normal(k, x.shape) for k, x in zip(keys, leaves)]
-  )
+  grads = _random_like(params, seed=3)
   for t in _steps(config):
     updates, _ = _ours(config, params, grads, t)
     _assert_trees_close(updates, _flax_adam_update(params, grads, t, config, paper_wd))

@@ -122,9 +122,9 @@ def one_line(e: BaseException) -> str:
     return type(e).__name__
   if isinstance(e, npz.CheckpointMismatchError) and len(lines) > 1:
     head = lines[0].rstrip(':')
-    return (
-      f'{head}, e.g. {lines[1]}; is it a checkpoint of another model (--model, patch size, '
-      'classifier)? --verbose lists every difference'
+    return (  # The head names the first mismatch, both shapes and the variant that fits.
+      f'{head}; is it a checkpoint of another model (--model, patch size, classifier)? '
+      '--verbose lists every difference'
     )
   text = lines[0] if len(lines) == 1 else f'{lines[0]} {lines[1]}'.rstrip(':')
   if len(lines) > 2:
