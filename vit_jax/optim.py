@@ -60,6 +60,13 @@ def _key_name(entry) -> str:
   return str(entry)
 
 
+def _names(path) -> list[str]:
+  names = [_key_name(entry) for entry in path]
+  while names and names[-1] in ('value', 'raw_value'):
+    names.pop()  # Variable wrappers around an array.
+  return names
+
+
 def weight_decay_mask(params: Any, kind: str) -> Any:
   """Which parameters get weight decay.
 
@@ -75,9 +82,7 @@ def weight_decay_mask(params: Any, kind: str) -> Any:
   def one(path, _):
     if kind != 'kernels':
       return kind == 'all'
-    names = [_key_name(entry) for entry in path]
-    while names and names[-1] in ('value', 'raw_value'):  # Variable wrappers around an array.
-      names.pop()
+    names = _names(path)
     return bool(names) and names[-1] == 'kernel'
 
   return jax.tree_util.tree_map_with_path(one, params)
@@ -86,13 +91,6 @@ def weight_decay_mask(params: Any, kind: str) -> Any:
 _BLOCK = re.compile(r'(?:encoderblock|MixerBlock)_(\d+)$')
 _SCANNED_BLOCK = 'encoderblock'
 _TOP = ('encoder_norm', 'pre_logits', 'head', 'MAPHead_0', 'pre_head_layer_norm')
-
-
-def _names(path) -> list[str]:
-  names = [_key_name(entry) for entry in path]
-  while names and names[-1] in ('value', 'raw_value'):
-    names.pop()
-  return names
 
 
 def _num_layers(tree: Any) -> int:

@@ -210,13 +210,7 @@ def _main(argv: list[str]) -> None:
 
 
 def _classify(args, paths: list[str], written: list[str]) -> list[dict]:
-  loaded = checkpoint_load.load(
-    args.checkpoint,
-    model_name=args.model,
-    step=args.step,
-    image_size=args.image_size,
-    labels=args.labels,
-  )
+  loaded = checkpoint_load.load_from_args(args)
   names = loaded.labels or [str(i) for i in range(loaded.num_classes)]
   results = []
   for start in range(0, len(paths), args.batch_size):

@@ -44,13 +44,7 @@ def _main(argv: list[str]) -> int:
   args = parser.parse_args(argv)
   cli.check_model_name(args.model)
   export.check_output(args.out)  # Before the minutes of loading and converting.
-  loaded = load.load(
-    args.checkpoint,
-    model_name=args.model,
-    step=args.step,
-    image_size=args.image_size,
-    labels=args.labels,
-  )
+  loaded = load.load_from_args(args)
   report = export.export(
     loaded, args.format, args.out, tolerance=args.tolerance, batch_size=args.batch_size
   )

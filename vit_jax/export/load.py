@@ -292,3 +292,15 @@ def load_pretrained(pretrained_path: str, init_params: Mapping, *, model_name=No
       return npz.pretrained_params(path, init_params, model_name=model_name)
     except npz.CheckpointMismatchError as e:
       raise npz.CheckpointMismatchError(str(e).replace(path, pretrained_path)) from None
+
+
+def load_from_args(args) -> Loaded:
+  """`load` with the --checkpoint, --model, --step, --image_size and --labels flags that
+  `vit_jax.predict` and `vit_jax.export` share."""
+  return load(
+    args.checkpoint,
+    model_name=args.model,
+    step=args.step,
+    image_size=args.image_size,
+    labels=args.labels,
+  )
