@@ -73,22 +73,23 @@ class Dense(nnx.Module):
     return jnp.dot(x.astype(self.dtype), kernel) + bias
 
 
-class LayerNorm(nnx.Module):
-  """LayerNorm over the last axis with flax's arithmetic (float32 statistics, variance as
-  E[x^2] - E[x]^2); epsilon 1e-6, as the released models.
+def LayerNorm(features: int, *, dtype: Dtype, param_dtype: Dtype, rngs: nnx.Rngs) -> nnx.LayerNorm:
+  """Flax's `nnx.LayerNorm` over the last axis (`scale`, `bias`), epsilon 1e-6 as the released
+  models: float32 statistics, variance as E[x^2] - E[x]^2 (the arithmetic of the linen LayerNorm
+  that big_vision and the original project use). Flax's op, not a hand-written one: XLA's CPU
+  fusion of a hand-written LayerNorm's backward recomputed the residual gradient of every block
+  once per consumer (a 2.4x slower ViT-Ti/16 train step, benchmarks/peers.py).
   """  # fmt: skip
-
-  def __init__(self, features: int, *, dtype: Dtype, param_dtype: Dtype, rngs: nnx.Rngs):
-    self.scale = param(rngs, init.ones, (features,), param_dtype, ('embed',))
-    self.bias = param(rngs, init.zeros, (features,), param_dtype, ('embed',))
-    self.dtype = dtype
-
-  def __call__(self, x: jax.Array) -> jax.Array:
-    xf = x.astype(jnp.float32)
-    mean = jnp.mean(xf, axis=-1, keepdims=True)
-    var = jnp.maximum(0.0, jnp.mean(jnp.square(xf), axis=-1, keepdims=True) - jnp.square(mean))
-    mul = jax.lax.rsqrt(var + 1e-6) * self.scale[...]
-    return ((xf - mean) * mul + self.bias[...]).astype(self.dtype)
+  axes = {'logical_axes': ('embed',)}
+  return nnx.LayerNorm(
+    features,
+    epsilon=1e-6,
+    dtype=dtype,
+    param_dtype=param_dtype,
+    scale_metadata=axes,
+    bias_metadata=axes,
+    rngs=rngs,
+  )
 
 
 class MlpBlock(nnx.Module):
