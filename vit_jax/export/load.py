@@ -13,7 +13,6 @@ import dataclasses
 import json
 import logging
 import os
-import tempfile
 from collections.abc import Mapping
 from typing import Any
 
@@ -277,21 +276,13 @@ def load(
 
 
 def load_pretrained(pretrained_path: str, init_params: Mapping, *, model_name=None, step=None):
-  """`npz.pretrained_params` that also takes a training workdir (its latest step's params).
-
-  The workdir's params are written to a temporary `.npz` in the released layout and read back
-  through `npz.pretrained_params`, so both sources get the same head re-init and resizing.
-  """
+  """`npz.pretrained_params` of an `.npz` or of a training workdir (its latest step's params,
+  or `step`'s): both sources get the same head re-init and resizing.
+  """  # fmt: skip
   if not is_workdir(pretrained_path):
     return npz.pretrained_params(pretrained_path, init_params, model_name=model_name)
   params = workdir_params(pretrained_path, step)
-  with tempfile.TemporaryDirectory() as tmp:
-    path = os.path.join(tmp, 'params.npz')
-    npz.save(params, path)
-    try:
-      return npz.pretrained_params(path, init_params, model_name=model_name)
-    except npz.CheckpointMismatchError as e:
-      raise npz.CheckpointMismatchError(str(e).replace(path, pretrained_path)) from None
+  return npz.pretrained_params(params, init_params, model_name=model_name, source=pretrained_path)
 
 
 def load_from_args(args) -> Loaded:
