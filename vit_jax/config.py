@@ -47,6 +47,7 @@ CHOICES = {
   'model.param_dtype': ('float32', 'bfloat16', 'float16'),
   'model.classifier': ('token', 'gap', 'map', 'unpooled', 'token_unpooled'),
   'model.attention_impl': ('xla', 'cudnn'),
+  'model.posemb': ('learn', 'sincos2d'),
 }
 _VIT = ('vit', 'hybrid')
 _ALL = ('vit', 'hybrid', 'mixer')
@@ -63,6 +64,8 @@ MODEL_FIELDS = {
   'num_layers': (int, None, _VIT),
   'classifier': (str, None, _VIT),
   'representation_size': (int, None, _VIT),  # Width of the pre-logits layer (None: none).
+  # 'learn' (the released checkpoints) or 'sincos2d' (big_vision posemb_sincos_2d, no parameter).
+  'posemb': (str, None, _VIT),
   'head_bias_init': (float, None, _VIT),
   'head_zero_init': (bool, None, _VIT),
   'dropout_rate': (float, None, _VIT),
@@ -87,7 +90,7 @@ _MODEL_OFF = {
 }
 # The architecture: with `pretrained_path=WORKDIR` these come from the workdir's config.json.
 ARCHITECTURE = ('patches', 'hidden_size', 'mlp_dim', 'num_heads', 'num_layers', 'classifier',
-                'representation_size', 'hidden_dim', 'num_blocks', 'tokens_mlp_dim',
+                'representation_size', 'posemb', 'hidden_dim', 'num_blocks', 'tokens_mlp_dim',
                 'channels_mlp_dim')  # fmt: skip
 
 # Resume (vit_jax.resume): fields whose change makes the saved state unusable (shapes, dtypes,
