@@ -1,4 +1,4 @@
-r"""Pretraining from scratch: AugReg (Steiner et al., 2022) and the ViT paper's upstream settings.
+r"""Pretraining from scratch: AugReg (Steiner et al., 2022), the ViT paper's upstream, plain ViT.
 
     python -m vit_jax.main --config=pretrain:model=ViT-B_16,dataset=imagenet2012 \
         --workdir gs://bucket/vit_b16_i1k
@@ -15,18 +15,19 @@ kernels, clipping at 1.0, batch 4096, 10k warmup steps then cosine, 300 epochs, 
 cross-entropy with the head bias at -6.9 (1k) / -10 (21k), inception crop + flip + RandAugment +
 mixup per `augreg` setting; evaluations on ImageNet val / v2 / ReaL and few-shot linear probes as in
 the published runs. `recipe=vit` is the ViT paper's upstream ImageNet / ImageNet-21k setting
-(Dosovitskiy et al., 2021, Table 3 and B.1.1). `recipe=plain` is big_vision's
-`configs/vit_s16_i1k.py` field by field, "Better plain ViT baselines for ImageNet-1k" (Beyer, Zhai,
-Kolesnikov 2022, arXiv 2205.01580): ViT-S/16 with global average pooling, a representation layer
-and fixed 2-D sin-cos position embeddings, batch 1024, Adam (mu in bfloat16) at lr 1e-3 with weight
-decay 1e-4 per step, clipping at 1.0, 10k warmup steps then cosine, 90 epochs, inception crop + flip
-+ RandAugment(2,10) + mixup 0.2, softmax cross-entropy, `train[:99%]` with the `train[99%:]`
-minival and the val / v2 / ReaL evaluators. Published (vit_s16_i1k.py:16-19 and the paper; not
-measured with this code): 76.5% top-1 on ImageNet-1k after 90 epochs in 6-7 h on a TPU v3-8;
-about 80% after 300 epochs (`epochs=300`). `posemb` is the model option `model.posemb`.
-Hardware for the others: TPU v3/v4-256 or similar. Expected result
-(published, AugReg paper Fig. 4; not measured with this code): ViT-B/16 on ImageNet-1k, 300 epochs,
-medium2, about 79-80% top-1.
+(Dosovitskiy et al., 2021, Table 3 and B.1.1). Hardware for both: TPU v3/v4-256 or similar.
+Expected result (published, AugReg paper Fig. 4; not measured with this code): ViT-B/16 on
+ImageNet-1k, 300 epochs, medium2, about 79-80% top-1.
+
+`recipe=plain` is big_vision's `configs/vit_s16_i1k.py` field by field (`_plain`, each field citing
+its line), "Better plain ViT baselines for ImageNet-1k" (Beyer, Zhai, Kolesnikov 2022, arXiv
+2205.01580): ViT-S/16 with global average pooling, a representation layer and fixed 2-D sin-cos
+position embeddings (`model.posemb='sincos2d'`), batch 1024, Adam (mu in bfloat16) at lr 1e-3 with
+weight decay 1e-4 per step, clipping at 1.0, 10k warmup steps then cosine, 90 epochs, inception crop
++ flip + RandAugment(2,10) + mixup 0.2, softmax cross-entropy, `train[:99%]` with the `train[99%:]`
+minival and the val / v2 / ReaL evaluators. Hardware: a TPU v3-8. Published result
+(vit_s16_i1k.py:16-19 and the paper; not measured with this code): 76.5% top-1 on ImageNet-1k
+after 90 epochs in 6-7 h; about 80% after 300 epochs (`epochs=300`).
 Large models: `--config.model.scan_layers=True --config.model.remat_policy=full` and an FSDP mesh
 (`--config.mesh.fsdp=-1 --config.mesh.data=1`) or FSDP x tensor (`--config.mesh.tensor=4`).
 
@@ -93,10 +94,11 @@ VIT_PAPER = {
 # Train examples per epoch (TFDS imagenet2012; ImageNet-21k fall 2011, about 13M). Other datasets
 # count epochs in ImageNet-1k examples: set --config.total_steps for them.
 NUM_TRAIN = {'imagenet2012': 1_281_167, 'imagenet21k': 13_000_000}
-# recipe=plain counts epochs as big_vision does: over its training split, `train[:99%]` of
-# imagenet2012 (TFDS rounds the 99% boundary to the closest example: round(0.99 * 1,281,167)),
-# steps = round(epochs * examples / batch) (big_vision/utils.py:1052-1054, `steps`; train.py:168-170
-# passes the split's size).
+# recipe=plain counts epochs as big_vision (@ 0127fb6) does: over its training split, `train[:99%]`
+# of imagenet2012 (TFDS rounds the 99% boundary to the closest example, tensorflow_datasets
+# core/splits.py `_pct_to_abs_closest`: round(0.99 * 1,281,167)), steps = round(epochs * examples /
+# batch) (big_vision/utils.py:1043-1053 `steps`; train.py:168-170 and input_pipeline.py:113 pass
+# the split's size).
 NUM_TRAIN_99 = 1_268_355
 RECIPES = ('augreg', 'vit', 'plain')
 EVAL_PP = 'decode|resize_small(256,method="area")|central_crop(224)|value_range(-1,1)'
