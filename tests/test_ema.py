@@ -8,6 +8,7 @@ import shutil
 import signal
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
@@ -141,9 +142,13 @@ def test_ema_is_the_ema_of_the_logged_params():
   assert not np.allclose(emas[-1]['head']['bias'], params[-1]['head']['bias'])
 
 
-def test_pretrained_params_start_the_ema():
-  trainer = train.Trainer(_config(), num_classes=10, devices=jax.devices()[:1])
+def test_pretrained_params_start_the_ema_in_float32():
+  config = _config()
+  config.model.param_dtype = 'bfloat16'
+  trainer = train.Trainer(config, num_classes=10, devices=jax.devices()[:1])
   state = trainer.init_state(0)
+  assert {x.dtype for x in jax.tree.leaves(state['params'])} == {np.dtype(jnp.bfloat16)}
+  assert {x.dtype for x in jax.tree.leaves(state['ema'])} == {np.dtype(np.float32)}
   new = jax.tree.map(lambda x: np.asarray(x) + 1.0, trainer.host_params(state))
   state = trainer.with_params(state, new)
   jax.tree.map(np.testing.assert_array_equal, trainer.host_params({'params': state['ema']}), new)

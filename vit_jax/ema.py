@@ -1,13 +1,15 @@
 """Weight EMA: an exponential moving average of the parameters, kept beside them in the train state.
 
-`config.ema_decay = d` (0: off) keeps `state['ema']`, a copy of the params sharded like them. After
-the optimizer update of every step (inside the jitted step) it becomes
+`config.ema_decay = d` (0: off) keeps `state['ema']`, a float32 copy of the params sharded like
+them. After the optimizer update of every step (inside the jitted step) it becomes
 
     ema <- d_n * ema + (1 - d_n) * params        (n: updates so far, this one included)
 
-computed in float32 and stored in the params' dtype. d_n is timm's `ModelEmaV3.get_decay(n)`
-(pytorch-image-models timm/utils/model_ema.py:188-205, `update_after_step=0`, `min_decay=0`; timm's
-train.py:1391-1393 calls it with the update count after `num_updates += 1`):
+in float32 whatever the params' dtype: with bfloat16 params, (1 - d) * params at d = 0.9999 is far
+below a bfloat16 EMA's resolution (2**-8 of its value), which would never move. d_n is timm's
+`ModelEmaV3.get_decay(n)` (pytorch-image-models timm/utils/model_ema.py:188-205 with
+`update_after_step=0`, `min_decay=0`; timm's train.py:1391-1393 calls it with the update count
+after `num_updates += 1`):
 
     t = n - 1;  d_n = 0 if t <= 0
                 d_n = min(d, 1 - (1 + t / ema_warmup_gamma) ** -ema_warmup_power)  with ema_warmup
@@ -49,7 +51,7 @@ def decay(count, config: Mapping):
 
 
 def update(ema: Any, params: Any, d) -> Any:
-  """d * ema + (1 - d) * params per leaf, in float32, back in each EMA leaf's dtype."""
+  """d * ema + (1 - d) * params per leaf, in float32 (the EMA's dtype, `copy`)."""
 
   def one(e, p):
     e32, p32 = e.astype(jnp.float32), p.astype(jnp.float32)
@@ -59,8 +61,8 @@ def update(ema: Any, params: Any, d) -> Any:
 
 
 def copy(params: Any) -> Any:
-  """A fresh copy of `params` (its own buffers: the state is donated to the step)."""
-  return jax.tree.map(jnp.copy, params)
+  """A fresh float32 copy of `params` (its own buffers: the state is donated to the step)."""
+  return jax.tree.map(lambda x: jnp.copy(x).astype(jnp.float32), params)
 
 
 def metric_names(scalars: Mapping[str, float]) -> dict[str, float]:
