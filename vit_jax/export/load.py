@@ -40,6 +40,7 @@ class Loaded:
   pp_eval: str
   labels: list[str] | None
   source: str
+  weights: str = 'raw'  # A workdir's 'ema' (vit_jax.ema) or 'raw' params; 'raw' for an .npz.
 
   @property
   def fn(self):
@@ -83,8 +84,9 @@ def read_config(workdir: str) -> dict:
     return json.load(f)
 
 
-def workdir_params(workdir: str, step: int | None = None) -> dict:
-  """A workdir's params (latest step, or `step`) as host numpy, released (unscanned) layout."""
+def workdir_params(workdir: str, step: int | None = None, *, weights: str = 'raw') -> dict:
+  """A workdir's params (latest step, or `step`) as host numpy, released (unscanned) layout;
+  `weights='ema'` reads its weight EMA instead (`train_state.restore_params`)."""
   directory = os.path.join(workdir, 'checkpoints')
   if step is not None:
     import tensorflow as tf  # gfile: local or remote workdirs.
@@ -94,7 +96,7 @@ def workdir_params(workdir: str, step: int | None = None) -> dict:
     if step not in steps:
       raise FileNotFoundError(f'{workdir!r} has no checkpoint at step {step}; it has {steps}')
   try:
-    params = train_state.restore_params(directory, step)
+    params = train_state.restore_params(directory, step, weights=weights)
   except FileNotFoundError as e:
     raise FileNotFoundError(f'workdir {workdir!r} has no checkpoint: {e}') from e
   return jax.tree.map(np.asarray, npz.unscan_params(flax.core.unfreeze(params)))
@@ -216,6 +218,7 @@ def load(
   step: int | None = None,
   image_size: int | None = None,
   labels: str | None = None,
+  weights: str | None = None,
 ) -> Loaded:
   """Loads an `.npz` (local or gs://) or a training workdir for inference.
 
@@ -226,13 +229,16 @@ def load(
     image_size: input side (default: the workdir's, or inferred from the position embeddings).
     labels: TFDS dataset name or labels text file (default: the workdir's dataset; ImageNet's
       names for 1000/21843-class checkpoints).
+    weights: a workdir's 'ema' (its weight EMA) or 'raw' params; None: the EMA when the run kept
+      one (`config.ema_decay`), else the params. An `.npz` holds one set ('raw').
 
   Raises:
     ValueError: no model name for an `.npz`, or a checkpoint that does not fit the model.
   """
   if is_workdir(path):
     config = read_config(path)
-    params = workdir_params(path, step)
+    weights = weights or ('ema' if float(config.get('ema_decay') or 0.0) > 0 else 'raw')
+    params = workdir_params(path, step, weights=weights)
     name = config['model_name']
     num_classes = int(params['head']['bias'].shape[0]) if 'head' in params else 0
     image_size = image_size or int(config['image_size'])
@@ -243,6 +249,9 @@ def load(
       labels = stored if _exists(stored) else config.get('dataset')
     data_dir = config.get('data_dir') or None
   else:
+    if weights == 'ema':
+      raise ValueError(f'{path!r} is an .npz, which holds one set of weights: drop --weights=ema')
+    weights = 'raw'
     if not model_name:
       raise ValueError(
         f'{path!r} is not a workdir (no config.json), so --model is needed to read it as an .npz'
@@ -272,6 +281,7 @@ def load(
     pp_eval=pp_eval,
     labels=label_names(labels, num_classes, data_dir) if num_classes else None,
     source=path,
+    weights=weights,
   )
 
 
@@ -286,12 +296,13 @@ def load_pretrained(pretrained_path: str, init_params: Mapping, *, model_name=No
 
 
 def load_from_args(args) -> Loaded:
-  """`load` with the --checkpoint, --model, --step, --image_size and --labels flags that
-  `vit_jax.predict` and `vit_jax.export` share."""
+  """`load` with the --checkpoint, --model, --step, --image_size, --labels and --weights flags
+  that `vit_jax.predict` and `vit_jax.export` share."""
   return load(
     args.checkpoint,
     model_name=args.model,
     step=args.step,
     image_size=args.image_size,
     labels=args.labels,
+    weights=getattr(args, 'weights', None),
   )
