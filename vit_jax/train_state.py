@@ -472,7 +472,14 @@ class PreemptionWatcher:
     logging.warning('received signal %d: will checkpoint and exit', signum)
 
   def arm(self) -> None:
-    """From now on a signal only sets the flag: the loop checkpoints and stops."""
+    """From now on a signal only sets the flag: the loop checkpoints and stops.
+
+    A start-up signal whose `Preempted` did not reach the top (raised while the main thread ran
+    code that swallows exceptions, such as a finalizer or a library's clean-up) stops the run
+    here, before the first step, as it would have at once.
+    """
+    if self.requested:
+      raise Preempted(signal.SIGTERM)
     self.armed = True
 
   def should_stop(self, step: int) -> bool:
