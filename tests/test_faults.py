@@ -708,7 +708,7 @@ def test_sigterm_at_any_moment_of_start_up_or_shut_down_exits_0_and_releases_the
     p = procs(argv)
     p.wait_for_line(line)
     p.proc.send_signal(signal.SIGTERM)
-    assert p.finish(timeout=120) == 0, (line, p.output())
+    assert p.finish(timeout=120) == 0, (line, p.output()[-6000:])  # The tail: the cause.
     assert not os.path.exists(f'{workdir}/lock.json'), line
     assert 'Traceback' not in p.output() and not p.errors(), p.output()
     assert 'nothing to checkpoint' in p.output() or 'nothing new to checkpoint' in p.output()
