@@ -47,6 +47,7 @@ CHOICES = {
   'model.param_dtype': ('float32', 'bfloat16', 'float16'),
   'model.classifier': ('token', 'gap', 'map', 'unpooled', 'token_unpooled'),
   'model.attention_impl': ('xla', 'cudnn'),
+  'model.posemb': ('learn', 'sincos2d'),
 }
 _VIT = ('vit', 'hybrid')
 _ALL = ('vit', 'hybrid', 'mixer')
@@ -71,6 +72,12 @@ MODEL_FIELDS = {
   'scan_layers': (bool, None, _VIT),  # One nn.scan over stacked blocks: faster compilation.
   'remat_policy': (str, None, _VIT),  # 'none', 'full' or a jax.checkpoint_policies name.
   'attention_impl': (str, None, _VIT),  # 'xla', 'cudnn'; None: cuDNN on GPUs for bf16/f16.
+  # Options of issue 26 (docs/models.md): all off by default, the released architecture.
+  'posemb': (str, None, _VIT),  # 'learn' (released) or 'sincos2d' (fixed, no parameter).
+  'num_registers': (int, None, _VIT),  # Register tokens after the class token (Darcet et al.).
+  'layer_scale': (float, None, _VIT),  # LayerScale init value (CaiT / DeiT III); None: off.
+  'qk_norm': (bool, None, _VIT),  # LayerNorm on queries and keys per head (ViT-22B).
+  'patch_dropout': (float, None, _VIT),  # Training only: drop this fraction of patch tokens.
   # MLP-Mixer.
   'hidden_dim': (int, None, ('mixer',)),
   'num_blocks': (int, None, ('mixer',)),
@@ -84,11 +91,16 @@ _MODEL_OFF = {
   'droppath_rate': 0.0,
   'scan_layers': False,
   'remat_policy': 'none',
+  'posemb': 'learn',
+  'num_registers': 0,
+  'qk_norm': False,
+  'patch_dropout': 0.0,
 }
 # The architecture: with `pretrained_path=WORKDIR` these come from the workdir's config.json.
 ARCHITECTURE = ('patches', 'hidden_size', 'mlp_dim', 'num_heads', 'num_layers', 'classifier',
                 'representation_size', 'hidden_dim', 'num_blocks', 'tokens_mlp_dim',
-                'channels_mlp_dim')  # fmt: skip
+                'channels_mlp_dim', 'posemb', 'num_registers', 'layer_scale',
+                'qk_norm')  # fmt: skip
 
 # Resume (vit_jax.resume): fields whose change makes the saved state unusable (shapes, dtypes,
 # optimizer state, data position in micro-batches). Every other field may change; it is logged.
@@ -96,7 +108,7 @@ RESUME_REFUSED = ('model_name', 'num_classes', 'image_size', 'dataset', 'optimiz
                   'batch_size', 'accum_steps')  # fmt: skip
 # `model.*` fields are refused too, except these, which change no parameter.
 RESUME_MODEL_FREE = ('dropout_rate', 'attention_dropout_rate', 'droppath_rate', 'remat_policy',
-                     'attention_impl')  # fmt: skip
+                     'attention_impl', 'patch_dropout')  # fmt: skip
 
 
 def _model_schema() -> ml_collections.ConfigDict:
