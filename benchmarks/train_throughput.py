@@ -2,6 +2,7 @@ r"""Training-step throughput and MFU of the Trainer's own step, one JSON line pe
 
   python benchmarks/train_throughput.py --model ViT-B_16 --batch 8 --image_size 224
   python benchmarks/train_throughput.py --model ViT-B_16,ViT-L_16 --batch 256 --dtype bfloat16
+  python benchmarks/train_throughput.py --model ViT-B_16 --batch 4 --patch_dropout 0.0,0.5
 
 Keys: model, batch, image_size, dtype, images_per_s, step_ms (median of --rounds rounds after a
 warm-up step), compile_s, model_flops_per_image (`vit_jax.metrics.model_flops`: dense layers,
@@ -10,6 +11,9 @@ on CPU the f32 matmul ceiling, timed round-robin with the steps in this process)
 (CPU), mfu, mfu_vs_ceiling (CPU), peak_host_mem_mb, peak_device_mem_mb (accelerators), attention
 (the implementation in the compiled program), plain_step_ms and trainer_vs_plain_jit (the same pure
 step jitted directly, timed interleaved with the Trainer's), plus the options that were set.
+`--patch_dropout R1,R2,...` runs each rate in turn in this process (`patch_dropout`; the FLOPs and
+MFU count the patch tokens kept) and adds `step_ratio_vs_first`, the step time over the first
+rate's.
 """
 
 from __future__ import annotations
@@ -24,10 +28,12 @@ from vit_jax import config as config_lib  # noqa: E402
 from vit_jax import metrics, train  # noqa: E402
 
 
-def run(args, name: str) -> dict:
+def run(args, name: str, patch_dropout: float = 0.0) -> dict:
   config = config_lib.base_config()
   config.model_name = name
   fields = dict(dtype=args.dtype, scan_layers=args.scan, remat_policy=args.remat)
+  if patch_dropout:
+    fields['patch_dropout'] = patch_dropout
   if args.attention_impl:
     fields['attention_impl'] = args.attention_impl
   config.model.update(fields)
@@ -88,7 +94,9 @@ def run(args, name: str) -> dict:
     plain_step_ms=common.rounded(common.median(times['plain']) * 1e3),
     trainer_vs_plain_jit=common.rounded(ratio),
   )
-  return dict(record, devices=trainer.mesh.size, remat=args.remat, mesh=args.mesh)
+  return dict(
+    record, devices=trainer.mesh.size, remat=args.remat, mesh=args.mesh, patch_dropout=patch_dropout
+  )
 
 
 def main():
@@ -96,12 +104,20 @@ def main():
   parser.add_argument('--remat', default='none', help="'none', 'full' or a checkpoint policy")
   parser.add_argument('--mesh', default='data=1', help="e.g. 'data=2,fsdp=4,tensor=1'")
   parser.add_argument('--optimizer', default='sgd', choices=['sgd', 'adamw'])
+  parser.add_argument(
+    '--patch_dropout', default='0.0', help='rate(s), comma-separated: e.g. 0.0,0.5 (training only)'
+  )
   args = parser.parse_args()
-  for name in args.model.split(','):
-    r = run(args, name)
+  rates = [float(r) for r in args.patch_dropout.split(',')]
+  for name, rate in ((n, r) for n in args.model.split(',') for r in rates):
+    r = run(args, name, rate)
+    if rate == rates[0]:
+      first_ms = r['step_ms']
+    r['step_ratio_vs_first'] = common.rounded(r['step_ms'] / first_ms)
     common.emit(
       r,
-      f'{name} train b{r["batch"]} {r["image_size"]}px {r["dtype"]}: {r["step_ms"]:.1f} ms, '
+      f'{name} train b{r["batch"]} {r["image_size"]}px {r["dtype"]} patch_dropout {rate}: '
+      f'{r["step_ms"]:.1f} ms ({r["step_ratio_vs_first"]:.3f}x of patch_dropout {rates[0]}), '
       f'{r["images_per_s"]:.1f} img/s, compile {r["compile_s"]:.1f}s, '
       f'{r["model_flops_per_image"] / 1e9:.2f} GFLOP/img, MFU {r["mfu"]:.1%} of '
       f'{r["peak_flops"] / 1e9:.0f} GFLOP/s ({r["device_kind"]}), attention {r["attention"]}; '
