@@ -11,9 +11,9 @@ on CPU the f32 matmul ceiling, timed round-robin with the steps in this process)
 (CPU), mfu, mfu_vs_ceiling (CPU), peak_host_mem_mb, peak_device_mem_mb (accelerators), attention
 (the implementation in the compiled program), plain_step_ms and trainer_vs_plain_jit (the same pure
 step jitted directly, timed interleaved with the Trainer's), plus the options that were set.
-`--patch_dropout R1,R2,...` runs each rate in turn in this process (`patch_dropout`; the FLOPs and
-MFU count the patch tokens kept) and adds `step_ratio_vs_first`, the step time over the first
-rate's.
+`--patch_dropout R1,R2,...` builds each rate's Trainer in this process (`patch_dropout`; the FLOPs
+and MFU count the patch tokens kept), then times their steps again round-robin:
+`step_ms_interleaved` and `step_ratio_vs_first` (over the first rate's).
 """
 
 from __future__ import annotations
@@ -94,9 +94,10 @@ def run(args, name: str, patch_dropout: float = 0.0) -> dict:
     plain_step_ms=common.rounded(common.median(times['plain']) * 1e3),
     trainer_vs_plain_jit=common.rounded(ratio),
   )
-  return dict(
+  record = dict(
     record, devices=trainer.mesh.size, remat=args.remat, mesh=args.mesh, patch_dropout=patch_dropout
   )
+  return record, step
 
 
 def main():
@@ -109,20 +110,30 @@ def main():
   )
   args = parser.parse_args()
   rates = [float(r) for r in args.patch_dropout.split(',')]
-  for name, rate in ((n, r) for n in args.model.split(',') for r in rates):
-    r = run(args, name, rate)
-    if rate == rates[0]:
-      first_ms = r['step_ms']
-    r['step_ratio_vs_first'] = common.rounded(r['step_ms'] / first_ms)
-    common.emit(
-      r,
-      f'{name} train b{r["batch"]} {r["image_size"]}px {r["dtype"]} patch_dropout {rate}: '
-      f'{r["step_ms"]:.1f} ms ({r["step_ratio_vs_first"]:.3f}x of patch_dropout {rates[0]}), '
-      f'{r["images_per_s"]:.1f} img/s, compile {r["compile_s"]:.1f}s, '
-      f'{r["model_flops_per_image"] / 1e9:.2f} GFLOP/img, MFU {r["mfu"]:.1%} of '
-      f'{r["peak_flops"] / 1e9:.0f} GFLOP/s ({r["device_kind"]}), attention {r["attention"]}; '
-      f'Trainer step / plain jax.jit of it {r["trainer_vs_plain_jit"]:.3f}',
-    )
+  for name in args.model.split(','):
+    runs = {rate: run(args, name, rate) for rate in rates}
+    if len(rates) > 1:  # The rates' steps again, interleaved round-robin: a shared machine's load
+      # then weighs on every rate alike.
+      times = common.interleaved({rate: step for rate, (_, step) in runs.items()}, args.rounds)
+      first = common.median(times[rates[0]])
+      for rate, (r, _) in runs.items():
+        r['step_ms_interleaved'] = common.rounded(common.median(times[rate]) * 1e3)
+        r['step_ratio_vs_first'] = common.rounded(common.median(times[rate]) / first)
+    for rate, (r, _) in runs.items():
+      ratio = r.get('step_ratio_vs_first', 1.0)
+      _emit(name, rate, rates[0], ratio, r)
+
+
+def _emit(name, rate, first_rate, ratio, r):
+  common.emit(
+    r,
+    f'{name} train b{r["batch"]} {r["image_size"]}px {r["dtype"]} patch_dropout {rate}: '
+    f'{r["step_ms"]:.1f} ms ({ratio:.3f}x of patch_dropout {first_rate}, interleaved), '
+    f'{r["images_per_s"]:.1f} img/s, compile {r["compile_s"]:.1f}s, '
+    f'{r["model_flops_per_image"] / 1e9:.2f} GFLOP/img, MFU {r["mfu"]:.1%} of '
+    f'{r["peak_flops"] / 1e9:.0f} GFLOP/s ({r["device_kind"]}), attention {r["attention"]}; '
+    f'Trainer step / plain jax.jit of it {r["trainer_vs_plain_jit"]:.3f}',
+  )
 
 
 if __name__ == '__main__':

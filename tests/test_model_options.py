@@ -281,3 +281,32 @@ def test_options_equal_live_timm(golden_dir, case):
   with torch.no_grad():
     expected = theirs(torch.from_numpy(images.transpose(0, 3, 1, 2).copy())).numpy()
   np.testing.assert_allclose(_model(params, **options)(images), expected, atol=1e-5)
+
+
+@pytest.mark.parametrize('scan', [False, True])
+def test_fine_tuning_a_released_checkpoint_into_a_model_with_options(golden_dir, tmp_path, scan):
+  """The released weights load; registers, LayerScale and QK-norm keep their fresh init, and a
+  sincos2d target drops the learned position table."""
+  path = str(golden_dir / 'testing_rep16_ref.npz')
+  released = npz.load(path)
+  kw = dict(num_registers=2, layer_scale=0.1, qk_norm=True)
+  model = models.get_model('testing', 10, image_size=32, scan_layers=scan, **kw)
+  fresh = models.params_of(model)
+  params = npz.unscan_params(models.params_of(npz.load_pretrained(model, path)))
+  block = params['Transformer']['encoderblock_0']
+  np.testing.assert_array_equal(
+    block['MlpBlock_3']['Dense_0']['kernel'],
+    released['Transformer']['encoderblock_0']['MlpBlock_3']['Dense_0']['kernel'],
+  )
+  np.testing.assert_allclose(block['layerscale_attention'], 0.1)
+  np.testing.assert_array_equal(params['registers'], fresh['registers'])
+  np.testing.assert_array_equal(block['MultiHeadDotProductAttention_1']['query_norm']['scale'], 1)
+  # A learned-posemb checkpoint into a sincos2d model: the table is dropped, the rest loads.
+  learned = models.get_model(BASE, 10, image_size=16, scan_layers=scan, head_zero_init=False)
+  npz.save(models.params_of(learned), str(tmp_path / 'learned.npz'))
+  sincos = models.get_model(BASE, 10, image_size=16, scan_layers=scan, posemb='sincos2d')
+  params = models.params_of(npz.load_pretrained(sincos, str(tmp_path / 'learned.npz')))
+  assert 'posembed_input' not in params['Transformer']
+  np.testing.assert_array_equal(
+    params['embedding']['kernel'], models.params_of(learned)['embedding']['kernel']
+  )
