@@ -30,6 +30,8 @@ def abstract_step(model, apply, batch: int, size: int):
   params = jax.eval_shape(
     lambda: model.init(jax.random.key(0), jnp.zeros((1, size, size, 3)), train=False)['params']
   )
+  if hasattr(model, 'prepare'):  # Ours: the model's pure function, built before the step.
+    model.prepare(size)
   train_step, _ = peers.make_steps(model, apply)
   return train_step, params, images, labels
 

@@ -8,6 +8,7 @@
 #       configs/pretrain.py:model=ViT-B_16,dataset=imagenet21k gs://bucket/vitb16 \
 #       --config.mesh.dcn_data=2
 #
+# CONFIG: a recipe file under configs/ or a recipe by name (`pretrain:model=ViT-B_16`).
 # --dry-run (first argument) prints the command, shell-quoted, on one line and runs nothing.
 # Watch: `xpk workload list --cluster=CLUSTER`; logs: Cloud Logging of the JobSet's pods; stop:
 # `xpk workload delete --cluster=CLUSTER --workload=WORKLOAD` (SIGTERM: vit_jax checkpoints the
@@ -45,7 +46,7 @@ check workload "$workload" '^[a-z][a-z0-9-]{0,39}$'
 check 'TPU type' "$tpu_type" '^v[0-9a-z]+-[0-9]+$'
 check 'number of slices' "$slices" '^[1-9][0-9]{0,3}$'
 check 'docker image' "$image" '^[A-Za-z0-9_][A-Za-z0-9_./:@-]*$'
-check config "$config" '^configs/[A-Za-z0-9_]+\.py(:[A-Za-z0-9_=,./+-]*)?$'
+check config "$config" '^(configs/[A-Za-z0-9_]+\.py|[a-z][a-z0-9_]*)(:[A-Za-z0-9_=,./+-]*)?$'
 check workdir "$workdir" '^gs://[A-Za-z0-9_./-]+$'
 for arg in "$@"; do
   check override "$arg" '^--config\.[A-Za-z0-9_.]+=[A-Za-z0-9_=,./:+|()@%-]*$'

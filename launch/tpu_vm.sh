@@ -10,7 +10,8 @@
 #   launch/tpu_vm.sh [--dry-run] delete  NAME ZONE       # tear the slice down
 #
 # `run` reuses the slice NAME (create it first, once); rerunning it with the same WORKDIR resumes
-# from the last checkpoint. WORKDIR should be a gs:// path every worker can write. JAX finds its
+# from the last checkpoint. CONFIG: a recipe file under configs/ or a recipe by name
+# (`pretrain:model=ViT-B_16`). WORKDIR should be a gs:// path every worker can write. JAX finds its
 # peers through the TPU metadata (jax.distributed.initialize() without arguments).
 # --dry-run (first argument) prints the commands, one per line, shell-quoted, and runs nothing.
 # Every argument is checked against a strict pattern before anything runs (`;`, `$`, backticks,
@@ -98,7 +99,7 @@ case $action in
     [[ $# -ge 2 ]] || usage
     config=$1 workdir=$2
     shift 2
-    check 'config' "$config" '^configs/[A-Za-z0-9_]+\.py(:[A-Za-z0-9_=,./+-]*)?$'
+    check 'config' "$config" '^(configs/[A-Za-z0-9_]+\.py|[a-z][a-z0-9_]*)(:[A-Za-z0-9_=,./+-]*)?$'
     check 'workdir' "$workdir" '^(gs://)?[A-Za-z0-9_][A-Za-z0-9_./-]*$'
     for arg in "$@"; do
       # Values may hold preprocessing strings: `|`, `(`, `)` and `,` are fine once quoted.

@@ -144,6 +144,15 @@ def test_slurm_srun_command():
   ]
 
 
+@pytest.mark.parametrize('config', ['quickstart', 'finetune:model=ViT-L_16', 'pretrain'])
+def test_a_recipe_by_name_reaches_main_unchanged(config):
+  """`--config` of vit_jax.main takes a recipe by name from any directory; so do the scripts."""
+  (argv,) = _dry('launch/slurm.sbatch', config, '/shared/run')
+  assert f'--config={config}' in argv
+  (argv,) = _dry('launch/gke_xpk.sh', 'c', 'w', 'v4-64', '1', 'img:1', config, 'gs://b/w')
+  assert any(f'--config={config}' in a for a in argv)
+
+
 HOSTILE = ['x;reboot', 'x$(id)', 'x`id`', 'x\nid', "x'y", 'x y', 'x&&id', 'x>f']
 
 

@@ -68,11 +68,23 @@ def _params(config, *, scan: bool = False):
   overrides.update(scan_layers=scan, remat_policy='none')
   if overrides.get('representation_size'):
     overrides['representation_size'] = 8
+  if overrides.get('posemb') == 'sincos2d':  # recipe=plain: a width divisible by 4.
+    overrides['hidden_size'] = 16
+    if not _model_accepts_posemb():  # Issue 26 item 1 (branch mopt): until the model has it,
+      del overrides['posemb']  # the learned embedding (not a kernel: never decayed) stands in.
   shapes = models.params_of(models.abstract_model('testing', 5, image_size=32, **overrides))
   leaves, treedef = jax.tree.flatten(shapes)
   keys = jax.random.split(jax.random.key(1), len(leaves))
   leaves = [jax.random.normal(k, x.shape, jnp.float32) for k, x in zip(keys, leaves)]
   return jax.tree.unflatten(treedef, leaves)
+
+
+def _model_accepts_posemb() -> bool:
+  try:
+    models.model_kwargs('ViT-Ti_16', 10, posemb='learn')
+  except ValueError:
+    return False
+  return True
 
 
 def _random_like(params, seed: int):
@@ -153,6 +165,7 @@ def _steps(config):
 PRETRAIN = [
   'model=ViT-B_16,dataset=imagenet2012',
   'model=ViT-B_16,dataset=imagenet21k',
+  'recipe=plain',  # big_vision configs/vit_s16_i1k.py:78-84: the same rule, wd 1e-4 (:83).
 ]
 
 
@@ -188,6 +201,56 @@ def test_augreg_update_for_a_gradient_is_big_visions(arg):
     updates, schedule = _ours(config, params, grads, t)
     _assert_trees_close(updates, _big_vision_update(params, grads, t, config, wd=1e-4))
     assert float(schedule(t)) == pytest.approx(config.lr * _multiplier(t, config), rel=1e-5)
+
+
+@pytest.mark.parametrize('arg', ['recipe=plain', 'model=ViT-B_16,dataset=imagenet2012'])
+def test_adam_mu_is_stored_in_bfloat16_as_big_visions(arg):
+  """vit_s16_i1k.py:80 (vit_i1k.py:130) `optax=dict(mu_dtype='bfloat16')`: scale_by_adam keeps its
+  first moment in bfloat16 between steps. Two updates from step t: the second reads back the
+  bfloat16 mu of the first,
+
+      mu_2 = bf16(b1) * bf16((1 - b1) c_1) + (1 - b1) c_2,
+      nu_2 = b2 (1 - b2) c_1^2 + (1 - b2) c_2^2,
+      p <- p - m(t+1) * (lr * mu_2 / (1 - b1^(t+2)) / (sqrt(nu_2 / (1 - b2^(t+2))) + eps) + wd p)
+
+  with c_i the clipped gradients. optax.tree.update_moment multiplies the stored bfloat16 mu by the
+  Python float b1, which becomes a bfloat16 constant (0.8984375); under jit (big_vision's train step
+  and ours) XLA on CPU, where this runs, computes that product in float32 (the bf16 -> f32
+  conversion pair is folded away), so neither a float32 mu nor an eagerly rounded bfloat16
+  product is what runs."""
+  config = pretrain.get_config(arg)
+  assert config.mu_dtype == 'bfloat16'
+  params = _params(config)
+  g1, g2 = _random_like(params, seed=4), _random_like(params, seed=5)
+  tx, _ = optim.make_optimizer(config)
+  t = config.warmup_steps
+  step = jax.jit(tx.update)
+  _, state1 = step(g1, _at_step(tx.init(params), t), params)
+  mus = [x.mu for x in jax.tree.leaves(state1, is_leaf=lambda x: hasattr(x, 'mu'))
+         if hasattr(x, 'mu')]  # fmt: skip
+  assert mus and {x.dtype for x in jax.tree.leaves(mus)} == {jnp.dtype(jnp.bfloat16)}
+  got, _ = step(g2, state1, params)
+  b1, b2, eps = config.b1, config.b2, config.eps
+  c1, c2 = _clip(g1, config.grad_clip_norm), _clip(g2, config.grad_clip_norm)
+  m = _multiplier(t + 1, config)
+
+  def want(mu_dtype):
+    def one(p, a, b, k):
+      stored = ((1 - b1) * a).astype(mu_dtype).astype(jnp.float32)  # Step 1's mu, stored.
+      b1_ = float(jnp.asarray(b1, mu_dtype))  # b1 as a constant of the stored mu's dtype.
+      mu = b1_ * stored + (1 - b1) * b
+      nu = b2 * (1 - b2) * a * a + (1 - b2) * b * b
+      adam = mu / (1 - b1 ** (t + 2)) / (jnp.sqrt(nu / (1 - b2 ** (t + 2))) + eps)
+      return -m * (config.lr * adam + (config.weight_decay * p if k else 0.0))
+
+    return jax.tree.map(one, params, c1, c2, _kernels(params))
+
+  _assert_trees_close(got, want(jnp.bfloat16), rtol=1e-4, atol=1e-8)
+  f32 = want(jnp.float32)
+  assert not all(
+    np.allclose(g, w, rtol=1e-4, atol=1e-8)
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(f32))
+  )
 
 
 @pytest.mark.parametrize('dataset,paper_wd', [('imagenet2012', 0.3), ('imagenet21k', 0.03)])

@@ -14,9 +14,9 @@ from vit_jax import metrics, train_state
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _start(workdir, steps):
+def _start(workdir, steps, *extra):
   return subprocess.Popen(
-    main_command(workdir, steps),
+    main_command(workdir, steps, *extra),
     cwd=REPO,
     env=cpu_env(),
     stdout=subprocess.PIPE,
@@ -25,9 +25,9 @@ def _start(workdir, steps):
   )
 
 
-def _run(workdir, steps):
+def _run(workdir, steps, *extra):
   proc = subprocess.run(
-    main_command(workdir, steps),
+    main_command(workdir, steps, *extra),
     cwd=REPO,
     env=cpu_env(),
     capture_output=True,

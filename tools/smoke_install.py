@@ -74,9 +74,9 @@ def main() -> int:
       'import jax, numpy as np\n'
       'from PIL import Image\n'
       'from vit_jax import models, npz\n'
-      "m = models.get_model('testing', num_classes=1000, representation_size=None, "
-      'head_zero_init=False)\n'
-      "npz.save(models.init_params(m, jax.random.key(0), 32), 'tiny.npz')\n"
+      "m = models.get_model('testing', num_classes=1000, image_size=32, "
+      'representation_size=None, head_zero_init=False)\n'
+      "npz.save(m, 'tiny.npz')\n"
       "os = __import__('os'); os.makedirs('photos', exist_ok=True)\n"
       'rng = np.random.RandomState(0)\n'
       "Image.fromarray(rng.randint(0, 255, (40, 50, 3), np.uint8)).save('photos/a.png')\n"

@@ -141,6 +141,16 @@ def add_verbose(parser) -> None:
   )
 
 
+def add_weights(parser) -> None:
+  """--weights=ema|raw: which weights of a training workdir (default: its EMA when it kept one)."""
+  parser.add_argument(
+    '--weights',
+    choices=('ema', 'raw'),
+    default=None,
+    help="a workdir's weight EMA or raw params (default: the EMA when the run kept one)",
+  )
+
+
 def run(main, argv: list[str] | None, *, user_errors=USER_ERRORS) -> int:
   """Runs `main(argv) -> int | None`, turning user errors into one line and exit status 2.
 

@@ -106,6 +106,10 @@ ARCHITECTURE = ('patches', 'hidden_size', 'mlp_dim', 'num_heads', 'num_layers', 
 # optimizer state, data position in micro-batches). Every other field may change; it is logged.
 RESUME_REFUSED = ('model_name', 'num_classes', 'image_size', 'dataset', 'optimizer', 'mu_dtype',
                   'batch_size', 'accum_steps')  # fmt: skip
+# `ema_decay` may change between non-zero values (stated); turning the EMA on or off is refused:
+# the checkpoint has or lacks `ema`, and an EMA started mid-run from the current params would not
+# be the average its name says (vit_jax.resume.compare; docs/training.md "Weight EMA").
+RESUME_EMA = 'ema_decay'
 # `model.*` fields are refused too, except these, which change no parameter.
 RESUME_MODEL_FREE = ('dropout_rate', 'attention_dropout_rate', 'droppath_rate', 'remat_policy',
                      'attention_impl', 'patch_dropout')  # fmt: skip
@@ -165,6 +169,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.weight_decay_mode = 'decoupled'
   c.wd_mask = 'kernels'  # Parameters named `kernel` (big_vision's '.*/kernel$'); 'all'; 'none'.
   c.layer_decay = 0.0  # BEiT/timm layer-wise lr decay (e.g. 0.75 when fine-tuning); 0: off.
+  # Weight EMA (vit_jax.ema): state['ema'] <- d_n * ema + (1 - d_n) * params after every update;
+  # evaluated beside the params (eval/<name>/ema_*), used by predict/export. 0: off.
+  c.ema_decay = 0.0  # E.g. 0.9999; d_n = 0 at the first update (timm ModelEmaV3).
+  c.ema_warmup = False  # timm's use_warmup: d_n = min(ema_decay, 1 - (1 + t / gamma) ** -power).
+  c.ema_warmup_gamma = 1.0  # timm ModelEmaV3 warmup_gamma.
+  c.ema_warmup_power = 2 / 3  # timm ModelEmaV3 warmup_power (3/4 for shorter runs).
   # Loss.
   c.loss = 'softmax_xent'
   c.label_smoothing = 0.0
@@ -427,6 +437,7 @@ def _check_fields(config: Mapping) -> None:
       f'layer_decay={config["layer_decay"]} must be in (0, 1] (0: off; BEiT and timm fine-tune '
       'with 0.65-0.75): set --config.layer_decay='
     )
+  _check_ema(config)
   for field in ('batch_size', 'accum_steps', 'eval_batch_size', 'total_steps'):
     if int(config[field]) < 1:
       raise ConfigError(f'{field}={config[field]} must be at least 1: set --config.{field}=')
@@ -456,6 +467,23 @@ def _check_fields(config: Mapping) -> None:
         f'--config.evals.{name}.type='
       )
   _check_image_size(config)
+
+
+def _check_ema(config: Mapping) -> None:
+  ema = float(config.get('ema_decay') or 0.0)
+  if not 0.0 <= ema < 1.0:
+    raise ConfigError(
+      f'ema_decay={config["ema_decay"]} must be in [0, 1) (0: off; timm uses 0.9998-0.9999): set '
+      '--config.ema_decay='
+    )
+  if config.get('ema_warmup') and not ema:
+    raise ConfigError(
+      'ema_warmup=True does nothing with ema_decay=0 (no EMA): set --config.ema_decay= (e.g. '
+      '0.9999) or --config.ema_warmup=False'
+    )
+  for field in ('ema_warmup_gamma', 'ema_warmup_power'):
+    if field in config and not float(config[field]) > 0.0:
+      raise ConfigError(f'{field}={config[field]} must be positive: set --config.{field}=')
 
 
 def _check_image_size(config: Mapping) -> None:

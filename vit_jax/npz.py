@@ -301,21 +301,24 @@ def resize_patch_embedding(kernel: np.ndarray, new_size: tuple[int, int]) -> np.
 
 
 def pretrained_params(
-  pretrained_path: str,
+  pretrained: str | Mapping,
   init_params: Mapping,
   *,
   model_name: str | None = None,
   grid_size: tuple[int, int] | None = None,
+  source: str | None = None,
 ) -> Params:
   """Fine-tuning init as a params tree: the body from a checkpoint, the head from `init_params`.
 
   Args:
-    pretrained_path: original-format `.npz` (local or gs://).
+    pretrained: original-format `.npz` path (local or gs://), or a params tree in the released
+      (unscanned) layout, as `load` or a workdir's restored params give it.
     init_params: freshly initialized params of the target model (defines shapes, the new head, and
       whether the encoder is scanned).
     model_name: the target model's name, for errors. Whether `pre_logits` is kept follows the
       target model: kept when it has a representation layer.
     grid_size: target patch grid for non-square inputs (default: inferred as square).
+    source: what errors call a tree `pretrained` (e.g. the workdir it came from).
 
   Returns:
     Params shaped like `init_params` (same dtypes), with position embeddings resized to the target
@@ -325,7 +328,11 @@ def pretrained_params(
     CheckpointMismatchError: listing every remaining mismatch, with path and model name.
   """
   init_params = flax.core.unfreeze(init_params)
-  restored = load(pretrained_path)
+  if isinstance(pretrained, (str, os.PathLike)):
+    pretrained_path, restored = str(pretrained), load(str(pretrained))
+  else:  # New dicts (the tree is edited below), the same arrays.
+    pretrained_path = source or '<params tree>'
+    restored = jax.tree.map(lambda x: x, flax.core.unfreeze(pretrained))
   if 'encoderblock' in init_params.get('Transformer', {}):
     restored = scan_params(restored)
 

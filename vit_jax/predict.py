@@ -169,6 +169,7 @@ def _parser() -> argparse.ArgumentParser:
   parser.add_argument('--step', type=int, default=None, help="workdir's step (default: latest)")
   parser.add_argument('--image_size', type=int, default=None, help="default: the checkpoint's")
   parser.add_argument('--labels', default=None, help='TFDS dataset name or labels text file')
+  cli.add_weights(parser)
   parser.add_argument('--top_k', type=int, default=5)
   parser.add_argument('--batch_size', type=int, default=32)
   parser.add_argument('--json', action='store_true', help='print one JSON document')

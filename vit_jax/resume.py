@@ -45,7 +45,13 @@ def compare(stored: Mapping, new: Mapping) -> tuple[list[str], list[str]]:
       continue  # An unset model field is the registered model's value, as an absent one was.
     text = f'{key} {a!r} -> {b!r}'
     top, _, leaf = key.partition('.')
-    if key in REFUSED or (top == 'model' and leaf not in MODEL_FREE):
+    if key == config_lib.RESUME_EMA:
+      on = [isinstance(v, int | float) and v > 0 for v in (a, b)]
+      if on[0] != on[1]:
+        refused.append(f'{text} (turns the weight EMA {"on" if on[1] else "off"})')
+      else:
+        stated.append(text)
+    elif key in REFUSED or (top == 'model' and leaf not in MODEL_FREE):
       refused.append(text)
     else:
       stated.append(text)

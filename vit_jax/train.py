@@ -26,6 +26,7 @@ import optax
 from flax import nnx
 
 from vit_jax import config as config_lib
+from vit_jax import ema as ema_lib
 from vit_jax import guards, models, npz, optim, resume, sharding, train_state
 from vit_jax import labels as labels_lib
 from vit_jax import metrics as metrics_lib
@@ -86,6 +87,7 @@ def make_train_step(
   same number of examples). Dropout keys are `fold_in(fold_in(rng, step), micro_batch_index)`.
   uint8 images get the device end of `config.pp_train` first, then mixup (`config.mixup`) mixes
   each micro-batch with a key folded from its dropout key (vit_jax.data.device).
+  With `config.ema_decay`, `state['ema']` follows the updated params (vit_jax.ema).
   """
   from vit_jax import data  # Imported late: TensorFlow is heavy and hides accelerators on import.
 
@@ -95,6 +97,7 @@ def make_train_step(
   prologue = data.device_preprocess(config.get('pp_train', ''))
   mix = dict(config.get('mixup') or {})
   mix = mix if mix.get('p') or mix.get('cutmix_p') else None
+  use_ema = ema_lib.enabled(config)
 
   def loss_fn(params, micro, rng):
     image, targets = prologue(micro['image']), _targets(micro, num_classes, smoothing)
@@ -129,6 +132,8 @@ def make_train_step(
     updates, opt_state = tx.update(grads, state['opt_state'], params)
     new_params = optax.apply_updates(params, updates)
     new_state = {'step': step + 1, 'params': new_params, 'opt_state': opt_state}
+    if use_ema:  # After the optimizer update; `step + 1` updates so far (timm's num_updates).
+      new_state['ema'] = ema_lib.update(state['ema'], new_params, ema_lib.decay(step + 1, config))
     metrics = {
       'train/loss': loss,
       'train/grad_norm': grad_norm,
@@ -165,9 +170,15 @@ class Trainer:
     self.accum_steps = int(config['accum_steps'])
     self.micro_batch = int(config['batch_size']) // self.accum_steps
 
+    self.use_ema = ema_lib.enabled(config)
+
     def init(rng):  # Boxed: leaves carry logical axis names, for the shardings.
       params = sharding.box(models.params_of(build(nnx.Rngs(rng))), axes)
-      return {'step': jnp.zeros((), jnp.int32), 'params': params, 'opt_state': self.tx.init(params)}
+      state = {'step': jnp.zeros((), jnp.int32), 'params': params}
+      state['opt_state'] = self.tx.init(params)
+      if self.use_ema:  # Starts as the params (timm's deepcopy), sharded like them.
+        state['ema'] = ema_lib.copy(params)
+      return state
 
     boxed = jax.eval_shape(init, jax.random.key(0))
     self.state_shardings = sharding.logical_shardings(boxed, self.mesh, self.rules)
@@ -211,7 +222,10 @@ class Trainer:
     """Replaces params by host arrays (e.g. a pretrained checkpoint) and re-inits the optimizer."""
     params = sharding.to_global(params, self.state_shardings['params'])
     opt_init = jax.jit(self.tx.init, out_shardings=self.state_shardings['opt_state'])
-    return {'step': state['step'], 'params': params, 'opt_state': opt_init(params)}
+    out = {'step': state['step'], 'params': params, 'opt_state': opt_init(params)}
+    if self.use_ema:  # The EMA starts from the new params.
+      out['ema'] = jax.jit(ema_lib.copy, out_shardings=self.state_shardings['ema'])(params)
+    return out
 
   def host_params(self, state: dict) -> Any:
     """Params as numpy on every process (gathers across processes when needed)."""
@@ -432,6 +446,8 @@ class _Bookkeeping:
     ran = [ev for ev in self.evaluators.values() if due(step, ev.every, self.total_steps)]
     for ev in ran:
       scalars.update(ev.run(state['params']))
+      if 'ema' in state:  # The same evaluation of the EMA weights: eval/<name>/ema_*.
+        scalars.update(ema_lib.metric_names(ev.run(state['ema'])))
     if ran:
       self.meter.reset(step)
     if scalars:

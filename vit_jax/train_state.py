@@ -1,6 +1,7 @@
 """Train-state checkpoints: orbax `CheckpointManager` (async, atomic, keep-N), resume, preemption.
 
-`workdir/checkpoints/<step>/` holds `state` (params, optimizer state, step, rng; restored directly
+`workdir/checkpoints/<step>/` holds `state` (params, optimizer state, step, rng, the weight EMA
+with `config.ema_decay`; restored directly
 into the run's shardings, so no host holds a full copy) and `meta` (JSON: the step, the data
 position `data_batches = step * accum_steps`, the config). Orbax writes each step to a temporary
 directory and renames it when complete, so a run killed at any moment leaves only whole checkpoints.
@@ -391,11 +392,22 @@ def agree(ok: bool) -> bool:
   return bool(np.all(multihost_utils.process_allgather(np.asarray(ok))))
 
 
-def restore_params(directory: str, step: int | None = None) -> dict:
+WEIGHTS = ('ema', 'raw')  # Which weights of a checkpoint: the EMA (vit_jax.ema) or the params.
+
+
+def restore_params(directory: str, step: int | None = None, *, weights: str = 'raw') -> dict:
   """Reads a train checkpoint's params as host numpy arrays (for predict/export/inspection).
 
   Works whatever mesh or process count wrote it: arrays are read whole, not into shardings.
+
+  Args:
+    directory: the run's checkpoints/ folder.
+    step: which checkpoint (default: the latest).
+    weights: 'raw' (the params), 'ema' (the weight EMA; `ValueError` if the run kept none) or
+      'auto' (the EMA when the checkpoint holds one, else the params).
   """
+  if weights not in (*WEIGHTS, 'auto'):
+    raise ValueError(f'weights={weights!r}; expected one of {WEIGHTS} or auto')
   directory = os.path.abspath(directory) if '://' not in directory else directory
   if step is None:
     manager = ocp.CheckpointManager(directory)
@@ -406,8 +418,14 @@ def restore_params(directory: str, step: int | None = None) -> dict:
   path = os.path.join(directory, str(step), 'state')
   checkpointer = ocp.PyTreeCheckpointer()
   tree = ocp.PyTreeCheckpointHandler().metadata(epath.Path(path)).tree
+  if weights == 'ema' and 'ema' not in tree:
+    raise ValueError(
+      f'checkpoint step {step} in {directory} holds no EMA weights (its run had ema_decay=0): '
+      'use --weights=raw'
+    )
+  item = 'ema' if weights != 'raw' and 'ema' in tree else 'params'
   args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
-  return checkpointer.restore(path, restore_args=args)['params']
+  return checkpointer.restore(path, restore_args=args)[item]
 
 
 class Preempted(BaseException):  # noqa: N818 (not an error: a request to stop)
@@ -454,7 +472,14 @@ class PreemptionWatcher:
     logging.warning('received signal %d: will checkpoint and exit', signum)
 
   def arm(self) -> None:
-    """From now on a signal only sets the flag: the loop checkpoints and stops."""
+    """From now on a signal only sets the flag: the loop checkpoints and stops.
+
+    A start-up signal whose `Preempted` did not reach the top (raised while the main thread ran
+    code that swallows exceptions, such as a finalizer or a library's clean-up) stops the run
+    here, before the first step, as it would have at once.
+    """
+    if self.requested:
+      raise Preempted(signal.SIGTERM)
     self.armed = True
 
   def should_stop(self, step: int) -> bool:

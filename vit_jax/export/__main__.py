@@ -36,6 +36,7 @@ def _main(argv: list[str]) -> int:
   parser.add_argument('--step', type=int, default=None, help="workdir's step (default: latest)")
   parser.add_argument('--image_size', type=int, default=None, help='default: from the checkpoint')
   parser.add_argument('--labels', default=None, help='TFDS dataset name or labels text file')
+  cli.add_weights(parser)
   parser.add_argument('--tolerance', type=float, default=export.TOLERANCE)
   parser.add_argument(
     '--batch_size', type=int, default=None, help='saved_model: a fixed batch size (for TFLite)'

@@ -13,7 +13,6 @@ import dataclasses
 import json
 import logging
 import os
-import tempfile
 from collections.abc import Mapping
 from typing import Any
 
@@ -41,6 +40,7 @@ class Loaded:
   pp_eval: str
   labels: list[str] | None
   source: str
+  weights: str = 'raw'  # A workdir's 'ema' (vit_jax.ema) or 'raw' params; 'raw' for an .npz.
 
   @property
   def fn(self):
@@ -84,8 +84,9 @@ def read_config(workdir: str) -> dict:
     return json.load(f)
 
 
-def workdir_params(workdir: str, step: int | None = None) -> dict:
-  """A workdir's params (latest step, or `step`) as host numpy, released (unscanned) layout."""
+def workdir_params(workdir: str, step: int | None = None, *, weights: str = 'raw') -> dict:
+  """A workdir's params (latest step, or `step`) as host numpy, released (unscanned) layout;
+  `weights='ema'` reads its weight EMA instead (`train_state.restore_params`)."""
   directory = os.path.join(workdir, 'checkpoints')
   if step is not None:
     import tensorflow as tf  # gfile: local or remote workdirs.
@@ -95,7 +96,7 @@ def workdir_params(workdir: str, step: int | None = None) -> dict:
     if step not in steps:
       raise FileNotFoundError(f'{workdir!r} has no checkpoint at step {step}; it has {steps}')
   try:
-    params = train_state.restore_params(directory, step)
+    params = train_state.restore_params(directory, step, weights=weights)
   except FileNotFoundError as e:
     raise FileNotFoundError(f'workdir {workdir!r} has no checkpoint: {e}') from e
   return jax.tree.map(np.asarray, npz.unscan_params(flax.core.unfreeze(params)))
@@ -236,6 +237,7 @@ def load(
   step: int | None = None,
   image_size: int | None = None,
   labels: str | None = None,
+  weights: str | None = None,
 ) -> Loaded:
   """Loads an `.npz` (local or gs://) or a training workdir for inference.
 
@@ -246,13 +248,16 @@ def load(
     image_size: input side (default: the workdir's, or inferred from the position embeddings).
     labels: TFDS dataset name or labels text file (default: the workdir's dataset; ImageNet's
       names for 1000/21843-class checkpoints).
+    weights: a workdir's 'ema' (its weight EMA) or 'raw' params; None: the EMA when the run kept
+      one (`config.ema_decay`), else the params. An `.npz` holds one set ('raw').
 
   Raises:
     ValueError: no model name for an `.npz`, or a checkpoint that does not fit the model.
   """
   if is_workdir(path):
     config = read_config(path)
-    params = workdir_params(path, step)
+    weights = weights or ('ema' if float(config.get('ema_decay') or 0.0) > 0 else 'raw')
+    params = workdir_params(path, step, weights=weights)
     name = config['model_name']
     num_classes = int(params['head']['bias'].shape[0]) if 'head' in params else 0
     image_size = image_size or int(config['image_size'])
@@ -263,6 +268,9 @@ def load(
       labels = stored if _exists(stored) else config.get('dataset')
     data_dir = config.get('data_dir') or None
   else:
+    if weights == 'ema':
+      raise ValueError(f'{path!r} is an .npz, which holds one set of weights: drop --weights=ema')
+    weights = 'raw'
     if not model_name:
       raise ValueError(
         f'{path!r} is not a workdir (no config.json), so --model is needed to read it as an .npz'
@@ -293,34 +301,28 @@ def load(
     pp_eval=pp_eval,
     labels=label_names(labels, num_classes, data_dir) if num_classes else None,
     source=path,
+    weights=weights,
   )
 
 
 def load_pretrained(pretrained_path: str, init_params: Mapping, *, model_name=None, step=None):
-  """`npz.pretrained_params` that also takes a training workdir (its latest step's params).
-
-  The workdir's params are written to a temporary `.npz` in the released layout and read back
-  through `npz.pretrained_params`, so both sources get the same head re-init and resizing.
-  """
+  """`npz.pretrained_params` of an `.npz` or of a training workdir (its latest step's params,
+  or `step`'s): both sources get the same head re-init and resizing.
+  """  # fmt: skip
   if not is_workdir(pretrained_path):
     return npz.pretrained_params(pretrained_path, init_params, model_name=model_name)
   params = workdir_params(pretrained_path, step)
-  with tempfile.TemporaryDirectory() as tmp:
-    path = os.path.join(tmp, 'params.npz')
-    npz.save(params, path)
-    try:
-      return npz.pretrained_params(path, init_params, model_name=model_name)
-    except npz.CheckpointMismatchError as e:
-      raise npz.CheckpointMismatchError(str(e).replace(path, pretrained_path)) from None
+  return npz.pretrained_params(params, init_params, model_name=model_name, source=pretrained_path)
 
 
 def load_from_args(args) -> Loaded:
-  """`load` with the --checkpoint, --model, --step, --image_size and --labels flags that
-  `vit_jax.predict` and `vit_jax.export` share."""
+  """`load` with the --checkpoint, --model, --step, --image_size, --labels and --weights flags
+  that `vit_jax.predict` and `vit_jax.export` share."""
   return load(
     args.checkpoint,
     model_name=args.model,
     step=args.step,
     image_size=args.image_size,
     labels=args.labels,
+    weights=getattr(args, 'weights', None),
   )

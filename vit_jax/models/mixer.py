@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from vit_jax.models.vit import Dense, LayerNorm, PatchEmbedding
+from vit_jax.models.vit import Dense, KeyStream, LayerNorm, PatchEmbedding
 from vit_jax.sharding import constrain
 
 Dtype = Any
@@ -57,7 +57,7 @@ class MlpMixer(nnx.Module):
     *,
     rngs: nnx.Rngs,
   ):
-    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=KeyStream.of(rngs))
     size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
     ph, pw = patches
     if size[0] % ph or size[1] % pw:

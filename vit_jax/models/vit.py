@@ -30,6 +30,36 @@ CLASSIFIERS = ('token', 'gap', 'map', 'unpooled', 'token_unpooled')
 POSEMBS = ('learn', 'sincos2d')
 
 
+class KeyStream:
+  """The `params()` and `dropout()` draws of an `nnx.Rngs`, counted in Python: one key per stream
+  from `rngs`, then `fold_in(key, n)` for the n-th draw.
+
+  `nnx.Rngs` counts draws in a state variable; under a trace (`nnx.eval_shape`, the Trainer's
+  jitted init) every update of it asks the tracer for its sharding and JAX's message for the
+  missing attribute walks the whole trace, so building a model cost time quadratic in its size
+  (an unscanned ViT-H/14 under `nnx.eval_shape`: 24 s). With this stream it is linear.
+  """  # fmt: skip
+
+  def __init__(self, rngs: nnx.Rngs):
+    self._rngs, self._keys, self._count = rngs, {}, 0
+
+  @classmethod
+  def of(cls, rngs) -> KeyStream:
+    return rngs if isinstance(rngs, KeyStream) else cls(rngs)
+
+  def _draw(self, stream: str) -> jax.Array:
+    if stream not in self._keys:
+      self._keys[stream] = getattr(self._rngs, stream)()
+    self._count += 1
+    return jax.random.fold_in(self._keys[stream], self._count)
+
+  def params(self) -> jax.Array:
+    return self._draw('params')
+
+  def dropout(self) -> jax.Array:
+    return self._draw('dropout')
+
+
 def param(rngs: nnx.Rngs, initializer: Initializer, shape, dtype, axes) -> nnx.Param:
   """A parameter drawn from `rngs.params()`, tagged with its logical axis names."""
   return nnx.Param(initializer(rngs.params(), shape, dtype), logical_axes=tuple(axes))
@@ -75,24 +105,25 @@ class Dense(nnx.Module):
     return jnp.dot(x.astype(self.dtype), kernel) + bias
 
 
-class LayerNorm(nnx.Module):
-  """LayerNorm over the last axis with flax's arithmetic (float32 statistics, variance as
-  E[x^2] - E[x]^2); epsilon 1e-6, as the released models.
+def LayerNorm(
+  features: int, *, dtype: Dtype, param_dtype: Dtype, rngs: nnx.Rngs, axis: str = 'embed'
+) -> nnx.LayerNorm:
+  """Flax's `nnx.LayerNorm` over the last axis (`scale`, `bias`), epsilon 1e-6 as the released
+  models: float32 statistics, variance as E[x^2] - E[x]^2 (the arithmetic of the linen LayerNorm
+  that big_vision and the original project use). Flax's op, not a hand-written one: XLA's CPU
+  fusion of a hand-written LayerNorm's backward recomputed the residual gradient of every block
+  once per consumer (a 2.4x slower ViT-Ti/16 train step, benchmarks/peers.py).
   """  # fmt: skip
-
-  def __init__(
-    self, features: int, *, dtype: Dtype, param_dtype: Dtype, rngs: nnx.Rngs, axis='embed'
-  ):
-    self.scale = param(rngs, init.ones, (features,), param_dtype, (axis,))
-    self.bias = param(rngs, init.zeros, (features,), param_dtype, (axis,))
-    self.dtype = dtype
-
-  def __call__(self, x: jax.Array) -> jax.Array:
-    xf = x.astype(jnp.float32)
-    mean = jnp.mean(xf, axis=-1, keepdims=True)
-    var = jnp.maximum(0.0, jnp.mean(jnp.square(xf), axis=-1, keepdims=True) - jnp.square(mean))
-    mul = jax.lax.rsqrt(var + 1e-6) * self.scale[...]
-    return ((xf - mean) * mul + self.bias[...]).astype(self.dtype)
+  axes = {'logical_axes': (axis,)}
+  return nnx.LayerNorm(
+    features,
+    epsilon=1e-6,
+    dtype=dtype,
+    param_dtype=param_dtype,
+    scale_metadata=axes,
+    bias_metadata=axes,
+    rngs=rngs,
+  )
 
 
 class MlpBlock(nnx.Module):
@@ -438,7 +469,7 @@ class Encoder(nnx.Module):
     )
     if scan_layers:
       keys = jax.random.split(rngs.params(), num_layers)
-      self.encoderblock = nnx.vmap(lambda key: block(nnx.Rngs(params=key)))(keys)
+      self.encoderblock = nnx.vmap(lambda key: block(KeyStream(nnx.Rngs(params=key))))(keys)
       for _, variable in nnx.iter_graph(self.encoderblock):
         if isinstance(variable, nnx.Param):
           variable.set_metadata('logical_axes', ('layers', *variable.get_metadata('logical_axes')))
@@ -580,6 +611,7 @@ class VisionTransformer(nnx.Module):
     if transformer.get('patch_dropout') and classifier in ('unpooled', 'token_unpooled'):
       raise ValueError(f'patch_dropout drops tokens, so an {classifier!r} classifier (one output '
                        'per token) cannot use it; use token, gap or map')  # fmt: skip
+    rngs = KeyStream.of(rngs)
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
     channels = 3
