@@ -2,6 +2,7 @@ r"""Training-step throughput and MFU of the Trainer's own step, one JSON line pe
 
   python benchmarks/train_throughput.py --model ViT-B_16 --batch 8 --image_size 224
   python benchmarks/train_throughput.py --model ViT-B_16,ViT-L_16 --batch 256 --dtype bfloat16
+  python benchmarks/train_throughput.py --model ViT-B_16 --batch 4 --patch_dropout 0.0,0.5
 
 Keys: model, batch, image_size, dtype, images_per_s, step_ms (median of --rounds rounds after a
 warm-up step), compile_s, model_flops_per_image (`vit_jax.metrics.model_flops`: dense layers,
@@ -10,6 +11,9 @@ on CPU the f32 matmul ceiling, timed round-robin with the steps in this process)
 (CPU), mfu, mfu_vs_ceiling (CPU), peak_host_mem_mb, peak_device_mem_mb (accelerators), attention
 (the implementation in the compiled program), plain_step_ms and trainer_vs_plain_jit (the same pure
 step jitted directly, timed interleaved with the Trainer's), plus the options that were set.
+`--patch_dropout R1,R2,...` builds each rate's Trainer in this process (`patch_dropout`; the FLOPs
+and MFU count the patch tokens kept), then times their steps again round-robin:
+`step_ms_interleaved` and `step_ratio_vs_first` (over the first rate's).
 """
 
 from __future__ import annotations
@@ -24,10 +28,12 @@ from vit_jax import config as config_lib  # noqa: E402
 from vit_jax import metrics, train  # noqa: E402
 
 
-def run(args, name: str) -> dict:
+def run(args, name: str, patch_dropout: float = 0.0) -> dict:
   config = config_lib.base_config()
   config.model_name = name
   fields = dict(dtype=args.dtype, scan_layers=args.scan, remat_policy=args.remat)
+  if patch_dropout:
+    fields['patch_dropout'] = patch_dropout
   if args.attention_impl:
     fields['attention_impl'] = args.attention_impl
   config.model.update(fields)
@@ -88,7 +94,10 @@ def run(args, name: str) -> dict:
     plain_step_ms=common.rounded(common.median(times['plain']) * 1e3),
     trainer_vs_plain_jit=common.rounded(ratio),
   )
-  return dict(record, devices=trainer.mesh.size, remat=args.remat, mesh=args.mesh)
+  record = dict(
+    record, devices=trainer.mesh.size, remat=args.remat, mesh=args.mesh, patch_dropout=patch_dropout
+  )
+  return record, step
 
 
 def main():
@@ -96,17 +105,35 @@ def main():
   parser.add_argument('--remat', default='none', help="'none', 'full' or a checkpoint policy")
   parser.add_argument('--mesh', default='data=1', help="e.g. 'data=2,fsdp=4,tensor=1'")
   parser.add_argument('--optimizer', default='sgd', choices=['sgd', 'adamw'])
+  parser.add_argument(
+    '--patch_dropout', default='0.0', help='rate(s), comma-separated: e.g. 0.0,0.5 (training only)'
+  )
   args = parser.parse_args()
+  rates = [float(r) for r in args.patch_dropout.split(',')]
   for name in args.model.split(','):
-    r = run(args, name)
-    common.emit(
-      r,
-      f'{name} train b{r["batch"]} {r["image_size"]}px {r["dtype"]}: {r["step_ms"]:.1f} ms, '
-      f'{r["images_per_s"]:.1f} img/s, compile {r["compile_s"]:.1f}s, '
-      f'{r["model_flops_per_image"] / 1e9:.2f} GFLOP/img, MFU {r["mfu"]:.1%} of '
-      f'{r["peak_flops"] / 1e9:.0f} GFLOP/s ({r["device_kind"]}), attention {r["attention"]}; '
-      f'Trainer step / plain jax.jit of it {r["trainer_vs_plain_jit"]:.3f}',
-    )
+    runs = {rate: run(args, name, rate) for rate in rates}
+    if len(rates) > 1:  # The rates' steps again, interleaved round-robin: a shared machine's load
+      # then weighs on every rate alike.
+      times = common.interleaved({rate: step for rate, (_, step) in runs.items()}, args.rounds)
+      first = common.median(times[rates[0]])
+      for rate, (r, _) in runs.items():
+        r['step_ms_interleaved'] = common.rounded(common.median(times[rate]) * 1e3)
+        r['step_ratio_vs_first'] = common.rounded(common.median(times[rate]) / first)
+    for rate, (r, _) in runs.items():
+      ratio = r.get('step_ratio_vs_first', 1.0)
+      _emit(name, rate, rates[0], ratio, r)
+
+
+def _emit(name, rate, first_rate, ratio, r):
+  common.emit(
+    r,
+    f'{name} train b{r["batch"]} {r["image_size"]}px {r["dtype"]} patch_dropout {rate}: '
+    f'{r["step_ms"]:.1f} ms ({ratio:.3f}x of patch_dropout {first_rate}, interleaved), '
+    f'{r["images_per_s"]:.1f} img/s, compile {r["compile_s"]:.1f}s, '
+    f'{r["model_flops_per_image"] / 1e9:.2f} GFLOP/img, MFU {r["mfu"]:.1%} of '
+    f'{r["peak_flops"] / 1e9:.0f} GFLOP/s ({r["device_kind"]}), attention {r["attention"]}; '
+    f'Trainer step / plain jax.jit of it {r["trainer_vs_plain_jit"]:.3f}',
+  )
 
 
 if __name__ == '__main__':

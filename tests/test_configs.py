@@ -84,6 +84,14 @@ def test_every_recipe_takes_the_documented_model_overrides(module, arg):
   _, kwargs = models.model_kwargs(config.model_name, 10, **config_lib.model_kwargs(config))
   assert kwargs['hidden_size'] == 64
   models.abstract_model(config.model_name, 10, **config_lib.model_kwargs(config))
+  # The model options of docs/models.md, as --config.model.NAME=value gives them.
+  config.model.update(posemb='sincos2d', num_registers=4, layer_scale=1e-4, qk_norm=True)
+  config.model.patch_dropout = 0.5
+  config_lib.validate(config, environment=False)
+  _, kwargs = models.model_kwargs(config.model_name, 10, **config_lib.model_kwargs(config))
+  assert kwargs['num_registers'] == 4 and kwargs['transformer']['posemb'] == 'sincos2d'
+  model = models.abstract_model(config.model_name, 10, **config_lib.model_kwargs(config))
+  assert model.registers.shape == (1, 4, 64) and model.transformer['patch_dropout'] == 0.5
 
 
 def test_the_schema_is_what_the_readers_accept():
@@ -93,6 +101,7 @@ def test_the_schema_is_what_the_readers_accept():
   assert config_lib.CHOICES['wd_mask'] == optim.WD_MASKS
   assert config_lib.CHOICES['loss'] == train.LOSSES
   assert config_lib.CHOICES['model.classifier'] == vit.CLASSIFIERS
+  assert config_lib.CHOICES['model.posemb'] == vit.POSEMBS
   assert set(config_lib.EVAL_TYPES) == set(evaluators_common.TYPES)
   assert config_lib.base_config().weight_decay_mode == 'decoupled'
   assert config_lib.CHOICES['weight_decay_mode'] == ('decoupled', 'lr_scaled')
@@ -106,10 +115,8 @@ def test_the_schema_is_what_the_readers_accept():
     if family != 'mixer':
       defaults.update(scan_layers=False, remat_policy='none', attention_impl='xla')
       defaults.update(head_bias_init=0.0, head_zero_init=True, droppath_rate=0.0)
-      if POSEMB:
-        defaults.update(posemb='learn')
-      else:  # Declared for recipe=plain before the model option lands (see POSEMB).
-        fields.discard('posemb')
+      defaults.update(posemb='learn', num_registers=0, layer_scale=None, qk_norm=False)
+      defaults.update(patch_dropout=0.0)  # The model options (docs/models.md), off.
     assert set(defaults) == fields, family
     models.get_model(name, num_classes=10, **defaults)  # Every declared field is accepted.
 

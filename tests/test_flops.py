@@ -95,3 +95,28 @@ def test_train_is_three_forwards_less_the_image_gradient():
 
 def test_mfu():
   assert metrics.mfu(1e9, 100.0, 4e11) == pytest.approx(0.25)
+
+
+@pytest.mark.parametrize('classifier', ['token', 'gap'])
+def test_registers_and_patch_dropout_count_the_tokens_processed(classifier):
+  """A training step with patch dropout 0.5 processes half the patches (XLA agrees); evaluation
+  counts all of them, as the model without the option; registers count as tokens."""
+  kw = dict(_SMALL_WIDE, classifier=classifier, num_registers=4)
+  model = models.abstract_model('ViT-Ti_16', 10, image_size=64, patch_dropout=0.5, **kw)
+  plain = models.abstract_model('ViT-Ti_16', 10, image_size=64, **kw)
+  assert metrics.model_flops(model, 64, train=False) == metrics.model_flops(plain, 64, train=False)
+  ours = metrics.model_flops(model, 64, train=True)
+  assert ours < 0.6 * metrics.model_flops(plain, 64, train=True)
+  images = jax.ShapeDtypeStruct((2, 64, 64, 3), jnp.float32)
+  forward = models.functional(model)
+  step = jax.grad(lambda p, x: jnp.sum(forward(p, x, train=True, rng=jax.random.key(0))))
+  cost = jax.jit(step).lower(models.params_of(model), images).compile().cost_analysis()
+  xla = float((cost[0] if isinstance(cost, (list, tuple)) else cost)['flops']) / 2
+  assert xla * (1 - 0.08) <= ours <= xla
+  no_regs = models.abstract_model('ViT-Ti_16', 10, image_size=64, **dict(kw, num_registers=0))
+  d, mlp, layers = 64, 256, 2
+  per_token = 8.0 * d * d + 4.0 * d * mlp  # Projections and MLP of one token in one block.
+  # 4 registers in every block (the last block of a token head computes the class token only).
+  flops = lambda m: metrics.model_flops(m, 64, train=False)
+  extra = flops(plain) - flops(no_regs)
+  assert extra >= (layers - 1) * 4 * per_token

@@ -126,13 +126,17 @@ def test_bfloat16_momentum_state():
 def _timm_layer_id(timm_name: str, depth: int) -> int:
   """timm optim/_param_groups.py:136-162 with ViT's group_matcher (vision_transformer.py:973-976):
   stem r'^cls_token|reg_token|pos_embed|patch_embed' -> 0, r'^blocks\\.(\\d+)' -> i + 1,
-  r'^norm' -> depth + 1, anything else (head, fc_norm, attn_pool) -> layer_max = depth + 1."""
+  r'^norm' -> the last block's depth (its ordinal MATCH_PREV_GROUP joins the previous group,
+  models/_manipulate.py:77,125; what timm 1.0.31 computes, tests/test_model_options.py), anything
+  else (head, fc_norm, attn_pool) -> layer_max = depth + 1."""
   import re
 
   if re.match(r'^cls_token|reg_token|pos_embed|patch_embed', timm_name):
     return 0
   if match := re.match(r'^blocks\.(\d+)', timm_name):
     return int(match.group(1)) + 1
+  if re.match(r'^norm', timm_name):
+    return depth
   return depth + 1
 
 
@@ -190,6 +194,7 @@ def test_layer_decay_scales_the_lr_part_of_the_update(mode):
       'encoder_norm': {'scale': jnp.ones((2,))},
     },
     'embedding': {'kernel': jnp.ones((1, 1, 3, 2))},
+    'head': {'kernel': jnp.ones((2, 2))},
   }
   base = dict(optimizer='adamw', warmup_steps=0, decay_type='constant', lr=0.01)
   base.update(weight_decay=0.1, weight_decay_mode=mode)
@@ -207,8 +212,9 @@ def test_layer_decay_scales_the_lr_part_of_the_update(mode):
   assert float(got['embedding']['kernel'].ravel()[0]) == pytest.approx(
     -(0.01 * 0.125 + 0.1) if mode == 'decoupled' else -0.01 * 0.125 * 1.1, rel=1e-5
   )
-  np.testing.assert_allclose(
-    got['Transformer']['encoder_norm']['scale'], plain['Transformer']['encoder_norm']['scale']
-  )
+  np.testing.assert_allclose(got['head']['kernel'], plain['head']['kernel'])  # Multiplier 1.
+  # The final norm goes with the last block (timm): its lr part is halved, its decay is not.
+  norm, plain_norm = got['Transformer']['encoder_norm'], plain['Transformer']['encoder_norm']
+  assert float(norm['scale'][0]) != pytest.approx(float(plain_norm['scale'][0]))
   with pytest.raises(ValueError, match='layer_decay=1.5 must be in'):
     optim.make_optimizer(_config(**base, layer_decay=1.5))

@@ -79,7 +79,7 @@ def test_global_batch_from_process_local_data():
   np.testing.assert_array_equal(np.asarray(batch['image']), local['image'])
 
 
-def _tiny_config(**mesh):
+def _tiny_config(options=None, **mesh):
   c = config_lib.base_config()
   c.model_name = 'testing'
   c.model = ml_collections.ConfigDict(
@@ -92,6 +92,7 @@ def _tiny_config(**mesh):
       'dropout_rate': 0.0,
     }
   )
+  c.model.update(options or {})
   c.image_size = 16
   c.batch_size = 16
   c.eval_batch_size = 16
@@ -116,7 +117,18 @@ def _run_steps(config, devices, batches):
   return trainer, losses, jax.tree.map(np.asarray, state['params'])
 
 
-def test_dp_fsdp_tensor_parallel_are_equivalent():
+# Every model option of docs/models.md at once (patch dropout draws the same patches on any mesh).
+_OPTIONS = {
+  'posemb': 'sincos2d',
+  'num_registers': 2,
+  'layer_scale': 0.5,
+  'qk_norm': True,
+  'patch_dropout': 0.25,
+}
+
+
+@pytest.mark.parametrize('options', [None, _OPTIONS], ids=['released', 'options'])
+def test_dp_fsdp_tensor_parallel_are_equivalent(options):
   """One device vs 8-way DP vs 8-way FSDP vs FSDP 2 x tensor 4: same losses and params."""
   rng = np.random.default_rng(0)
   batch = {
@@ -132,7 +144,7 @@ def test_dp_fsdp_tensor_parallel_are_equivalent():
   }
   results = {}
   for name, (mesh, devices) in runs.items():
-    results[name] = _run_steps(_tiny_config(**mesh), devices, batches)
+    results[name] = _run_steps(_tiny_config(options, **mesh), devices, batches)
   # The parallel layouts really are different: FSDP shards kernels over fsdp, TP over tensor.
   kernel = lambda t: t.state_shardings['params']['Transformer']['encoderblock_0']['MlpBlock_3'][
     'Dense_0'

@@ -64,8 +64,6 @@ MODEL_FIELDS = {
   'num_layers': (int, None, _VIT),
   'classifier': (str, None, _VIT),
   'representation_size': (int, None, _VIT),  # Width of the pre-logits layer (None: none).
-  # 'learn' (the released checkpoints) or 'sincos2d' (big_vision posemb_sincos_2d, no parameter).
-  'posemb': (str, None, _VIT),
   'head_bias_init': (float, None, _VIT),
   'head_zero_init': (bool, None, _VIT),
   'dropout_rate': (float, None, _VIT),
@@ -74,6 +72,12 @@ MODEL_FIELDS = {
   'scan_layers': (bool, None, _VIT),  # One nn.scan over stacked blocks: faster compilation.
   'remat_policy': (str, None, _VIT),  # 'none', 'full' or a jax.checkpoint_policies name.
   'attention_impl': (str, None, _VIT),  # 'xla', 'cudnn'; None: cuDNN on GPUs for bf16/f16.
+  # Options of issue 26 (docs/models.md): all off by default, the released architecture.
+  'posemb': (str, None, _VIT),  # 'learn' (released) or 'sincos2d' (fixed, no parameter).
+  'num_registers': (int, None, _VIT),  # Register tokens after the class token (Darcet et al.).
+  'layer_scale': (float, None, _VIT),  # LayerScale init value (CaiT / DeiT III); None: off.
+  'qk_norm': (bool, None, _VIT),  # LayerNorm on queries and keys per head (ViT-22B).
+  'patch_dropout': (float, None, _VIT),  # Training only: drop this fraction of patch tokens.
   # MLP-Mixer.
   'hidden_dim': (int, None, ('mixer',)),
   'num_blocks': (int, None, ('mixer',)),
@@ -87,11 +91,16 @@ _MODEL_OFF = {
   'droppath_rate': 0.0,
   'scan_layers': False,
   'remat_policy': 'none',
+  'posemb': 'learn',
+  'num_registers': 0,
+  'qk_norm': False,
+  'patch_dropout': 0.0,
 }
 # The architecture: with `pretrained_path=WORKDIR` these come from the workdir's config.json.
 ARCHITECTURE = ('patches', 'hidden_size', 'mlp_dim', 'num_heads', 'num_layers', 'classifier',
-                'representation_size', 'posemb', 'hidden_dim', 'num_blocks', 'tokens_mlp_dim',
-                'channels_mlp_dim')  # fmt: skip
+                'representation_size', 'hidden_dim', 'num_blocks', 'tokens_mlp_dim',
+                'channels_mlp_dim', 'posemb', 'num_registers', 'layer_scale',
+                'qk_norm')  # fmt: skip
 
 # Resume (vit_jax.resume): fields whose change makes the saved state unusable (shapes, dtypes,
 # optimizer state, data position in micro-batches). Every other field may change; it is logged.
@@ -103,7 +112,7 @@ RESUME_REFUSED = ('model_name', 'num_classes', 'image_size', 'dataset', 'optimiz
 RESUME_EMA = 'ema_decay'
 # `model.*` fields are refused too, except these, which change no parameter.
 RESUME_MODEL_FREE = ('dropout_rate', 'attention_dropout_rate', 'droppath_rate', 'remat_policy',
-                     'attention_impl')  # fmt: skip
+                     'attention_impl', 'patch_dropout')  # fmt: skip
 
 
 def _model_schema() -> ml_collections.ConfigDict:

@@ -67,11 +67,12 @@ def model_flops(
   hybrids, Q/K/V/out projections, attention's two token-by-token products (QK^T and weights x V),
   MLPs, pooling heads and the classifier. Under a class-token head the last block is needed for
   the class token only (its queries, attention output and MLP; keys and values of all tokens),
-  which is what the unscanned model computes. Normalization, activations and softmax are left
-  out (a few percent), as is rematerialized work and the scanned model's full last block, so MFU
-  is comparable whatever the remat policy or `scan_layers`. `train`: forward + backward, i.e. 3x
-  the forward, less the gradient with respect to the images that no one computes (the first
-  layer's backward is its weight gradient only).
+  which is what the unscanned model computes. Register tokens count as tokens; with patch dropout
+  a training step counts the patch tokens it keeps (`train`), evaluation all. Normalization,
+  activations and softmax are left out (a few percent), as is rematerialized work and the scanned
+  model's full last block, so MFU is comparable whatever the remat policy or `scan_layers`.
+  `train`: forward + backward, i.e. 3x the forward, less the gradient with respect to the images
+  that no one computes (the first layer's backward is its weight gradient only).
 
   Args:
     model: a `VisionTransformer` or `MlpMixer` (unbound; only its fields are read).
@@ -89,6 +90,7 @@ def model_flops(
   ph, pw = model.patches
   first = 0.0  # FLOPs of the layer that sees the images (no input gradient in training).
   from vit_jax import models
+  from vit_jax.models import vit
 
   if models.model_family(model) == 'mixer':
     tokens, d = (image_size // ph) * (image_size // pw), model.hidden_dim
@@ -109,7 +111,13 @@ def model_flops(
     else:
       rest = embed
     t = model.transformer
-    n = grid + (model.classifier in ('token', 'token_unpooled'))
+    # Tokens the blocks process: the class token, the registers and the patches, of which a
+    # training step with patch dropout keeps only `keep_patches` (the patch embedding sees all).
+    patches = grid
+    if train and t.get('patch_dropout'):
+      patches = vit.keep_patches(grid, t['patch_dropout'])
+    n = patches + (model.classifier in ('token', 'token_unpooled'))
+    n += getattr(model, 'num_registers', 0)
     mlp = t['mlp_dim']
     # Q, K, V and out projections; attention's QK^T and weights x V; the MLP.
     per_layer = 8.0 * n * d * d + 4.0 * n * n * d + 4.0 * n * d * mlp

@@ -346,6 +346,7 @@ def pretrained_params(
     restored['head'] = init_params['head']
   else:
     restored.pop('head', None)
+  _adopt_new_options(restored, init_params)
 
   encoder = restored.get('Transformer', {})
   if 'posembed_input' in encoder:
@@ -366,6 +367,40 @@ def pretrained_params(
 
   check_tree(restored, init_params, path=pretrained_path, model_name=model_name)
   return jax.tree.map(lambda r, i: np.asarray(r).astype(i.dtype), restored, init_params)
+
+
+def _adopt_new_options(restored: dict, init_params: Mapping) -> None:
+  """Fine-tuning a checkpoint into a model with options it lacks (docs/models.md): register
+  tokens, LayerScale and QK-norm parameters keep the target's fresh init; a `posemb='sincos2d'`
+  target drops the checkpoint's learned position table. Logged; other mismatches stay errors."""
+  added = []
+  if 'registers' in init_params and 'registers' not in restored:
+    restored['registers'] = init_params['registers']
+    added.append('registers')
+  encoder, target = restored.get('Transformer'), init_params.get('Transformer', {})
+  if not isinstance(encoder, dict):
+    return
+  if 'posembed_input' in encoder and 'posembed_input' not in target and 'encoder_norm' in target:
+    logging.info("load_pretrained: dropping the learned position table (target: posemb='sincos2d')")
+    del encoder['posembed_input']
+  new = ('layerscale_attention', 'layerscale_mlp')
+  for name, block in target.items():
+    if not name.startswith('encoderblock') or name not in encoder:
+      continue
+    ours = encoder[name] = dict(encoder[name])
+    for key in new:
+      if key in block and key not in ours:
+        ours[key] = block[key]
+        added.append(f'{name}/{key}')
+    attention = block.get('MultiHeadDotProductAttention_1', {})
+    if 'query_norm' in attention and 'MultiHeadDotProductAttention_1' in ours:
+      theirs = ours['MultiHeadDotProductAttention_1'] = dict(ours['MultiHeadDotProductAttention_1'])
+      for key in ('query_norm', 'key_norm'):
+        if key not in theirs:
+          theirs[key] = attention[key]
+          added.append(f'{name}/{key}')
+  if added:
+    logging.info('load_pretrained: not in the checkpoint, fresh init kept: %s', ', '.join(added))
 
 
 # --- NNX models -----------------------------------------------------------------------------------

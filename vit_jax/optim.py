@@ -90,7 +90,10 @@ def weight_decay_mask(params: Any, kind: str) -> Any:
 
 _BLOCK = re.compile(r'(?:encoderblock|MixerBlock)_(\d+)$')
 _SCANNED_BLOCK = 'encoderblock'
-_TOP = ('encoder_norm', 'pre_logits', 'head', 'MAPHead_0', 'pre_head_layer_norm')
+_TOP = ('pre_logits', 'head', 'MAPHead_0')
+# timm's group_matcher gives the final norm the ordinal MATCH_PREV_GROUP, which joins it to the
+# last block's group (timm models/_manipulate.py:77, 125): its multiplier is the last block's.
+_LAST_BLOCK = ('encoder_norm', 'pre_head_layer_norm')
 
 
 def _num_layers(tree: Any) -> int:
@@ -108,8 +111,9 @@ def _num_layers(tree: Any) -> int:
 def layer_decay_multipliers(tree: Any, decay: float) -> Any:
   """BEiT's layer-wise learning-rate decay, with timm's layer ids (timm optim/_param_groups.py
   `param_groups_layer_decay`; ViT's `group_matcher`: stem, blocks, norm): layer 0 for the
-  embeddings (patch embedding, class token, position embedding, hybrid stem), block i for
-  `encoderblock_i`, L + 1 for the final norm and the head (pre-logits, MAP pooling); the multiplier
+  embeddings (patch embedding, class token, registers, position embedding, hybrid stem), block i
+  for `encoderblock_i` and the final norm with the last block (timm's MATCH_PREV_GROUP), L + 1
+  for the head (pre-logits, MAP pooling); the multiplier
   is `decay ** (L + 1 - layer)`. A scanned stack gets one multiplier per layer along its leading
   axis. Returns a tree of multipliers broadcastable to the leaves of `tree`.
   """
@@ -125,6 +129,8 @@ def layer_decay_multipliers(tree: Any, decay: float) -> Any:
         return per_layer.reshape((depth,) + (1,) * (jnp.ndim(x) - 1))
       if name in _TOP:
         return 1.0
+      if name in _LAST_BLOCK:
+        return decay
     return decay ** (depth + 1)
 
   return jax.tree_util.tree_map_with_path(one, tree)

@@ -96,13 +96,16 @@ def load_images(paths: list[str], pp: str | int) -> np.ndarray:
   return np.stack([fn(read_image(path)).numpy() for path in paths])
 
 
-def attention_rollout(weights: list[jax.Array], *, token: bool = True) -> jax.Array:
+def attention_rollout(
+  weights: list[jax.Array], *, token: bool = True, registers: int = 0
+) -> jax.Array:
   """Attention rollout over the patch grid: [batch, gh, gw], each map summing to 1.
 
   Per layer, heads are averaged and the residual connection is added as identity
   (0.5 * A + 0.5 * I, rows renormalised); the layers' matrices are multiplied from the first
-  up. The map is the class token's row (the mean over all tokens' rows without a class token)
-  restricted to the patches and renormalised to sum to 1.
+  up. The map is the class token's row (the mean over the patches' rows without a class token)
+  restricted to the patches and renormalised to sum to 1. `registers`: register tokens after
+  the class token; the flow through them counts, but they are neither rows nor columns of the map.
   """
   rollout = None
   for w in weights:
@@ -110,7 +113,8 @@ def attention_rollout(weights: list[jax.Array], *, token: bool = True) -> jax.Ar
     a = 0.5 * a + 0.5 * jnp.eye(a.shape[-1])
     a = a / jnp.sum(a, axis=-1, keepdims=True)
     rollout = a if rollout is None else a @ rollout
-  row = rollout[:, 0, 1:] if token else jnp.mean(rollout, axis=1)
+  first = int(token) + registers  # The first patch token.
+  row = rollout[:, 0, first:] if token else jnp.mean(rollout[:, first:, first:], axis=1)
   row = row / jnp.sum(row, axis=-1, keepdims=True)
   grid = int(round(np.sqrt(row.shape[-1])))
   if grid * grid != row.shape[-1]:
@@ -141,7 +145,8 @@ def predict(loaded, images: np.ndarray, *, top_k: int, attention: bool = False):
       return loaded.apply(x), None
     logits, weights = loaded.apply(x, attention=True)
     token = loaded.model.classifier in ('token', 'token_unpooled')
-    return logits, attention_rollout(weights, token=token)
+    registers = getattr(loaded.model, 'num_registers', 0)
+    return logits, attention_rollout(weights, token=token, registers=registers)
 
   compiled = loaded.__dict__.setdefault(f'_predict_jit_{attention}', jax.jit(run))  # Per batch.
   logits, grids = compiled(images)

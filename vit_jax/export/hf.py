@@ -8,6 +8,9 @@ The mapping is written against the meaning of each tensor, and accepts both the 
 names (`encoder.layer.N.attention.attention.query`) and the 5.x names (`layers.N.attention.q_proj`),
 so `save_hf` writes whatever layout the installed transformers version reads back.
 Our GELU is the tanh approximation, so the exported config uses `gelu_pytorch_tanh`.
+`posemb='sincos2d'` is written as HF's position table (fixed at the export's image size);
+register tokens, LayerScale and QK-norm have no place in HF's ViT and are refused;
+`patch_dropout` acts in training only and needs nothing.
 """
 
 from __future__ import annotations
@@ -68,6 +71,17 @@ def check_plain_vit(model_config: Mapping) -> None:
   ph, pw = model_config['patches']['size']
   if ph != pw:
     raise ValueError(f'HF ViT needs square patches, got {(ph, pw)}')
+  t = model_config.get('transformer') or {}
+  for present, what in (
+    (
+      model_config.get('num_registers'),
+      f'register tokens (num_registers={model_config.get("num_registers")})',
+    ),
+    (t.get('layer_scale') is not None, 'LayerScale (layer_scale)'),
+    (t.get('qk_norm'), 'QK-norm (qk_norm)'),
+  ):
+    if present:
+      raise ValueError(f'HF ViT has no {what}; export this model as npz or saved_model')
 
 
 def check(loaded) -> None:
@@ -147,6 +161,15 @@ def to_hf_model(params: Mapping, model_config: Mapping, *, image_size: int):
   from transformers import ViTForImageClassification, ViTModel
 
   flat = npz.to_released_layout(flax.core.unfreeze(params))
+  posemb = 'Transformer/posembed_input/pos_embedding'
+  if posemb not in flat and (model_config.get('transformer') or {}).get('posemb') == 'sincos2d':
+    # HF's table covers the class token and the patches: a zero row for the class token (which
+    # has no embedding under sincos2d), then the fixed sine-cosine table of this image size.
+    from vit_jax.models import vit
+
+    ph, _ = model_config['patches']['size']
+    table = vit.posemb_sincos_2d(image_size // ph, image_size // ph, model_config['hidden_size'])
+    flat[posemb] = np.concatenate([np.zeros_like(table[:, :1]), table], axis=1)
   num_classes = flat['head/bias'].shape[0] if 'head/bias' in flat else 0
   config = hf_config(model_config, num_classes=num_classes, image_size=image_size)
   if 'pre_logits/kernel' in flat:

@@ -115,6 +115,8 @@ def model_config_of(model) -> dict:
       'representation_size': model.representation_size,
       'resnet': dict(model.resnet) if model.resnet is not None else None,
     }
+    if getattr(model, 'num_registers', 0):
+      out['num_registers'] = model.num_registers
   out.update(model_name=model.model_name, patches={'size': tuple(model.patches)})
   return out
 
@@ -131,6 +133,23 @@ def _infer_image_size(params: Mapping, model) -> int | None:
 
 _INFERENCE = dict(dtype='float32', param_dtype='float32')
 _ENCODER_INFERENCE = dict(scan_layers=False, remat_policy='none', dropout_rate=0.0)
+
+
+def npz_options(params: Mapping) -> dict:
+  """The model options (docs/models.md) a ViT `.npz` was saved with, read from its names:
+  `registers`, `layerscale_*`, `query_norm`, and no `posembed_input` (sincos2d)."""
+  encoder = params.get('Transformer', {})
+  block = encoder.get('encoderblock_0', {})
+  out = {}
+  if 'registers' in params:
+    out['num_registers'] = int(np.shape(params['registers'])[1])
+  if 'layerscale_attention' in block:
+    out['layer_scale'] = 1.0  # Its value is the init only; the checkpoint's scales are loaded.
+  if 'query_norm' in block.get('MultiHeadDotProductAttention_1', {}):
+    out['qk_norm'] = True
+  if encoder and 'posembed_input' not in encoder:
+    out['posemb'] = 'sincos2d'
+  return out
 
 
 def _build(name_or_config, num_classes: int, overrides: Mapping, image_size: int = 224):
@@ -262,6 +281,7 @@ def load(
     if models.model_family(model_name) != 'mixer':  # Whether there is a representation layer.
       pre_logits = params.get('pre_logits')
       overrides['representation_size'] = pre_logits and int(pre_logits['bias'].shape[0])
+      overrides.update(npz_options(params))
     image_size = image_size or _infer_image_size(params, _build(model_name, num_classes, overrides))
     image_size = image_size or 224
     model = _build(model_name, num_classes, overrides, image_size)

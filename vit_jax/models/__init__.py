@@ -37,7 +37,9 @@ def _fields(cls, *skip) -> set[str]:
 
 _VIT_KEYS = _fields(VisionTransformer, 'image_size')
 _MIXER_KEYS = _fields(MlpMixer, 'image_size')
-_ENCODER_KEYS = _fields(Encoder, 'num_tokens', 'features', 'dtype', 'param_dtype')
+_ENCODER_KEYS = _fields(
+  Encoder, 'num_tokens', 'features', 'dtype', 'param_dtype', 'grid', 'num_registers'
+)
 _DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
 
 
@@ -133,8 +135,9 @@ def get_model(
     num_classes: size of the classification head; 0 returns pre-logits features.
     image_size: input resolution (int or (height, width)); sets the position-embedding grid.
     rngs: parameter (and dropout) randomness; `nnx.Rngs(0)` when None.
-    **overrides: model fields (`dtype`, `param_dtype`, `classifier`, `representation_size`, ...)
-      or encoder fields (`dropout_rate`, `droppath_rate`, `scan_layers`, `remat_policy`, ...).
+    **overrides: model fields (`dtype`, `param_dtype`, `classifier`, `representation_size`,
+      `num_registers`, ...) or encoder fields (`dropout_rate`, `droppath_rate`, `scan_layers`,
+      `remat_policy`, `posemb`, `layer_scale`, `qk_norm`, `patch_dropout`, ...).
 
   Returns:
     An initialized `VisionTransformer` or `MlpMixer` in evaluation mode (`model.train()` for

@@ -15,6 +15,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from flax.core import FrozenDict
 
@@ -26,6 +27,7 @@ Initializer = Callable[..., jax.Array]
 init = jax.nn.initializers
 _LECUN = init.lecun_normal()
 CLASSIFIERS = ('token', 'gap', 'map', 'unpooled', 'token_unpooled')
+POSEMBS = ('learn', 'sincos2d')
 
 
 class KeyStream:
@@ -103,14 +105,16 @@ class Dense(nnx.Module):
     return jnp.dot(x.astype(self.dtype), kernel) + bias
 
 
-def LayerNorm(features: int, *, dtype: Dtype, param_dtype: Dtype, rngs: nnx.Rngs) -> nnx.LayerNorm:
+def LayerNorm(
+  features: int, *, dtype: Dtype, param_dtype: Dtype, rngs: nnx.Rngs, axis: str = 'embed'
+) -> nnx.LayerNorm:
   """Flax's `nnx.LayerNorm` over the last axis (`scale`, `bias`), epsilon 1e-6 as the released
   models: float32 statistics, variance as E[x^2] - E[x]^2 (the arithmetic of the linen LayerNorm
   that big_vision and the original project use). Flax's op, not a hand-written one: XLA's CPU
   fusion of a hand-written LayerNorm's backward recomputed the residual gradient of every block
   once per consumer (a 2.4x slower ViT-Ti/16 train step, benchmarks/peers.py).
   """  # fmt: skip
-  axes = {'logical_axes': ('embed',)}
+  axes = {'logical_axes': (axis,)}
   return nnx.LayerNorm(
     features,
     epsilon=1e-6,
@@ -214,7 +218,9 @@ def fused_attention(q, k, v, implementation: str | None = None, pad_to: int | No
 
 
 class MultiHeadDotProductAttention(nnx.Module):
-  """Multi-head attention with the released parameter layout (`query`, `key`, `value`, `out`).
+  """Multi-head attention with the released parameter layout (`query`, `key`, `value`, `out`);
+  with `qk_norm` (ViT-22B, Dehghani et al. 2023; timm's `qk_norm=True`) also `query_norm` and
+  `key_norm`: LayerNorms over head_dim (epsilon 1e-6) applied to each head's queries and keys.
 
   Without attention dropout, `fused_attention`; with dropout, or with `sow_weights` set (the
   softmax weights are then sown as `nnx.Intermediate` `attention_weights`), the explicit einsums.
@@ -229,6 +235,7 @@ class MultiHeadDotProductAttention(nnx.Module):
     dtype: Dtype = jnp.float32,
     param_dtype: Dtype = jnp.float32,
     attention_impl: str | None = None,  # 'xla', 'cudnn' or None (fused_attention).
+    qk_norm: bool = False,
     rngs: nnx.Rngs,
   ):
     if features % num_heads:
@@ -238,6 +245,9 @@ class MultiHeadDotProductAttention(nnx.Module):
       HeadsDense(features, num_heads, 'in', **kw) for _ in range(3)
     )
     self.out = HeadsDense(features, num_heads, 'out', **kw)
+    if qk_norm:  # One LayerNorm over head_dim for queries, one for keys, shared by the heads.
+      self.query_norm = LayerNorm(features // num_heads, axis='kv', **kw)
+      self.key_norm = LayerNorm(features // num_heads, axis='kv', **kw)
     self.head_dim, self.dropout_rate, self.dtype = features // num_heads, dropout_rate, dtype
     self.attention_impl, self.sow_weights = attention_impl, False
 
@@ -247,6 +257,8 @@ class MultiHeadDotProductAttention(nnx.Module):
       constrain(proj(x), names)
       for proj, x in ((self.query, inputs_q), (self.key, inputs_kv), (self.value, inputs_kv))
     )
+    if hasattr(self, 'query_norm'):  # QK-norm: per head, before the dot product.
+      q, k = self.query_norm(q), self.key_norm(k)
     if self.sow_weights or (rng is not None and self.dropout_rate > 0):
       q = q / jnp.sqrt(self.head_dim).astype(q.dtype)
       weights = jax.nn.softmax(jnp.einsum('bqhd,bkhd->bhqk', q, k).astype(jnp.float32))
@@ -260,7 +272,12 @@ class MultiHeadDotProductAttention(nnx.Module):
 
 
 class Encoder1DBlock(nnx.Module):
-  """Pre-LayerNorm transformer block: x + MHA(LN(x)), then x + MLP(LN(x))."""
+  """Pre-LayerNorm transformer block: x + MHA(LN(x)), then x + MLP(LN(x)).
+
+  With `layer_scale` (CaiT, Touvron et al. 2021; DeiT III; timm's `init_values`) each residual
+  branch is multiplied per channel by `layerscale_attention` / `layerscale_mlp` (size width,
+  initialised to the value) before it is added.
+  """
 
   def __init__(
     self,
@@ -273,15 +290,26 @@ class Encoder1DBlock(nnx.Module):
     dtype: Dtype = jnp.float32,
     param_dtype: Dtype = jnp.float32,
     attention_impl: str | None = None,
+    layer_scale: float | None = None,
+    qk_norm: bool = False,
     rngs: nnx.Rngs,
   ):
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.LayerNorm_0 = LayerNorm(features, **kw)
     self.MultiHeadDotProductAttention_1 = MultiHeadDotProductAttention(
-      features, num_heads, dropout_rate=attention_dropout_rate, attention_impl=attention_impl, **kw
+      features,
+      num_heads,
+      dropout_rate=attention_dropout_rate,
+      attention_impl=attention_impl,
+      qk_norm=qk_norm,
+      **kw,
     )
     self.LayerNorm_2 = LayerNorm(features, **kw)
     self.MlpBlock_3 = MlpBlock(features, mlp_dim, dropout_rate=dropout_rate, **kw)
+    if layer_scale is not None:
+      gamma = init.constant(float(layer_scale))
+      self.layerscale_attention = param(rngs, gamma, (features,), param_dtype, ('embed',))
+      self.layerscale_mlp = param(rngs, gamma, (features,), param_dtype, ('embed',))
     self.dropout_rate = dropout_rate
 
   def __call__(
@@ -300,21 +328,73 @@ class Encoder1DBlock(nnx.Module):
     if first_token_only:
       queries, inputs = x[:, :1], inputs[:, :1]
     x = self.MultiHeadDotProductAttention_1(queries, x, rngs[0])
-    x = drop_path(dropout(x, self.dropout_rate, rngs[1]), droppath_rate, rngs[2]) + inputs
-    y = drop_path(self.MlpBlock_3(self.LayerNorm_2(x), rngs[3]), droppath_rate, rngs[4])
+    x = dropout(x, self.dropout_rate, rngs[1])
+    if hasattr(self, 'layerscale_attention'):
+      x = x * self.layerscale_attention[...].astype(x.dtype)
+    x = drop_path(x, droppath_rate, rngs[2]) + inputs
+    y = self.MlpBlock_3(self.LayerNorm_2(x), rngs[3])
+    if hasattr(self, 'layerscale_mlp'):
+      y = y * self.layerscale_mlp[...].astype(y.dtype)
+    y = drop_path(y, droppath_rate, rngs[4])
     return constrain(x + y, ('batch', 'seq', 'embed'))
 
 
+def posemb_sincos_2d(h: int, w: int, width: int, temperature: float = 10_000.0) -> np.ndarray:
+  """Fixed 2-D sine-cosine position embeddings, [1, h * w, width] float32, row-major grid.
+
+  The MoCo v3 / "Better plain ViT baselines" embedding as big_vision computes it
+  (big_vision/models/vit.py:34-44, `posemb_sincos_2d`): width/4 frequencies
+  temperature^(-i / (width/4 - 1)), and per token [sin(x f), cos(x f), sin(y f), cos(y f)] of its
+  column x and row y. Computed here in float64 and rounded once to float32 (a constant; no
+  parameter), so any grid works.
+  """
+  if width % 4:
+    raise ValueError(f"posemb='sincos2d' needs a width divisible by 4, got {width}")
+  quarter = width // 4
+  freqs = 1.0 / temperature ** (np.arange(quarter, dtype=np.float64) / max(quarter - 1, 1))
+  rows, cols = np.meshgrid(np.arange(h, dtype=np.float64), np.arange(w, dtype=np.float64),
+                           indexing='ij')  # fmt: skip
+  y = rows.reshape(-1, 1) * freqs[None]
+  x = cols.reshape(-1, 1) * freqs[None]
+  table = np.concatenate([np.sin(x), np.cos(x), np.sin(y), np.cos(y)], axis=1)
+  return table[None].astype(np.float32)
+
+
+def keep_patches(num_patches: int, rate: float) -> int:
+  """Patch tokens that patch dropout keeps at `rate` (timm's PatchDropout: at least one)."""
+  return max(1, int(num_patches * (1.0 - rate))) if rate else num_patches
+
+
+def drop_patches(x: jax.Array, prefix: int, rate: float, rng: jax.Array) -> jax.Array:
+  """Patch dropout (FLIP, Li et al. 2023; timm's PatchDropout): keeps `keep_patches` random
+  patch tokens per example (in their original order) after the `prefix` class/register tokens,
+  which are always kept.
+  """  # fmt: skip
+  n, tokens, d = x.shape
+  keep = keep_patches(tokens - prefix, rate)
+  order = jnp.argsort(jax.random.uniform(rng, (n, tokens - prefix)), axis=1)[:, :keep]
+  kept = jnp.take_along_axis(x[:, prefix:], jnp.sort(order, axis=1)[..., None], axis=1)
+  return jnp.concatenate([x[:, :prefix], kept], axis=1)
+
+
 class AddPositionEmbs(nnx.Module):
-  """Adds learned position embeddings (one per token, class token included)."""
+  """Adds learned position embeddings (one per token, class token included; register tokens,
+  which have none, are skipped).
+  """  # fmt: skip
 
   def __init__(self, num_tokens: int, features: int, param_dtype: Dtype, rngs: nnx.Rngs):
     shape, axes = (1, num_tokens, features), (None, 'seq', 'embed')
     self.pos_embedding = param(rngs, init.normal(stddev=0.02), shape, param_dtype, axes)
 
-  def __call__(self, x: jax.Array) -> jax.Array:
-    assert x.shape[1:] == self.pos_embedding.shape[1:], (x.shape, self.pos_embedding.shape)
-    return x + self.pos_embedding[...].astype(x.dtype)
+  def __call__(self, x: jax.Array, skip: tuple[int, int] = (0, 0)) -> jax.Array:
+    """`skip=(start, count)`: tokens start..start+count-1 (registers) get no embedding."""
+    posemb = self.pos_embedding[...].astype(x.dtype)
+    start, count = skip
+    if count:
+      zeros = jnp.zeros((1, count, posemb.shape[-1]), posemb.dtype)
+      posemb = jnp.concatenate([posemb[:, :start], zeros, posemb[:, start:]], axis=1)
+    assert x.shape[1:] == posemb.shape[1:], (x.shape, posemb.shape)
+    return x + posemb
 
 
 class Encoder(nnx.Module):
@@ -326,6 +406,14 @@ class Encoder(nnx.Module):
   depth ramps linearly from 0 (first block) to `droppath_rate` (last block), scanned or not.
   `remat_policy` ('none', 'full', or a `jax.checkpoint_policies` name such as
   'dots_with_no_batch_dims_saveable') trades compute for memory.
+
+  `num_tokens` counts the class token (if any) and the patches: the learned table's length.
+  `posemb='sincos2d'`: fixed sine-cosine embeddings of the `grid` added to the patch tokens only
+  (big_vision), no parameter. `num_registers` register tokens (after the class token) get no
+  position embedding. `patch_dropout`: in training, each example keeps a random
+  `keep_patches` subset of its patch tokens after the position embeddings (FLIP; timm), the
+  class and register tokens always; evaluation sees every token. `layer_scale`, `qk_norm`: see
+  `Encoder1DBlock` and `MultiHeadDotProductAttention`.
   """
 
   def __init__(
@@ -345,12 +433,26 @@ class Encoder(nnx.Module):
     dtype: Dtype = jnp.float32,
     param_dtype: Dtype = jnp.float32,
     attention_impl: str | None = None,
+    posemb: str = 'learn',
+    layer_scale: float | None = None,
+    qk_norm: bool = False,
+    patch_dropout: float = 0.0,
+    grid: tuple[int, int] | None = None,
+    num_registers: int = 0,
     rngs: nnx.Rngs,
   ):
     if remat_policy not in ('none', 'full') and not hasattr(jax.checkpoint_policies, remat_policy):
       raise ValueError(f"unknown remat_policy {remat_policy!r}; 'none', 'full' or a "
                        'jax.checkpoint_policies name')  # fmt: skip
-    if add_position_embedding:
+    if posemb not in POSEMBS:
+      raise ValueError(f'unknown posemb {posemb!r}; expected one of {POSEMBS}')
+    if not 0.0 <= patch_dropout < 1.0:
+      raise ValueError(f'patch_dropout must be in [0, 1), got {patch_dropout}')
+    if posemb == 'sincos2d' and add_position_embedding:
+      if grid is None:
+        raise ValueError("posemb='sincos2d' needs the patch grid")
+      posemb_sincos_2d(*grid, features)  # Checks the width now; computed again when called.
+    elif add_position_embedding:
       self.posembed_input = AddPositionEmbs(num_tokens, features, param_dtype, rngs)
     block = lambda rngs: Encoder1DBlock(
       features,
@@ -361,6 +463,8 @@ class Encoder(nnx.Module):
       dtype=dtype,
       param_dtype=param_dtype,
       attention_impl=attention_impl,
+      layer_scale=layer_scale,
+      qk_norm=qk_norm,
       rngs=rngs,
     )
     if scan_layers:
@@ -375,7 +479,13 @@ class Encoder(nnx.Module):
     self.encoder_norm = LayerNorm(features, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.num_layers, self.scan_layers, self.remat_policy = num_layers, scan_layers, remat_policy
     self.dropout_rate, self.droppath_rate = dropout_rate, droppath_rate
-    self.stochastic = bool(dropout_rate or attention_dropout_rate or droppath_rate)
+    self.patch_dropout, self.num_registers = float(patch_dropout), int(num_registers)
+    self.posemb = posemb if add_position_embedding else 'none'
+    self.grid = None if grid is None else tuple(grid)
+    # Tokens before the patches: the class token (if any) and the registers.
+    patches = None if grid is None else grid[0] * grid[1]
+    self.num_cls = 0 if patches is None else num_tokens - patches
+    self.stochastic = bool(dropout_rate or attention_dropout_rate or droppath_rate or patch_dropout)
 
   def __call__(self, x, rng: jax.Array | None = None, first_token_only: bool = False):
     """[batch, seq, embed] -> the same, or [batch, 1, embed] with `first_token_only`: the last
@@ -386,8 +496,16 @@ class Encoder(nnx.Module):
     rng = rng if self.stochastic else None  # Nothing to draw: no keys in the program.
     n = self.num_layers
     keys = [None] * (n + 1) if rng is None else jax.random.split(rng, n + 1)
+    prefix = self.num_cls + self.num_registers
     if hasattr(self, 'posembed_input'):
-      x = dropout(self.posembed_input(x), self.dropout_rate, keys[-1])
+      skip = (self.num_cls, self.num_registers)
+      x = dropout(self.posembed_input(x, skip), self.dropout_rate, keys[-1])
+    elif self.posemb == 'sincos2d':  # Patches only (big_vision adds it before the class token).
+      table = posemb_sincos_2d(*self.grid, x.shape[-1])
+      patches = x[:, prefix:] + jnp.asarray(table).astype(x.dtype)
+      x = dropout(jnp.concatenate([x[:, :prefix], patches], axis=1), self.dropout_rate, keys[-1])
+    if self.patch_dropout and rng is not None:  # Its own key: the other draws are unchanged.
+      x = drop_patches(x, prefix, self.patch_dropout, jax.random.fold_in(rng, n + 1))
     rates = [self.droppath_rate * i / max(self.num_layers - 1, 1) for i in range(self.num_layers)]
 
     def run(block, x, rate, key, first_token_only=False):
@@ -460,6 +578,11 @@ class VisionTransformer(nnx.Module):
   ([batch, num_classes], or [batch, tokens, num_classes] for the unpooled classifiers; pre-logits
   features when `num_classes` is 0). `model.train()` switches dropout and stochastic depth on
   (randomness from `rngs`' `dropout` stream, or the call's `rng`); `model.eval()` off.
+
+  `num_registers` (Darcet et al., ICLR 2024): learned `registers` tokens [1, N, width] inserted
+  after the class token, without position embeddings, and dropped after the encoder (the heads
+  and the unpooled outputs see the class token and the patches only). The encoder options
+  (`posemb`, `layer_scale`, `qk_norm`, `patch_dropout`) are described in `Encoder`.
   """
 
   def __init__(
@@ -477,11 +600,17 @@ class VisionTransformer(nnx.Module):
     param_dtype: Dtype = jnp.float32,
     model_name: str | None = None,
     image_size: int | Sequence[int] = 224,
+    num_registers: int = 0,
     *,
     rngs: nnx.Rngs,
   ):
     if classifier not in CLASSIFIERS:
       raise ValueError(f'unknown classifier {classifier!r}; expected one of {CLASSIFIERS}')
+    if num_registers < 0:
+      raise ValueError(f'num_registers must be >= 0, got {num_registers}')
+    if transformer.get('patch_dropout') and classifier in ('unpooled', 'token_unpooled'):
+      raise ValueError(f'patch_dropout drops tokens, so an {classifier!r} classifier (one output '
+                       'per token) cannot use it; use token, gap or map')  # fmt: skip
     rngs = KeyStream.of(rngs)
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
@@ -498,11 +627,17 @@ class VisionTransformer(nnx.Module):
         f'{(ph, pw)}; use an image size that is a multiple of the patch size'
       )
     self.embedding = PatchEmbedding(channels, hidden_size, (ph, pw), **kw)
-    tokens = (size[0] // ph) * (size[1] // pw)
+    grid = (size[0] // ph, size[1] // pw)
+    tokens = grid[0] * grid[1]
     if classifier in ('token', 'token_unpooled'):
       self.cls = param(rngs, init.zeros, (1, 1, hidden_size), param_dtype, (None, None, 'embed'))
       tokens += 1
-    self.Transformer = Encoder(tokens, hidden_size, **dict(transformer), **kw)
+    if num_registers:  # Darcet et al. 2024; timm initialises its reg_token with std 1e-6.
+      shape = (1, num_registers, hidden_size)
+      self.registers = param(rngs, init.normal(1e-6), shape, param_dtype, (None, None, 'embed'))
+    self.Transformer = Encoder(
+      tokens, hidden_size, **dict(transformer), grid=grid, num_registers=num_registers, **kw
+    )
     if classifier == 'map':
       self.MAPHead_0 = MAPHead(hidden_size, transformer['num_heads'], transformer['mlp_dim'], **kw)
     features, head_axes = hidden_size, ('embed', 'classes')
@@ -524,7 +659,7 @@ class VisionTransformer(nnx.Module):
     self.transformer = frozen(transformer)
     self.resnet = None if resnet is None else frozen(resnet)
     self.classifier, self.representation_size = classifier, representation_size
-    self.model_name, self.dtype = model_name, dtype
+    self.model_name, self.dtype, self.num_registers = model_name, dtype, num_registers
     self.grid = (size[0] // ph, size[1] // pw)
     self.deterministic, self.sow_weights = True, False
     self.dropout_rngs = nnx.Rngs(dropout=rngs.dropout())
@@ -547,12 +682,20 @@ class VisionTransformer(nnx.Module):
         f'{self.grid} (image_size); build it with get_model(..., image_size=...) for this size'
       )
     x = jnp.reshape(x, (n, h * w, c))
+    c = 0
     if hasattr(self, 'cls'):
       x = jnp.concatenate([jnp.tile(self.cls[...].astype(x.dtype), [n, 1, 1]), x], axis=1)
+      c = 1
+    r = self.num_registers
+    if r:  # After the class token, before the patches (timm's order).
+      registers = jnp.tile(self.registers[...].astype(x.dtype), [n, 1, 1])
+      x = jnp.concatenate([x[:, :c], registers, x[:, c:]], axis=1)
     # Under a class-token head only the first token leaves the encoder: its last block skips
     # the other tokens' outputs. All tokens when attention weights are sown.
     first_token_only = self.classifier == 'token' and not self.sow_weights
     x = self.Transformer(x, rng, first_token_only=first_token_only)
+    if r and not first_token_only:  # The heads never see the registers.
+      x = jnp.concatenate([x[:, :c], x[:, c + r :]], axis=1)
     if self.classifier == 'token':
       x = x[:, 0]
     elif self.classifier == 'gap':
