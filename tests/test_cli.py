@@ -12,6 +12,7 @@ import sys
 
 import numpy as np
 import pytest
+from optional import have
 from PIL import Image
 
 from vit_jax import models, npz
@@ -21,12 +22,6 @@ sys.path.insert(0, str(REPO / 'tools'))
 from smoke_install import NOISE  # noqa: E402
 
 sys.path.pop(0)
-
-
-def _have(*names):
-  import importlib.util
-
-  return all(importlib.util.find_spec(n) is not None for n in names)
 
 
 ONNX = ('torch', 'transformers', 'onnx', 'onnxruntime', 'onnxscript')
@@ -190,7 +185,7 @@ def test_predict_is_quiet_and_prints_readable_imagenet_names(files):
       'onnx',
       marks=[
         pytest.mark.torch,
-        pytest.mark.skipif(not _have(*ONNX), reason='the export extra is not installed'),
+        pytest.mark.skipif(not have(*ONNX), reason='the export extra is not installed'),
       ],
     ),
   ],

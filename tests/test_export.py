@@ -8,6 +8,7 @@ import jax
 import numpy as np
 import pytest
 import tensorflow as tf
+from optional import have
 from PIL import Image
 
 from vit_jax import export, models, npz, train, train_state
@@ -16,22 +17,12 @@ from vit_jax.data import preprocess as data_preprocess
 from vit_jax.export import __main__ as cli
 from vit_jax.export import load, preprocess
 
-
-def _have(*names):
-  try:
-    for name in names:
-      __import__(name)
-  except ImportError:
-    return False
-  return True
-
-
 needs_onnx = pytest.mark.skipif(
-  not _have('torch', 'transformers', 'onnx', 'onnxruntime', 'onnxscript'),
+  not have('torch', 'transformers', 'onnx', 'onnxruntime', 'onnxscript'),
   reason='the export extra (torch, transformers, onnx, onnxruntime, onnxscript) is not installed',
 )
 needs_torch = pytest.mark.skipif(
-  not _have('torch', 'transformers'), reason='torch and transformers are not installed'
+  not have('torch', 'transformers'), reason='torch and transformers are not installed'
 )
 
 

@@ -6,21 +6,13 @@ import os
 import jax
 import numpy as np
 import pytest
+from optional import have
 
 from vit_jax import export, models, npz
 from vit_jax.export import hf, load
 from vit_jax.export import onnx as onnx_export
 
 ALL = dict(posemb='sincos2d', num_registers=2, layer_scale=0.1, qk_norm=True, patch_dropout=0.5)
-
-
-def _have(*names):
-  try:
-    for name in names:
-      __import__(name)
-  except ImportError:
-    return False
-  return True
 
 
 def _npz(tmp_path, **options):
@@ -75,7 +67,7 @@ def test_hf_and_onnx_refuse_what_hf_vit_cannot_hold(tmp_path, check, options, wh
 
 
 @pytest.mark.torch
-@pytest.mark.skipif(not _have('torch', 'transformers'), reason='torch/transformers not installed')
+@pytest.mark.skipif(not have('torch', 'transformers'), reason='torch/transformers not installed')
 def test_sincos2d_and_patch_dropout_export_to_hf(tmp_path):
   path = _npz(tmp_path, posemb='sincos2d', patch_dropout=0.5)
   loaded = load.load(path, model_name='ViT-Quick', image_size=16)
@@ -84,7 +76,7 @@ def test_sincos2d_and_patch_dropout_export_to_hf(tmp_path):
 
 
 @pytest.mark.torch
-@pytest.mark.skipif(not _have('torch', 'transformers'), reason='torch/transformers not installed')
+@pytest.mark.skipif(not have('torch', 'transformers'), reason='torch/transformers not installed')
 def test_refused_export_writes_nothing(tmp_path):
   out = tmp_path / 'out'
   out.mkdir()
