@@ -308,14 +308,7 @@ def test_tensorstore_errors_are_one_line_without_the_spec():
 
 
 def _cli(*args, timeout=120):
-  return subprocess.run(
-    [sys.executable, '-m', 'vit_jax.main', *args],
-    cwd=REPO,
-    env=cpu_env(2),
-    capture_output=True,
-    text=True,
-    timeout=timeout,
-  )
+  return _run(REPO, *args, timeout=timeout, devices=2)
 
 
 def test_command_line_mistakes_end_in_one_line_and_exit_2(tmp_path):
@@ -347,12 +340,12 @@ def test_print_config_and_list_models():
 # --- the command line as a user types it, from another directory --------------------------------
 
 
-def _run(cwd, *args, timeout=300):
+def _run(cwd, *args, timeout=300, devices=1):
   """`python -m vit_jax.main ARGS` run from `cwd` (not the repository)."""
   return subprocess.run(
     [sys.executable, '-m', 'vit_jax.main', *args],
     cwd=cwd,
-    env=cpu_env(1),
+    env=cpu_env(devices),
     capture_output=True,
     text=True,
     timeout=timeout,
