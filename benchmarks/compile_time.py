@@ -10,11 +10,21 @@ of time for abstract inputs. The step is the wrapper of `peers.py` (cross-entrop
 round, round-robin, and the median is reported. One JSON line per model, implementation and layout:
 model, impl, scan, batch, image_size, dtype, lower_s, compile_s, total_s, device_kind; and per model
 and implementation a line with `scan_speedup` (unscanned total / scanned total).
+
+`--kernels` compiles each configuration once more (untimed) with XLA's dump on and adds `kernels`
+and `kernel_ir_kb` to its line: on CPU, the number of distinct LLVM kernels XLA compiled (fusions
+with the same computation and shapes share one) and the size of their optimized IR. Unlike the
+times, these counts do not depend on the machine's load, and they say where compile time goes:
+every kernel costs LLVM time, so a block whose shapes differ from the others' (the class-token
+head's last block) adds all of its kernels once.
 """
 
 from __future__ import annotations
 
 import argparse
+import glob
+import os
+import tempfile
 import time
 
 import _common as common  # Puts this tree's root on sys.path.
@@ -67,6 +77,18 @@ def timed_compile(step, *args) -> tuple[float, float]:
   return lower_s, time.perf_counter() - start
 
 
+def kernel_count(step, *args) -> tuple[int | None, int | None]:
+  """(distinct CPU kernels, their optimized LLVM IR in KB) of one compile of `step`, counted in
+  XLA's dump; (None, None) where the backend dumps no LLVM IR (accelerators).
+  """  # fmt: skip
+  with tempfile.TemporaryDirectory() as dump:
+    step.lower(*args).compile(compiler_options={'xla_dump_to': dump})
+    files = glob.glob(os.path.join(dump, '*train_step*.ir-with-opt.ll'))
+    if not files:
+      return None, None
+    return len(files), sum(os.path.getsize(f) for f in files) // 1000
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--model', default='ViT-B_16,ViT-L_16,ViT-H_14,ViT-g_14')
@@ -76,6 +98,7 @@ def main():
   parser.add_argument('--dtype', default='float32', choices=['float32', 'bfloat16'])
   parser.add_argument('--remat', default='full', help='our policy for scanned models')
   parser.add_argument('--rounds', type=int, default=1)
+  parser.add_argument('--kernels', action='store_true', help='count the compiled CPU kernels')
   args = parser.parse_args()
   bv = peers.load_big_vision(args.big_vision) if args.big_vision else None
   impls = ['ours'] + (['big_vision'] if bv is not None else [])
@@ -111,10 +134,17 @@ def main():
         'rounds': args.rounds,
         'per_round_total_s': [round(sum(r), 2) for r in runs],
       }
+      counted = ''
+      if args.kernels:
+        model, apply = build(name, impl, scan, bv, args.dtype, args.remat)
+        record['kernels'], record['kernel_ir_kb'] = kernel_count(
+          *abstract_step(model, apply, args.batch, args.image_size)
+        )
+        counted = f' ({record["kernels"]} kernels, {record["kernel_ir_kb"]} KB IR)'
       common.emit(
         record,
         f'{name} {impl:10s} {"scanned  " if scan else "unscanned"}: lower {lower_s:.2f}s + '
-        f'compile {compile_s:.2f}s = {totals[(impl, scan)]:.2f}s',
+        f'compile {compile_s:.2f}s = {totals[(impl, scan)]:.2f}s{counted}',
       )
     for impl in impls:
       speedup = totals[(impl, False)] / totals[(impl, True)]
