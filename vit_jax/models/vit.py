@@ -107,15 +107,9 @@ def LayerNorm(
   big_vision). Flax's op, not a hand-written one: XLA's CPU fusion of a hand-written backward
   recomputes each block's residual gradient once per consumer (benchmarks/peers.py).
   """
-  axes = {'logical_axes': (axis,)}
+  metadata = dict.fromkeys(('scale_metadata', 'bias_metadata'), {'logical_axes': (axis,)})
   return nnx.LayerNorm(
-    features,
-    epsilon=1e-6,
-    dtype=dtype,
-    param_dtype=param_dtype,
-    scale_metadata=axes,
-    bias_metadata=axes,
-    rngs=rngs,
+    features, epsilon=1e-6, dtype=dtype, param_dtype=param_dtype, rngs=rngs, **metadata
   )
 
 
@@ -431,19 +425,10 @@ class Encoder(nnx.Module):
       posemb_sincos_2d(*grid, features)  # Checks the width now; computed again when called.
     elif add_position_embedding:
       self.posembed_input = AddPositionEmbs(num_tokens, features, param_dtype, rngs)
-    block = lambda rngs: Encoder1DBlock(
-      features,
-      mlp_dim,
-      num_heads,
-      dropout_rate=dropout_rate,
-      attention_dropout_rate=attention_dropout_rate,
-      dtype=dtype,
-      param_dtype=param_dtype,
-      attention_impl=attention_impl,
-      layer_scale=layer_scale,
-      qk_norm=qk_norm,
-      rngs=rngs,
-    )
+    block_kw = dict(dtype=dtype, param_dtype=param_dtype, attention_impl=attention_impl)
+    block_kw.update(dropout_rate=dropout_rate, attention_dropout_rate=attention_dropout_rate)
+    block_kw.update(layer_scale=layer_scale, qk_norm=qk_norm)
+    block = lambda rngs: Encoder1DBlock(features, mlp_dim, num_heads, rngs=rngs, **block_kw)
     if scan_layers:
       keys = jax.random.split(rngs.params(), num_layers)
       self.encoderblock = nnx.vmap(lambda key: block(KeyStream(nnx.Rngs(params=key))))(keys)
