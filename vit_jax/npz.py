@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import scipy.ndimage
+from flax import nnx
 
 Params = dict[str, Any]
 
@@ -143,9 +144,6 @@ def save(params, path: str) -> None:
     raise
 
 
-# --- scanned <-> unscanned encoder layouts -------------------------------------------------------
-
-
 def scan_params(params: Mapping) -> Params:
   """Stacks `Transformer/encoderblock_{i}` into `Transformer/encoderblock` (leading layer axis)."""
   params = dict(params)
@@ -157,9 +155,7 @@ def scan_params(params: Mapping) -> Params:
   if not blocks:
     return params
   stacked = [encoder.pop(k) for k in blocks]
-  encoder['encoderblock'] = jax.tree.map(
-    lambda *xs: np.stack([np.asarray(x) for x in xs]), *stacked
-  )
+  encoder['encoderblock'] = jax.tree.map(lambda *xs: np.stack(xs), *stacked)
   params['Transformer'] = encoder
   return params
 
@@ -179,9 +175,6 @@ def unscan_params(params: Mapping) -> Params:
   return params
 
 
-# --- fine-tuning entry ----------------------------------------------------------------------------
-
-
 def fitting_variant(params: Mapping) -> str | None:
   """The registered ViT whose shapes a checkpoint's tree has (width, patch, depth, MLP, heads,
   class token, hybrid stem), or None."""
@@ -191,31 +184,19 @@ def fitting_variant(params: Mapping) -> str | None:
     encoder = unscan_params(params)['Transformer']
     block = encoder['encoderblock_0']
     ph, pw, _, width = np.shape(params['embedding']['kernel'])
-    shape = dict(
-      hidden_size=width,
-      patches=(ph, pw),
-      num_layers=sum(k.startswith('encoderblock_') for k in encoder),
-      mlp_dim=np.shape(block['MlpBlock_3']['Dense_0']['kernel'])[1],
-      num_heads=np.shape(block['MultiHeadDotProductAttention_1']['query']['kernel'])[1],
-      token='cls' in params,
-      hybrid='conv_root' in params,
-    )
+    mlp_dim = np.shape(block['MlpBlock_3']['Dense_0']['kernel'])[1]
+    num_heads = np.shape(block['MultiHeadDotProductAttention_1']['query']['kernel'])[1]
+    num_layers = sum(k.startswith('encoderblock_') for k in encoder)
+    token, hybrid = 'cls' in params, 'conv_root' in params
+    shape = (width, (ph, pw), num_layers, mlp_dim, num_heads, token, hybrid)
   except (KeyError, TypeError, ValueError):
     return None
   for name, c in MODEL_CONFIGS.items():
     if 'transformer' not in c:
       continue
-    t = c.transformer
-    candidate = dict(
-      hidden_size=c.hidden_size,
-      patches=tuple(c.patches.size),
-      num_layers=t.num_layers,
-      mlp_dim=t.mlp_dim,
-      num_heads=t.num_heads,
-      token=c.classifier in ('token', 'token_unpooled'),
-      hybrid=c.get('resnet') is not None,
-    )
-    if candidate == shape:
+    t, token = c.transformer, c.classifier in ('token', 'token_unpooled')
+    sizes = (c.hidden_size, tuple(c.patches.size), t.num_layers, t.mlp_dim, t.num_heads)
+    if shape == (*sizes, token, c.get('resnet') is not None):
       return name
   return None
 
@@ -403,32 +384,17 @@ def _adopt_new_options(restored: dict, init_params: Mapping) -> None:
     logging.info('load_pretrained: not in the checkpoint, fresh init kept: %s', ', '.join(added))
 
 
-# --- NNX models -----------------------------------------------------------------------------------
-
-
-def _params_state(model):
-  from flax import nnx
-
-  return nnx.state(model, nnx.Param)
-
-
 def params_tree(model_or_tree) -> Params:
   """The released nested params tree of an NNX model (or the tree itself)."""
-  from flax import nnx
-
   if isinstance(model_or_tree, nnx.Module):
-    return _params_state(model_or_tree).to_pure_dict()
-  if isinstance(model_or_tree, nnx.State):
-    return model_or_tree.to_pure_dict()
-  return model_or_tree
+    model_or_tree = nnx.state(model_or_tree, nnx.Param)
+  return model_or_tree.to_pure_dict() if isinstance(model_or_tree, nnx.State) else model_or_tree
 
 
 def _fill(model, tree: Mapping):
   """Writes `tree` (shaped like the model's params) into the model, keeping each param's dtype
   and sharding."""
-  from flax import nnx
-
-  state = _params_state(model)
+  state = nnx.state(model, nnx.Param)
 
   def one(variable, value):
     old = variable[...]

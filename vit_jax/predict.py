@@ -180,7 +180,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _writable_dir(path: str) -> bool:
-  """Creates `path` if needed; returns whether it was created. Raises OSError if not writable."""
+  """Creates `path` if needed; returns whether it did. Raises cli.UserError if not writable."""
   created = not os.path.isdir(path)
   try:
     os.makedirs(path, exist_ok=True)

@@ -112,10 +112,8 @@ def adopt_workdir_architecture(config) -> None:
   if stored is None:
     return
   model = dict(stored.get('model') or {})
-  changes = {'model_name': stored['model_name']}
-  changes.update(
-    {f'model.{k}': model.get(k) for k in config_lib.ARCHITECTURE if k in config['model']}
-  )
+  changes = {f'model.{k}': model.get(k) for k in config_lib.ARCHITECTURE if k in config['model']}
+  changes = {'model_name': stored['model_name'], **changes}
   changed = []
   for key, value in changes.items():
     value = tuple(value) if isinstance(value, list) else value
@@ -137,15 +135,6 @@ def _unscan(shapes: Mapping[str, tuple]) -> dict[str, tuple]:
     for i in range(shape[0]):
       out[key.replace('/encoderblock/', f'/encoderblock_{i}/')] = shape[1:]
   return out
-
-
-def _flat(tree, prefix: str = '') -> dict[str, tuple]:
-  if isinstance(tree, Mapping):
-    out = {}
-    for k, v in tree.items():
-      out.update(_flat(v, f'{prefix}{k}/'))
-    return out
-  return {prefix[:-1]: tuple(tree.shape)}
 
 
 def _fits(key: str, got: tuple, want: tuple) -> bool:
@@ -191,6 +180,7 @@ def check_fits(config: Mapping) -> None:
     ConfigError: a missing path, a workdir without checkpoints, or the first array the model and
       the checkpoint disagree on (both shapes, and the model that fits).
   """
+  from flax import traverse_util
 
   from vit_jax import config as config_lib
   from vit_jax import models
@@ -213,9 +203,10 @@ def check_fits(config: Mapping) -> None:
   if models.model_family(name) != 'mixer':
     kwargs.update(scan_layers=False, remat_policy='none')  # The released layout.
   size = int(config['image_size'])
-  want = _flat(models.params_of(models.abstract_model(name, 1, image_size=size, **kwargs)))
+  model = models.abstract_model(name, 1, image_size=size, **kwargs)
+  want = traverse_util.flatten_dict(models.params_of(model), sep='/')
   got = {k: v for k, v in shapes.items() if not k.startswith(_ADAPTED)}
-  want = {k: v for k, v in want.items() if not k.startswith(_ADAPTED)}
+  want = {k: tuple(v.shape) for k, v in want.items() if not k.startswith(_ADAPTED)}
   where = os.path.basename(path.rstrip('/')) or path
   problem = None
   for key in sorted(want):

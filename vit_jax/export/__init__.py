@@ -27,6 +27,7 @@ from vit_jax.export import torch_side
 FORMATS = ('npz', 'hf', 'saved_model', 'onnx')
 TOLERANCE = 1e-4  # Max |logit difference| in float32.
 BATCH_SIZES = (1, 4)
+_HINT = 'pip install "vit_jax[export]"'
 
 
 class VerificationError(RuntimeError):
@@ -81,8 +82,7 @@ def _module(fmt: str, loaded):
   try:
     return importlib.import_module(f'vit_jax.export.{fmt}')
   except ImportError as e:
-    hint = 'pip install "vit_jax[export]"'
-    raise ImportError(f'{fmt} export needs the export extra: {hint} ({e})') from e
+    raise ImportError(f'{fmt} export needs the export extra: {_HINT} ({e})') from e
 
 
 def verification_images(image_size: int, batch: int = max(BATCH_SIZES)) -> np.ndarray:
@@ -117,8 +117,7 @@ def _check_runtime(fmt: str) -> None:
   """Raises ImportError (with the install hint) when a format's packages are not installed."""
   missing = [name for name in _RUNTIMES.get(fmt, ()) if importlib.util.find_spec(name) is None]
   if missing:
-    hint = 'pip install "vit_jax[export]"'
-    raise ImportError(f'{fmt} export needs the export extra ({", ".join(missing)}): {hint}')
+    raise ImportError(f'{fmt} export needs the export extra ({", ".join(missing)}): {_HINT}')
 
 
 def check_output(out_dir: str) -> None:
@@ -192,8 +191,9 @@ def export(
     raise ValueError(f'unknown export format {fmt!r}; expected one of {FORMATS}')
   if batch_size is not None and fmt != 'saved_model':
     raise ValueError(f'a fixed batch size is for saved_model only; {fmt} has a dynamic batch')
+  module = _module(fmt, loaded)
   if fmt in torch_side.FORMATS:
-    importlib.import_module(f'vit_jax.export.{fmt}').check(loaded)  # Imports no torch.
+    module.check(loaded)  # Imports no torch.
   _check_runtime(fmt)
   batches = (batch_size,) if batch_size else BATCH_SIZES
   images = verification_images(loaded.image_size, batch_size or max(BATCH_SIZES))
@@ -202,10 +202,7 @@ def export(
   with _staging(out_dir) as staging:
     if fmt in torch_side.FORMATS:
       path, seconds, logits = torch_side.run(loaded, fmt, staging, images, batches)
-      runtime = {'hf': 'transformers (PyTorch)', 'onnx': 'onnxruntime (CPU)'}[fmt]
     else:
-      module = _module(fmt, loaded)
-      runtime = module.RUNTIME
       start = time.perf_counter()
       extra = {} if batch_size is None else {'batch_size': batch_size}
       path = module.save(loaded, staging, **extra)
@@ -228,4 +225,4 @@ def export(
       with open(os.path.join(staging, 'labels.txt'), 'w') as f:
         f.write('\n'.join(loaded.labels) + '\n')
   final = os.path.join(os.path.abspath(out_dir), os.path.relpath(path, staging))
-  return Report(fmt, os.path.normpath(final), runtime, seconds, diffs, tolerance)
+  return Report(fmt, os.path.normpath(final), module.RUNTIME, seconds, diffs, tolerance)

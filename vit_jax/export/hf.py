@@ -27,19 +27,12 @@ from vit_jax import models, npz
 
 _BLOCK = re.compile(r'^(?:vit\.)?(?:encoder\.layer|layers)\.(\d+)\.(.+)$')
 # (hf suffixes) -> our path inside Transformer/encoderblock_{i}, and the tensor kind.
+_MHA = 'MultiHeadDotProductAttention_1/'
 _BLOCK_TABLE = [
-  (
-    ('attention.attention.query', 'attention.q_proj'),
-    'MultiHeadDotProductAttention_1/query',
-    'qkv',
-  ),
-  (('attention.attention.key', 'attention.k_proj'), 'MultiHeadDotProductAttention_1/key', 'qkv'),
-  (
-    ('attention.attention.value', 'attention.v_proj'),
-    'MultiHeadDotProductAttention_1/value',
-    'qkv',
-  ),
-  (('attention.output.dense', 'attention.o_proj'), 'MultiHeadDotProductAttention_1/out', 'out'),
+  (('attention.attention.query', 'attention.q_proj'), _MHA + 'query', 'qkv'),
+  (('attention.attention.key', 'attention.k_proj'), _MHA + 'key', 'qkv'),
+  (('attention.attention.value', 'attention.v_proj'), _MHA + 'value', 'qkv'),
+  (('attention.output.dense', 'attention.o_proj'), _MHA + 'out', 'out'),
   (('layernorm_before',), 'LayerNorm_0', 'norm'),
   (('layernorm_after',), 'LayerNorm_2', 'norm'),
   (('intermediate.dense', 'mlp.fc1'), 'MlpBlock_3/Dense_0', 'dense'),
@@ -71,12 +64,9 @@ def check_plain_vit(model_config: Mapping) -> None:
   ph, pw = model_config['patches']['size']
   if ph != pw:
     raise ValueError(f'HF ViT needs square patches, got {(ph, pw)}')
-  t = model_config.get('transformer') or {}
+  t, registers = model_config.get('transformer') or {}, model_config.get('num_registers')
   for present, what in (
-    (
-      model_config.get('num_registers'),
-      f'register tokens (num_registers={model_config.get("num_registers")})',
-    ),
+    (registers, f'register tokens (num_registers={registers})'),
     (t.get('layer_scale') is not None, 'LayerScale (layer_scale)'),
     (t.get('qk_norm'), 'QK-norm (qk_norm)'),
   ):
@@ -127,9 +117,7 @@ def _convert(kind: str, suffix: str, value: np.ndarray) -> np.ndarray:
     return value.reshape(-1, value.shape[-1]).T
   if kind == 'conv':  # (ph, pw, c, d) -> (d, c, ph, pw).
     return value.transpose(3, 2, 0, 1)
-  if kind == 'dense':
-    return value.T
-  return value
+  return value.T  # 'dense'.
 
 
 def _lookup(hf_key: str, flat: Mapping[str, np.ndarray]) -> np.ndarray:
@@ -143,13 +131,12 @@ def _lookup(hf_key: str, flat: Mapping[str, np.ndarray]) -> np.ndarray:
           leaf = {'weight': 'kernel' if kind != 'norm' else 'scale', 'bias': 'bias'}[leaf]
           return _convert(kind, leaf, flat[f'Transformer/encoderblock_{index}/{ours}/{leaf}'])
     raise KeyError(f'no vit_jax parameter for Hugging Face key {hf_key!r}')
-  key = hf_key.removeprefix('vit.')
-  if key not in _TOP_TABLE:
+  ours = _TOP_TABLE.get(hf_key.removeprefix('vit.'))
+  if ours is None:
     raise KeyError(f'no vit_jax parameter for Hugging Face key {hf_key!r}')
-  ours = _TOP_TABLE[key]
-  kind = 'conv' if ours.startswith('embedding/') else ('norm' if 'norm' in ours else 'dense')
   if ours in ('cls', 'Transformer/posembed_input/pos_embedding'):
-    kind = 'raw'
+    return flat[ours]
+  kind = 'conv' if ours.startswith('embedding/') else ('norm' if 'norm' in ours else 'dense')
   return _convert(kind, ours, flat[ours])
 
 

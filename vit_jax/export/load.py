@@ -10,6 +10,7 @@ a representation layer from `pre_logits`.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -42,26 +43,22 @@ class Loaded:
   source: str
   weights: str = 'raw'  # A workdir's 'ema' (vit_jax.ema) or 'raw' params; 'raw' for an .npz.
 
-  @property
+  @functools.cached_property
   def fn(self):
     """The model's pure function `fn(params, images, **kwargs)` (`models.functional`)."""
-    if '_fn' not in self.__dict__:
-      self.__dict__['_fn'] = models.functional(self.model)
-    return self.__dict__['_fn']
+    return models.functional(self.model)
 
   def apply(self, images: np.ndarray, **kwargs):
     return self.fn(self.params, images, **kwargs)
 
 
-def is_workdir(path: str) -> bool:
-  """Whether `path` is a training workdir (has config.json), local or remote."""
-  if str(path).endswith('.npz'):
-    return False
-  if '://' in str(path):
+def _open(path: str, mode: str = 'r'):
+  """`open` (UTF-8) for a local path, TensorFlow's gfile for a remote one (gs://...)."""
+  if '://' in path:
     import tensorflow as tf
 
-    return tf.io.gfile.exists(os.path.join(path, 'config.json'))
-  return os.path.isfile(os.path.join(path, 'config.json'))
+    return tf.io.gfile.GFile(path, mode)
+  return open(path, mode, encoding='utf-8')
 
 
 def _exists(path: str) -> bool:
@@ -72,15 +69,15 @@ def _exists(path: str) -> bool:
   return os.path.isfile(path)
 
 
+def is_workdir(path: str) -> bool:
+  """Whether `path` is a training workdir (has config.json), local or remote."""
+  path = str(path)
+  return not path.endswith('.npz') and _exists(os.path.join(path, 'config.json'))
+
+
 def read_config(workdir: str) -> dict:
   """The run's config.json as a dict."""
-  path = os.path.join(workdir, 'config.json')
-  if '://' in path:
-    import tensorflow as tf
-
-    with tf.io.gfile.GFile(path) as f:
-      return json.load(f)
-  with open(path) as f:
+  with _open(os.path.join(workdir, 'config.json')) as f:
     return json.load(f)
 
 
@@ -132,7 +129,8 @@ def _infer_image_size(params: Mapping, model) -> int | None:
 
 
 _INFERENCE = dict(dtype='float32', param_dtype='float32')
-_ENCODER_INFERENCE = dict(scan_layers=False, remat_policy='none', dropout_rate=0.0)
+_NO_DROPOUT = dict.fromkeys(('dropout_rate', 'attention_dropout_rate', 'droppath_rate'), 0.0)
+_ENCODER_INFERENCE = dict(scan_layers=False, remat_policy='none', **_NO_DROPOUT)
 
 
 def npz_options(params: Mapping) -> dict:
@@ -159,8 +157,6 @@ def _build(name_or_config, num_classes: int, overrides: Mapping, image_size: int
   overrides.update(_INFERENCE)
   if family != 'mixer':
     overrides.update(_ENCODER_INFERENCE)
-    for key in ('attention_dropout_rate', 'droppath_rate'):
-      overrides[key] = 0.0
   return nnx.eval_shape(
     lambda: models.get_model(
       name_or_config, num_classes=num_classes, image_size=image_size, **overrides
@@ -173,29 +169,14 @@ LABELS_FILE = 'labels.txt'  # In a workdir: the run's label names, one per line,
 
 def read_labels(path: str) -> list[str]:
   """Label names from a text file, one per line (local or remote)."""
-  if '://' in path:
-    import tensorflow as tf
-
-    with tf.io.gfile.GFile(path) as f:
-      text = f.read()
-  else:
-    with open(path, encoding='utf-8') as f:
-      text = f.read()
-  return [line.strip() for line in text.splitlines() if line.strip()]
+  with _open(path) as f:
+    return [line.strip() for line in f.read().splitlines() if line.strip()]
 
 
 def write_labels(names: list[str], workdir: str) -> None:
   """Writes a workdir's label names (`labels.txt`), so they travel with its checkpoints."""
-  path = os.path.join(workdir, LABELS_FILE)
-  text = '\n'.join(names) + '\n'
-  if '://' in path:
-    import tensorflow as tf
-
-    with tf.io.gfile.GFile(path, 'w') as f:
-      f.write(text)
-    return
-  with open(path, 'w', encoding='utf-8') as f:
-    f.write(text)
+  with _open(os.path.join(workdir, LABELS_FILE), 'w') as f:
+    f.write('\n'.join(names) + '\n')
 
 
 def label_names(dataset: str | None, num_classes: int, data_dir: str | None = None):

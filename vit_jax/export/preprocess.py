@@ -13,13 +13,8 @@ import tensorflow as tf
 
 from vit_jax.data import preprocess as data_preprocess
 
-SUPPORTED = (
-  'decode',
-  'resize',
-  'resize_small',
-  'central_crop',
-  'decode_jpeg_and_central_crop',
-  'value_range',
+SUPPORTED = tuple(
+  'decode resize resize_small central_crop decode_jpeg_and_central_crop value_range'.split()
 )
 
 

@@ -28,11 +28,8 @@ def save(loaded, directory: str, batch_size: int | None = None) -> str:
   pp = preprocess.eval_preprocess(loaded.pp_eval)  # Fails early on a non-eval op.
   variables = tf.nest.map_structure(lambda p: tf.Variable(p, trainable=False), loaded.params)
 
-  def forward(params, images):
-    return loaded.fn(params, images)
-
   converted = jax2tf.convert(
-    forward,
+    loaded.fn,
     polymorphic_shapes=[None, f'({batch_size or "b"}, {size}, {size}, 3)'],
     with_gradient=False,
     native_serialization_platforms=PLATFORMS,

@@ -28,32 +28,13 @@ import tempfile
 import time
 import types
 
+import flax
 import numpy as np
+from flax import traverse_util
 
 FORMATS = ('hf', 'onnx')
 # `python -m` would import this module twice (as part of the package, then as __main__).
 _CHILD = 'import sys; from vit_jax.export import torch_side; sys.exit(torch_side.main(sys.argv[1]))'
-
-
-def _nest(flat: dict[str, np.ndarray]) -> dict:
-  out: dict = {}
-  for key, value in flat.items():
-    *parents, leaf = key.split('/')
-    node = out
-    for p in parents:
-      node = node.setdefault(p, {})
-    node[leaf] = value
-  return out
-
-
-def _flatten(tree, prefix: str = '') -> dict[str, np.ndarray]:
-  out = {}
-  for key, value in tree.items():
-    if isinstance(value, dict) or hasattr(value, 'items'):
-      out.update(_flatten(value, f'{prefix}{key}/'))
-    else:
-      out[f'{prefix}{key}'] = np.asarray(value, np.float32)
-  return out
 
 
 def run(loaded, fmt: str, out_dir: str, images: np.ndarray, batches) -> tuple[str, float, dict]:
@@ -78,13 +59,12 @@ def run(loaded, fmt: str, out_dir: str, images: np.ndarray, batches) -> tuple[st
     }
     with open(os.path.join(tmp, 'request.json'), 'w') as f:
       json.dump(request, f, default=str)
-    np.savez(os.path.join(tmp, 'arrays.npz'), images=images, **_flatten(loaded.params))
+    flat = traverse_util.flatten_dict(flax.core.unfreeze(loaded.params), sep='/')
+    flat = {k: np.asarray(v, np.float32) for k, v in flat.items()}
+    np.savez(os.path.join(tmp, 'arrays.npz'), images=images, **flat)
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL=os.environ.get('TF_CPP_MIN_LOG_LEVEL', '2'))
     proc = subprocess.run(
-      [sys.executable, '-c', _CHILD, tmp],
-      env=env,
-      capture_output=True,
-      text=True,
+      [sys.executable, '-c', _CHILD, tmp], env=env, capture_output=True, text=True
     )
     result_path = os.path.join(tmp, 'result.json')
     result = None
@@ -134,7 +114,7 @@ def main(folder: str) -> int:
     arrays = {k: archive[k] for k in archive.files}
   images = arrays.pop('images')
   loaded = types.SimpleNamespace(
-    params=_nest(arrays),
+    params=traverse_util.unflatten_dict(arrays, sep='/'),
     model_config=request['model_config'],
     num_classes=request['num_classes'],
     image_size=request['image_size'],

@@ -60,21 +60,14 @@ def _as_dict(config: Any) -> dict:
   raise TypeError(f'expected a model name, ConfigDict or dict, got {type(config).__name__}')
 
 
-def _dtype(value):
-  return _DTYPES[value] if isinstance(value, str) and value in _DTYPES else value
-
-
 def model_kwargs(name_or_config, num_classes: int, **overrides) -> tuple[type, dict]:
   """The module class and its constructor arguments (without `rngs`) for `get_model`'s inputs."""
-  if isinstance(name_or_config, str):
-    config = _as_dict(get_model_config(name_or_config))
-  else:
-    config = _as_dict(name_or_config)
+  is_name = isinstance(name_or_config, str)
+  config = _as_dict(get_model_config(name_or_config) if is_name else name_or_config)
   # As in the original project, `model_name` is the variant's name; the family follows from it
   # (or from Mixer's fields when a config has no name).
   is_mixer = model_family(config) == 'mixer'
   name = config.pop('model_name', None)
-  family = 'MlpMixer' if is_mixer else 'VisionTransformer'
   patches = config.pop('patches', None)
   if not isinstance(patches, Mapping) or 'size' not in patches:
     raise ValueError(f'model config {name!r} needs patches.size (got patches={patches!r})')
@@ -100,7 +93,7 @@ def model_kwargs(name_or_config, num_classes: int, **overrides) -> tuple[type, d
     else:
       extra = sorted(_ENCODER_KEYS) if cls is VisionTransformer else []
       raise ValueError(
-        f'unknown override {key!r} for {family} {name!r}; valid: '
+        f'unknown override {key!r} for {cls.__name__} {name!r}; valid: '
         f'{sorted(valid - {"num_classes", "model_name"}) + extra}'
       )
   if isinstance(config['patches'], Mapping):  # An override in the original {'size': ...} form.
@@ -114,7 +107,7 @@ def model_kwargs(name_or_config, num_classes: int, **overrides) -> tuple[type, d
     )
   for key in ('dtype', 'param_dtype'):
     if key in config:
-      config[key] = _dtype(config[key])
+      config[key] = _DTYPES.get(config[key], config[key])  # 'bfloat16' -> jnp.bfloat16.
   return cls, dict(num_classes=num_classes, model_name=name, **config)
 
 
@@ -168,10 +161,9 @@ def params_of(model: nnx.Module) -> dict:
 
 def count_params(model_or_state) -> int:
   """Number of parameters of a model or a (possibly abstract) state."""
-  state = model_or_state
   if isinstance(model_or_state, nnx.Module):
-    state = nnx.state(model_or_state, nnx.Param)
-  return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state))
+    model_or_state = nnx.state(model_or_state, nnx.Param)
+  return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(model_or_state))
 
 
 def logical_axes(model: nnx.Module) -> dict:

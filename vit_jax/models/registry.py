@@ -22,20 +22,8 @@ VIT_SIZES = {
   'g': (1408, 6144, 16, 40),
   'G': (1664, 8192, 16, 48),
 }
-VIT_VARIANTS = [
-  'Ti/16',
-  'S/16',
-  'S/32',
-  'B/8',
-  'B/16',
-  'B/32',
-  'L/16',
-  'L/32',
-  'H/14',
-  'g/14',
-  'G/14',
-]
-GAP_NOREP_VARIANTS = ['S/16', 'S/32', 'B/16', 'B/32']
+VIT_VARIANTS = 'Ti/16 S/16 S/32 B/8 B/16 B/32 L/16 L/32 H/14 g/14 G/14'.split()
+GAP_NOREP_VARIANTS = 'S/16 S/32 B/16 B/32'.split()
 # Hybrid name -> (ViT size, patch size on the ResNet feature map, ResNet stage depths).
 HYBRIDS = {
   # The stem alone (no stages) downsamples 4x, so 8x8 patches give 32x32 pixels per token.
@@ -87,14 +75,13 @@ def vit_config(
 
 def _build_registry() -> dict[str, ml_collections.ConfigDict]:
   configs = {}
-  for variant in VIT_VARIANTS:
-    size, patch = variant.split('/')
-    name = f'ViT-{size}_{patch}'
-    configs[name] = vit_config(size, int(patch), name=name)
-  for variant in GAP_NOREP_VARIANTS:
-    size, patch = variant.split('/')
-    name = f'ViT-{size}_{patch}-gap-norep'
-    configs[name] = vit_config(size, int(patch), name=name, classifier='gap')
+  for variants, suffix, classifier in (
+    (VIT_VARIANTS, '', 'token'),
+    (GAP_NOREP_VARIANTS, '-gap-norep', 'gap'),
+  ):
+    for size, patch in (v.split('/') for v in variants):
+      name = f'ViT-{size}_{patch}{suffix}'
+      configs[name] = vit_config(size, int(patch), name=name, classifier=classifier)
   for name, (size, patch, stages) in HYBRIDS.items():
     config = vit_config(size, patch, name=name)
     config.resnet = ml_collections.ConfigDict({'num_layers': stages, 'width_factor': 1})

@@ -117,11 +117,8 @@ def add_stem(
 
 def stem_output_size(size: tuple[int, int], num_stages: int) -> tuple[int, int]:
   """The feature-map size: the root downsamples 4x, each stage after the first 2x more (SAME)."""
-  down = lambda s, k: -(-s // k)
-  h, w = (down(down(s, 2), 2) for s in size)
-  for _ in range(max(num_stages - 1, 0)):
-    h, w = down(h, 2), down(w, 2)
-  return h, w
+  factor = 4 * 2 ** max(num_stages - 1, 0)  # Repeated ceil-division by 2 is one by the product.
+  return tuple(-(-s // factor) for s in size)
 
 
 def stem(owner: nnx.Module, x: jax.Array, num_stages: int) -> jax.Array:

@@ -10,6 +10,7 @@ checkpoint's tree. Every parameter carries logical axis names (`logical_axes` me
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -34,11 +35,9 @@ class KeyStream:
   """The `params()` and `dropout()` draws of an `nnx.Rngs`, counted in Python: one key per stream
   from `rngs`, then `fold_in(key, n)` for the n-th draw.
 
-  `nnx.Rngs` counts draws in a state variable; under a trace (`nnx.eval_shape`, the Trainer's
-  jitted init) every update of it asks the tracer for its sharding and JAX's message for the
-  missing attribute walks the whole trace, so building a model cost time quadratic in its size
-  (an unscanned ViT-H/14 under `nnx.eval_shape`: 24 s). With this stream it is linear.
-  """  # fmt: skip
+  `nnx.Rngs` counts draws in a state variable, and under a trace (`nnx.eval_shape`, a jitted
+  init) each update costs time proportional to the trace so far: quadratic model building.
+  """
 
   def __init__(self, rngs: nnx.Rngs):
     self._rngs, self._keys, self._count = rngs, {}, 0
@@ -53,11 +52,8 @@ class KeyStream:
     self._count += 1
     return jax.random.fold_in(self._keys[stream], self._count)
 
-  def params(self) -> jax.Array:
-    return self._draw('params')
-
-  def dropout(self) -> jax.Array:
-    return self._draw('dropout')
+  params = functools.partialmethod(_draw, 'params')
+  dropout = functools.partialmethod(_draw, 'dropout')
 
 
 def param(rngs: nnx.Rngs, initializer: Initializer, shape, dtype, axes) -> nnx.Param:
@@ -65,20 +61,18 @@ def param(rngs: nnx.Rngs, initializer: Initializer, shape, dtype, axes) -> nnx.P
   return nnx.Param(initializer(rngs.params(), shape, dtype), logical_axes=tuple(axes))
 
 
-def dropout(x: jax.Array, rate: float, rng: jax.Array | None) -> jax.Array:
-  """Inverted dropout; the identity without an rng (evaluation) or at rate 0."""
-  if rng is None or rate == 0.0:
+def dropout(x: jax.Array, rate, rng: jax.Array | None, shape=None) -> jax.Array:
+  """Inverted dropout of a `shape` (default: x's) mask broadcast over x; the identity without an
+  rng (evaluation) or at a (non-traced) rate 0."""
+  if rng is None or (not isinstance(rate, jax.Array) and rate == 0.0):
     return x
-  keep = jax.random.bernoulli(rng, 1.0 - rate, x.shape)
+  keep = jax.random.bernoulli(rng, 1.0 - rate, x.shape if shape is None else shape)
   return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
 
 
 def drop_path(x: jax.Array, rate, rng: jax.Array | None) -> jax.Array:
   """Stochastic depth: drops the residual branch per example, rescaling the survivors."""
-  if rng is None or (isinstance(rate, float) and rate == 0.0):
-    return x
-  keep = jax.random.bernoulli(rng, 1.0 - rate, (x.shape[0],) + (1,) * (x.ndim - 1))
-  return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
+  return dropout(x, rate, rng, (x.shape[0],) + (1,) * (x.ndim - 1))
 
 
 class Dense(nnx.Module):
@@ -109,20 +103,13 @@ def LayerNorm(
   features: int, *, dtype: Dtype, param_dtype: Dtype, rngs: nnx.Rngs, axis: str = 'embed'
 ) -> nnx.LayerNorm:
   """Flax's `nnx.LayerNorm` over the last axis (`scale`, `bias`), epsilon 1e-6 as the released
-  models: float32 statistics, variance as E[x^2] - E[x]^2 (the arithmetic of the linen LayerNorm
-  that big_vision and the original project use). Flax's op, not a hand-written one: XLA's CPU
-  fusion of a hand-written LayerNorm's backward recomputed the residual gradient of every block
-  once per consumer (a 2.4x slower ViT-Ti/16 train step, benchmarks/peers.py).
-  """  # fmt: skip
-  axes = {'logical_axes': (axis,)}
+  models: float32 statistics, variance as E[x^2] - E[x]^2 (the linen LayerNorm's arithmetic, as in
+  big_vision). Flax's op, not a hand-written one: XLA's CPU fusion of a hand-written backward
+  recomputes each block's residual gradient once per consumer (benchmarks/peers.py).
+  """
+  metadata = dict.fromkeys(('scale_metadata', 'bias_metadata'), {'logical_axes': (axis,)})
   return nnx.LayerNorm(
-    features,
-    epsilon=1e-6,
-    dtype=dtype,
-    param_dtype=param_dtype,
-    scale_metadata=axes,
-    bias_metadata=axes,
-    rngs=rngs,
+    features, epsilon=1e-6, dtype=dtype, param_dtype=param_dtype, rngs=rngs, **metadata
   )
 
 
@@ -139,18 +126,10 @@ class MlpBlock(nnx.Module):
     param_dtype: Dtype = jnp.float32,
     rngs: nnx.Rngs,
   ):
-    dense = lambda i, o, axes: Dense(
-      i,
-      o,
-      axes,
-      kernel_init=init.xavier_uniform(),
-      bias_init=init.normal(stddev=1e-6),
-      dtype=dtype,
-      param_dtype=param_dtype,
-      rngs=rngs,
-    )
-    self.Dense_0 = dense(features, mlp_dim, ('embed', 'mlp'))
-    self.Dense_1 = dense(mlp_dim, features, ('mlp', 'embed'))
+    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    kw.update(kernel_init=init.xavier_uniform(), bias_init=init.normal(stddev=1e-6))
+    self.Dense_0 = Dense(features, mlp_dim, ('embed', 'mlp'), **kw)
+    self.Dense_1 = Dense(mlp_dim, features, ('mlp', 'embed'), **kw)
     self.dropout_rate = dropout_rate
 
   def __call__(self, x: jax.Array, rng: jax.Array | None = None) -> jax.Array:
@@ -187,9 +166,8 @@ def fused_attention(q, k, v, implementation: str | None = None, pad_to: int | No
   """`jax.nn.dot_product_attention` over [batch, seq, heads, head_dim], any sequence length.
 
   `implementation`: 'xla', 'cudnn', or None: for bfloat16/float16 inputs, cuDNN flash attention
-  where it traces (GPUs with cuDNN; 1.31x faster ViT-B/16 training steps on an H200, same
-  gradient error vs float32 as XLA's), otherwise XLA's. The choice depends on what traces, not
-  on the backend's name. cuDNN trains only on sequence lengths that are multiples of 64 (ViT's
+  where it traces (GPUs with cuDNN), otherwise XLA's: the choice depends on what traces, not on
+  the backend's name. cuDNN trains only on sequence lengths that are multiples of 64 (ViT's
   197 or 577 tokens are not), so for it (or with `pad_to`) the tokens are zero-padded to a
   multiple of `pad_to` (default 64), the padding masked out through the sequence lengths, and
   the output cut back: values and gradients equal the unpadded attention's.
@@ -296,13 +274,9 @@ class Encoder1DBlock(nnx.Module):
   ):
     kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.LayerNorm_0 = LayerNorm(features, **kw)
+    mha = dict(dropout_rate=attention_dropout_rate, attention_impl=attention_impl, qk_norm=qk_norm)
     self.MultiHeadDotProductAttention_1 = MultiHeadDotProductAttention(
-      features,
-      num_heads,
-      dropout_rate=attention_dropout_rate,
-      attention_impl=attention_impl,
-      qk_norm=qk_norm,
-      **kw,
+      features, num_heads, **mha, **kw
     )
     self.LayerNorm_2 = LayerNorm(features, **kw)
     self.MlpBlock_3 = MlpBlock(features, mlp_dim, dropout_rate=dropout_rate, **kw)
@@ -352,10 +326,7 @@ def posemb_sincos_2d(h: int, w: int, width: int, temperature: float = 10_000.0) 
     raise ValueError(f"posemb='sincos2d' needs a width divisible by 4, got {width}")
   quarter = width // 4
   freqs = 1.0 / temperature ** (np.arange(quarter, dtype=np.float64) / max(quarter - 1, 1))
-  rows, cols = np.meshgrid(np.arange(h, dtype=np.float64), np.arange(w, dtype=np.float64),
-                           indexing='ij')  # fmt: skip
-  y = rows.reshape(-1, 1) * freqs[None]
-  x = cols.reshape(-1, 1) * freqs[None]
+  y, x = (np.outer(coords.ravel(), freqs) for coords in np.mgrid[:h, :w])  # Row, column.
   table = np.concatenate([np.sin(x), np.cos(x), np.sin(y), np.cos(y)], axis=1)
   return table[None].astype(np.float32)
 
@@ -454,19 +425,10 @@ class Encoder(nnx.Module):
       posemb_sincos_2d(*grid, features)  # Checks the width now; computed again when called.
     elif add_position_embedding:
       self.posembed_input = AddPositionEmbs(num_tokens, features, param_dtype, rngs)
-    block = lambda rngs: Encoder1DBlock(
-      features,
-      mlp_dim,
-      num_heads,
-      dropout_rate=dropout_rate,
-      attention_dropout_rate=attention_dropout_rate,
-      dtype=dtype,
-      param_dtype=param_dtype,
-      attention_impl=attention_impl,
-      layer_scale=layer_scale,
-      qk_norm=qk_norm,
-      rngs=rngs,
-    )
+    block_kw = dict(dtype=dtype, param_dtype=param_dtype, attention_impl=attention_impl)
+    block_kw.update(dropout_rate=dropout_rate, attention_dropout_rate=attention_dropout_rate)
+    block_kw.update(layer_scale=layer_scale, qk_norm=qk_norm)
+    block = lambda rngs: Encoder1DBlock(features, mlp_dim, num_heads, rngs=rngs, **block_kw)
     if scan_layers:
       keys = jax.random.split(rngs.params(), num_layers)
       self.encoderblock = nnx.vmap(lambda key: block(KeyStream(nnx.Rngs(params=key))))(keys)
@@ -645,14 +607,9 @@ class VisionTransformer(nnx.Module):
       self.pre_logits = Dense(hidden_size, representation_size, ('embed', 'mlp'), **kw)
       features, head_axes = representation_size, ('mlp', 'classes')
     if num_classes:
-      self.head = Dense(
-        features,
-        num_classes,
-        head_axes,
-        kernel_init=init.zeros if head_zero_init else init.lecun_normal(),
-        bias_init=init.constant(head_bias_init),
-        **kw,
-      )
+      kernel_init = init.zeros if head_zero_init else init.lecun_normal()
+      head_init = dict(kernel_init=kernel_init, bias_init=init.constant(head_bias_init))
+      self.head = Dense(features, num_classes, head_axes, **head_init, **kw)
     # The hyperparameters, as the original schema names them (metrics.model_flops, exports).
     self.num_classes, self.patches, self.hidden_size = num_classes, (ph, pw), hidden_size
     frozen = lambda d: FrozenDict({k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
@@ -660,7 +617,7 @@ class VisionTransformer(nnx.Module):
     self.resnet = None if resnet is None else frozen(resnet)
     self.classifier, self.representation_size = classifier, representation_size
     self.model_name, self.dtype, self.num_registers = model_name, dtype, num_registers
-    self.grid = (size[0] // ph, size[1] // pw)
+    self.grid = grid
     self.deterministic, self.sow_weights = True, False
     self.dropout_rngs = nnx.Rngs(dropout=rngs.dropout())
 
@@ -682,10 +639,9 @@ class VisionTransformer(nnx.Module):
         f'{self.grid} (image_size); build it with get_model(..., image_size=...) for this size'
       )
     x = jnp.reshape(x, (n, h * w, c))
-    c = 0
-    if hasattr(self, 'cls'):
+    c = int(hasattr(self, 'cls'))
+    if c:
       x = jnp.concatenate([jnp.tile(self.cls[...].astype(x.dtype), [n, 1, 1]), x], axis=1)
-      c = 1
     r = self.num_registers
     if r:  # After the class token, before the patches (timm's order).
       registers = jnp.tile(self.registers[...].astype(x.dtype), [n, 1, 1])
