@@ -67,8 +67,4 @@ def copy(params: Any) -> Any:
 
 def metric_names(scalars: Mapping[str, float]) -> dict[str, float]:
   """'eval/<name>/<metric>' -> 'eval/<name>/ema_<metric>' (an evaluator's result on the EMA)."""
-  out = {}
-  for key, value in scalars.items():
-    head, _, metric = key.rpartition('/')
-    out[f'{head}/ema_{metric}'] = value
-  return out
+  return {'/ema_'.join(key.rsplit('/', 1)): value for key, value in scalars.items()}

@@ -280,10 +280,6 @@ class WorkdirLock:
   def __exit__(self, *exc) -> None:
     self.release()
 
-  @property
-  def held(self) -> bool:
-    return self.token in _HELD_HERE
-
   def release(self) -> None:
     """Removes the lock file if it is still this run's (by its token), whatever else happened.
 

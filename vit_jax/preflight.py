@@ -7,7 +7,6 @@ the config's values are `vit_jax.config.validate`'s.
 
 from __future__ import annotations
 
-import difflib
 import importlib.util
 import os
 from collections.abc import Mapping, Sequence
@@ -15,14 +14,11 @@ from typing import Any
 
 import ml_collections
 
+from vit_jax.config import _closest
+
 
 class UserError(Exception):
   """A mistake in the command line or config, explained in one line."""
-
-
-def _closest(name: str, choices) -> str:
-  match = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.5)
-  return f'did you mean {match[0]!r}? ' if match else ''
 
 
 def _config_arg(argv: Sequence[str]) -> str | None:
