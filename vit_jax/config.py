@@ -68,7 +68,7 @@ MODEL_FIELDS = {
   'scan_layers': (bool, None, _VIT),  # One nn.scan over stacked blocks: faster compilation.
   'remat_policy': (str, None, _VIT),  # 'none', 'full' or a jax.checkpoint_policies name.
   'attention_impl': (str, None, _VIT),  # 'xla', 'cudnn'; None: cuDNN on GPUs for bf16/f16.
-  # Options of issue 26 (docs/models.md): all off by default, the released architecture.
+  # Architecture options (docs/models.md): all off by default, the released architecture.
   'posemb': (str, None, _VIT),  # 'learn' (released) or 'sincos2d' (fixed, no parameter).
   'num_registers': (int, None, _VIT),  # Register tokens after the class token (Darcet et al.).
   'layer_scale': (float, None, _VIT),  # LayerScale init value (CaiT / DeiT III); None: off.

@@ -236,7 +236,6 @@ def continue_command(argv, total_steps: int) -> str:
   return rerun_command(['', *args, f'{flag}={total_steps}'])
 
 
-
 def list_models() -> str:
   """Registered model names with parameter counts (1000 classes, 224x224)."""
   from vit_jax import models

@@ -58,9 +58,10 @@ def recipe_path(name: str) -> str | None:
 
   stem = os.path.basename(name)[: -len('.py')] if name.endswith('.py') else name
   if '/' in name and os.path.basename(os.path.dirname(name)) != 'configs':
-    return None
+    return None  # Another folder's file of that name is the user's own.
   if stem not in recipe_names():
     return None
+
   return os.path.join(os.path.dirname(configs.__file__), f'{stem}.py')
 
 

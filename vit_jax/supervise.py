@@ -21,6 +21,7 @@ off.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -176,11 +177,9 @@ class _Relay:
 
 
 def _write(out, line: bytes) -> None:
-  try:
+  with contextlib.suppress(OSError, ValueError):  # The console went away; the run goes on.
     out.write(line)
     out.flush()
-  except (OSError, ValueError):  # The console went away; the run goes on.
-    pass
 
 
 def _pump(pipe, out, relay: _Relay | None) -> None:
@@ -228,10 +227,8 @@ def run(argv, *, command=None, environ=os.environ) -> int:
       pump.start()
     while True:
       while received:
-        try:
+        with contextlib.suppress(ProcessLookupError):
           child.send_signal(received.pop(0))
-        except ProcessLookupError:
-          pass
       try:
         rc = child.wait(timeout=0.1)
         break
@@ -268,10 +265,8 @@ def _status(rc: int) -> int:
 
 
 def _report(message: str) -> None:
-  try:
+  with contextlib.suppress(OSError):
     print(f'ERROR: {message}', file=sys.stderr, flush=True)
-  except OSError:
-    pass
 
 
 def exit_when_orphaned(interval: float = ORPHAN_POLL_SECONDS, environ=os.environ):

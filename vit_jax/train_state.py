@@ -471,10 +471,10 @@ class PreemptionWatcher:
       from jax.experimental import multihost_utils
 
       flag = bool(np.any(multihost_utils.process_allgather(np.asarray(flag))))
-      try:
+      # The preemption service runs only where the runtime provides it.
+      with contextlib.suppress(Exception):
         flag = flag or multihost_utils.reached_preemption_sync_point(step)
-      except Exception:  # The preemption service runs only where the runtime provides it.
-        pass
+
     return flag
 
   def restore(self) -> None:
