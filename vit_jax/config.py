@@ -328,7 +328,6 @@ def model_kwargs(config: Mapping, family: str | None = None) -> dict:
 
   Fields of another family (`scan_layers` for a Mixer) are dropped when off and refused otherwise.
 
-
   Raises:
     ConfigError: a field set that the model's family does not have.
   """

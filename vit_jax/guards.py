@@ -242,7 +242,6 @@ class WorkdirLock:
         held = None
       if isinstance(held, dict) and held and not self._stale(held):
         raise WorkdirLockedError(_locked_message(workdir, held, self.lease_seconds))
-
       with _signals_deferred():  # The file and this object agree before a signal can stop us.
         new = self._file.swap(version, self._record())
         if new is None:

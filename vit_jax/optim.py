@@ -28,7 +28,6 @@ def make_schedule(config: Mapping) -> optax.Schedule:
   Args:
     config: with `lr`, `warmup_steps`, `total_steps`, `decay_type`, `end_lr_factor` (default 0).
 
-
   Returns:
     A schedule mapping the optimizer step (an update, not a micro-batch) to the learning rate.
   """

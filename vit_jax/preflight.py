@@ -61,7 +61,6 @@ def recipe_path(name: str) -> str | None:
     return None  # Another folder's file of that name is the user's own.
   if stem not in recipe_names():
     return None
-
   return os.path.join(os.path.dirname(configs.__file__), f'{stem}.py')
 
 

@@ -98,9 +98,8 @@ def wanted(argv, environ=os.environ) -> bool:
   if SUPERVISOR_ENV in environ or environ.get('VIT_JAX_SUPERVISE', '') == '0':
     return False
   flags = parse_flags(argv)
-  if any(flags.get(f) == 'true' for f in ('help', 'helpfull', 'h', 'print_config', 'list_models')):
-    return False
-  if flags.get('distributed') == 'off':
+  quick = ('help', 'helpfull', 'h', 'print_config', 'list_models')
+  if flags.get('distributed') == 'off' or any(flags.get(f) == 'true' for f in quick):
     return False
   if flags.get('num_processes', '').isdigit():
     return int(flags['num_processes']) > 1
@@ -110,10 +109,8 @@ def wanted(argv, environ=os.environ) -> bool:
 
 def process_id(flags: dict[str, str], environ=os.environ) -> str | None:
   """This process's index, from `--process_id` or the cluster's environment, if known."""
-  for value in (flags.get('process_id'), environ.get('SLURM_PROCID'), environ.get('TPU_WORKER_ID')):
-    if value is not None and value.isdigit():
-      return value
-  return None
+  ids = (flags.get('process_id'), environ.get('SLURM_PROCID'), environ.get('TPU_WORKER_ID'))
+  return next((v for v in ids if v is not None and v.isdigit()), None)
 
 
 class _Relay:

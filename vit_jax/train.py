@@ -399,11 +399,9 @@ class _Bookkeeping:
              if not np.isfinite(m[k])] or self.spikes.check(m)  # fmt: skip
       if bad:
         self.ckpt.wait()
-        good = (
-          f'step {self.last_saved} in {self.ckpt_dir}'
-          if self.last_saved is not None
-          else 'none yet'
-        )
+        good = 'none yet'
+        if self.last_saved is not None:
+          good = f'step {self.last_saved} in {self.ckpt_dir}'
         raise TrainingDivergedError(
           s,
           f'{", ".join(bad)} at step {s}; last good checkpoint: {good}. '
@@ -535,7 +533,6 @@ def _train_and_evaluate(
     ckpt.wait()
   except BaseException as e:
     failure = e
-
   # Closed outside the handler: a pending save that fails too is logged (by orbax) without this
   # failure's traceback chained to it; the run's own error is reported once, in one line.
   writer.close()

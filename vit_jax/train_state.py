@@ -166,7 +166,9 @@ class Checkpointer:
   def check(self, at: int | None = None, *, wait: bool = False) -> None:
     """Raises `CheckpointSaveError` if the pending async save failed; cheap, call it every step.
 
-    `at` is the run's current step (for the message); `wait` blocks until the save is done.
+    Args:
+      at: the run's current step, for the message.
+      wait: block until the pending save is done (else only a finished one is checked).
     """
     step = self._pending
     if step is None:
@@ -275,7 +277,8 @@ class Checkpointer:
   def close(self, at: int | None = None) -> CheckpointSaveError | None:
     """Waits for pending saves and closes; returns the error of a pending save that failed.
 
-    `at` is the run's current step, for the message.
+    Args:
+      at: the run's current step, for the message.
     """
     error = None
     try:
@@ -330,7 +333,6 @@ def _one_line(e: BaseException) -> str:
 
 
 def _sync(name: str) -> None:
-
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils
 
@@ -474,7 +476,6 @@ class PreemptionWatcher:
       # The preemption service runs only where the runtime provides it.
       with contextlib.suppress(Exception):
         flag = flag or multihost_utils.reached_preemption_sync_point(step)
-
     return flag
 
   def restore(self) -> None:
