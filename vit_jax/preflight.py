@@ -129,11 +129,11 @@ def _check_override(config: ml_collections.ConfigDict, key: str, value: str | No
   for kind, words in kinds:
     if isinstance(node, kind):
       try:
-        if kind is bool:
-          assert value.lower() in ('true', 'false', '1', '0')
-        else:
+        if kind is not bool:
           kind(value)
-      except (ValueError, AssertionError):
+        elif value.lower() not in ('true', 'false', '1', '0'):
+          raise ValueError(value)
+      except ValueError:
         raise UserError(
           f'--config.{key}={value}: {key} is {words} (now {node!r}); e.g. --config.{key}={node}'
         ) from None

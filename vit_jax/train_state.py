@@ -399,7 +399,6 @@ def restore_params(directory: str, step: int | None = None, *, weights: str = 'r
   if step is None:
     raise FileNotFoundError(f'no checkpoint in {directory}')
   path = os.path.join(directory, str(step), 'state')
-  checkpointer = ocp.PyTreeCheckpointer()
   tree = ocp.PyTreeCheckpointHandler().metadata(epath.Path(path)).tree
   if weights == 'ema' and 'ema' not in tree:
     raise ValueError(
@@ -408,7 +407,7 @@ def restore_params(directory: str, step: int | None = None, *, weights: str = 'r
     )
   item = 'ema' if weights != 'raw' and 'ema' in tree else 'params'
   args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
-  return checkpointer.restore(path, restore_args=args)[item]
+  return ocp.PyTreeCheckpointer().restore(path, restore_args=args)[item]
 
 
 class Preempted(BaseException):  # noqa: N818 (not an error: a request to stop)
