@@ -43,9 +43,7 @@ NATIVE_NOISE = re.compile(
 def quiet() -> None:
   """Silences library chatter that is not ours to act on; call before TensorFlow is imported.
 
-  TensorFlow's C++ INFO and WARNING lines (`TF_CPP_MIN_LOG_LEVEL` set by the user wins),
-  progress bars, JAX's probe for a TPU runtime, and Python warnings about libraries' own
-  internals (FutureWarning, DeprecationWarning). Real warnings (UserWarning, WARNING logs of our
+  A `TF_CPP_MIN_LOG_LEVEL` set by the user wins. Real warnings (UserWarning, WARNING logs of our
   code) still show. What TensorFlow writes natively before its log level applies is filtered
   line by line by `run` (NATIVE_NOISE).
   """

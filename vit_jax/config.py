@@ -3,15 +3,10 @@
 `base_config()` declares each field with its default; the recipes (`configs/`, installed as
 `vit_jax.configs`) only set values, and the result is locked, so `--config.typo=1` is an error.
 `validate(config)` is the one validation pass, run when a recipe is built (`finalize`) and again
-before any data is prepared (`vit_jax.main`, `train.train_and_evaluate`): each mistake is one
-`ConfigError` line naming the `--config.` flag to change.
-
-`config.model` holds overrides for `models.get_model`. A field left at None means the registered
-model's value; `model_kwargs(config)` passes on only the fields that are set.
-
-Every recipe is `get_config(arg)` where `arg` is a comma-separated list of `key=value` or bare
-`flag` items (`model=ViT-B_16,dataset=cifar10,runlocal`); `parse_arg` checks each key against the
-recipe's defaults and converts the values to the defaults' types.
+before any data is prepared: each mistake is one `ConfigError` line naming the `--config.` flag to
+change. `config.model` holds overrides for `models.get_model` (None: the registered model's value).
+A recipe's `get_config(arg)` parses `arg` (`model=ViT-B_16,dataset=cifar10,runlocal`) with
+`parse_arg`.
 
 This module imports no JAX at the top: recipes stay importable for parsing and `--print_config`.
 """
@@ -19,6 +14,7 @@ This module imports no JAX at the top: recipes stay importable for parsing and `
 from __future__ import annotations
 
 import ast
+import difflib
 import logging
 import math
 import os
@@ -72,7 +68,7 @@ MODEL_FIELDS = {
   'scan_layers': (bool, None, _VIT),  # One nn.scan over stacked blocks: faster compilation.
   'remat_policy': (str, None, _VIT),  # 'none', 'full' or a jax.checkpoint_policies name.
   'attention_impl': (str, None, _VIT),  # 'xla', 'cudnn'; None: cuDNN on GPUs for bf16/f16.
-  # Options of issue 26 (docs/models.md): all off by default, the released architecture.
+  # Architecture options (docs/models.md): all off by default, the released architecture.
   'posemb': (str, None, _VIT),  # 'learn' (released) or 'sincos2d' (fixed, no parameter).
   'num_registers': (int, None, _VIT),  # Register tokens after the class token (Darcet et al.).
   'layer_scale': (float, None, _VIT),  # LayerScale init value (CaiT / DeiT III); None: off.
@@ -277,22 +273,15 @@ _FALSE = ('0', 'false', 'no', 'off')
 
 def _convert(key: str, value: str, default):
   if isinstance(default, bool):
-    low = value.lower()
-    if low in _TRUE:
-      return True
-    if low in _FALSE:
-      return False
+    if value.lower() in _TRUE + _FALSE:
+      return value.lower() in _TRUE
     raise ValueError(f'config argument {key}={value!r}: expected a boolean (true/false)')
-  if isinstance(default, int):
-    try:
-      return int(value)
-    except ValueError:
-      raise ValueError(f'config argument {key}={value!r}: expected an integer') from None
-  if isinstance(default, float):
-    try:
-      return float(value)
-    except ValueError:
-      raise ValueError(f'config argument {key}={value!r}: expected a number') from None
+  for kind, words in ((int, 'an integer'), (float, 'a number')):
+    if isinstance(default, kind):
+      try:
+        return kind(value)
+      except ValueError:
+        raise ValueError(f'config argument {key}={value!r}: expected {words}') from None
   return value
 
 
@@ -337,8 +326,7 @@ def _family(config: Mapping) -> str | None:
 def model_kwargs(config: Mapping, family: str | None = None) -> dict:
   """The `config.model` overrides to pass to `models.get_model`: only the fields that are set.
 
-  Fields of another family (`scan_layers` for a Mixer) are dropped when they are off (dropout 0,
-  no scan, no remat) and refused otherwise.
+  Fields of another family (`scan_layers` for a Mixer) are dropped when off and refused otherwise.
 
   Raises:
     ConfigError: a field set that the model's family does not have.
@@ -362,15 +350,15 @@ def model_kwargs(config: Mapping, family: str | None = None) -> dict:
 
 # --- validation ---------------------------------------------------------------------------------
 
-# Ops that set the image size: name -> index of the size argument.
-_SIZE_OPS = {
-  'resize': 0,
-  'central_crop': 0,
-  'random_crop': 0,
-  'inception_crop': 0,
-  'decode_jpeg_and_inception_crop': 0,
-  'decode_jpeg_and_central_crop': 0,
-}
+# Ops whose first argument (or `size=`) is the image size they make.
+_SIZE_OPS = (
+  'resize',
+  'central_crop',
+  'random_crop',
+  'inception_crop',
+  'decode_jpeg_and_inception_crop',
+  'decode_jpeg_and_central_crop',
+)
 _SHAPE_OPS = ('resize_small', 'resize_long')  # Keep the aspect ratio: size unknown after them.
 
 
@@ -403,8 +391,7 @@ def _nearest(value: int, multiple: int) -> list[int]:
 
 
 def _closest(name: str, choices) -> str:
-  import difflib
-
+  """'did you mean X? ' for the closest of `choices`, or ''."""
   match = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.5)
   return f'did you mean {match[0]!r}? ' if match else ''
 
@@ -492,7 +479,6 @@ def _check_image_size(config: Mapping) -> None:
   pps = {'pp_train': config['pp_train'], 'pp_eval': config['pp_eval']}
   evals = config.get('evals') or {}
   pps.update({f'evals.{k}.pp': e['pp'] for k, e in evals.items() if e.get('pp')})
-  made = None
   for field, pp in pps.items():
     made = pp_image_size(pp)
     if made is not None and made != size:
@@ -633,21 +619,19 @@ def _check_mesh(config: Mapping, devices) -> None:
     )
 
 
-def _known_splits(dataset: str, data_dir: str | None) -> dict[str, int] | None:
+def _known_splits(dataset: str) -> dict[str, int] | None:
   """{split: examples} of a dataset whose splits are known without preparing it, else None."""
   kind = dataset.split(':')[0]
+  if kind not in ('synthetic', 'folder'):
+    return None
+  from vit_jax.data import builders
+
   if kind == 'synthetic':
-    from vit_jax.data import builders
-
     return builders.synthetic(dataset)[2]
-  if kind == 'folder':
-    from vit_jax.data import builders
-
-    try:
-      return builders.folder_split_sizes(dataset[len('folder:') :])
-    except (OSError, ValueError) as e:
-      raise ConfigError(f'{" ".join(str(e).split())} Fix --config.dataset') from None
-  return None
+  try:
+    return builders.folder_split_sizes(dataset[len('folder:') :])
+  except (OSError, ValueError) as e:
+    raise ConfigError(f'{" ".join(str(e).split())} Fix --config.dataset') from None
 
 
 def _check_data(config: ml_collections.ConfigDict) -> None:
@@ -660,7 +644,7 @@ def _check_data(config: ml_collections.ConfigDict) -> None:
         f'data_dir {data_dir!r} does not exist (dataset {dataset!r}): fix --config.data_dir, '
         "or leave it empty for TFDS's default ~/tensorflow_datasets"
       )
-  sizes = _known_splits(dataset, data_dir)
+  sizes = _known_splits(dataset)
   if sizes is None:
     return
   splits = [s.strip() for s in config['eval_splits'].split(',') if s.strip()]

@@ -52,12 +52,10 @@ def decay(count, config: Mapping):
 
 def update(ema: Any, params: Any, d) -> Any:
   """d * ema + (1 - d) * params per leaf, in float32 (the EMA's dtype, `copy`)."""
-
-  def one(e, p):
-    e32, p32 = e.astype(jnp.float32), p.astype(jnp.float32)
-    return (d * e32 + (1.0 - d) * p32).astype(e.dtype)
-
-  return jax.tree.map(one, ema, params)
+  f32 = jnp.float32
+  return jax.tree.map(
+    lambda e, p: (d * e.astype(f32) + (1.0 - d) * p.astype(f32)).astype(e.dtype), ema, params
+  )
 
 
 def copy(params: Any) -> Any:
@@ -67,8 +65,4 @@ def copy(params: Any) -> Any:
 
 def metric_names(scalars: Mapping[str, float]) -> dict[str, float]:
   """'eval/<name>/<metric>' -> 'eval/<name>/ema_<metric>' (an evaluator's result on the EMA)."""
-  out = {}
-  for key, value in scalars.items():
-    head, _, metric = key.rpartition('/')
-    out[f'{head}/ema_{metric}'] = value
-  return out
+  return {'/ema_'.join(key.rsplit('/', 1)): value for key, value in scalars.items()}

@@ -166,10 +166,8 @@ def _lock_file(path: str):
   if '://' not in path:
     return _LocalLockFile(path)
   if path.startswith('gs://'):
-    try:
+    with contextlib.suppress(ImportError):  # No google-cloud-storage.
       return _GcsLockFile(path)
-    except ImportError:
-      pass
   return _GfileLockFile(path)
 
 
@@ -238,14 +236,12 @@ class WorkdirLock:
     self._started = time.strftime('%Y-%m-%d %H:%M:%S')
     for _ in range(20):
       raw, version = self._file.read()
-      held = None
-      if raw is not None:
-        try:
-          held = json.loads(raw)
-        except ValueError:
-          held = None  # Not ours to parse (damaged by hand or a disk fault): nobody holds it.
-        if isinstance(held, dict) and held and not self._stale(held):
-          raise WorkdirLockedError(_locked_message(workdir, held, self.lease_seconds))
+      try:
+        held = None if raw is None else json.loads(raw)
+      except ValueError:  # Damaged by hand or a disk fault: nobody holds it.
+        held = None
+      if isinstance(held, dict) and held and not self._stale(held):
+        raise WorkdirLockedError(_locked_message(workdir, held, self.lease_seconds))
       with _signals_deferred():  # The file and this object agree before a signal can stop us.
         new = self._file.swap(version, self._record())
         if new is None:
@@ -279,10 +275,6 @@ class WorkdirLock:
 
   def __exit__(self, *exc) -> None:
     self.release()
-
-  @property
-  def held(self) -> bool:
-    return self.token in _HELD_HERE
 
   def release(self) -> None:
     """Removes the lock file if it is still this run's (by its token), whatever else happened.

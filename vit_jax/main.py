@@ -161,20 +161,18 @@ def initialize_distributed() -> None:
   ):
     return
   # `guards.PeerWatchdog` notices a lost peer within the config's heartbeat and exits in one
-  # line; JAX's own heartbeat (it aborts with a C++ dump) is the backstop at four times that
-  # (at twice, under load its detection overlapped the watchdog's and sometimes came first).
+  # line; JAX's own heartbeat (it aborts with a C++ dump) is the backstop at four times that, far
+  # enough behind that the watchdog reports first.
   heartbeat = int(FLAGS.config.get('distributed_heartbeat_seconds', 50))
-  kwargs = {'heartbeat_timeout_seconds': 4 * heartbeat}
-  if FLAGS.coordinator_address:
-    kwargs['coordinator_address'] = FLAGS.coordinator_address
-  if FLAGS.num_processes is not None:
-    kwargs['num_processes'] = FLAGS.num_processes
-  if FLAGS.process_id is not None:
-    kwargs['process_id'] = FLAGS.process_id
   # Cross-process collectives between CPU devices (tests on localhost) go through gloo; this does
   # not touch accelerator backends. Set before the backend starts.
   jax.config.update('jax_cpu_collectives_implementation', 'gloo')
-  jax.distributed.initialize(**kwargs)
+  jax.distributed.initialize(
+    coordinator_address=FLAGS.coordinator_address or None,
+    num_processes=FLAGS.num_processes,
+    process_id=FLAGS.process_id,
+    heartbeat_timeout_seconds=4 * heartbeat,
+  )
 
 
 def _summary(result: dict, workdir: str, argv=None) -> str:
@@ -229,19 +227,13 @@ def rerun_command(argv) -> str:
 
 def continue_command(argv, total_steps: int) -> str:
   """The user's own command line with `--config.total_steps` set to `total_steps`."""
-  args = []
-  skip = False
-  for arg in argv[1:]:
-    if skip:
-      skip = False
-    elif arg.startswith('--config.total_steps='):
-      pass
-    elif arg == '--config.total_steps':
-      skip = True
-    else:
-      args.append(arg)
-  command = [sys.executable, '-m', 'vit_jax.main', *args, f'--config.total_steps={total_steps}']
-  return shlex.join(command)
+  flag = '--config.total_steps'  # `--flag=N`, or `--flag N` (the value follows).
+  args = [
+    arg
+    for before, arg in zip(['', *argv[1:]], argv[1:])
+    if flag not in (before, arg) and not arg.startswith(f'{flag}=')
+  ]
+  return rerun_command(['', *args, f'{flag}={total_steps}'])
 
 
 def list_models() -> str:
@@ -258,12 +250,9 @@ def list_models() -> str:
 
 
 class _QuietLibraries:
-  """Drops chatter that is not ours to act on; our progress and real warnings still show.
-
-  INFO from orbax, TensorFlow and TFDS; TFDS's deprecation warnings about its own internals
-  (`TensorInfo.dtype is deprecated`, once per feature and split); JAX's probe for a TPU runtime
-  on machines without one (`Unable to initialize backend 'tpu'`).
-  """
+  """Drops chatter that is not ours to act on (INFO of orbax, TensorFlow and TFDS, TFDS's
+  deprecation warnings about its own internals, JAX's probe for a TPU runtime); our progress and
+  real warnings still show."""
 
   def filter(self, record) -> bool:
     path = record.pathname
@@ -281,12 +270,10 @@ class _QuietLibraries:
 class _LibraryErrors:
   """Tracebacks of libraries' background work go to a file that the run's last line names.
 
-  After a failed save or while reading a damaged checkpoint, orbax's asyncio tasks log hundreds
-  of lines ('Task exception was never retrieved') and TensorStore's callbacks on a closed event
-  loop raise `RuntimeError: Event loop is closed` (reported as unraisable). The run's own one-line
-  message names the cause; these stay off the console. The file is `library-errors-<time>.log`
-  in the workdir, or in the temporary directory when the workdir is remote or cannot be written
-  (a full disk).
+  After a failed save or while reading a damaged checkpoint, orbax's asyncio tasks and
+  TensorStore's callbacks on a closed event loop report hundreds of lines; the run's own one-line
+  message names the cause. The file is `library-errors-<time>.log` in the workdir, or in the
+  temporary directory when the workdir is remote or cannot be written (a full disk).
   """
 
   def __init__(self):
@@ -383,7 +370,6 @@ def main(argv):
     return
   if not FLAGS.workdir:
     _fail('--workdir is required (a local directory or gs:// path; it resumes if it holds one)', 2)
-  logging.get_absl_handler().python_handler.addFilter(_QuietLibraries())
   _LIBRARY_ERRORS.install(FLAGS.workdir, logging.get_absl_handler().python_handler)
   if FLAGS.local_device_count:
     import jax
@@ -421,9 +407,8 @@ def main(argv):
       flush=True,
     )
     # The lock is released and nothing is being written: exit without the interpreter's
-    # finalization. A SIGTERM right after the mesh was built (restore starting) ended in SIGABRT
-    # at exit in 2 of ~12 trials on a loaded machine (cause not captured; native threads of a
-    # restore cut short are the suspect); os._exit skips that teardown.
+    # finalization, which can abort (SIGABRT) while native threads of a restore cut short by the
+    # signal are still running.
     logging.flush()
     sys.stderr.flush()
     os._exit(0)
@@ -460,13 +445,10 @@ def _input_error_message(e: Exception, config) -> str:
 
 def _is_input_error(e: Exception) -> bool:
   """TensorFlow's errors about the data (a corrupt image, a truncated record)."""
-  module = type(e).__module__
-  if module.startswith('tensorflow') and type(e).__name__ in (
+  return type(e).__module__.startswith('tensorflow') and type(e).__name__ in (
     'InvalidArgumentError',
     'DataLossError',
-  ):
-    return True
-  return False
+  )
 
 
 if __name__ == '__main__':

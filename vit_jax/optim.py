@@ -26,8 +26,7 @@ def make_schedule(config: Mapping) -> optax.Schedule:
   """Linear warmup to `lr` over `warmup_steps`, then decay to `lr * end_lr_factor` at `total_steps`.
 
   Args:
-    config: with `lr`, `warmup_steps`, `total_steps`, `decay_type` ('cosine' | 'linear' |
-      'constant') and optionally `end_lr_factor` (default 0).
+    config: with `lr`, `warmup_steps`, `total_steps`, `decay_type`, `end_lr_factor` (default 0).
 
   Returns:
     A schedule mapping the optimizer step (an update, not a micro-batch) to the learning rate.
@@ -53,15 +52,8 @@ def make_schedule(config: Mapping) -> optax.Schedule:
   return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), decay], [warmup])
 
 
-def _key_name(entry) -> str:
-  for attr in ('key', 'name', 'idx'):
-    if hasattr(entry, attr):
-      return str(getattr(entry, attr))
-  return str(entry)
-
-
 def _names(path) -> list[str]:
-  names = [_key_name(entry) for entry in path]
+  names = [str(getattr(k, 'key', getattr(k, 'name', getattr(k, 'idx', k)))) for k in path]
   while names and names[-1] in ('value', 'raw_value'):
     names.pop()  # Variable wrappers around an array.
   return names
@@ -165,30 +157,26 @@ def make_optimizer(config: Mapping) -> tuple[optax.GradientTransformation, optax
   'lr_scaled' one times `lr`.
 
   Args:
-    config: the run config; reads `optimizer` ('sgd' | 'adamw' | 'adam'), `lr`, `warmup_steps`,
-      `total_steps`, `decay_type`, `end_lr_factor`, `grad_clip_norm` (0/None: off),
-      `weight_decay`, `weight_decay_mode`, `wd_mask`, `layer_decay` (0: off; else each update's
-      lr is multiplied by `layer_decay_multipliers`), `momentum`, `b1`, `b2`, `eps`, `mu_dtype`
-      (optimizer-state dtype for momentum/first moment, e.g. 'bfloat16' to halve its memory).
+    config: the run config (its optimizer fields: vit_jax/config.py `base_config`);
+      `grad_clip_norm` and `layer_decay` 0 are off, `mu_dtype` is the momentum's dtype.
 
   Returns:
     (tx, schedule): `schedule(t)` is the learning rate `lr(t)` (logged as `train/lr`).
 
   Raises:
-    ValueError: unknown optimizer, decay type, mask or weight-decay mode; layer_decay outside
-      (0, 1].
+    ValueError: unknown optimizer, decay type, mask or mode; layer_decay outside (0, 1].
   """
   name = config['optimizer']
   if name not in OPTIMIZERS:
     raise ValueError(f'unknown optimizer {name!r}; expected one of {OPTIMIZERS}')
   schedule = make_schedule(config)
-  mu_dtype = config.get('mu_dtype') or None
-  mu_dtype = jnp.dtype(mu_dtype) if mu_dtype else None
+  mu_dtype = jnp.dtype(config['mu_dtype']) if config.get('mu_dtype') else None
   wd = float(config.get('weight_decay', 0.0) or 0.0)
   mode = config.get('weight_decay_mode', 'decoupled') or 'decoupled'
   if mode not in WD_MODES:
     raise ValueError(f'unknown weight_decay_mode {mode!r}; expected one of {WD_MODES}')
-  if not 0.0 <= float(config.get('layer_decay', 0.0) or 0.0) <= 1.0:
+  layer_decay = float(config.get('layer_decay', 0.0) or 0.0)
+  if not 0.0 <= layer_decay <= 1.0:
     raise ValueError(
       f'layer_decay={config.get("layer_decay")} must be in (0, 1] (0: off); '
       'BEiT and timm fine-tune with 0.65-0.75'
@@ -211,7 +199,6 @@ def make_optimizer(config: Mapping) -> tuple[optax.GradientTransformation, optax
         mu_dtype=mu_dtype,
       )
     )
-  layer_decay = float(config.get('layer_decay', 0.0) or 0.0)
   layers = [scale_by_layer_decay(layer_decay)] if layer_decay else []
   if wd and mode == 'lr_scaled':
     parts.append(optax.add_decayed_weights(wd, mask))
@@ -220,7 +207,8 @@ def make_optimizer(config: Mapping) -> tuple[optax.GradientTransformation, optax
     return optax.chain(*parts), schedule
   # big_vision's order (optax.py:143-149): the lr (and per-layer lr multipliers, where big_vision
   # puts its lr_mults, :115-123), then the decay, then the schedule multiplier.
-  multiplier = make_schedule({**_as_dict(config), 'lr': 1.0})
+  keys = ('warmup_steps', 'total_steps', 'decay_type', 'end_lr_factor')
+  multiplier = make_schedule({**{k: config.get(k) for k in keys}, 'lr': 1.0})
   parts += [
     optax.scale(float(config['lr'])),
     *layers,
@@ -229,8 +217,3 @@ def make_optimizer(config: Mapping) -> tuple[optax.GradientTransformation, optax
     optax.scale(-1.0),
   ]
   return optax.chain(*parts), schedule
-
-
-def _as_dict(config: Mapping) -> dict:
-  keys = ('lr', 'warmup_steps', 'total_steps', 'decay_type', 'end_lr_factor')
-  return {k: config.get(k) for k in keys if k in config}

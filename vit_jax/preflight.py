@@ -7,7 +7,6 @@ the config's values are `vit_jax.config.validate`'s.
 
 from __future__ import annotations
 
-import difflib
 import importlib.util
 import os
 from collections.abc import Mapping, Sequence
@@ -15,14 +14,11 @@ from typing import Any
 
 import ml_collections
 
+from vit_jax.config import _closest
+
 
 class UserError(Exception):
   """A mistake in the command line or config, explained in one line."""
-
-
-def _closest(name: str, choices) -> str:
-  match = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.5)
-  return f'did you mean {match[0]!r}? ' if match else ''
 
 
 def _config_arg(argv: Sequence[str]) -> str | None:
@@ -62,7 +58,7 @@ def recipe_path(name: str) -> str | None:
 
   stem = os.path.basename(name)[: -len('.py')] if name.endswith('.py') else name
   if '/' in name and os.path.basename(os.path.dirname(name)) != 'configs':
-    return None
+    return None  # Another folder's file of that name is the user's own.
   if stem not in recipe_names():
     return None
   return os.path.join(os.path.dirname(configs.__file__), f'{stem}.py')
@@ -133,11 +129,11 @@ def _check_override(config: ml_collections.ConfigDict, key: str, value: str | No
   for kind, words in kinds:
     if isinstance(node, kind):
       try:
-        if kind is bool:
-          assert value.lower() in ('true', 'false', '1', '0')
-        else:
+        if kind is not bool:
           kind(value)
-      except (ValueError, AssertionError):
+        elif value.lower() not in ('true', 'false', '1', '0'):
+          raise ValueError(value)
+      except ValueError:
         raise UserError(
           f'--config.{key}={value}: {key} is {words} (now {node!r}); e.g. --config.{key}={node}'
         ) from None

@@ -21,10 +21,6 @@ import jax.numpy as jnp
 from vit_jax import config as config_lib
 from vit_jax import train_state
 
-# Which fields may not change on resume is declared with the schema (vit_jax/config.py).
-REFUSED = config_lib.RESUME_REFUSED
-MODEL_FREE = config_lib.RESUME_MODEL_FREE
-
 
 def _flatten(tree: Any, prefix: str = '') -> dict[str, Any]:
   if isinstance(tree, Mapping):
@@ -51,7 +47,9 @@ def compare(stored: Mapping, new: Mapping) -> tuple[list[str], list[str]]:
         refused.append(f'{text} (turns the weight EMA {"on" if on[1] else "off"})')
       else:
         stated.append(text)
-    elif key in REFUSED or (top == 'model' and leaf not in MODEL_FREE):
+    elif key in config_lib.RESUME_REFUSED or (
+      top == 'model' and leaf not in config_lib.RESUME_MODEL_FREE
+    ):
       refused.append(text)
     else:
       stated.append(text)

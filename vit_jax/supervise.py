@@ -21,6 +21,7 @@ off.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -97,9 +98,8 @@ def wanted(argv, environ=os.environ) -> bool:
   if SUPERVISOR_ENV in environ or environ.get('VIT_JAX_SUPERVISE', '') == '0':
     return False
   flags = parse_flags(argv)
-  if any(flags.get(f) == 'true' for f in ('help', 'helpfull', 'h', 'print_config', 'list_models')):
-    return False
-  if flags.get('distributed') == 'off':
+  quick = ('help', 'helpfull', 'h', 'print_config', 'list_models')
+  if flags.get('distributed') == 'off' or any(flags.get(f) == 'true' for f in quick):
     return False
   if flags.get('num_processes', '').isdigit():
     return int(flags['num_processes']) > 1
@@ -109,10 +109,8 @@ def wanted(argv, environ=os.environ) -> bool:
 
 def process_id(flags: dict[str, str], environ=os.environ) -> str | None:
   """This process's index, from `--process_id` or the cluster's environment, if known."""
-  for value in (flags.get('process_id'), environ.get('SLURM_PROCID'), environ.get('TPU_WORKER_ID')):
-    if value is not None and value.isdigit():
-      return value
-  return None
+  ids = (flags.get('process_id'), environ.get('SLURM_PROCID'), environ.get('TPU_WORKER_ID'))
+  return next((v for v in ids if v is not None and v.isdigit()), None)
 
 
 class _Relay:
@@ -176,11 +174,9 @@ class _Relay:
 
 
 def _write(out, line: bytes) -> None:
-  try:
+  with contextlib.suppress(OSError, ValueError):  # The console went away; the run goes on.
     out.write(line)
     out.flush()
-  except (OSError, ValueError):  # The console went away; the run goes on.
-    pass
 
 
 def _pump(pipe, out, relay: _Relay | None) -> None:
@@ -228,10 +224,8 @@ def run(argv, *, command=None, environ=os.environ) -> int:
       pump.start()
     while True:
       while received:
-        try:
+        with contextlib.suppress(ProcessLookupError):
           child.send_signal(received.pop(0))
-        except ProcessLookupError:
-          pass
       try:
         rc = child.wait(timeout=0.1)
         break
@@ -268,10 +262,8 @@ def _status(rc: int) -> int:
 
 
 def _report(message: str) -> None:
-  try:
+  with contextlib.suppress(OSError):
     print(f'ERROR: {message}', file=sys.stderr, flush=True)
-  except OSError:
-    pass
 
 
 def exit_when_orphaned(interval: float = ORPHAN_POLL_SECONDS, environ=os.environ):

@@ -44,10 +44,7 @@ class TrainingDivergedError(FloatingPointError):
 
 
 def due(step: int, every: int, total_steps: int) -> bool:
-  """Whether periodic work (log/eval/checkpoint) runs after `step`: every `every`, and at the end.
-
-  The one place that decides it, so logging, evaluation and checkpoints cannot drift apart.
-  """
+  """Whether periodic work (log, eval, checkpoint) runs after `step`: every `every`, and last."""
   return step == total_steps or (every > 0 and step % every == 0)
 
 
@@ -104,8 +101,7 @@ def make_train_step(
     if mix:
       image, targets = data.mixup(rng, image, targets, **mix)
     logits = apply(params, image, train=True, rng=rng)
-    losses = per_example_loss(logits, targets, loss_kind)
-    return jnp.mean(losses)
+    return jnp.mean(per_example_loss(logits, targets, loss_kind))
 
   grad_fn = jax.value_and_grad(loss_fn)
 
@@ -169,7 +165,6 @@ class Trainer:
     self.tx, self.schedule = optim.make_optimizer(config)
     self.accum_steps = int(config['accum_steps'])
     self.micro_batch = int(config['batch_size']) // self.accum_steps
-
     self.use_ema = ema_lib.enabled(config)
 
     def init(rng):  # Boxed: leaves carry logical axis names, for the shardings.
@@ -210,8 +205,11 @@ class Trainer:
     )
     self.compiled_train_step = None
 
+  @contextlib.contextmanager
   def _context(self):
-    return _context(self.mesh, self.rules)
+    """Mesh and logical rules active while tracing, so the models' activation constraints apply."""
+    with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
+      yield
 
   def init_state(self, seed: int) -> dict:
     """Fresh state, created directly in its shardings (no host holds a full copy)."""
@@ -262,33 +260,24 @@ class Trainer:
     return {k.removeprefix('eval/_/'): v for k, v in ev.run(params).items()}
 
 
-@contextlib.contextmanager
-def _context(mesh, rules):
-  """Mesh and logical rules active while tracing, so the models' activation constraints apply."""
-  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    yield
-
-
 # --- the loop -----------------------------------------------------------------------------------
 
 
 def _datasets(config: Mapping, *, start_batch: int, micro_batch: int):
   from vit_jax import data  # Imported late: TensorFlow is heavy and hides accelerators on import.
 
-  data_dir = config['data_dir'] or None
-  train_ds = data.get_dataset(
+  return data.get_dataset(
     config['dataset'],
     config['train_split'],
     preprocess=config['pp_train'],
     train=True,
     global_batch_size=micro_batch,
-    data_dir=data_dir,
+    data_dir=config['data_dir'] or None,
     seed=int(config['data_seed']),
     start_batch=start_batch,
     shuffle_buffer=int(config['shuffle_buffer']),
     cache=bool(config.get('cache_data', False)),
   )
-  return train_ds
 
 
 def _batches(dataset, accum_steps: int) -> Iterator[dict[str, np.ndarray]]:
@@ -421,9 +410,7 @@ class _Bookkeeping:
     if not fetched:
       return {}
     out = {k: float(np.mean([m[k] for m in fetched])) for k in ('train/loss', 'train/grad_norm')}
-    out['train/lr'] = float(fetched[-1]['train/lr'])
-    out['train/param_norm'] = float(fetched[-1]['train/param_norm'])
-    return out
+    return out | {k: float(fetched[-1][k]) for k in ('train/lr', 'train/param_norm')}
 
   def save(self, at: int, state: dict, rng: jax.Array) -> None:
     self.flush()  # Never checkpoint a state that followed a non-finite step.
@@ -502,6 +489,7 @@ def _train_and_evaluate(
     evaluators=evaluators_lib.build(config, trainer), layout=layout, start_batch=start_batch,
     first_step=step,
   )  # fmt: skip
+  failure = None
   try:
     if step < total_steps:  # Compile once, before the loop, for the first batch's shapes.
       t = time.perf_counter()
@@ -545,8 +533,6 @@ def _train_and_evaluate(
     ckpt.wait()
   except BaseException as e:
     failure = e
-  else:
-    failure = None
   # Closed outside the handler: a pending save that fails too is logged (by orbax) without this
   # failure's traceback chained to it; the run's own error is reported once, in one line.
   writer.close()

@@ -1,22 +1,15 @@
 """Train-state checkpoints: orbax `CheckpointManager` (async, atomic, keep-N), resume, preemption.
 
-`workdir/checkpoints/<step>/` holds `state` (params, optimizer state, step, rng, the weight EMA
-with `config.ema_decay`; restored directly
-into the run's shardings, so no host holds a full copy) and `meta` (JSON: the step, the data
-position `data_batches = step * accum_steps`, the config). Orbax writes each step to a temporary
-directory and renames it when complete, so a run killed at any moment leaves only whole checkpoints.
-All processes must call `save`/`restore`; orbax coordinates them.
-
-Nothing is lost, and nothing bad is loaded: `meta` also holds a fingerprint of the state (per leaf,
-the wrapped uint32 sum of its bits: exact and independent of the sharding; any flipped bit shows),
-checked after every restore. A checkpoint that cannot be read or does not match its fingerprint is
-moved aside to `checkpoints.corrupt/` with a one-line warning and the previous one is used. A save
-that fails in the background (disk full, permissions) is noticed at the next step (`check`), not at
-the next save. The workdir lock, the loss-spike guard and the lost-peer watchdog are in `guards`.
+`workdir/checkpoints/<step>/` holds `state` (params, optimizer state, step, rng, the weight EMA;
+restored directly into the run's shardings, so no host holds a full copy) and `meta` (JSON: the
+data position `data_batches`, the config, and a fingerprint of the state: per leaf the wrapped
+uint32 sum of its bits, exact whatever the sharding, checked after every restore). Orbax renames a
+step's directory only when it is complete, so a killed run leaves only whole checkpoints. All
+processes must call `save`/`restore`. A damaged checkpoint is moved to `checkpoints.corrupt/` and
+the previous one is used; a background save that fails is noticed at the next step (`check`).
 
 `PreemptionWatcher` turns SIGTERM (how TPU VMs and most schedulers preempt) into a flag that the
 loop polls; every process agrees on the step at which to stop, which is checkpointed before exiting.
-The original npz format (`vit_jax.npz`) is for interop, not for resuming.
 """
 
 from __future__ import annotations
@@ -180,13 +173,9 @@ class Checkpointer:
     step = self._pending
     if step is None:
       return
-    if wait:
-      try:
-        self._manager.wait_until_finished()
-      except Exception as e:
-        self._pending = None
-        raise self._save_error(step, e, at) from e
     try:
+      if wait:
+        self._manager.wait_until_finished()
       self._manager.check_for_errors()
     except Exception as e:
       self._pending = None
@@ -222,9 +211,8 @@ class Checkpointer:
 
   def read_meta(self, step: int) -> dict:
     """The `meta` item of checkpoint `step` (raises `CorruptCheckpointError` if unreadable)."""
-    path = os.path.join(self.directory, str(step), 'meta')
     try:
-      with open(os.path.join(path, 'metadata')) if '://' not in path else _gopen(path) as f:
+      with epath.Path(self.directory, str(step), 'meta', 'metadata').open() as f:
         return json.load(f)
     except Exception as e:
       raise CorruptCheckpointError(f'meta unreadable: {type(e).__name__}: {_one_line(e)}') from e
@@ -257,8 +245,7 @@ class Checkpointer:
 
   def _state_metadata(self, step: int):
     # The handler, not `PyTreeCheckpointer().metadata`: that one turns any error into a warning
-    # and None (so the cause was lost), and warns about a `_CHECKPOINT_METADATA` a state item
-    # never has.
+    # and None, losing the cause.
     path = os.path.join(self.directory, str(step), 'state')
     try:
       return ocp.PyTreeCheckpointHandler().metadata(epath.Path(path)).tree
@@ -333,10 +320,6 @@ class _LastError(logging.Handler):
     if record.exc_info and record.exc_info[1] is not None:
       e = record.exc_info[1]
       self.text = f'{type(e).__name__}: {_one_line(e)}'
-
-
-def _gopen(path: str):
-  return (epath.Path(path) / 'metadata').open()
 
 
 def _one_line(e: BaseException) -> str:
@@ -416,7 +399,6 @@ def restore_params(directory: str, step: int | None = None, *, weights: str = 'r
   if step is None:
     raise FileNotFoundError(f'no checkpoint in {directory}')
   path = os.path.join(directory, str(step), 'state')
-  checkpointer = ocp.PyTreeCheckpointer()
   tree = ocp.PyTreeCheckpointHandler().metadata(epath.Path(path)).tree
   if weights == 'ema' and 'ema' not in tree:
     raise ValueError(
@@ -425,7 +407,7 @@ def restore_params(directory: str, step: int | None = None, *, weights: str = 'r
     )
   item = 'ema' if weights != 'raw' and 'ema' in tree else 'params'
   args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
-  return checkpointer.restore(path, restore_args=args)[item]
+  return ocp.PyTreeCheckpointer().restore(path, restore_args=args)[item]
 
 
 class Preempted(BaseException):  # noqa: N818 (not an error: a request to stop)
@@ -490,10 +472,9 @@ class PreemptionWatcher:
       from jax.experimental import multihost_utils
 
       flag = bool(np.any(multihost_utils.process_allgather(np.asarray(flag))))
-      try:
+      # The preemption service runs only where the runtime provides it.
+      with contextlib.suppress(Exception):
         flag = flag or multihost_utils.reached_preemption_sync_point(step)
-      except Exception:  # The preemption service runs only where the runtime provides it.
-        pass
     return flag
 
   def restore(self) -> None:
