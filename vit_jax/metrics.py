@@ -140,10 +140,8 @@ def device_peak_flops(device: jax.Device | None = None) -> float | None:
   """Peak bf16 FLOP/s of one accelerator from `PEAK_FLOPS`, or None (CPU, unknown kinds)."""
   device = device or jax.devices()[0]
   kind = device.device_kind.lower()
-  for key in sorted(PEAK_FLOPS, key=len, reverse=True):  # Most specific name first.
-    if key in kind:
-      return PEAK_FLOPS[key]
-  return None
+  keys = sorted(PEAK_FLOPS, key=len, reverse=True)  # Most specific name first.
+  return next((PEAK_FLOPS[key] for key in keys if key in kind), None)
 
 
 def measure_matmul_flops(n: int = 2048, repeats: int = 5) -> float:
