@@ -63,14 +63,11 @@ def model_flops(
 ) -> float:
   """Analytic FLOPs per image of a ViT, hybrid R+ViT or MLP-Mixer (2 per multiply-add).
 
-  Counts every matmul and convolution the model needs: patch embedding, the ResNet stem of
-  hybrids, Q/K/V/out projections, attention's two token-by-token products (QK^T and weights x V),
-  MLPs, pooling heads and the classifier. Under a class-token head the last block is needed for
-  the class token only (its queries, attention output and MLP; keys and values of all tokens),
-  which is what the unscanned model computes. Register tokens count as tokens; with patch dropout
-  a training step counts the patch tokens it keeps (`train`), evaluation all. Normalization,
-  activations and softmax are left out (a few percent), as is rematerialized work and the scanned
-  model's full last block, so MFU is comparable whatever the remat policy or `scan_layers`.
+  Counts every matmul and convolution the model needs; not norms, activations or softmax (a few
+  percent), rematerialized work or the scanned model's full last block, so MFU is comparable
+  whatever the remat policy or `scan_layers`. Under a class-token head the last block is needed
+  for the class token only (keys and values of all tokens), as the unscanned model computes it.
+  Register tokens count as tokens; with patch dropout a training step counts the patches it keeps.
   A training step is 3x the forward, less the input gradient of the first layer (never computed).
 
   Args:
