@@ -1,20 +1,20 @@
-"""Metrics: JSON lines + TensorBoard, console progress with ETA, throughput and MFU.
+"""Metrics: JSON lines + TensorBoard (process 0 only), console progress with ETA, throughput, MFU.
 
-Only process 0 writes. Model FLOPs are one analytic count (`model_flops`: the matmuls of the
-dense layers, convolutions and attention, per image, as PaLM's MFU counts them); MFU divides them by
-the devices' peak (bf16 dense) from `PEAK_FLOPS`, or on CPU by a matmul ceiling measured in the same
-process (`measure_matmul_flops`), since CPUs have no meaningful table entry. XLA's cost analysis is
-no substitute: on GPU it misses the matmuls that become library calls, and it counts a scanned
-block once and rematerialized work again.
+MFU is `model_flops` (an analytic count of matmuls and convolutions per image, as PaLM's MFU) over
+the devices' bf16 peak (`PEAK_FLOPS`), or on CPU over a measured matmul ceiling. XLA's cost
+analysis is no substitute: on GPU it misses the matmuls that become library calls, and it counts a
+scanned block once and rematerialized work again.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import os
 import time
+import timeit
 from collections.abc import Mapping
 from typing import Any
 
@@ -63,16 +63,12 @@ def model_flops(
 ) -> float:
   """Analytic FLOPs per image of a ViT, hybrid R+ViT or MLP-Mixer (2 per multiply-add).
 
-  Counts every matmul and convolution the model needs: patch embedding, the ResNet stem of
-  hybrids, Q/K/V/out projections, attention's two token-by-token products (QK^T and weights x V),
-  MLPs, pooling heads and the classifier. Under a class-token head the last block is needed for
-  the class token only (its queries, attention output and MLP; keys and values of all tokens),
-  which is what the unscanned model computes. Register tokens count as tokens; with patch dropout
-  a training step counts the patch tokens it keeps (`train`), evaluation all. Normalization,
-  activations and softmax are left out (a few percent), as is rematerialized work and the scanned
-  model's full last block, so MFU is comparable whatever the remat policy or `scan_layers`.
-  `train`: forward + backward, i.e. 3x the forward, less the gradient with respect to the images
-  that no one computes (the first layer's backward is its weight gradient only).
+  Counts every matmul and convolution the model needs; not norms, activations or softmax (a few
+  percent), rematerialized work or the scanned model's full last block, so MFU is comparable
+  whatever the remat policy or `scan_layers`. Under a class-token head the last block is needed
+  for the class token only (keys and values of all tokens), as the unscanned model computes it.
+  Register tokens count as tokens; with patch dropout a training step counts the patches it keeps.
+  A training step is 3x the forward, less the input gradient of the first layer (never computed).
 
   Args:
     model: a `VisionTransformer` or `MlpMixer` (unbound; only its fields are read).
@@ -103,19 +99,14 @@ def model_flops(
       first, side, channels = _resnet_stem_flops(
         image_size, tuple(model.resnet['num_layers']), model.resnet['width_factor']
       )
-    grid = (side // ph) * (side // pw)
-    d = model.hidden_size
+    grid, d = (side // ph) * (side // pw), model.hidden_size
     embed = 2.0 * grid * ph * pw * channels * d
-    if model.resnet is None:
-      first, rest = embed, 0.0
-    else:
-      rest = embed
+    first, rest = (embed, 0.0) if model.resnet is None else (first, embed)
     t = model.transformer
     # Tokens the blocks process: the class token, the registers and the patches, of which a
     # training step with patch dropout keeps only `keep_patches` (the patch embedding sees all).
-    patches = grid
-    if train and t.get('patch_dropout'):
-      patches = vit.keep_patches(grid, t['patch_dropout'])
+    dropout = train and t.get('patch_dropout')
+    patches = vit.keep_patches(grid, t['patch_dropout']) if dropout else grid
     n = patches + (model.classifier in ('token', 'token_unpooled'))
     n += getattr(model, 'num_registers', 0)
     mlp = t['mlp_dim']
@@ -146,10 +137,8 @@ def device_peak_flops(device: jax.Device | None = None) -> float | None:
   """Peak bf16 FLOP/s of one accelerator from `PEAK_FLOPS`, or None (CPU, unknown kinds)."""
   device = device or jax.devices()[0]
   kind = device.device_kind.lower()
-  for key in sorted(PEAK_FLOPS, key=len, reverse=True):  # Most specific name first.
-    if key in kind:
-      return PEAK_FLOPS[key]
-  return None
+  keys = sorted(PEAK_FLOPS, key=len, reverse=True)  # Most specific name first.
+  return next((PEAK_FLOPS[key] for key in keys if key in kind), None)
 
 
 def measure_matmul_flops(n: int = 2048, repeats: int = 5) -> float:
@@ -157,12 +146,7 @@ def measure_matmul_flops(n: int = 2048, repeats: int = 5) -> float:
   x = jnp.ones((n, n), jnp.float32)
   f = jax.jit(lambda a: a @ a)
   f(x).block_until_ready()
-  best = float('inf')
-  for _ in range(repeats):
-    t = time.perf_counter()
-    f(x).block_until_ready()
-    best = min(best, time.perf_counter() - t)
-  return 2 * n**3 / best
+  return 2 * n**3 / min(timeit.repeat(lambda: f(x).block_until_ready(), number=1, repeat=repeats))
 
 
 def peak_flops_total(num_devices: int) -> tuple[float, str]:
@@ -177,10 +161,8 @@ def peak_flops_total(num_devices: int) -> tuple[float, str]:
 
 
 def compiled_flops(compiled: Any, num_devices: int) -> float | None:
-  """FLOPs of one call of a compiled SPMD program over all devices, from XLA's cost analysis.
-
-  XLA reports the cost of the per-device program, so it is multiplied by the device count.
-  """
+  """FLOPs of one call of a compiled SPMD program over all devices, from XLA's cost analysis
+  (which reports the per-device program's cost: multiplied by the device count)."""
   try:
     cost = compiled.cost_analysis()
   except Exception as e:  # Some backends do not implement it.
@@ -215,10 +197,8 @@ class MetricWriter:
     workdir: where metrics.jsonl and tensorboard/ go.
     enabled: write at all (default: on process 0).
     tensorboard: also write event files.
-    resume_step: the step the run resumes from: records past it (written before a kill, and
-      about to be written again) and a torn last line (a crash or full disk mid-write) are dropped
-      first, so the file holds each step once and always parses. The TensorBoard event files drop
-      their events past it too (and a torn last record), so every reader shows each step once.
+    resume_step: the step the run resumes from: records past it (about to be written again) and
+      a torn last line or event are dropped first, so every reader sees each step once.
   """
 
   def __init__(
@@ -231,8 +211,7 @@ class MetricWriter:
   ):
     self.enabled = jax.process_index() == 0 if enabled is None else enabled
     self.path = os.path.join(workdir, 'metrics.jsonl')
-    self._file = None
-    self._tb = None
+    self._file = self._tb = None
     if not self.enabled:
       return
     os.makedirs(workdir, exist_ok=True)
@@ -268,14 +247,13 @@ class MetricWriter:
       import tensorflow as tf
 
       try:
+        # tf.summary.write with the scalars plugin tag: what tf.summary.scalar writes, without
+        # needing the tensorboard package installed.
+        metadata = _scalar_metadata()
         with self._tb.as_default(step=int(step)):
           for key, value in record.items():
             if key != 'step' and isinstance(value, (int, float)):
-              # tf.summary.write with the scalars plugin tag: what tf.summary.scalar writes,
-              # without needing the tensorboard package installed.
-              tf.summary.write(
-                key, tf.constant(float(value), tf.float32), metadata=_scalar_metadata()
-              )
+              tf.summary.write(key, tf.constant(float(value), tf.float32), metadata=metadata)
         self._tb.flush()
       except tf.errors.OpError as e:  # E.g. a full disk: reported in one line like the above.
         raise OSError(
@@ -296,7 +274,8 @@ class MetricWriter:
       self._tb = None
 
 
-def _parse_lines(path: str) -> list[dict]:
+def read_jsonl(path: str) -> list[dict]:
+  """All records of a metrics.jsonl file (a torn line is skipped with a warning)."""
   records = []
   with open(path) as f:
     for line in f:
@@ -311,7 +290,7 @@ def _parse_lines(path: str) -> list[dict]:
 
 def _truncate_jsonl(path: str, step: int) -> None:
   """Keeps the whole records up to `step` (atomically: a new file renamed over the old one)."""
-  records = [r for r in _parse_lines(path) if int(r.get('step', 0)) <= step]
+  records = [r for r in read_jsonl(path) if int(r.get('step', 0)) <= step]
   tmp = f'{path}.tmp'
   with open(tmp, 'w') as f:
     f.writelines(json.dumps(r) + '\n' for r in records)
@@ -350,28 +329,17 @@ def _truncate_events(directory: str, step: int) -> None:
     )
 
 
-def read_jsonl(path: str) -> list[dict]:
-  """All records of a metrics.jsonl file (a torn line is skipped with a warning)."""
-  return _parse_lines(path)
-
-
+@dataclasses.dataclass(kw_only=True)
 class Throughput:
   """Images/s, step time, share of time spent waiting for data, MFU and ETA between log points."""
 
-  def __init__(
-    self,
-    *,
-    global_batch_size: int,
-    num_devices: int,
-    total_steps: int,
-    flops_per_step: float | None = None,
-    peak_flops: float | None = None,
-  ):
-    self.global_batch_size = global_batch_size
-    self.num_devices = num_devices
-    self.total_steps = total_steps
-    self.flops_per_step = flops_per_step
-    self.peak_flops = peak_flops
+  global_batch_size: int
+  num_devices: int
+  total_steps: int
+  flops_per_step: float | None = None
+  peak_flops: float | None = None
+
+  def __post_init__(self):
     self.reset(None)
 
   def reset(self, step: int | None) -> None:

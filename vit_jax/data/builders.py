@@ -67,10 +67,9 @@ class _OfflineBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
 class Digits(_OfflineBuilder):
   """scikit-learn's handwritten digits (UCI optdigits test set): 1,797 8x8 images, 10 classes.
 
-  Stored honestly at their native 8x8 resolution as RGB uint8 PNGs: the 0..16 intensities are
-  scaled to 0..255 (round(v * 255 / 16)) and copied to 3 channels; upscaling is left to the
-  preprocessing string (e.g. `decode|resize(32)|value_range(-1,1)`). Splits: train 1,437 /
-  test 360, stratified by class (sklearn `train_test_split(random_state=0)`), fixed forever.
+  Stored at their native 8x8 as RGB uint8 PNGs (0..16 scaled to 0..255: round(v * 255 / 16));
+  upscaling is left to the preprocessing string (e.g. `decode|resize(32)|value_range(-1,1)`).
+  Splits: train 1,437 / test 360, stratified by class (`train_test_split(random_state=0)`).
   """
 
   name = 'digits'
@@ -96,13 +95,12 @@ class Digits(_OfflineBuilder):
 
     digits = load_digits()
     images = np.round(digits.images * 255.0 / 16.0).astype(np.uint8)
-    index = np.arange(len(images))
-    train, test = train_test_split(
-      index, test_size=DIGITS_NUM_TEST, stratify=digits.target, random_state=0
+    splits = train_test_split(
+      np.arange(len(images)), test_size=DIGITS_NUM_TEST, stratify=digits.target, random_state=0
     )
     return {
-      'train': self._generate_examples(images, digits.target, np.sort(train)),
-      'test': self._generate_examples(images, digits.target, np.sort(test)),
+      name: self._generate_examples(images, digits.target, np.sort(index))
+      for name, index in zip(('train', 'test'), splits)
     }
 
   def _generate_examples(self, images, labels, index):
@@ -161,20 +159,15 @@ def _list_folder(folder: str) -> dict[str, list[str]]:
       )
   if skipped:
     counts = ', '.join(f'{n} {ext}' for ext, n in sorted(skipped.items()))
-    logging.warning(
-      'folder %s: skipped %d files that are not images PIL reads: %s',
-      folder,
-      sum(skipped.values()),
-      counts,
-    )
+    message = 'folder %s: skipped %d files that are not images PIL reads: %s'
+    logging.warning(message, folder, skipped.total(), counts)
   return files
 
 
 def _checked_bytes(raw: bytes, convert_to: str = 'PNG') -> bytes:
-  """Returns bytes TensorFlow can decode to RGB: JPEGs (RGB/grayscale) as-is, others converted.
-
-  Anything else (CMYK JPEGs, PNG/GIF/BMP, ...) is converted to RGB and saved as `convert_to`
-  ('PNG': lossless; 'JPEG': quality 100, as TFDS's imagenet2012 builder does for its odd files).
+  """Returns bytes TensorFlow can decode to RGB: RGB/grayscale JPEGs as-is; others (CMYK JPEGs,
+  PNG/GIF/BMP, ...) as RGB `convert_to` ('PNG': lossless; 'JPEG': quality 100, as TFDS's
+  imagenet2012 builder does for its odd files).
 
   Raises:
     OSError/ValueError (from PIL): a corrupt, truncated or unreadable file.
@@ -194,6 +187,11 @@ def _checked_bytes(raw: bytes, convert_to: str = 'PNG') -> bytes:
     # GIF: first frame; RGBA: alpha dropped; CMYK: PIL's conversion.
     image.convert('RGB').save(out, format=convert_to, **options)
     return out.getvalue()
+
+
+def _listing(lines: list[str]) -> str:
+  """The first 50 of `lines` for an error message, one per indented line."""
+  return '\n  '.join(lines[:50]) + ('\n  ...' if len(lines) > 50 else '')
 
 
 def _load_checked(path: str) -> bytes:
@@ -241,18 +239,16 @@ class ImageFolder(_OfflineBuilder):
 
   def _split_generators(self, dl_manager):
     corrupt = []
-    for paths in self._files.values():
-      for path in paths:
-        try:
-          _load_checked(path)
-        except Exception as e:  # PIL raises many types for bad files.
-          corrupt.append(f'{path} ({type(e).__name__}: {e})')
+    for path in (p for paths in self._files.values() for p in paths):
+      try:
+        _load_checked(path)
+      except Exception as e:  # PIL raises many types for bad files.
+        corrupt.append(f'{path} ({type(e).__name__}: {e})')
     splits = _split_folder(self._files, self._validation_fraction)
     if corrupt:
-      listing = '\n  '.join(corrupt[:50]) + ('\n  ...' if len(corrupt) > 50 else '')
       raise ValueError(
         f'{len(corrupt)} corrupt or unreadable image file(s) in {self._folder}; delete or '
-        f'replace them and prepare again:\n  {listing}'
+        f'replace them and prepare again:\n  {_listing(corrupt)}'
       )
     return {k: self._generate_examples(sorted(v)) for k, v in splits.items() if v}
 
@@ -283,8 +279,7 @@ def folder_split_sizes(folder: str, validation_fraction: float = 0.1) -> dict[st
     FileNotFoundError, ValueError: as `prepare_folder` (a missing folder, no class subfolders...).
   """
   files = _list_folder(os.path.abspath(os.path.expanduser(folder)))
-  splits = _split_folder(files, validation_fraction)
-  return {name: len(items) for name, items in splits.items() if items}
+  return {k: len(v) for k, v in _split_folder(files, validation_fraction).items() if v}
 
 
 def prepare_folder(
@@ -425,18 +420,15 @@ synset (the per-synset tars need not be extracted); already extracted per-synset
           self.corrupt_files.append(f'{where} ({type(e).__name__}: {e})')
           continue
         yield key, {'image': image, 'label': label, 'file_name': key}
-    if self.corrupt_files and not self._skip_corrupt:
-      bad = self.corrupt_files
-      listing = '\n  '.join(bad[:50]) + ('\n  ...' if len(bad) > 50 else '')
+    bad = self.corrupt_files
+    if bad and not self._skip_corrupt:
       raise ValueError(
         f'{len(bad)} corrupt or unreadable image(s) in {root}; nothing was written. Replace '
-        f'or delete them, or prepare with skip_corrupt=True to leave them out:\n  {listing}'
+        f'or delete them, or prepare with skip_corrupt=True to leave them out:\n  {_listing(bad)}'
       )
-    if self.corrupt_files:
+    if bad:
       logging.warning(
-        'imagenet21k: left out %d corrupt image(s):\n  %s',
-        len(self.corrupt_files),
-        '\n  '.join(self.corrupt_files),
+        'imagenet21k: left out %d corrupt image(s):\n  %s', len(bad), '\n  '.join(bad)
       )
 
 
@@ -457,17 +449,19 @@ def prepare_imagenet21k(
   builder = Imagenet21k(data_dir=data_dir, skip_corrupt=skip_corrupt)
   if builder.is_prepared():
     return builder
-  root = os.path.join(manual_dir, IMAGENET21K_DIR)
-  try:
-    _list_synsets(root)
-  except FileNotFoundError as e:
-    raise FileNotFoundError(_imagenet21k_missing(data_dir, manual_dir, str(e))) from None
+  _count_manual_synsets(data_dir, manual_dir)
   builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
   return builder
 
 
-def _imagenet21k_missing(data_dir: str, manual_dir: str, why: str) -> str:
-  return (
+def _count_manual_synsets(data_dir: str, manual_dir: str) -> int:
+  """The number of synsets in `<manual_dir>/winter21_whole/`; raises FileNotFoundError saying
+  where to put them and how to prepare them when there are none."""
+  try:
+    return len(_list_synsets(os.path.join(manual_dir, IMAGENET21K_DIR)))
+  except FileNotFoundError as e:
+    why = str(e)
+  raise FileNotFoundError(
     f'Dataset imagenet21k is not prepared in {data_dir!r} and its manual download is missing: '
     f'{why} Put the ImageNet-21k winter21 release there: download winter21_whole.tar.gz from '
     f'https://image-net.org and extract it in {manual_dir}/ so that '
@@ -475,7 +469,7 @@ def _imagenet21k_missing(data_dir: str, manual_dir: str, why: str) -> str:
     f'extracted nXXXXXXXX/*.JPEG folders). Then prepare it once (single process, many hours for '
     f'the full 13M images; see docs/data.md): '
     + IMAGENET21K_PREPARE.format(data_dir=data_dir, manual_dir=manual_dir)
-  )
+  ) from None
 
 
 def load_imagenet21k(data_dir: str | None = None) -> tfds.core.DatasetBuilder:
@@ -491,10 +485,7 @@ def load_imagenet21k(data_dir: str | None = None) -> tfds.core.DatasetBuilder:
     return builder
   manual_dir = _default_manual_dir(data_dir)
   root = os.path.join(manual_dir, IMAGENET21K_DIR)
-  try:
-    n = len(_list_synsets(root))
-  except FileNotFoundError as e:
-    raise FileNotFoundError(_imagenet21k_missing(data_dir, manual_dir, str(e))) from None
+  n = _count_manual_synsets(data_dir, manual_dir)
   raise FileNotFoundError(
     f'Dataset imagenet21k is not prepared in {data_dir!r}. Its manual download is in {root}/ '
     f'({n} synsets); preparing takes long (single process), so it is not done on first use. '

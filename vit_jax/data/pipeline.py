@@ -87,7 +87,7 @@ class _Source:
       numbers = [tf.constant(x, tf.int64) for x in ([f.skip for f in instructions], takes, starts)]
       self._files = (tf.constant([f.filename for f in instructions]), *numbers)
     # tf.io.parse_example on just the image bytes and the label where both are plain scalars
-    # (Image, ClassLabel): ~40 us of CPU less per record than TFDS's general parser.
+    # (Image, ClassLabel): cheaper per record than TFDS's general parser.
     info = self.builder.info.features.get_serialized_info()
     if len(keys) == 2 and all(
       k in info and info[k].shape == () and info[k].dtype in (tf.string, tf.int64) for k in keys
@@ -120,7 +120,7 @@ class _Source:
         else tf.data.TFRecordDataset(file, buffer_size=1 << 20).skip(skip).take(take)
       )
       # Parallel reads hide remote storage's latency (gs://); on local files the hand-off between
-      # threads costs more per record (~5% of a decode, measured) than the read itself.
+      # threads costs more per record than the read itself.
       cycle = 1 if epoch is None else min(16, int(self._files[0].shape[0]))
       remote = '://' in self.builder.data_dir and not indices and cycle > 1
       parallel = min(cycle, num_threads or 16) if remote else None
@@ -249,7 +249,7 @@ def get_dataset(
     raise ValueError('start_batch is for training streams; evaluation always starts at 0.')
   b = global_batch_size // process_count
   if not num_threads:
-    # A model on the CPU needs cores too: tf.data gets half (measured: less data wait, docs).
+    # A model on the CPU needs cores too: tf.data gets half.
     half = max(1, (os.cpu_count() or 2) // 2) if jax.default_backend() == 'cpu' else None
     num_threads = int(os.environ.get('VIT_JAX_DATA_THREADS', 0)) or half
   source = _Source(dataset, split, data_dir, process_index, process_count)

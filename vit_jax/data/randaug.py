@@ -84,8 +84,7 @@ def invert(image, level, seed):
 
 def rotate(image, level, seed):
   angle = _signed(level / _MAX_LEVEL * 30.0, seed) * math.pi / 180.0
-  h = tf.cast(tf.shape(image)[0], tf.float32) - 1
-  w = tf.cast(tf.shape(image)[1], tf.float32) - 1
+  h, w = tf.unstack(tf.cast(tf.shape(image)[:2], tf.float32) - 1)
   cos, sin = tf.cos(angle), tf.sin(angle)
   x_off = (w - (cos * w - sin * h)) / 2.0
   y_off = (h - (sin * w + cos * h)) / 2.0
@@ -148,7 +147,7 @@ def shear_y(image, level, seed):
 
 
 def translate_x(image, level, seed):
-  # In pixels whatever the image size: level / 10 * translate_const (100), autoaugment.py:499-501.
+  # In pixels whatever the image size (translate_const: 100), autoaugment.py:499-501.
   dx = _signed(level / _MAX_LEVEL * 100.0, seed)
   return _transform(image, tf.stack([1.0, 0.0, -dx, 0.0, 1.0, 0.0, 0.0, 0.0]))
 
@@ -179,10 +178,6 @@ OPS = (
 )
 
 
-def _branches(image, level, seed):
-  return [lambda op=op: op(image, level, seed) for op in OPS]
-
-
 def randaugment(image, num_layers: int, magnitude: float, seed):
   """Applies `num_layers` ops drawn uniformly from OPS at `magnitude`; seed: int [2] tensor."""
   if image.dtype.is_floating:  # After a resize: values are 0..255 floats.
@@ -196,6 +191,7 @@ def randaugment(image, num_layers: int, magnitude: float, seed):
       tf.random.experimental.stateless_split(tf.random.experimental.stateless_fold_in(seed, i), 2)
     )
     index = tf.random.stateless_uniform([], op_seed, 0, len(OPS), tf.int32)
-    image = tf.switch_case(index, _branches(image, level, arg_seed))
+    branches = [lambda op=op, x=image, s=arg_seed: op(x, level, s) for op in OPS]
+    image = tf.switch_case(index, branches)
     image.set_shape(shape)
   return image

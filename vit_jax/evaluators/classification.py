@@ -14,10 +14,6 @@ import jax.numpy as jnp
 from vit_jax.evaluators import common
 
 
-def _logits(apply, params, images, prologue):
-  return apply(params, prologue(images))
-
-
 class Classification:
   """Top-1 / top-5 accuracy and mean loss of the model on one split, exact over hosts.
 
@@ -26,23 +22,29 @@ class Classification:
   """
 
   keys = ('image', 'label', 'mask')
+  metrics = {'accuracy': 'correct', 'top5': 'top5', 'loss': 'loss'}  # Metric -> its sum.
 
   def __init__(self, name: str, trainer, dataset, *, pp: str, loss: str, every: int):
     from vit_jax import data
-    from vit_jax.train import per_example_loss  # The training loss, per example.
-
-    prologue = data.device_preprocess(pp)
 
     self.name, self.trainer, self.dataset, self.every = name, trainer, dataset, every
+    prologue = data.device_preprocess(pp)
+    logits = lambda params, batch: trainer.apply(params, prologue(batch['image']))
+    self._sums = common.jit_sums(trainer, self._sums_fn(logits, trainer, loss))
+
+  @staticmethod
+  def _sums_fn(logits_fn, trainer, loss):
+    """`sums(params, batch)` -> the batch's sums of `metrics`' values and `count`."""
+    from vit_jax.train import per_example_loss  # The training loss, per example.
+
     num_classes = trainer.num_classes
-    k = min(5, num_classes)
 
     def sums(params, batch):
-      logits = _logits(trainer.apply, params, batch['image'], prologue).astype(jnp.float32)
+      logits = logits_fn(params, batch).astype(jnp.float32)
       mask = batch['mask'].astype(jnp.float32)
       label = batch['label']
       top1 = jnp.argmax(logits, -1) == label
-      _, topk = jax.lax.top_k(logits, k)
+      _, topk = jax.lax.top_k(logits, min(5, num_classes))
       top5 = jnp.any(topk == label[:, None], axis=-1)
       onehot = jax.nn.one_hot(label, num_classes, dtype=jnp.float32)
       losses = per_example_loss(logits, onehot, loss)
@@ -53,7 +55,7 @@ class Classification:
         'count': jnp.sum(mask),
       }
 
-    self._sums = common.jit_sums(trainer, sums)
+    return sums
 
   def totals(self, params: Any) -> dict[str, float]:
     """Sums over the split: correct, (top5, loss,) count."""
@@ -64,17 +66,13 @@ class Classification:
         totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
     if totals is None:
       raise ValueError(f'eval {self.name!r}: the dataset gave no batches')
-    return {k: common.host_value(v) for k, v in totals.items()}
+    return {k: float(v) for k, v in jax.device_get(totals).items()}
 
   def run(self, params: Any) -> dict[str, float]:
-    t = self.totals(params)
-    n = max(t['count'], 1.0)
-    p = f'eval/{self.name}/'
-    return {
-      p + 'accuracy': t['correct'] / n,
-      p + 'top5': t['top5'] / n,
-      p + 'loss': t['loss'] / n,
-    }
+    """One pass over the split: {'eval/<name>/<metric>': mean over its examples}."""
+    totals = self.totals(params)
+    count = max(totals['count'], 1.0)
+    return {f'eval/{self.name}/{k}': totals[key] / count for k, key in self.metrics.items()}
 
 
 class Real(Classification):
@@ -86,24 +84,15 @@ class Real(Classification):
   """
 
   keys = ('image', 'real_labels', 'mask')
+  metrics = {'accuracy': 'correct'}
 
-  def __init__(self, name: str, trainer, dataset, *, pp: str, loss: str, every: int):
-    from vit_jax import data
-
-    self.name, self.trainer, self.dataset, self.every = name, trainer, dataset, every
-    prologue = data.device_preprocess(pp)
-
+  @staticmethod
+  def _sums_fn(logits_fn, trainer, loss):
     def sums(params, batch):
-      logits = _logits(trainer.apply, params, batch['image'], prologue)
       real = batch['real_labels'] > 0
-      pred = jnp.argmax(logits, -1)
+      pred = jnp.argmax(logits_fn(params, batch), -1)
       hit = jnp.take_along_axis(real, pred[:, None], axis=-1)[:, 0]
       valid = batch['mask'] & jnp.any(real, axis=-1)
       return {'correct': jnp.sum(hit & valid), 'count': jnp.sum(valid)}
 
-    self._sums = common.jit_sums(trainer, sums)
-
-  def run(self, params: Any) -> dict[str, float]:
-    t = self.totals(params)
-    p = f'eval/{self.name}/'
-    return {p + 'accuracy': t['correct'] / max(t['count'], 1.0)}
+    return sums

@@ -8,7 +8,6 @@ from typing import Any, Protocol
 
 import flax.linen as nn
 import jax
-import numpy as np
 
 TYPES = ('classification', 'real', 'fewshot')
 
@@ -47,14 +46,9 @@ def jit_sums(trainer, fn):
   """Jits `fn(params, batch)` with the trainer's shardings; results replicated on every device."""
   from vit_jax import sharding
 
-  return jax.jit(
-    fn,
-    in_shardings=(
-      trainer.state_shardings['params'],
-      sharding.batch_sharding(trainer.mesh, trainer.rules),
-    ),
-    out_shardings=trainer.replicated,
-  )
+  batch = sharding.batch_sharding(trainer.mesh, trainer.rules)
+  in_shardings = (trainer.state_shardings['params'], batch)
+  return jax.jit(fn, in_shardings=in_shardings, out_shardings=trainer.replicated)
 
 
 def get_dataset(config: Mapping, dataset: str, split: str, pp: str, batch_size: int):
@@ -115,7 +109,3 @@ def build(config: Mapping, trainer) -> dict[str, Evaluator]:
     cls = classification.Real if e['type'] == 'real' else classification.Classification
     out[name] = cls(name, trainer, dataset, pp=pp, loss=config['loss'], every=int(e['every']))
   return out
-
-
-def host_value(x) -> float:
-  return float(np.asarray(jax.device_get(x)))

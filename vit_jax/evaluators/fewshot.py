@@ -79,24 +79,20 @@ class FewShot:
   ):
     self.name, self.trainer, self.every = name, trainer, every
     self.shots, self.l2_reg, self.num_seeds = shots, l2_reg, num_seeds
-    self.datasets = {}
-    for key, (dataset, train_split, test_split) in datasets.items():
-      train = common.get_dataset(config, dataset, train_split, pp, batch_size)
-      test = common.get_dataset(config, dataset, test_split, pp, batch_size)
-      self.datasets[key] = (train, test)
-    apply = trainer.apply
+    self.datasets = {
+      key: tuple(common.get_dataset(config, dataset, s, pp, batch_size) for s in (train, test))
+      for key, (dataset, train, test) in datasets.items()
+    }
     from vit_jax import data
 
     prologue = data.device_preprocess(pp)  # The device part of `pp` (value_range).
+
+    def features(params, batch):
+      images = prologue(batch['image'])
+      return pre_logits(trainer.apply, params, images), batch['label'], batch['mask']
+
     # Features with their labels and mask, gathered onto every device: each host reads them all.
-    self._features = common.jit_sums(
-      trainer,
-      lambda params, batch: (
-        pre_logits(apply, params, prologue(batch['image'])),
-        batch['label'],
-        batch['mask'],
-      ),
-    )
+    self._features = common.jit_sums(trainer, features)
 
   def _features_of(self, params, dataset) -> tuple[np.ndarray, np.ndarray]:
     feats, labels = [], []
@@ -112,14 +108,11 @@ class FewShot:
     for key, (train, test) in self.datasets.items():
       x_train, y_train = self._features_of(params, train)
       x_test, y_test = self._features_of(params, test)
+      probe_test = (x_test, y_test, train.num_classes, self.l2_reg)
       for shots in self.shots:
         accs = []
         for seed in range(self.num_seeds):
           idx = sample_shots(y_train, train.num_classes, shots, seed)
-          accs.append(
-            ridge_accuracy(
-              x_train[idx], y_train[idx], x_test, y_test, train.num_classes, self.l2_reg
-            )
-          )
+          accs.append(ridge_accuracy(x_train[idx], y_train[idx], *probe_test))
         out[f'eval/{self.name}/{key}_{shots}shot'] = float(np.mean(accs))
     return out
