@@ -288,7 +288,7 @@ def _plain(args):
   c.cache_data = True  # :48 cache_raw (the encoded JPEGs: its "up to 120GB of RAM")
   c.shuffle_buffer = 250_000  # :49
   c.image_size = 224
-  # :56-59 with :52; the label ops of :53-54 are ours implicitly (train.py _targets).
+  # :56-59 with :52; the label ops of :53-54 are ours implicitly (vit_jax/losses.py `targets`).
   ra = '|randaug(2,10)'
   c.pp_train = f'decode_jpeg_and_inception_crop(224)|flip_lr{ra}|value_range(-1,1)'
   # :60, with resize_small's default method 'area' (big_vision pp/ops_image.py:108) written out.

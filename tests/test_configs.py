@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from vit_jax import config as config_lib
-from vit_jax import data, models, optim, train
+from vit_jax import data, losses, models, optim, train
 from vit_jax.configs import finetune, pretrain, quickstart
 from vit_jax.evaluators import common as evaluators_common
 from vit_jax.models import vit
@@ -99,7 +99,7 @@ def test_the_schema_is_what_the_readers_accept():
   assert config_lib.CHOICES['optimizer'] == optim.OPTIMIZERS
   assert config_lib.CHOICES['decay_type'] == optim.DECAYS
   assert config_lib.CHOICES['wd_mask'] == optim.WD_MASKS
-  assert config_lib.CHOICES['loss'] == train.LOSSES
+  assert config_lib.CHOICES['loss'] == losses.LOSSES
   assert config_lib.CHOICES['model.classifier'] == vit.CLASSIFIERS
   assert config_lib.CHOICES['model.posemb'] == vit.POSEMBS
   assert set(config_lib.EVAL_TYPES) == set(evaluators_common.TYPES)
@@ -426,7 +426,7 @@ def test_label_smoothing_with_an_onehot_op_is_refused_and_composes_with_mixup():
   config_lib.finalize(c)  # Mixup mixes the smoothed targets:
   labels = np.array([0, 1, 2, 1])
   smooth = np.eye(3)[labels] * 0.9 + 0.1 / 3
-  targets = train._targets({'label': labels}, 3, 0.1)
+  targets = losses.targets({'label': labels}, 3, 0.1)
   np.testing.assert_allclose(targets, smooth, rtol=1e-6)
   images = np.zeros((4, 8, 8, 3), np.float32)
   _, mixed = data.mixup(jax.random.key(0), images, targets, p=0.2)

@@ -12,8 +12,9 @@ import scipy.stats
 import tensorflow as tf
 
 from vit_jax import config as config_lib
-from vit_jax import data, train
+from vit_jax import data, losses, train
 from vit_jax.data import device
+from vit_jax.evaluators import classification
 
 ALL_UINT8 = np.arange(256, dtype=np.uint8).reshape(1, 16, 16, 1)
 
@@ -131,12 +132,15 @@ def test_train_and_eval_steps_normalise_and_mix_on_device():
     batch = trainer.global_batch({'image': uint8, 'label': label}, stacked=True)
     _, out = trainer.train_step(state, batch, key)
     logits = jax.jit(trainer.apply)
-    want = train.per_example_loss(logits(params, image), want_targets, 'softmax_xent').mean()
+    want = losses.per_example_loss(logits(params, image), want_targets, 'softmax_xent').mean()
     np.testing.assert_allclose(float(out['train/loss']), float(want), rtol=1e-6)
   eval_batch = {'image': uint8[0], 'label': label[0], 'mask': np.ones(8, bool)}
-  got = trainer.evaluate(params, [eval_batch])
-  want = train.per_example_loss(logits(params, normalised), targets, 'softmax_xent').mean()
-  np.testing.assert_allclose(got['loss'], float(want), rtol=1e-6)
+  ev = classification.Classification(
+    'e', trainer.eval_context(), [eval_batch], pp=config.pp_eval, loss='softmax_xent', every=0
+  )
+  got = ev.run(params)
+  want = losses.per_example_loss(logits(params, normalised), targets, 'softmax_xent').mean()
+  np.testing.assert_allclose(got['eval/e/loss'], float(want), rtol=1e-6)
 
 
 def test_prefetch_keeps_order_raises_where_it_failed_and_stops():

@@ -59,7 +59,9 @@ def test_classification_is_exact(folder, trainer_and_params):
   name, data_dir = folder
   ds = data.get_dataset(name, 'train', preprocess=PP, train=False, global_batch_size=16,
                         data_dir=data_dir)  # fmt: skip
-  ev = classification.Classification('f', trainer, ds, pp=PP, loss='softmax_xent', every=0)
+  ev = classification.Classification(
+    'f', trainer.eval_context(), ds, pp=PP, loss='softmax_xent', every=0
+  )
   got = ev.run(params)
   totals = ev.totals(params)
   # Reference: the model on every example at once, in numpy.
@@ -87,7 +89,8 @@ trainer = train.Trainer(config, num_classes=3)
 params = trainer.init_state(0)['params']
 ds = data.get_dataset(sys.argv[3], 'train', preprocess=sys.argv[5], train=False,
                       global_batch_size=16, data_dir=sys.argv[4])
-ev = classification.Classification('f', trainer, ds, pp=sys.argv[5], loss='softmax_xent', every=0)
+ev = classification.Classification('f', trainer.eval_context(), ds, pp=sys.argv[5],
+                                   loss='softmax_xent', every=0)
 out = dict(ev.run(params), **ev.totals(params))
 if jax.process_index() == 0:
   print('RESULT', json.dumps(out))
@@ -99,7 +102,9 @@ def test_classification_over_two_processes_equals_one(folder, trainer_and_params
   name, data_dir = folder
   ds = data.get_dataset(name, 'train', preprocess=PP, train=False, global_batch_size=16,
                         data_dir=data_dir)  # fmt: skip
-  ev = classification.Classification('f', trainer, ds, pp=PP, loss='softmax_xent', every=0)
+  ev = classification.Classification(
+    'f', trainer.eval_context(), ds, pp=PP, loss='softmax_xent', every=0
+  )
   want = dict(ev.run(params), **ev.totals(params))
   with socket.socket() as s:
     s.bind(('127.0.0.1', 0))
@@ -146,12 +151,14 @@ def test_real_counts_predictions_in_the_label_set_and_skips_unlabelled(trainer_a
     {'image': images[:8], 'real_labels': real[:8], 'mask': mask[:8]},
     {'image': images[8:], 'real_labels': real[8:], 'mask': mask[8:]},
   ]
-  ev = classification.Real('real', trainer, batches, pp='', loss='softmax_xent', every=0)
+  ev = classification.Real(
+    'real', trainer.eval_context(), batches, pp='', loss='softmax_xent', every=0
+  )
   assert ev.totals(params) == {'correct': 6.0, 'count': 11.0}
   assert ev.run(params) == {'eval/real/accuracy': 6 / 11}
   with pytest.raises(ValueError, match="lack \\['real_labels'\\]"):
     bad = [{'image': images[:8], 'label': pred[:8], 'mask': mask[:8]}]
-    classification.Real('r', trainer, bad, pp='', loss='x', every=0).run(params)
+    classification.Real('r', trainer.eval_context(), bad, pp='', loss='x', every=0).run(params)
 
 
 @pytest.mark.parametrize('n', [40, 7])  # More and fewer examples than feature dimensions (17).
@@ -194,9 +201,9 @@ def test_fewshot_on_a_folder_dataset_matches_the_host_solve(folder, trainer_and_
   trainer, params = trainer_and_params
   name, data_dir = folder
   config = _config(data_dir=data_dir)
-  ev = fewshot.FewShot('fs', trainer, config, datasets={'f': (name, 'train', 'validation')},
-                       shots=(1, 5), l2_reg=2.0**10, num_seeds=2, pp=PP, batch_size=16,
-                       every=0)  # fmt: skip
+  ev = fewshot.FewShot('fs', trainer.eval_context(), config,
+                       datasets={'f': (name, 'train', 'validation')}, shots=(1, 5), l2_reg=2.0**10,
+                       num_seeds=2, pp=PP, batch_size=16, every=0)  # fmt: skip
   got = ev.run(params)
   assert sorted(got) == ['eval/fs/f_1shot', 'eval/fs/f_5shot']
   host = jax.device_get(params)
@@ -237,4 +244,4 @@ def test_unknown_eval_type_is_an_error(trainer_and_params):
   config = _config()
   config.evals.x = config_lib.eval_entry(type='retrieval', split='test')
   with pytest.raises(ValueError, match="evals.x.type='retrieval'"):
-    ev_common.build(config, trainer_and_params[0])
+    ev_common.build(config, trainer_and_params[0].eval_context())

@@ -93,10 +93,6 @@ def test_train_is_three_forwards_less_the_image_gradient():
   assert metrics.model_flops(model, 224) == pytest.approx(3 * forward - embedding)
 
 
-def test_mfu():
-  assert metrics.mfu(1e9, 100.0, 4e11) == pytest.approx(0.25)
-
-
 @pytest.mark.parametrize('classifier', ['token', 'gap'])
 def test_registers_and_patch_dropout_count_the_tokens_processed(classifier):
   """A training step with patch dropout 0.5 processes half the patches (XLA agrees); evaluation

@@ -329,17 +329,17 @@ def test_decay_mask_is_kernels_by_name_scanned_or_not(arg):
 def test_sigmoid_xent_is_big_visions():
   """big_vision/utils.py:236-242: nll = -sum_c(y log s(x) + (1 - y) log s(-x)); mean over the
   batch (summed over classes, not averaged)."""
-  from vit_jax import train
+  from vit_jax import losses
 
   rng = np.random.default_rng(0)
   logits = rng.normal(size=(4, 7)).astype(np.float32) * 3
   labels = (rng.uniform(size=(4, 7)) < 0.3).astype(np.float32)
   log_p, log_not_p = jax.nn.log_sigmoid(logits), jax.nn.log_sigmoid(-logits)
   want = np.mean(-np.sum(labels * log_p + (1 - labels) * log_not_p, axis=-1))
-  got = jnp.mean(train.per_example_loss(jnp.asarray(logits), jnp.asarray(labels), 'sigmoid_xent'))
+  got = jnp.mean(losses.per_example_loss(jnp.asarray(logits), jnp.asarray(labels), 'sigmoid_xent'))
   np.testing.assert_allclose(got, want, rtol=1e-6)
   softmax = jnp.mean(
-    train.per_example_loss(jnp.asarray(logits), jnp.asarray(labels), 'softmax_xent')
+    losses.per_example_loss(jnp.asarray(logits), jnp.asarray(labels), 'softmax_xent')
   )
   want = np.mean(-np.sum(labels * jax.nn.log_softmax(logits), axis=-1))  # utils.py:276-281
   np.testing.assert_allclose(softmax, want, rtol=1e-6)
@@ -347,10 +347,10 @@ def test_sigmoid_xent_is_big_visions():
 
 def test_label_smoothing_is_szegedys():
   """Szegedy et al. 2016 (Inception v3) sec. 7, as optax.smooth_labels: (1 - s) * onehot + s / K."""
-  from vit_jax import train
+  from vit_jax import losses
 
   batch = {'label': jnp.asarray([0, 3, 2])}
-  got = train._targets(batch, 5, 0.1)
+  got = losses.targets(batch, 5, 0.1)
   want = 0.9 * np.eye(5)[[0, 3, 2]] + 0.1 / 5
   np.testing.assert_allclose(got, want, rtol=1e-6)
   import optax

@@ -128,11 +128,6 @@ def model_flops(
   return 3.0 * rest + 2.0 * first if train else rest + first
 
 
-def mfu(flops_per_image: float, images_per_s: float, peak_flops: float) -> float:
-  """Model-FLOPs utilization: achieved model FLOP/s over the peak of the devices used."""
-  return flops_per_image * images_per_s / peak_flops
-
-
 def device_peak_flops(device: jax.Device | None = None) -> float | None:
   """Peak bf16 FLOP/s of one accelerator from `PEAK_FLOPS`, or None (CPU, unknown kinds)."""
   device = device or jax.devices()[0]
@@ -158,21 +153,6 @@ def peak_flops_total(num_devices: int) -> tuple[float, str]:
   # (times the processes, each measuring its own host).
   flops = measure_matmul_flops() * jax.process_count()
   return flops, f'measured matmul ceiling {flops / 1e9:.1f} GFLOP/s'
-
-
-def compiled_flops(compiled: Any, num_devices: int) -> float | None:
-  """FLOPs of one call of a compiled SPMD program over all devices, from XLA's cost analysis
-  (which reports the per-device program's cost: multiplied by the device count)."""
-  try:
-    cost = compiled.cost_analysis()
-  except Exception as e:  # Some backends do not implement it.
-    logging.warning('cost analysis unavailable: %s', e)
-    return None
-  if isinstance(cost, (list, tuple)):
-    cost = cost[0] if cost else None
-  if not cost or 'flops' not in cost:
-    return None
-  return float(cost['flops']) * num_devices
 
 
 def _scalar(x: Any) -> Any:

@@ -12,6 +12,7 @@ is then built with `mesh_utils.create_hybrid_device_mesh`, keeping slow DCN hops
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from collections.abc import Mapping, Sequence
@@ -166,6 +167,14 @@ def constrain(x: jax.Array, names: tuple[str | None, ...]) -> jax.Array:
   """Constrains an activation's sharding by logical axis names under the active mesh and rules
   (`jax.set_mesh` + `logical_axis_rules`); the identity outside them."""
   return nn.with_logical_constraint(x, names)
+
+
+@contextlib.contextmanager
+def mesh_context(mesh: Mesh, rules):
+  """The mesh and logical rules under which `constrain` applies: wrap every trace of the model
+  (the training step, the evaluators' programs) in it."""
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    yield
 
 
 def batch_sharding(mesh: Mesh, rules, ndim_prefix: int = 0) -> NamedSharding:

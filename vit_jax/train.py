@@ -8,7 +8,6 @@ continues from it (params, optimizer state, step, rng, data position), bit-ident
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import json
 import logging
@@ -27,12 +26,10 @@ from flax import nnx
 
 from vit_jax import config as config_lib
 from vit_jax import ema as ema_lib
-from vit_jax import guards, models, npz, optim, resume, sharding, train_state
+from vit_jax import guards, losses, models, npz, optim, resume, sharding, train_state
 from vit_jax import labels as labels_lib
 from vit_jax import metrics as metrics_lib
 from vit_jax.export import load as checkpoint_load
-
-LOSSES = ('softmax_xent', 'sigmoid_xent')
 
 
 class TrainingDivergedError(FloatingPointError):
@@ -48,23 +45,7 @@ def due(step: int, every: int, total_steps: int) -> bool:
   return step == total_steps or (every > 0 and step % every == 0)
 
 
-# --- losses and steps ---------------------------------------------------------------------------
-
-
-def _targets(batch: Mapping[str, jax.Array], num_classes: int, smoothing: float) -> jax.Array:
-  if 'labels' in batch:
-    return batch['labels'].astype(jnp.float32)
-  onehot = jax.nn.one_hot(batch['label'], num_classes, dtype=jnp.float32)
-  return onehot * (1.0 - smoothing) + smoothing / num_classes
-
-
-def per_example_loss(logits: jax.Array, targets: jax.Array, kind: str) -> jax.Array:
-  """Softmax or sigmoid cross-entropy per example (summed over classes for sigmoid)."""
-  if kind == 'softmax_xent':
-    return optax.softmax_cross_entropy(logits, targets)
-  if kind == 'sigmoid_xent':
-    return optax.sigmoid_binary_cross_entropy(logits, targets).sum(-1)
-  raise ValueError(f'unknown loss {kind!r}; expected one of {LOSSES}')
+# --- the step -----------------------------------------------------------------------------------
 
 
 def make_train_step(
@@ -89,19 +70,19 @@ def make_train_step(
   from vit_jax import data  # Imported late: TensorFlow is heavy and hides accelerators on import.
 
   loss_kind, smoothing = config['loss'], float(config['label_smoothing'])
-  if loss_kind not in LOSSES:
-    raise ValueError(f'unknown loss {loss_kind!r}; expected one of {LOSSES}')
+  if loss_kind not in losses.LOSSES:
+    raise ValueError(f'unknown loss {loss_kind!r}; expected one of {losses.LOSSES}')
   prologue = data.device_preprocess(config.get('pp_train', ''))
   mix = dict(config.get('mixup') or {})
   mix = mix if mix.get('p') or mix.get('cutmix_p') else None
   use_ema = ema_lib.enabled(config)
 
   def loss_fn(params, micro, rng):
-    image, targets = prologue(micro['image']), _targets(micro, num_classes, smoothing)
+    image, targets = prologue(micro['image']), losses.targets(micro, num_classes, smoothing)
     if mix:
       image, targets = data.mixup(rng, image, targets, **mix)
     logits = apply(params, image, train=True, rng=rng)
-    return jnp.mean(per_example_loss(logits, targets, loss_kind))
+    return jnp.mean(losses.per_example_loss(logits, targets, loss_kind))
 
   grad_fn = jax.value_and_grad(loss_fn)
 
@@ -205,11 +186,9 @@ class Trainer:
     )
     self.compiled_train_step = None
 
-  @contextlib.contextmanager
   def _context(self):
     """Mesh and logical rules active while tracing, so the models' activation constraints apply."""
-    with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
-      yield
+    return sharding.mesh_context(self.mesh, self.rules)
 
   def init_state(self, seed: int) -> dict:
     """Fresh state, created directly in its shardings (no host holds a full copy)."""
@@ -250,14 +229,14 @@ class Trainer:
   def global_batch(self, local_batch: Mapping[str, np.ndarray], *, stacked: bool):
     return sharding.global_batch(local_batch, self.mesh, self.rules, ndim_prefix=int(stacked))
 
-  def evaluate(self, params: Any, dataset) -> dict[str, float]:
-    """Exact top-1/top-5 accuracy and mean loss over one pass of `dataset` (vit_jax.evaluators)."""
-    from vit_jax.evaluators import classification
+  def eval_context(self):
+    """What the evaluators need from this trainer (`vit_jax.evaluators.EvalContext`): the model's
+    function, the number of classes, the mesh, rules and parameter shardings."""
+    from vit_jax.evaluators import common
 
-    ev = classification.Classification(
-      '_', self, dataset, pp=self.config['pp_eval'], loss=self.config['loss'], every=0
+    return common.EvalContext(
+      self.apply, self.num_classes, self.mesh, self.rules, self.state_shardings['params']
     )
-    return {k.removeprefix('eval/_/'): v for k, v in ev.run(params).items()}
 
 
 # --- the loop -----------------------------------------------------------------------------------
@@ -486,8 +465,8 @@ def _train_and_evaluate(
   )
   book = _Bookkeeping(
     config, trainer, ckpt, ckpt_dir, writer=writer, meter=meter,
-    evaluators=evaluators_lib.build(config, trainer), layout=layout, start_batch=start_batch,
-    first_step=step,
+    evaluators=evaluators_lib.build(config, trainer.eval_context()), layout=layout,
+    start_batch=start_batch, first_step=step,
   )  # fmt: skip
   failure = None
   try:

@@ -11,6 +11,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from vit_jax import losses
 from vit_jax.evaluators import common
 
 
@@ -24,20 +25,19 @@ class Classification:
   keys = ('image', 'label', 'mask')
   metrics = {'accuracy': 'correct', 'top5': 'top5', 'loss': 'loss'}  # Metric -> its sum.
 
-  def __init__(self, name: str, trainer, dataset, *, pp: str, loss: str, every: int):
+  def __init__(
+    self, name: str, context: common.EvalContext, dataset, *, pp: str, loss: str, every: int
+  ):
     from vit_jax import data
 
-    self.name, self.trainer, self.dataset, self.every = name, trainer, dataset, every
+    self.name, self.context, self.dataset, self.every = name, context, dataset, every
     prologue = data.device_preprocess(pp)
-    logits = lambda params, batch: trainer.apply(params, prologue(batch['image']))
-    self._sums = common.jit_sums(trainer, self._sums_fn(logits, trainer, loss))
+    logits = lambda params, batch: context.apply(params, prologue(batch['image']))
+    self._sums = context.jit_sums(self._sums_fn(logits, context.num_classes, loss))
 
   @staticmethod
-  def _sums_fn(logits_fn, trainer, loss):
+  def _sums_fn(logits_fn, num_classes: int, loss: str):
     """`sums(params, batch)` -> the batch's sums of `metrics`' values and `count`."""
-    from vit_jax.train import per_example_loss  # The training loss, per example.
-
-    num_classes = trainer.num_classes
 
     def sums(params, batch):
       logits = logits_fn(params, batch).astype(jnp.float32)
@@ -47,11 +47,11 @@ class Classification:
       _, topk = jax.lax.top_k(logits, min(5, num_classes))
       top5 = jnp.any(topk == label[:, None], axis=-1)
       onehot = jax.nn.one_hot(label, num_classes, dtype=jnp.float32)
-      losses = per_example_loss(logits, onehot, loss)
+      per_example = losses.per_example_loss(logits, onehot, loss)  # The training loss.
       return {
         'correct': jnp.sum(top1 * mask),
         'top5': jnp.sum(top5 * mask),
-        'loss': jnp.sum(losses * mask),
+        'loss': jnp.sum(per_example * mask),
         'count': jnp.sum(mask),
       }
 
@@ -60,8 +60,8 @@ class Classification:
   def totals(self, params: Any) -> dict[str, float]:
     """Sums over the split: correct, (top5, loss,) count."""
     totals = None
-    with common.mesh_context(self.trainer):
-      for batch in common.batches(self.trainer, self.dataset, self.keys):
+    with self.context.mesh_context():
+      for batch in self.context.batches(self.dataset, self.keys):
         out = self._sums(params, batch)
         totals = out if totals is None else jax.tree.map(jnp.add, totals, out)
     if totals is None:
@@ -87,7 +87,7 @@ class Real(Classification):
   metrics = {'accuracy': 'correct'}
 
   @staticmethod
-  def _sums_fn(logits_fn, trainer, loss):
+  def _sums_fn(logits_fn, num_classes, loss):
     def sums(params, batch):
       real = batch['real_labels'] > 0
       pred = jnp.argmax(logits_fn(params, batch), -1)

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Mapping
+import dataclasses
+from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
-import flax.linen as nn
 import jax
 
 TYPES = ('classification', 'real', 'fewshot')
@@ -19,36 +18,47 @@ class Evaluator(Protocol):
     """One pass; returns {'eval/<name>/<metric>': value}, the same on every process."""
 
 
-@contextlib.contextmanager
-def mesh_context(trainer):
-  """The trainer's mesh and logical rules, so the model's activation constraints apply."""
-  with jax.set_mesh(trainer.mesh), nn.logical_axis_rules(trainer.rules):
-    yield
+@dataclasses.dataclass(frozen=True)
+class EvalContext:
+  """What an evaluator needs from a run, and nothing more: the model's function, the number of
+  classes, and the mesh, logical rules and parameter shardings that the evaluation's programs use.
+  `vit_jax.train.Trainer.eval_context()` makes one for the run's model and mesh.
+  """
 
+  apply: Callable[[Any, jax.Array], jax.Array]  # (params, images) -> logits (or features).
+  num_classes: int
+  mesh: jax.sharding.Mesh
+  rules: tuple  # Logical axis name -> mesh axes (vit_jax.sharding).
+  param_shardings: Any  # A tree of shardings shaped like the params.
 
-def batches(trainer, dataset, keys: tuple[str, ...]):
-  """Global (sharded over the mesh's batch axes) arrays of `keys` for each batch of `dataset`,
-  the next ones copied to the devices while the current one is evaluated."""
-  from vit_jax import data
+  def mesh_context(self):
+    """The mesh and logical rules, so the model's activation constraints apply while tracing."""
+    from vit_jax import sharding
 
-  def put(local):
-    missing = [k for k in keys if k not in local]
-    if missing:
-      raise ValueError(
-        f'evaluation batches lack {missing} (have {sorted(local)}); check the dataset and pp'
-      )
-    return trainer.global_batch({k: local[k] for k in keys}, stacked=False)
+    return sharding.mesh_context(self.mesh, self.rules)
 
-  return data.prefetch(iter(dataset), put)
+  def batches(self, dataset, keys: tuple[str, ...]):
+    """Global (sharded over the mesh's batch axes) arrays of `keys` for each batch of `dataset`,
+    the next ones copied to the devices while the current one is evaluated."""
+    from vit_jax import data, sharding
 
+    def put(local):
+      missing = [k for k in keys if k not in local]
+      if missing:
+        raise ValueError(
+          f'evaluation batches lack {missing} (have {sorted(local)}); check the dataset and pp'
+        )
+      return sharding.global_batch({k: local[k] for k in keys}, self.mesh, self.rules)
 
-def jit_sums(trainer, fn):
-  """Jits `fn(params, batch)` with the trainer's shardings; results replicated on every device."""
-  from vit_jax import sharding
+    return data.prefetch(iter(dataset), put)
 
-  batch = sharding.batch_sharding(trainer.mesh, trainer.rules)
-  in_shardings = (trainer.state_shardings['params'], batch)
-  return jax.jit(fn, in_shardings=in_shardings, out_shardings=trainer.replicated)
+  def jit_sums(self, fn):
+    """Jits `fn(params, batch)` with the run's shardings; results replicated on every device."""
+    from vit_jax import sharding
+
+    batch = sharding.batch_sharding(self.mesh, self.rules)
+    replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
+    return jax.jit(fn, in_shardings=(self.param_shardings, batch), out_shardings=replicated)
 
 
 def get_dataset(config: Mapping, dataset: str, split: str, pp: str, batch_size: int):
@@ -66,7 +76,7 @@ def get_dataset(config: Mapping, dataset: str, split: str, pp: str, batch_size: 
   )
 
 
-def build(config: Mapping, trainer) -> dict[str, Evaluator]:
+def build(config: Mapping, context: EvalContext) -> dict[str, Evaluator]:
   """Evaluators of `config.eval_splits` (classification on the training dataset, `pp_eval`, every
   `eval_every`) and of each `config.evals` entry whose `every` is not negative.
 
@@ -94,7 +104,7 @@ def build(config: Mapping, trainer) -> dict[str, Evaluator]:
     if e['type'] == 'fewshot':
       out[name] = fewshot.FewShot(
         name,
-        trainer,
+        context,
         config,
         datasets=dict(e['datasets']),
         shots=tuple(e['shots']),
@@ -107,5 +117,5 @@ def build(config: Mapping, trainer) -> dict[str, Evaluator]:
       continue
     dataset = get_dataset(config, e.get('dataset') or config['dataset'], e['split'], pp, batch_size)
     cls = classification.Real if e['type'] == 'real' else classification.Classification
-    out[name] = cls(name, trainer, dataset, pp=pp, loss=config['loss'], every=int(e['every']))
+    out[name] = cls(name, context, dataset, pp=pp, loss=config['loss'], every=int(e['every']))
   return out

@@ -66,7 +66,7 @@ class FewShot:
   def __init__(
     self,
     name: str,
-    trainer,
+    context: common.EvalContext,
     config,
     *,
     datasets: dict,
@@ -77,7 +77,7 @@ class FewShot:
     batch_size: int,
     every: int,
   ):
-    self.name, self.trainer, self.every = name, trainer, every
+    self.name, self.context, self.every = name, context, every
     self.shots, self.l2_reg, self.num_seeds = shots, l2_reg, num_seeds
     self.datasets = {
       key: tuple(common.get_dataset(config, dataset, s, pp, batch_size) for s in (train, test))
@@ -89,15 +89,15 @@ class FewShot:
 
     def features(params, batch):
       images = prologue(batch['image'])
-      return pre_logits(trainer.apply, params, images), batch['label'], batch['mask']
+      return pre_logits(context.apply, params, images), batch['label'], batch['mask']
 
     # Features with their labels and mask, gathered onto every device: each host reads them all.
-    self._features = common.jit_sums(trainer, features)
+    self._features = context.jit_sums(features)
 
   def _features_of(self, params, dataset) -> tuple[np.ndarray, np.ndarray]:
     feats, labels = [], []
-    with common.mesh_context(self.trainer):
-      for batch in common.batches(self.trainer, dataset, ('image', 'label', 'mask')):
+    with self.context.mesh_context():
+      for batch in self.context.batches(dataset, ('image', 'label', 'mask')):
         f, label, mask = (np.asarray(a) for a in jax.device_get(self._features(params, batch)))
         feats.append(f[mask])
         labels.append(label[mask])
