@@ -1,4 +1,4 @@
-"""The model options of issue 26 (docs/models.md) against the implementations that define them.
+"""The model options (docs/models.md) against the implementations that define them.
 
 Golden files (tests/golden/options_*, made by tools/make_option_goldens.py): big_vision's
 `posemb_sincos_2d` and its ViT's logits (sincos2d, gap); timm's VisionTransformer logits
@@ -7,6 +7,8 @@ on the same weights. The `torch`-marked tests repeat the timm comparison live wh
 """
 
 import json
+import pathlib
+import sys
 
 import flax
 import jax
@@ -19,23 +21,12 @@ from vit_jax import config as config_lib
 from vit_jax import models, npz, optim
 from vit_jax.models import vit
 
-BASE = dict(
-  model_name='options-golden',
-  patches={'size': (4, 4)},
-  hidden_size=64,
-  classifier='token',
-  representation_size=None,
-  transformer=dict(
-    mlp_dim=128, num_heads=4, num_layers=2, dropout_rate=0.0, attention_dropout_rate=0.0
-  ),
-)
-TIMM_CASES = {
-  'registers': dict(num_registers=4),
-  'layer_scale': dict(layer_scale=0.1),
-  'qk_norm': dict(qk_norm=True),
-  'all': dict(num_registers=2, layer_scale=0.1, qk_norm=True, patch_dropout=0.5),
-  'gap_registers': dict(classifier='gap', num_registers=3, layer_scale=0.1, qk_norm=True),
-}
+# The small model and the timm cases are the golden generator's own: the files describe them.
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / 'tools'))
+from make_option_goldens import BASE, TIMM_CASES  # noqa: E402
+
+sys.path.pop(0)
+
 OFF = dict(posemb='learn', num_registers=0, layer_scale=None, qk_norm=False, patch_dropout=0.0)
 ALL_ON = dict(posemb='sincos2d', num_registers=2, layer_scale=0.1, qk_norm=True, patch_dropout=0.5)
 

@@ -1,5 +1,5 @@
-r"""Writes tests/golden/options_*: the model options (issue 26) run by the implementations that
-define them, for tests/test_model_options.py.
+r"""Writes tests/golden/options_*: the model options (docs/models.md) run by the implementations
+that define them, for tests/test_model_options.py.
 
 - `options_bigvision.npz`: big_vision's `posemb_sincos_2d` tables, and its ViT (`posemb='sincos2d'`,
   `pool_type='gap'`) logits on our parameters mapped to its names.

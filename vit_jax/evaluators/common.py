@@ -8,6 +8,8 @@ from typing import Any, Protocol
 
 import jax
 
+from vit_jax import sharding
+
 TYPES = ('classification', 'real', 'fewshot')
 
 
@@ -33,14 +35,12 @@ class EvalContext:
 
   def mesh_context(self):
     """The mesh and logical rules, so the model's activation constraints apply while tracing."""
-    from vit_jax import sharding
-
     return sharding.mesh_context(self.mesh, self.rules)
 
   def batches(self, dataset, keys: tuple[str, ...]):
     """Global (sharded over the mesh's batch axes) arrays of `keys` for each batch of `dataset`,
     the next ones copied to the devices while the current one is evaluated."""
-    from vit_jax import data, sharding
+    from vit_jax import data  # Imported late: TensorFlow is heavy.
 
     def put(local):
       missing = [k for k in keys if k not in local]
@@ -54,8 +54,6 @@ class EvalContext:
 
   def jit_sums(self, fn):
     """Jits `fn(params, batch)` with the run's shardings; results replicated on every device."""
-    from vit_jax import sharding
-
     batch = sharding.batch_sharding(self.mesh, self.rules)
     replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
     return jax.jit(fn, in_shardings=(self.param_shardings, batch), out_shardings=replicated)
